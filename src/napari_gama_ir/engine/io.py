@@ -1,0 +1,267 @@
+"""Reading images lazily and writing results atomically, chunk by chunk.
+
+Readers never open the input for writing and never load a large file whole: zarr and TIFF are
+read through zarr stores, ``.npy`` is memory-mapped. Writers stream chunks into a temporary path
+next to the output and rename it into place only when every chunk is written, so a failed or
+cancelled run never leaves an output that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+from dask.callbacks import Callback
+
+from .axes import AxesError, parse_axes
+
+ZARR_SUFFIXES = (".zarr", ".ome.zarr")
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+NUMPY_SUFFIXES = (".npy",)
+READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
+WRITABLE = (".zarr", ".tif", ".tiff", ".png", ".npy")
+
+
+class ImageIOError(ValueError):
+    """A file that cannot be read or written as asked."""
+
+
+class Cancelled(Exception):
+    """Raised inside a write when its cancel event is set."""
+
+
+@dataclass
+class ImageSource:
+    """A lazily opened image: the array, its axes when the file says them, and file metadata."""
+
+    array: da.Array
+    axes: str | None
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in sorted(READABLE + WRITABLE, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def _axes_from_names(names: list[str]) -> str | None:
+    letters = "".join(str(n)[:1].upper() for n in names)
+    return letters if len(set(letters)) == len(letters) else None
+
+
+def _open_zarr(path: Path) -> ImageSource:
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as error:  # zarr raises several types for a folder that is not a store
+        raise ImageIOError(f"{path}: not a readable zarr store ({error})") from None
+    if isinstance(node, zarr.Array):
+        axes = node.attrs.get("axes")
+        return ImageSource(da.from_zarr(node), axes if isinstance(axes, str) else None, path, dict(node.attrs))
+    attrs = dict(node.attrs)
+    multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+    if multiscales:  # OME-Zarr: the first (full-resolution) dataset of the first multiscale
+        first = multiscales[0]
+        names = [a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])]
+        array = node[first["datasets"][0]["path"]]
+        return ImageSource(da.from_zarr(array), _axes_from_names(names) if names else None, path, attrs)
+    arrays = [name for name, item in node.members() if isinstance(item, zarr.Array)]
+    if len(arrays) != 1:
+        raise ImageIOError(f"{path}: zarr group with {len(arrays)} arrays and no OME-Zarr metadata; open one array")
+    return _open_zarr(path / arrays[0])
+
+
+def _open_tiff(path: Path) -> ImageSource:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+        store = tifffile.imread(path, aszarr=True)
+        array = da.from_zarr(zarr.open(store, mode="r"))
+    except (OSError, tifffile.TiffFileError, IndexError) as error:
+        raise ImageIOError(f"{path}: not a readable TIFF ({error})") from None
+    if "C" not in axes:
+        axes = axes.replace("S", "C")  # tifffile's S (samples per pixel) are channels
+    try:
+        axes = parse_axes(axes, array.ndim)
+    except AxesError:
+        axes = None
+    return ImageSource(array, axes, path)
+
+
+def open_image(path: str | os.PathLike) -> ImageSource:
+    """Open an image file or store lazily.
+
+    Supports zarr arrays and groups (OME-Zarr 0.4 and 0.5 multiscales), TIFF (through tifffile's
+    zarr store), ``.npy`` (memory-mapped) and PNG/JPEG/BMP pictures (small, read whole).
+
+    Raises
+    ------
+    ImageIOError
+        The path does not exist, has an unknown format, or cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageIOError(f"{path}: no such file or folder")
+    suffix = _suffix(path)
+    if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))):
+        return _open_zarr(path)
+    if suffix in TIFF_SUFFIXES:
+        return _open_tiff(path)
+    if suffix in NUMPY_SUFFIXES:
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ImageIOError(f"{path}: not a readable .npy file ({error})") from None
+        chunks = (1,) * (array.ndim - 2) + array.shape[-2:] if array.ndim > 2 else array.shape
+        return ImageSource(da.from_array(array, chunks=chunks), None, path)
+    if suffix in PICTURE_SUFFIXES:
+        import imageio.v3 as iio
+
+        try:
+            array = np.asarray(iio.imread(path))
+        except Exception as error:  # imageio raises plugin-specific errors
+            raise ImageIOError(f"{path}: not a readable picture ({error})") from None
+        return ImageSource(da.from_array(array, chunks=array.shape), None, path)
+    supported = ", ".join(READABLE)
+    raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool) -> Path:
+    """Refuse outputs that would clobber an input, exist already, or cannot be written."""
+    output = Path(output)
+    if _suffix(output) not in WRITABLE:
+        raise ImageIOError(f"{output}: cannot write this format (use one of {', '.join(WRITABLE)})")
+    for source in inputs:
+        if output.resolve() == Path(source).resolve():
+            raise ImageIOError(f"{output}: the output must not be the input")
+    if output.exists() and not overwrite:
+        raise ImageIOError(f"{output}: already exists (pass --overwrite to replace it)")
+    parent = output.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise ImageIOError(f"{output}: {parent} is not a folder")
+    if not parent.is_dir():
+        raise ImageIOError(f"{output}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ImageIOError(f"{output}: folder {parent} is not writable")
+    return output
+
+
+@contextmanager
+def _atomic_path(output: Path, overwrite: bool):
+    """Yield a temporary sibling path; move it onto ``output`` only if the block succeeds."""
+    temporary = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    _remove(temporary)
+    try:
+        yield temporary
+    except BaseException:
+        _remove(temporary)
+        raise
+    if output.exists():
+        if not overwrite:
+            _remove(temporary)
+            raise ImageIOError(f"{output}: appeared while writing; not replaced")
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(temporary, output)
+        _remove(old)
+    else:
+        os.replace(temporary, output)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class _CancelWatch(Callback):
+    """A dask callback that stops the computation when an event is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        super().__init__()
+        self._event = event
+
+    def _pretask(self, key, dsk, state) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+def write_image(
+    array: da.Array | np.ndarray,
+    output: str | os.PathLike,
+    axes: str,
+    *,
+    overwrite: bool = False,
+    attrs: dict[str, Any] | None = None,
+    workers: int = 2,
+    cancel: threading.Event | None = None,
+) -> Path:
+    """Compute ``array`` chunk by chunk into ``output`` (.zarr, .tif, .png or .npy), atomically.
+
+    Zarr output keeps the array's chunks (one chunk per plane from :func:`restore`), so at most
+    ``workers`` chunks are in memory at a time. ``attrs`` (provenance) are stored in the zarr
+    attributes or the TIFF description. Setting ``cancel`` stops the write and removes the
+    partial output, raising :class:`Cancelled`.
+    """
+    output = Path(output)
+    suffix = _suffix(output)
+    array = array if isinstance(array, da.Array) else da.from_array(np.asarray(array))
+    watch = _CancelWatch(cancel) if cancel is not None else nullcontext()
+    with _atomic_path(output, overwrite) as temporary, watch, dask.config.set(
+        scheduler="threads", num_workers=workers
+    ):
+        if suffix == ".zarr":
+            target = zarr.open_array(
+                str(temporary), mode="w", shape=array.shape, chunks=[c[0] for c in array.chunks],
+                dtype=array.dtype, zarr_format=2,
+            )
+            target.attrs.update({"axes": axes, **(attrs or {})})
+            da.store(array, target, lock=False)
+        elif suffix in (".tif", ".tiff"):
+            _write_tiff(array, temporary, axes, attrs or {})
+        elif suffix == ".npy":
+            np.save(temporary.with_suffix(".npy"), array.compute())
+            os.replace(temporary.with_suffix(".npy"), temporary)
+        else:
+            import imageio.v3 as iio
+
+            iio.imwrite(temporary, np.asarray(array.compute()), extension=suffix)
+    return output
+
+
+def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> None:
+    """Write a BigTIFF page by page; each page is computed just before it is written."""
+    import tifffile
+
+    if not (axes.endswith("YX") or axes.endswith("YXC")):
+        raise ImageIOError(f"TIFF output needs axes ending in YX or YXC, got {axes!r}")
+    page_ndim = 3 if axes.endswith("C") else 2
+    pages = array.reshape((-1,) + array.shape[-page_ndim:])
+    rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
+    tifffile.imwrite(
+        path,
+        data=(pages[index].compute() for index in range(pages.shape[0])),
+        shape=array.shape,
+        dtype=array.dtype,
+        bigtiff=True,
+        photometric="rgb" if rgb else "minisblack",
+        metadata={"axes": axes.replace("C", "S") if rgb else axes, **attrs},
+    )

@@ -1,0 +1,53 @@
+"""Intensity normalisation between raw pixel values and the network's input range."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``network = (raw - offset) / scale`` and back."""
+
+    offset: float
+    scale: float
+
+    def forward(self, raw: np.ndarray) -> np.ndarray:
+        return ((raw.astype(np.float32) - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32)
+
+    def inverse(self, values: np.ndarray) -> np.ndarray:
+        return values * np.float32(self.scale) + np.float32(self.offset)
+
+
+def dtype_range_affine(dtype: np.dtype) -> Affine:
+    """Integers map their full range to [0, 1]; floats are taken as already in [0, 1]."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return Affine(float(info.min), float(info.max) - float(info.min))
+    return Affine(0.0, 1.0)
+
+
+def percentile_affine(values: np.ndarray, low: float, high: float) -> Affine:
+    """Map the ``low`` and ``high`` percentiles of ``values`` to 0 and 1 (CSBDeep's convention)."""
+    lo, hi = np.percentile(values, [low, high])
+    # A flat image has no spread to normalise; keep it as is rather than dividing by zero.
+    return Affine(float(lo), float(hi - lo) if hi > lo else 1.0)
+
+
+def check_normalization(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate a normalisation spec (see :class:`~napari_gama_ir.model.GamaIRConfig`)."""
+    method = spec.get("method")
+    if method == "range":
+        return {"method": "range"}
+    if method == "percentile":
+        full = {"low": 1.0, "high": 99.8, "scope": "image", **spec}
+        if not 0 <= full["low"] < full["high"] <= 100:
+            raise ValueError("percentile normalisation needs 0 <= low < high <= 100")
+        if full["scope"] not in ("image", "stack"):
+            raise ValueError("percentile normalisation scope must be 'image' or 'stack'")
+        return full
+    raise ValueError(f"unknown normalisation method {method!r}; use 'range' or 'percentile'")

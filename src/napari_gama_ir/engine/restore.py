@@ -1,0 +1,276 @@
+"""Tiled, blended, lazy restoration of images and stacks of any size."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from ..model import GamaIR, create_model
+from .axes import AxesError, guess_axes, parse_axes
+from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
+from .runner import ModelRunner, TileTooLargeError
+from .tiling import plan_tiles, tile_weights
+
+MEAN_MODES = ("global", "local")
+DEFAULT_MEAN_MODE = "global"
+
+
+class ChannelMismatchError(ValueError):
+    """The image's channels do not fit the model's."""
+
+
+class NonFiniteInputError(ValueError):
+    """The input holds NaN or infinite values."""
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """How planes are cut: tile side (``None``: whole plane), overlap and untrusted margin."""
+
+    tile: int | None
+    overlap: int
+    margin: int
+
+
+def make_tiling(model: GamaIR, tile: int | None, overlap: int, mean_mode: str) -> TilingPlan:
+    """Check tile and overlap against the network and choose the blending margin.
+
+    The tile is rounded down to a multiple of the network's size multiple. In local mode the
+    margin is the network's receptive radius whenever the overlap can hold it on both sides, which
+    makes the tiled result equal to the whole-image result; otherwise a quarter of the overlap.
+    """
+    multiple = model.config.size_multiple
+    if tile is None or tile == 0:
+        return TilingPlan(None, 0, 0)
+    minimum = 4 * multiple
+    if tile < minimum:
+        raise ValueError(f"tile {tile} is smaller than this network's minimum of {minimum} pixels")
+    tile = tile // multiple * multiple
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be between 0 and half the tile ({tile // 2}), got {overlap}")
+    margin = overlap // 4
+    if mean_mode == "local" and 2 * model.receptive_radius() < overlap:
+        margin = model.receptive_radius()
+    return TilingPlan(tile, overlap, margin)
+
+
+def restore_plane(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -> np.ndarray:
+    """Restore one normalised plane of shape (C, H, W) with tiling and blending.
+
+    Tiles sit on a grid aligned to the network's down-sampling; each tile's output is weighted by
+    a smooth ramp that vanishes at its inner edges, and the weighted sum is divided by the summed
+    weights, so there are no seams. If a single tile does not fit in device memory, the tile side
+    is halved and the plane restored again.
+    """
+    channels, height, width = plane.shape
+    if tiling.tile is None or (height <= tiling.tile and width <= tiling.tile):
+        return runner.run(plane[None])[0]
+    try:
+        return _restore_tiled(plane, runner, tiling)
+    except TileTooLargeError:
+        smaller = tiling.tile // 2
+        if smaller < 4 * runner.config.size_multiple:
+            raise
+        warnings.warn(f"out of device memory; retrying with tiles of {smaller} pixels", RuntimeWarning, stacklevel=2)
+        overlap = min(tiling.overlap, smaller // 2)
+        return restore_plane(plane, runner, TilingPlan(smaller, overlap, min(tiling.margin, overlap // 4)))
+
+
+def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -> np.ndarray:
+    channels, height, width = plane.shape
+    out_channels = runner.config.out_channels
+    tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, runner.config.size_multiple)
+    by_shape: dict[tuple[int, int], list] = {}
+    for tile in tiles:
+        by_shape.setdefault(tile.shape, []).append(tile)
+    result = np.zeros((out_channels, height, width), np.float32)
+    weight_sum = np.zeros((height, width), np.float32)
+    for group in by_shape.values():
+        batch = np.stack([plane[:, t.rows, t.cols] for t in group])
+        restored = runner.run(batch)
+        for tile, out in zip(group, restored):
+            weights = tile_weights(tile, height, width, tiling.overlap, tiling.margin)
+            result[:, tile.rows, tile.cols] += out * weights
+            weight_sum[tile.rows, tile.cols] += weights
+    result /= weight_sum
+    return result
+
+
+class _StackAffine:
+    """Percentiles of a whole stack, computed on first use from a sample of planes, then kept."""
+
+    def __init__(self, stack: da.Array, low: float, high: float, samples: int = 16) -> None:
+        self._stack, self._low, self._high, self._samples = stack, low, high, samples
+        self._lock = threading.Lock()
+        self._affine: Affine | None = None
+
+    def get(self) -> Affine:
+        with self._lock:
+            if self._affine is None:
+                planes = int(np.prod(self._stack.shape[:-3], dtype=np.int64))
+                flat = self._stack.reshape((planes,) + self._stack.shape[-3:])
+                picks = np.unique(np.linspace(0, planes - 1, min(planes, self._samples)).astype(int))
+                values = flat[picks].compute(scheduler="synchronous")
+                self._affine = percentile_affine(values, self._low, self._high)
+            return self._affine
+
+
+def _cast_output(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+def _as_dask(image: Any) -> tuple[da.Array, bool]:
+    """The image as a dask array, and whether the caller gave a lazy array (dask or zarr)."""
+    if isinstance(image, da.Array):
+        return image, True
+    if hasattr(image, "chunks") and hasattr(image, "shape") and hasattr(image, "dtype"):
+        return da.from_array(image, chunks=image.chunks), True  # zarr and h5py-like arrays
+    array = np.asarray(image)
+    return da.from_array(array, chunks=array.shape), False
+
+
+def restore(
+    image: Any,
+    model: GamaIR | str,
+    axes: str | None = None,
+    *,
+    tile: int | None = 512,
+    overlap: int = 64,
+    mean_mode: str = DEFAULT_MEAN_MODE,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch: int | None = None,
+    normalization: dict[str, Any] | None = None,
+    output_dtype: str | np.dtype = "float32",
+    on_plane: Callable[[int], None] | None = None,
+):
+    """Restore an image or stack with a GAMA-IR network, plane by plane and tile by tile.
+
+    Parameters
+    ----------
+    image : array-like
+        NumPy, dask or zarr array (any array with ``chunks``, ``shape`` and ``dtype`` is read
+        lazily). It is never modified.
+    model : GamaIR or str
+        A network, a registry name (loaded with its shipped weights) or a checkpoint path.
+    axes : str, optional
+        One letter per dimension, e.g. ``"YX"``, ``"YXC"``, ``"ZYX"``, ``"TCZYX"``. ``Y`` and ``X``
+        are required; ``C`` holds channels. Guessed from the shape when omitted.
+    tile : int or None
+        Tile side in pixels (rounded down to a multiple of ``2**levels``); ``None`` runs each
+        plane whole.
+    overlap : int
+        Overlap of neighbouring tiles in pixels; outputs are blended across it.
+    mean_mode : {"global", "local"}
+        How the GAMA blocks average: over the whole tile (the paper) or over sliding windows the
+        size of the training patch, which makes tiled output match whole-image output.
+    device : str
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    precision : {"fp32", "fp16", "bf16"}
+        Autocast precision; fp16 needs a GPU.
+    batch : int, optional
+        Tiles per forward pass; defaults to 1 on the CPU and 4 on a GPU. Halved automatically
+        when the device runs out of memory.
+    normalization : dict, optional
+        Overrides the model's intensity normalisation (see ``GamaIRConfig.normalization``).
+    output_dtype : "float32", "input" or dtype
+        Dtype of the result. Values stay in the input's intensity units; integer outputs are
+        rounded and clipped to the dtype's range, never wrapped.
+    on_plane : callable, optional
+        Called with the number of pixels (per channel) after each plane is restored.
+
+    Returns
+    -------
+    numpy.ndarray or dask.array.Array
+        Same shape and axes as ``image`` (with ``out_channels`` on the ``C`` axis). Lazy dask
+        input gives a lazy dask array: nothing is computed until it is read.
+
+    Raises
+    ------
+    AxesError, ChannelMismatchError, ValueError
+        For axes that do not fit, channel counts the model cannot take, or bad settings.
+    NonFiniteInputError
+        When a plane holds NaN or Inf (raised when that plane is computed).
+    """
+    if isinstance(model, str):
+        model = create_model(model, pretrained=True)
+    if mean_mode not in MEAN_MODES:
+        raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
+    config = model.config
+    if config.in_channels != config.out_channels:
+        raise ChannelMismatchError("the engine restores with models whose input and output channels agree")
+    array, lazy = _as_dask(image)
+    axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
+    normalization = check_normalization(normalization or config.normalization)
+    target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
+    tiling = make_tiling(model, tile, overlap, mean_mode)
+    runner = ModelRunner(model, device=device, precision=precision, batch=batch, mean_mode=mean_mode)
+
+    # Canonical layout: iterated axes in their order, then C, Y, X.
+    if "C" in axes:
+        channels = array.shape[axes.index("C")]
+        if channels == config.in_channels:
+            feed_channels = True
+        elif config.in_channels == 1:
+            feed_channels = False  # a grey model restores each channel on its own
+        else:
+            raise ChannelMismatchError(
+                f"the model expects {config.in_channels} channels but the image's C axis has {channels}"
+            )
+    elif config.in_channels == 1:
+        feed_channels = False
+    else:
+        raise ChannelMismatchError(
+            f"the model expects {config.in_channels} channels but axes {axes!r} have no C axis"
+        )
+    iterated = [a for a in axes if a not in "YX" and (a != "C" or not feed_channels)]
+    order = iterated + (["C"] if feed_channels else []) + ["Y", "X"]
+    canonical = array.transpose([axes.index(a) for a in order])
+    if not feed_channels:
+        canonical = canonical[..., None, :, :]
+    plane_chunks = (1,) * len(iterated) + canonical.shape[-3:]
+    canonical = canonical.rechunk(plane_chunks)
+
+    if normalization["method"] == "range":
+        fixed = dtype_range_affine(array.dtype)
+        affine_for = lambda plane: fixed  # noqa: E731
+    elif normalization["scope"] == "stack":
+        stack_affine = _StackAffine(canonical, normalization["low"], normalization["high"])
+        affine_for = lambda plane: stack_affine.get()  # noqa: E731
+    else:
+        low, high = normalization["low"], normalization["high"]
+        affine_for = lambda plane: percentile_affine(plane, low, high)  # noqa: E731
+
+    def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
+        plane = block.reshape(block.shape[-3:])
+        if not np.isfinite(plane).all():
+            where = block_info[0]["chunk-location"][: len(iterated)] if block_info else ()
+            at = ", ".join(f"{a}={i}" for a, i in zip(iterated, where)) or "the image"
+            raise NonFiniteInputError(f"input contains NaN or Inf values (plane {at})")
+        affine = affine_for(plane)
+        restored = affine.inverse(restore_plane(affine.forward(plane), runner, tiling))
+        if on_plane is not None:
+            on_plane(plane.shape[-1] * plane.shape[-2])
+        return _cast_output(restored, target_dtype).reshape(block.shape)
+
+    restored = canonical.map_blocks(
+        restore_block, dtype=target_dtype, meta=np.empty((0,) * canonical.ndim, target_dtype)
+    )
+    if not feed_channels:
+        restored = restored[..., 0, :, :]
+    result = restored.transpose([order.index(a) for a in axes])
+    if lazy:
+        return result
+    # Two threads: one keeps the network busy while the other prepares and blends planes.
+    with dask.config.set(scheduler="threads", num_workers=2):
+        return result.compute()

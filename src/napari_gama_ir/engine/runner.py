@@ -1,0 +1,100 @@
+"""Runs the network on batches of tiles: device, precision, thread use and memory retries."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from ..model import GamaIR
+from .device import check_precision, resolve_device, usable_cores
+
+
+class TileTooLargeError(RuntimeError):
+    """A single tile does not fit in device memory."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class ModelRunner:
+    """Holds a network on its device and runs batches of tiles through it.
+
+    One forward pass runs at a time (a lock), so several engine threads can read, normalise and
+    blend tiles while the network keeps the device (or all CPU cores) busy, without
+    oversubscribing it. When the device runs out of memory the batch is halved and retried; a
+    tile that fails on its own raises :class:`TileTooLargeError` so the caller can shrink tiles.
+    """
+
+    def __init__(
+        self,
+        model: GamaIR,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        batch: int | None = None,
+        threads: int | None = None,
+        mean_mode: str = "global",
+    ) -> None:
+        if batch is not None and batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        self.device = resolve_device(device)
+        self.autocast_dtype = check_precision(precision, self.device)
+        self.precision = precision
+        self.model = model.to(self.device).eval()
+        # Batching helps a GPU; on the CPU one tile already keeps every core busy.
+        self.batch = batch or (1 if self.device.type == "cpu" else 4)
+        self.mean_mode = mean_mode
+        self.lock = threading.Lock()
+        if self.device.type == "cpu":
+            wanted = threads or usable_cores()
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def _forward(self, tiles: np.ndarray) -> np.ndarray:
+        inputs = torch.from_numpy(tiles).to(self.device, non_blocking=True)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            outputs = self.model(inputs)
+        return outputs.float().cpu().numpy()
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32."""
+        with self.lock:
+            previous = self.model.mean_mode
+            self.model.set_mean_mode(self.mean_mode)
+            try:
+                return self._run_batches(tiles)
+            finally:
+                self.model.set_mean_mode(previous)
+
+    def _run_batches(self, tiles: np.ndarray) -> np.ndarray:
+        outputs = []
+        start = 0
+        while start < len(tiles):
+            chunk = tiles[start : start + self.batch]
+            try:
+                outputs.append(self._forward(chunk))
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not _is_out_of_memory(error):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.batch == 1:
+                    raise TileTooLargeError(
+                        f"one {tiles.shape[-2]}x{tiles.shape[-1]} tile does not fit in {self.device} memory"
+                    ) from None
+                self.batch = max(1, self.batch // 2)
+                continue
+            start += len(chunk)
+        return np.concatenate(outputs)

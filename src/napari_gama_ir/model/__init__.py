@@ -1,0 +1,22 @@
+"""GAMA-IR in pure PyTorch: config, modules, registry and safe checkpoints."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import GamaIRConfig
+from .gama import GamaBlock
+from .network import GamaIR, GamaIRBlock
+from .registry import ModelSpec, create_model, get_spec, list_models, register_model
+
+__all__ = [
+    "CheckpointError",
+    "GamaBlock",
+    "GamaIR",
+    "GamaIRBlock",
+    "GamaIRConfig",
+    "ModelSpec",
+    "create_model",
+    "get_spec",
+    "list_models",
+    "load_checkpoint",
+    "register_model",
+    "save_checkpoint",
+]

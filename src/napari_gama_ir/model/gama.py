@@ -1,0 +1,83 @@
+"""The GAMA block: global additive multidimensional averaging (paper section 4.2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_SIZE = 7
+
+
+def window_mean(x: torch.Tensor, dim: int, window: int | None) -> torch.Tensor:
+    """Mean of ``x`` along ``dim``, globally or over a sliding window.
+
+    With ``window=None`` (or a window at least as long as the axis) this is the plain global mean,
+    kept as a size-1 axis. Otherwise every position gets the mean of ``window`` consecutive
+    values centred on it; windows that would cross the border are shifted inwards, so every
+    window holds exactly ``window`` values (test-time local conversion, as in TLC, Chu et al. 2022).
+    Away from the borders the result therefore depends only on the values within ``window // 2``.
+    """
+    length = x.shape[dim]
+    if window is None or window >= length:
+        return x.mean(dim, keepdim=True)
+    # Running sums in float32 even under autocast: a half-precision cumsum loses the small terms.
+    sums = torch.cumsum(x.float(), dim)
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [1, 0]
+    sums = F.pad(sums, pad)
+    start = (torch.arange(length, device=x.device) - window // 2).clamp(0, length - window)
+    total = sums.index_select(dim, start + window) - sums.index_select(dim, start)
+    return (total / window).to(x.dtype)
+
+
+def _conv_on_plane(maps: torch.Tensor, conv: nn.Conv2d, order: tuple[int, ...]) -> torch.Tensor:
+    """Run a 1->1 channel conv on the 2-D planes of ``maps`` (B, C, H, W).
+
+    ``order`` permutes the axis that holds independent planes (size 1 for global means) next to
+    the batch axis and puts the plane's two axes last.
+    """
+    moved = maps.permute(order)
+    b, n, rows, cols = moved.shape
+    out = conv(moved.reshape(b * n, 1, rows, cols)).reshape(b, n, rows, cols)
+    return out.permute(order)  # each of these permutations is its own inverse
+
+
+class GamaBlock(nn.Module):
+    """Global additive multidimensional averaging (paper section 4.2, figure 3).
+
+    The feature map (C x H x W) is averaged along C, along H and along W separately, giving maps of
+    shape 1xHxW, Cx1xW and CxHx1. The last two are transposed to 1xCxW and 1xHxC so that each map
+    is a one-channel image; three separate bias-free 1->1 channel 7x7 convolutions process them;
+    the results are transposed back, broadcast and added to the input. That is 3 * 49 = 147
+    parameters, and every output pixel sees the whole feature map.
+
+    Parameters
+    ----------
+    local_window : int or None
+        ``None`` (default) is the paper's global averaging. An integer switches the H and W means
+        to sliding windows of that length (see :func:`window_mean`), so the block's output depends
+        only on a bounded neighbourhood and tiled inference can match whole-image inference.
+        The mean over C is per pixel already and is unchanged.
+    """
+
+    def __init__(self, local_window: int | None = None) -> None:
+        super().__init__()
+        self.conv_channel = nn.Conv2d(1, 1, KERNEL_SIZE, padding=KERNEL_SIZE // 2, bias=False)
+        self.conv_height = nn.Conv2d(1, 1, KERNEL_SIZE, padding=KERNEL_SIZE // 2, bias=False)
+        self.conv_width = nn.Conv2d(1, 1, KERNEL_SIZE, padding=KERNEL_SIZE // 2, bias=False)
+        self.local_window = local_window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        over_channels = self.conv_channel(x.mean(1, keepdim=True))  # B,1,H,W
+        # Mean over H: planes C x W, one per row position (a single one when global).
+        over_height = _conv_on_plane(
+            window_mean(x, 2, self.local_window), self.conv_height, (0, 2, 1, 3)
+        )
+        # Mean over W: planes H x C, one per column position.
+        over_width = _conv_on_plane(
+            window_mean(x, 3, self.local_window), self.conv_width, (0, 3, 2, 1)
+        )
+        return x + over_channels + over_height + over_width
+
+    def extra_repr(self) -> str:
+        return f"local_window={self.local_window}"

@@ -1,0 +1,35 @@
+"""Small layers shared by the building blocks (paper section 4, after NAFNet)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LayerNorm2d(nn.Module):
+    """Layer normalisation over the channels of each pixel of an NCHW tensor.
+
+    The paper's building block starts with a LayerNorm; like NAFNet it normalises each pixel's
+    channel vector, so the operation stays local and works for any height and width.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        centred = x - mean
+        variance = centred.pow(2).mean(1, keepdim=True)
+        normalised = centred * torch.rsqrt(variance + self.eps)
+        return normalised * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class SimpleGate(nn.Module):
+    """Split the channels in two halves and multiply them (NAFNet's SimpleGate, paper section 4)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = x.chunk(2, dim=1)
+        return first * second

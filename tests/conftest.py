@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+
+from napari_gama_ir.model import GamaIR, GamaIRConfig
+
+
+def tiny_config(channels: int = 1, **changes) -> GamaIRConfig:
+    settings = dict(
+        in_channels=channels, out_channels=channels, width=8, encoder_blocks=(1, 1), middle_blocks=1,
+        decoder_blocks=(1, 1), train_patch_size=16, channel_meaning="grey" if channels == 1 else "rgb",
+    )
+    settings.update(changes)
+    return GamaIRConfig(**settings)
+
+
+def make_tiny_model(channels: int = 1, seed: int = 0, **changes) -> GamaIR:
+    """A small network whose residual branches are switched on (they start at zero)."""
+    torch.manual_seed(seed)
+    model = GamaIR(tiny_config(channels, **changes))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("_scale"):
+                parameter.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.fixture
+def grey_model():
+    return make_tiny_model(1)
+
+
+@pytest.fixture
+def rgb_model():
+    return make_tiny_model(3)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_gama_ir import save_checkpoint
+from napari_gama_ir.cli import main
+from napari_gama_ir.engine.io import open_image
+
+from .conftest import make_tiny_model
+
+
+@pytest.fixture
+def grey_checkpoint(tmp_path):
+    return str(save_checkpoint(make_tiny_model(1), tmp_path / "models" / "tiny"))
+
+
+@pytest.fixture
+def stack_zarr(tmp_path):
+    data = (np.random.default_rng(0).random((3, 40, 56)) * 60000).astype(np.uint16)
+    array = zarr.open_array(str(tmp_path / "stack.zarr"), mode="w", shape=data.shape, chunks=(1, 40, 56), dtype=data.dtype)
+    array[:] = data
+    array.attrs["axes"] = "ZYX"
+    return tmp_path / "stack.zarr", data
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_restore_zarr_to_zarr_matches_the_library(capsys, tmp_path, grey_checkpoint, stack_zarr):
+    from napari_gama_ir import create_model, restore
+
+    path, data = stack_zarr
+    code, out, err = run_cli(capsys, "restore", path, "-o", tmp_path / "out.zarr", "--model", grey_checkpoint,
+                             "--tile", 32, "--overlap", 8, "--output-dtype", "input", "-q")
+    assert code == 0, err
+    result = open_image(tmp_path / "out.zarr")
+    assert result.array.dtype == np.uint16 and result.axes == "ZYX"
+    assert result.metadata["model"] == grey_checkpoint and len(result.metadata["checkpoint_sha256"]) == 64
+    expected = restore(data, create_model(grey_checkpoint), "ZYX", tile=32, overlap=8, output_dtype="input")
+    assert np.array_equal(result.array.compute(), expected)
+
+
+def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint8), metadata={"axes": "ZYX"})
+    code, out, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "out.tif", "--model", grey_checkpoint)
+    assert code == 0, err
+    assert "planes 2/2" in err and "Mpx" in err
+    assert open_image(tmp_path / "out.tif").array.shape == (2, 24, 24)
+
+
+BAD_INPUTS = {
+    "missing file": (["restore", "{tmp}/nope.tif", "-o", "{tmp}/o.zarr"], "no such file"),
+    "unknown format": (["restore", "{tmp}/notes.txt", "-o", "{tmp}/o.zarr"], "unknown image format"),
+    "axes mismatch": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--axes", "YX"], "name 2 dimensions"),
+    "channel mismatch": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "{rgb}"], "expects 3 channels"),
+    "existing output": (["restore", "{stack}", "-o", "{tmp}/exists.zarr"], "already exists"),
+    "output under a file": (["restore", "{stack}", "-o", "{tmp}/notes.txt/o.zarr"], "is not a folder"),
+    "missing output folder": (["restore", "{stack}", "-o", "{tmp}/nowhere/o.zarr"], "does not exist"),
+    "output is input": (["restore", "{stack}", "-o", "{stack}", "--overwrite"], "must not be the input"),
+    "tile too small": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--tile", "8"], "smaller than this network's minimum"),
+    "unknown model": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "nope"], "unknown model 'nope'"),
+    "no shipped weights": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "gama_ir_s"], "no pretrained weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_one_line_and_no_output(case, capsys, tmp_path, grey_checkpoint, stack_zarr):
+    argv, message = BAD_INPUTS[case]
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "exists.zarr").mkdir()
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "models" / "rgb")
+    argv = [a.format(tmp=tmp_path, stack=stack_zarr[0], rgb=rgb) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", grey_checkpoint]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("napari-gama-ir: error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_unwritable_output_folder_is_refused(capsys, tmp_path, grey_checkpoint, stack_zarr, monkeypatch):
+    # Root may write anywhere, so the permission answer is simulated.
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode == os.W_OK else real_access(path, mode))
+    code, out, err = run_cli(capsys, "restore", stack_zarr[0], "-o", tmp_path / "o.zarr", "--model", grey_checkpoint)
+    assert code == 2 and "is not writable" in err and not (tmp_path / "o.zarr").exists()
+
+
+def test_nan_input_is_reported_and_leaves_no_output(capsys, tmp_path, grey_checkpoint):
+    data = np.zeros((3, 16, 16), np.float32)
+    data[1, 2, 2] = np.inf
+    np.save(tmp_path / "in.npy", data)
+    code, out, err = run_cli(capsys, "restore", tmp_path / "in.npy", "-o", tmp_path / "o.zarr", "--model", grey_checkpoint, "-q")
+    assert code == 2 and "NaN or Inf" in err and "Z=1" in err
+    assert not (tmp_path / "o.zarr").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_models_lists_registry_and_local_checkpoints(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_GAMA_IR_HOME", str(tmp_path))
+    save_checkpoint(make_tiny_model(3), tmp_path / "models" / "my_scope")
+    code, out, err = run_cli(capsys, "models")
+    assert code == 0 and "gama_ir_s" in out and "gama_ir_l" in out
+    assert "my_scope" in out and "3 channel(s), width 8" in out
+
+
+def test_user_model_is_found_by_name(capsys, tmp_path, monkeypatch, stack_zarr):
+    monkeypatch.setenv("NAPARI_GAMA_IR_HOME", str(tmp_path))
+    save_checkpoint(make_tiny_model(1), tmp_path / "models" / "my_scope")
+    code, out, err = run_cli(capsys, "restore", stack_zarr[0], "-o", tmp_path / "o.zarr", "--model", "my_scope", "-q")
+    assert code == 0, err
+
+
+def test_help_everywhere(capsys):
+    for argv in (["--help"], ["restore", "--help"], ["models", "--help"], ["demo", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    assert "--overlap" in capsys.readouterr().out
+
+
+def test_demo_restores_and_reports_psnr(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "demo", "-o", tmp_path / "demo", "-q", "--tile", 128)
+    assert code == 0, err
+    assert "PSNR noisy" in out and (tmp_path / "demo" / "restored.tif").is_file()
+    # No weights are shipped yet: the demo must say so loudly.
+    assert "RANDOMLY INITIALISED" in out and "RANDOMLY INITIALISED" in err

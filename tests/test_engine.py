@@ -1,0 +1,217 @@
+import threading
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_gama_ir import restore
+from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, NonFiniteInputError
+from napari_gama_ir.engine.restore import TilingPlan, restore_plane
+from napari_gama_ir.engine.tiling import plan_tiles, tile_starts, tile_weights
+
+from .conftest import make_tiny_model
+
+
+def model_output(model, image):
+    """The network applied directly to a whole (H, W) or (H, W, C) float image."""
+    x = torch.from_numpy(image if image.ndim == 3 else image[..., None]).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        y = model(x.float())[0].permute(1, 2, 0).numpy()
+    return y if image.ndim == 3 else y[..., 0]
+
+
+@pytest.mark.parametrize("length,tile,overlap", [(100, 32, 8), (257, 64, 16), (64, 64, 8), (65, 64, 16), (10, 64, 8)])
+def test_tile_grid_is_aligned_overlapping_and_covering(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap, multiple=8)
+    assert all(s % 8 == 0 for s in starts)
+    ends = [min(s + tile, length) for s in starts]
+    assert starts[0] == 0 and ends[-1] == length
+    for (s0, e0), s1 in zip(zip(starts, ends), starts[1:]):
+        assert e0 - s1 >= overlap  # neighbours overlap by at least `overlap`
+    assert all(e - s > tile - 8 for s, e in zip(starts, ends)) or length <= tile
+
+
+def test_blend_weights_cover_every_pixel():
+    tiles = plan_tiles(300, 200, 64, 16, 8)
+    total = np.zeros((300, 200), np.float32)
+    for tile in tiles:
+        total[tile.rows, tile.cols] += tile_weights(tile, 300, 200, 16, 4)
+    assert total.min() > 0.05
+
+
+def test_whole_plane_equals_the_network():
+    model = make_tiny_model(1)
+    image = np.random.default_rng(0).random((50, 70), dtype=np.float32)
+    out = restore(image, model, "YX", tile=None)
+    assert np.allclose(out, model_output(model, image), atol=1e-5)
+
+
+def test_local_mode_tiles_equal_the_whole_image():
+    model = make_tiny_model(1)
+    radius = model.receptive_radius()
+    image = np.random.default_rng(0).random((420, 500), dtype=np.float32)
+    whole = restore(image, model, "YX", tile=None, mean_mode="local")
+    tiled = restore(image, model, "YX", tile=320, overlap=2 * radius + 8, mean_mode="local")
+    assert len(plan_tiles(420, 500, 320, 2 * radius + 8, 4)) >= 4
+    assert np.abs(whole - tiled)[radius:-radius, radius:-radius].max() < 1e-4
+    # The model's own setting is left as it was.
+    assert model.mean_mode == "global"
+
+
+def test_global_mode_tiles_blend_without_seams():
+    model = make_tiny_model(1)
+    image = np.random.default_rng(0).random((200, 200), dtype=np.float32)
+    tiled = restore(image, model, "YX", tile=96, overlap=32)
+    whole = restore(image, model, "YX", tile=None)
+    # Tiles see other means than the whole image; blending keeps that difference small and smooth.
+    assert np.abs(tiled - whole).mean() < 0.1 * np.abs(whole - image).mean() + 1e-3
+    assert np.isfinite(tiled).all()
+
+
+def test_dask_input_gives_a_lazy_result_that_computes_only_what_is_read():
+    model = make_tiny_model(1)
+    computed = []
+
+    def mark(block, block_info=None):
+        computed.append(block_info[0]["chunk-location"][0])
+        return block
+
+    stack = da.random.random((40, 64, 64), chunks=(1, 64, 64)).astype(np.float32)
+    watched = stack.map_blocks(mark, dtype=np.float32)
+    result = restore(watched, model, "ZYX", tile=None)
+    assert isinstance(result, da.Array) and result.shape == (40, 64, 64)
+    assert computed == []
+    plane = result[7].compute()
+    assert computed == [7]
+    assert np.allclose(plane, model_output(model, stack[7].compute()), atol=1e-5)
+
+
+def test_zarr_input_is_read_lazily_and_never_modified(tmp_path):
+    model = make_tiny_model(1)
+    data = (np.random.default_rng(0).random((3, 40, 48)) * 4000).astype(np.uint16)
+    store = zarr.open_array(str(tmp_path / "in.zarr"), mode="w", shape=data.shape, chunks=(1, 40, 48), dtype=np.uint16)
+    store[:] = data
+    readonly = zarr.open_array(str(tmp_path / "in.zarr"), mode="r")
+    result = restore(readonly, model, "ZYX", tile=None)
+    assert isinstance(result, da.Array)
+    out = result.compute()
+    expected = model_output(model, data[1].astype(np.float32) / 65535) * 65535
+    assert np.allclose(out[1], expected, atol=1e-2)
+    assert np.array_equal(readonly[:], data)
+
+
+def test_numpy_input_is_not_modified_and_result_is_reproducible():
+    model = make_tiny_model(3)
+    image = np.random.default_rng(0).random((2, 40, 40, 3), dtype=np.float32)
+    before = image.copy()
+    first = restore(image, model, "ZYXC", tile=32, overlap=8)
+    second = restore(image, model, "ZYXC", tile=32, overlap=8)
+    assert np.array_equal(image, before)
+    assert isinstance(first, np.ndarray) and np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("axes,shape", [("YXC", (30, 40, 3)), ("CYX", (3, 30, 40)), ("TCZYX", (2, 3, 2, 30, 40))])
+def test_channel_axis_anywhere_keeps_the_layout(axes, shape):
+    model = make_tiny_model(3)
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    out = restore(image, model, axes, tile=None)
+    assert out.shape == shape
+    as_yxc = np.moveaxis(image, axes.index("C"), -1).reshape((-1, 30, 40, 3))[0]
+    out_yxc = np.moveaxis(out, axes.index("C"), -1).reshape((-1, 30, 40, 3))[0]
+    assert np.allclose(out_yxc, model_output(model, as_yxc), atol=1e-5)
+
+
+def test_grey_model_restores_each_channel_separately():
+    model = make_tiny_model(1)
+    image = np.random.default_rng(0).random((30, 40, 2), dtype=np.float32)
+    out = restore(image, model, "YXC", tile=None)
+    for c in range(2):
+        assert np.allclose(out[..., c], model_output(model, image[..., c]), atol=1e-5)
+
+
+def test_integer_output_is_clipped_not_wrapped():
+    model = make_tiny_model(1)
+    image = np.full((32, 32), 255, np.uint8)
+    image[::2] = 0
+    out = restore(image, model, "YX", tile=None, output_dtype="input")
+    assert out.dtype == np.uint8
+    raw = restore(image, model, "YX", tile=None)
+    assert raw.dtype == np.float32
+    assert np.array_equal(out, np.clip(np.rint(raw), 0, 255).astype(np.uint8))
+
+
+def test_percentile_normalisation_maps_back_to_input_units():
+    model = make_tiny_model(1)
+    image = (np.random.default_rng(0).random((40, 40)) * 1000 + 500).astype(np.float32)
+    spec = {"method": "percentile", "low": 1, "high": 99}
+    out = restore(image, model, "YX", tile=None, normalization=spec)
+    lo, hi = np.percentile(image, [1, 99])
+    expected = model_output(model, (image - lo) / (hi - lo)) * (hi - lo) + lo
+    assert np.allclose(out, expected, rtol=1e-4, atol=1e-2)
+    stack = np.stack([image, image * 2])
+    per_stack = restore(stack, model, "ZYX", tile=None, normalization={**spec, "scope": "stack"})
+    assert per_stack.shape == stack.shape and np.isfinite(per_stack).all()
+
+
+def test_bad_axes_and_channels_are_refused():
+    grey, rgb = make_tiny_model(1), make_tiny_model(3)
+    image = np.zeros((20, 30), np.float32)
+    with pytest.raises(AxesError, match="name 3 dimensions but the image has 2"):
+        restore(image, grey, "ZYX")
+    with pytest.raises(AxesError, match="must contain both Y and X"):
+        restore(image, grey, "ZX")
+    with pytest.raises(ChannelMismatchError, match="expects 3 channels"):
+        restore(image, rgb, "YX")
+    with pytest.raises(ChannelMismatchError, match="C axis has 2"):
+        restore(np.zeros((20, 30, 2), np.float32), rgb, "YXC")
+    with pytest.raises(ValueError, match="smaller than this network's minimum"):
+        restore(image, grey, "YX", tile=8)
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        restore(image, grey, "YX", device="cpu", precision="fp16")
+
+
+def test_nan_and_inf_are_reported_with_the_plane():
+    model = make_tiny_model(1)
+    stack = np.zeros((3, 20, 20), np.float32)
+    stack[2, 5, 5] = np.nan
+    with pytest.raises(NonFiniteInputError, match="plane Z=2"):
+        restore(stack, model, "ZYX", tile=None)
+
+
+class _OutOfMemoryAboveBatch(ModelRunner):
+    """A runner whose device 'runs out of memory' for batches larger than one tile."""
+
+    def _forward(self, tiles):
+        if len(tiles) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super()._forward(tiles)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
+    model = make_tiny_model(1)
+    image = np.random.default_rng(0).random((1, 100, 100), dtype=np.float32)
+    plan = TilingPlan(tile=48, overlap=16, margin=4)
+    reference = restore_plane(image, ModelRunner(model, "cpu", batch=1), plan)
+    runner = _OutOfMemoryAboveBatch(model, "cpu", batch=8)
+    assert np.allclose(restore_plane(image, runner, plan), reference, atol=1e-6)
+    assert runner.batch == 1
+
+
+def test_runner_threads_do_not_race():
+    model = make_tiny_model(1)
+    runner = ModelRunner(model, "cpu")
+    tiles = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+    expected = runner.run(tiles)
+    results = [None] * 4
+
+    def work(i):
+        results[i] = runner.run(tiles)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(r, expected) for r in results)

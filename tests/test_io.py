@@ -1,0 +1,120 @@
+import threading
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_gama_ir.engine.io import Cancelled, ImageIOError, check_output_path, open_image, write_image
+
+
+def test_zarr_round_trip_keeps_chunks_axes_and_attributes(tmp_path):
+    data = np.arange(4 * 30 * 20, dtype=np.uint16).reshape(4, 30, 20)
+    write_image(da.from_array(data, chunks=(1, 30, 20)), tmp_path / "out.zarr", "ZYX", attrs={"model": "m"})
+    source = open_image(tmp_path / "out.zarr")
+    assert source.axes == "ZYX" and source.metadata["model"] == "m"
+    assert source.array.chunks == ((1, 1, 1, 1), (30,), (20,))
+    assert np.array_equal(source.array.compute(), data)
+
+
+def test_ome_zarr_group_reads_its_full_resolution_and_axes(tmp_path):
+    group = zarr.open_group(str(tmp_path / "img.ome.zarr"), mode="w", zarr_format=2)
+    data = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 24), dtype=np.uint8)
+    group.create_array("0", shape=data.shape, dtype=data.dtype, chunks=(1, 3, 16, 24))[:] = data
+    group.create_array("1", shape=(2, 3, 8, 12), dtype=data.dtype)
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+                 {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+        "datasets": [{"path": "0"}, {"path": "1"}],
+    }]
+    source = open_image(tmp_path / "img.ome.zarr")
+    assert source.axes == "TCYX"
+    assert np.array_equal(source.array.compute(), data)
+
+
+def test_tiff_is_read_through_a_zarr_store(tmp_path):
+    data = np.random.default_rng(0).integers(0, 60000, (5, 32, 40), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "stack.tif", data, metadata={"axes": "ZYX"})
+    source = open_image(tmp_path / "stack.tif")
+    assert source.axes == "ZYX" and isinstance(source.array, da.Array)
+    assert np.array_equal(source.array[3].compute(), data[3])
+
+
+def test_tiff_and_png_writers_round_trip(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (2, 20, 30, 3), dtype=np.uint8)
+    write_image(rgb, tmp_path / "rgb.tif", "ZYXC")
+    source = open_image(tmp_path / "rgb.tif")
+    assert source.axes == "ZYXC" and np.array_equal(source.array.compute(), rgb)
+    write_image(rgb[0], tmp_path / "one.png", "YXC")
+    assert np.array_equal(open_image(tmp_path / "one.png").array.compute(), rgb[0])
+
+
+def test_npy_is_memory_mapped(tmp_path):
+    data = np.random.default_rng(0).random((3, 10, 12), dtype=np.float32)
+    np.save(tmp_path / "a.npy", data)
+    source = open_image(tmp_path / "a.npy")
+    assert source.array.chunks[0] == (1, 1, 1)
+    assert np.array_equal(source.array.compute(), data)
+
+
+def test_unreadable_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(ImageIOError, match="no such file"):
+        open_image(tmp_path / "missing.tif")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ImageIOError, match="unknown image format"):
+        open_image(tmp_path / "notes.txt")
+    (tmp_path / "broken.tif").write_bytes(b"not a tiff")
+    with pytest.raises(ImageIOError, match="not a readable TIFF"):
+        open_image(tmp_path / "broken.tif")
+
+
+def test_output_checks(tmp_path):
+    (tmp_path / "in.tif").write_bytes(b"x")
+    with pytest.raises(ImageIOError, match="must not be the input"):
+        check_output_path(tmp_path / "in.tif", [tmp_path / "in.tif"], overwrite=True)
+    with pytest.raises(ImageIOError, match="already exists"):
+        check_output_path(tmp_path / "in.tif", [], overwrite=False)
+    with pytest.raises(ImageIOError, match="does not exist"):
+        check_output_path(tmp_path / "nowhere" / "out.zarr", [], overwrite=False)
+    with pytest.raises(ImageIOError, match="cannot write this format"):
+        check_output_path(tmp_path / "out.txt", [], overwrite=False)
+
+
+def _failing_plane(block, block_info=None):
+    if block_info[0]["chunk-location"][0] == 3:
+        raise RuntimeError("boom")
+    return block
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path):
+    data = da.zeros((6, 16, 16), chunks=(1, 16, 16), dtype=np.float32).map_blocks(_failing_plane, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="boom"):
+        write_image(data, tmp_path / "out.zarr", "ZYX")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_after_success(tmp_path):
+    target = tmp_path / "out.zarr"
+    write_image(np.ones((2, 8, 8), np.float32), target, "ZYX")
+    bad = da.zeros((6, 16, 16), chunks=(1, 16, 16), dtype=np.float32).map_blocks(_failing_plane, dtype=np.float32)
+    with pytest.raises(RuntimeError):
+        write_image(bad, target, "ZYX", overwrite=True)
+    assert np.array_equal(open_image(target).array.compute(), np.ones((2, 8, 8), np.float32))
+    write_image(np.zeros((3, 4, 4), np.float32), target, "ZYX", overwrite=True)
+    assert open_image(target).array.shape == (3, 4, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_cancel_stops_the_write_and_removes_the_partial_output(tmp_path):
+    cancel = threading.Event()
+
+    def slow(block):
+        cancel.set()  # the first plane asks to stop
+        return block
+
+    data = da.zeros((20, 16, 16), chunks=(1, 16, 16), dtype=np.float32).map_blocks(slow, dtype=np.float32)
+    with pytest.raises(Cancelled):
+        write_image(data, tmp_path / "out.zarr", "ZYX", cancel=cancel, workers=1)
+    assert list(tmp_path.iterdir()) == []
