@@ -199,6 +199,15 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
     assert runner.batch == 1
 
 
+def test_runner_matches_the_plain_eager_network():
+    # The runner's CPU path (channels_last, inference mode) must match plain NCHW eager output.
+    model = make_tiny_model(3)
+    tiles = np.random.default_rng(0).random((2, 3, 40, 56), dtype=np.float32)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(tiles)).numpy()
+    assert np.abs(ModelRunner(model, "cpu").run(tiles) - reference).max() < 1e-5
+
+
 def test_runner_threads_do_not_race():
     model = make_tiny_model(1)
     runner = ModelRunner(model, "cpu")

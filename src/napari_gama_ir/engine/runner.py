@@ -43,7 +43,10 @@ class ModelRunner:
         self.device = resolve_device(device)
         self.autocast_dtype = check_precision(precision, self.device)
         self.precision = precision
-        self.model = model.to(self.device).eval()
+        # channels_last lets oneDNN run the 1x1 convs without reordering every tensor (CPU only:
+        # on GPUs the gain depends on precision and is measured separately).
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
         # Batching helps a GPU; on the CPU one tile already keeps every core busy.
         self.batch = batch or (1 if self.device.type == "cpu" else 4)
         self.mean_mode = mean_mode
@@ -58,7 +61,7 @@ class ModelRunner:
         return self.model.config
 
     def _forward(self, tiles: np.ndarray) -> np.ndarray:
-        inputs = torch.from_numpy(tiles).to(self.device, non_blocking=True)
+        inputs = torch.from_numpy(tiles).to(self.device, non_blocking=True, memory_format=self.memory_format)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -64,11 +65,17 @@ def edge_ramp(length: int, overlap: int, margin: int, taper_start: bool, taper_e
     return weights
 
 
-def tile_weights(
-    tile: Tile, height: int, width: int, overlap: int, margin: int
-) -> np.ndarray:
-    """2-D blending weights of ``tile`` inside a ``height`` x ``width`` plane."""
-    rows, cols = tile.shape
-    along_rows = edge_ramp(rows, overlap, margin, tile.rows.start > 0, tile.rows.stop < height)
-    along_cols = edge_ramp(cols, overlap, margin, tile.cols.start > 0, tile.cols.stop < width)
-    return along_rows[:, None] * along_cols[None, :]
+def tile_weights(tile: Tile, height: int, width: int, overlap: int, margin: int) -> np.ndarray:
+    """2-D blending weights of ``tile`` inside a ``height`` x ``width`` plane (read-only, cached)."""
+    tapers = (tile.rows.start > 0, tile.rows.stop < height, tile.cols.start > 0, tile.cols.stop < width)
+    return _weights(tile.shape, tapers, overlap, margin)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(shape: tuple[int, int], tapers: tuple[bool, ...], overlap: int, margin: int) -> np.ndarray:
+    # A plane has at most nine distinct tile geometries; caching spares recomputing them per tile.
+    along_rows = edge_ramp(shape[0], overlap, margin, tapers[0], tapers[1])
+    along_cols = edge_ramp(shape[1], overlap, margin, tapers[2], tapers[3])
+    weights = along_rows[:, None] * along_cols[None, :]
+    weights.flags.writeable = False
+    return weights

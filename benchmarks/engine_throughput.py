@@ -1,0 +1,142 @@
+"""Engine benchmark: restore a large uint16 zarr stack through the CLI, measure what the engine adds.
+
+Reports, as JSON and a short table:
+- throughput: image megapixels restored per second of wall time, reading and writing zarr included;
+- peak RSS of the restoring process (it runs as a child, so the stack's creation is not counted);
+- efficiency: that throughput divided by the bare network's forward throughput on the same tiles
+  (same tile shapes and count per plane, same batch, same threads), i.e. what the engine keeps of
+  the model's speed after I/O, normalisation and blending.
+
+A small network (width 8 by default) keeps the run to minutes on a CPU; a small network is the hard
+case for efficiency, since the engine's fixed per-pixel work weighs more against a cheap model.
+
+    python benchmarks/engine_throughput.py --planes 256 --size 2048 --workdir /tmp/engine-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from napari_gama_ir.engine import ModelRunner
+from napari_gama_ir.engine.tiling import plan_tiles
+from napari_gama_ir.model import GamaIR, GamaIRConfig, save_checkpoint
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def make_stack(path: Path, planes: int, size: int, seed: int) -> None:
+    """A noisy uint16 stack, written plane by plane (never whole in memory)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = 20000 + 15000 * np.sin(6 * xx) * np.cos(4 * yy)
+    array = zarr.open_array(str(path), mode="w", shape=(planes, size, size), chunks=(1, size, size),
+                            dtype=np.uint16, zarr_format=2)
+    array.attrs["axes"] = "ZYX"
+    for index in range(planes):
+        plane = base + rng.normal(0, 8000, base.shape)
+        array[index] = np.clip(plane, 0, 65535).astype(np.uint16)
+
+
+def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int) -> float:
+    """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
+    runner = ModelRunner(model, "cpu")
+    tiles = plan_tiles(size, size, tile, overlap, model.config.size_multiple)
+    shapes = {}
+    for t in tiles:
+        shapes[t.shape] = shapes.get(t.shape, 0) + 1
+    rng = np.random.default_rng(0)
+    batches = {shape: rng.random((count, 1) + shape, dtype=np.float32) for shape, count in shapes.items()}
+    for batch in batches.values():  # warm-up
+        runner.run(batch[:1])
+    started = time.perf_counter()
+    for _ in range(planes):
+        for batch in batches.values():
+            runner.run(batch)
+    elapsed = time.perf_counter() - started
+    return planes * size * size / 1e6 / elapsed
+
+
+def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int) -> tuple[float, float]:
+    """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
+    command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", str(stack), "-o", str(output),
+               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", "cpu", "-q"]
+    started = time.perf_counter()
+    child = subprocess.Popen(command)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"restore failed with status {os.waitstatus_to_exitcode(status)}")
+    return elapsed, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--planes", type=int, default=256)
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--bare-planes", type=int, default=4, help="planes' worth of tiles for the bare timing")
+    parser.add_argument("--workdir", default="benchmarks/output/engine")
+    parser.add_argument("--keep", action="store_true", help="keep the stack for another run")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack, output = workdir / "stack.zarr", workdir / "restored.zarr"
+    torch.manual_seed(0)
+    config = GamaIRConfig(in_channels=1, out_channels=1, width=args.width, encoder_blocks=(1, 1, 1),
+                          middle_blocks=2, decoder_blocks=(1, 1, 1), channel_meaning="grey")
+    model = GamaIR(config).eval()
+    checkpoint = save_checkpoint(model, workdir / "bench_model")
+
+    expected_shape = (args.planes, args.size, args.size)
+    if not (stack.exists() and zarr.open_array(str(stack), mode="r").shape == expected_shape):
+        shutil.rmtree(stack, ignore_errors=True)
+        print(f"creating a {expected_shape} uint16 stack in {stack} ...", flush=True)
+        make_stack(stack, args.planes, args.size, seed=0)
+    shutil.rmtree(output, ignore_errors=True)
+
+    bare = bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes)
+    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap)
+    engine = args.planes * args.size * args.size / 1e6 / seconds
+    results = {
+        "stack_shape": list(expected_shape),
+        "stack_bytes_on_disk": folder_bytes(stack),
+        "output_bytes_on_disk": folder_bytes(output),
+        "model": {"width": args.width, "parameters": sum(p.numel() for p in model.parameters())},
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "cpu_threads": torch.get_num_threads(),
+        "engine_seconds": round(seconds, 1),
+        "engine_mpx_per_s": round(engine, 3),
+        "bare_model_mpx_per_s": round(bare, 3),
+        "efficiency": round(engine / bare, 3),
+        "peak_rss_mb": round(peak_mb, 1),
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if not args.keep:
+        shutil.rmtree(stack, ignore_errors=True)
+    shutil.rmtree(output, ignore_errors=True)
+    print(json.dumps(results, indent=2))
+    print(f"\nstack {results['stack_bytes_on_disk'] / 1e9:.2f} GB on disk | engine {engine:.2f} Mpx/s | "
+          f"bare model {bare:.2f} Mpx/s | efficiency {engine / bare:.2f} | peak RSS {peak_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
