@@ -56,8 +56,9 @@ def test_local_mode_tiles_equal_the_whole_image():
     tiled = restore(image, model, "YX", tile=320, overlap=2 * radius + 8, mean_mode="local")
     assert len(plan_tiles(420, 500, 320, 2 * radius + 8, 4)) >= 4
     assert np.abs(whole - tiled)[radius:-radius, radius:-radius].max() < 1e-4
-    # The model's own setting is left as it was.
+    # The caller's network is left as it was: mean mode and memory layout.
     assert model.mean_mode == "global"
+    assert model.intro.weight.is_contiguous()
 
 
 def test_global_mode_tiles_blend_without_seams():

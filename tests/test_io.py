@@ -51,9 +51,10 @@ def test_tiff_and_png_writers_round_trip(tmp_path):
     assert np.array_equal(open_image(tmp_path / "one.png").array.compute(), rgb[0])
 
 
-def test_npy_is_memory_mapped(tmp_path):
+def test_npy_round_trip_and_memory_map(tmp_path):
     data = np.random.default_rng(0).random((3, 10, 12), dtype=np.float32)
-    np.save(tmp_path / "a.npy", data)
+    write_image(data, tmp_path / "a.npy", "ZYX")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
     source = open_image(tmp_path / "a.npy")
     assert source.array.chunks[0] == (1, 1, 1)
     assert np.array_equal(source.array.compute(), data)
@@ -118,3 +119,12 @@ def test_cancel_stops_the_write_and_removes_the_partial_output(tmp_path):
     with pytest.raises(Cancelled):
         write_image(data, tmp_path / "out.zarr", "ZYX", cancel=cancel, workers=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pyramidal_tiff_opens_at_full_resolution(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (64, 96), dtype=np.uint8)
+    with tifffile.TiffWriter(tmp_path / "pyramid.ome.tif") as tif:
+        tif.write(data, subifds=1, tile=(32, 32), metadata={"axes": "YX"})
+        tif.write(data[::2, ::2], subfiletype=1, tile=(32, 32))
+    source = open_image(tmp_path / "pyramid.ome.tif")
+    assert source.axes == "YX" and np.array_equal(source.array.compute(), data)

@@ -92,7 +92,7 @@ def _open_tiff(path: Path) -> ImageSource:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
-        store = tifffile.imread(path, aszarr=True)
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)  # full resolution of a pyramid
         array = da.from_zarr(zarr.open(store, mode="r"))
     except (OSError, tifffile.TiffFileError, IndexError) as error:
         raise ImageIOError(f"{path}: not a readable TIFF ({error})") from None
@@ -238,8 +238,8 @@ def write_image(
         elif suffix in (".tif", ".tiff"):
             _write_tiff(array, temporary, axes, attrs or {})
         elif suffix == ".npy":
-            np.save(temporary.with_suffix(".npy"), array.compute())
-            os.replace(temporary.with_suffix(".npy"), temporary)
+            with open(temporary, "wb") as handle:  # a file handle: np.save adds no suffix
+                np.save(handle, array.compute())
         else:
             import imageio.v3 as iio
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from contextlib import nullcontext
 
@@ -46,10 +47,11 @@ class ModelRunner:
         # channels_last lets oneDNN run the 1x1 convs without reordering every tensor (CPU only:
         # on GPUs the gain depends on precision and is measured separately).
         self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        # A private copy: the caller's network keeps its device, memory layout and mean mode.
+        self.model = copy.deepcopy(model).to(self.device, memory_format=self.memory_format).eval()
+        self.model.set_mean_mode(mean_mode)
         # Batching helps a GPU; on the CPU one tile already keeps every core busy.
         self.batch = batch or (1 if self.device.type == "cpu" else 4)
-        self.mean_mode = mean_mode
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             wanted = threads or usable_cores()
@@ -73,31 +75,23 @@ class ModelRunner:
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
         """Restore a stack of equally sized tiles, shape (N, C, h, w) float32."""
-        with self.lock:
-            previous = self.model.mean_mode
-            self.model.set_mean_mode(self.mean_mode)
-            try:
-                return self._run_batches(tiles)
-            finally:
-                self.model.set_mean_mode(previous)
-
-    def _run_batches(self, tiles: np.ndarray) -> np.ndarray:
         outputs = []
         start = 0
-        while start < len(tiles):
-            chunk = tiles[start : start + self.batch]
-            try:
-                outputs.append(self._forward(chunk))
-            except (torch.OutOfMemoryError, RuntimeError) as error:
-                if not _is_out_of_memory(error):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if self.batch == 1:
-                    raise TileTooLargeError(
-                        f"one {tiles.shape[-2]}x{tiles.shape[-1]} tile does not fit in {self.device} memory"
-                    ) from None
-                self.batch = max(1, self.batch // 2)
-                continue
-            start += len(chunk)
+        with self.lock:
+            while start < len(tiles):
+                chunk = tiles[start : start + self.batch]
+                try:
+                    outputs.append(self._forward(chunk))
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    if not _is_out_of_memory(error):
+                        raise
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if self.batch == 1:
+                        raise TileTooLargeError(
+                            f"one {tiles.shape[-2]}x{tiles.shape[-1]} tile does not fit in {self.device} memory"
+                        ) from None
+                    self.batch = max(1, self.batch // 2)
+                    continue
+                start += len(chunk)
         return np.concatenate(outputs)
