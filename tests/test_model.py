@@ -4,6 +4,7 @@ import torch
 from napari_gama_ir import create_model, list_models
 from napari_gama_ir.model import GamaBlock, GamaIR, GamaIRConfig
 from napari_gama_ir.model.gama import window_mean
+from napari_gama_ir.model.layers import LayerNorm2d
 
 from .conftest import make_tiny_model, tiny_config
 
@@ -39,6 +40,23 @@ def test_gama_block_reaches_whole_rows_and_columns_and_two_reach_everything():
     x.grad = None
     second(first(x))[0, :, 0, 0].sum().backward()
     assert x.grad[0, :, 31, 31].abs().sum() > 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layer_norm_normalises_each_pixels_channels(channels_last):
+    torch.manual_seed(0)
+    norm = LayerNorm2d(6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 6, 5, 7) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = x.mean(1, keepdim=True)
+    variance = x.var(1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(variance + 1e-6) * norm.weight[:, None, None] + norm.bias[:, None, None]
+    with torch.no_grad():
+        assert torch.allclose(norm(x), expected, atol=1e-5)
 
 
 def test_window_mean_is_global_for_long_windows_and_local_otherwise():

@@ -141,16 +141,14 @@ def run_models(args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> None:
     """Make a noisy sample stack, restore it through ``run_restore`` and report PSNR."""
-    from skimage import data
     from skimage.metrics import peak_signal_noise_ratio
+
+    from .samples import noisy_rgb_photos
 
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
-    crops = [image[:256, :256] for image in (data.astronaut(), data.coffee(), data.chelsea())]
-    clean = np.stack(crops)
-    rng = np.random.default_rng(0)
     sigma = 25.0
-    noisy = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 255).astype(np.uint8)
+    noisy, clean = noisy_rgb_photos(sigma=sigma, seed=0)
     noisy_path, restored_path = folder / "noisy.tif", folder / "restored.tif"
     write_image(noisy, noisy_path, "ZYXC", overwrite=True)
     weights_shipped = get_spec(DEFAULT_MODEL).weights is not None
