@@ -6,7 +6,14 @@ import pytest
 import tifffile
 import zarr
 
-from napari_gama_ir.engine.io import Cancelled, ImageIOError, check_output_path, open_image, write_image
+from napari_gama_ir.engine.io import (
+    Cancelled,
+    ImageIOError,
+    check_output_path,
+    open_image,
+    write_image,
+    write_image_steps,
+)
 
 
 def test_zarr_round_trip_keeps_chunks_axes_and_attributes(tmp_path):
@@ -128,3 +135,14 @@ def test_pyramidal_tiff_opens_at_full_resolution(tmp_path):
         tif.write(data[::2, ::2], subfiletype=1, tile=(32, 32))
     source = open_image(tmp_path / "pyramid.ome.tif")
     assert source.axes == "YX" and np.array_equal(source.array.compute(), data)
+
+
+def test_write_steps_report_progress_and_closing_early_leaves_nothing(tmp_path):
+    data = da.zeros((10, 8, 8), chunks=(1, 8, 8), dtype=np.float32)
+    steps = list(write_image_steps(data, tmp_path / "out.zarr", "ZYX", workers=2))
+    assert steps == [(4, 10), (8, 10), (10, 10)]
+    assert open_image(tmp_path / "out.zarr").array.shape == (10, 8, 8)
+    partial = write_image_steps(data, tmp_path / "other.zarr", "ZYX", workers=2)
+    next(partial)
+    partial.close()  # e.g. a cancelled GUI worker
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]

@@ -15,7 +15,7 @@ from .engine import restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.io import check_output_path, open_image, write_image
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
-from .model import CheckpointError, GamaIR, create_model, get_spec, list_models
+from .model import CheckpointError, GamaIR, create_model, get_spec, list_models, user_models_dir
 from .model.checkpoint import read_checkpoint_record
 
 DEFAULT_MODEL = "gama_ir_s"
@@ -24,13 +24,6 @@ PROG = "napari-gama-ir"
 
 class UsageError(ValueError):
     """A problem with what the user asked for; reported as one line."""
-
-
-def user_models_dir() -> Path:
-    """Where fine-tuned checkpoints live: ``$NAPARI_GAMA_IR_HOME/models`` or the user data folder."""
-    home = os.environ.get("NAPARI_GAMA_IR_HOME")
-    base = Path(home) if home else Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / PROG
-    return base / "models"
 
 
 def load_model(name: str, untrained: bool = False, in_channels: int | None = None) -> GamaIR:
@@ -42,9 +35,6 @@ def load_model(name: str, untrained: bool = False, in_channels: int | None = Non
     if untrained:
         channels = in_channels or get_spec(name).config.in_channels
         return create_model(name, in_channels=channels, out_channels=channels)
-    user_checkpoint = user_models_dir() / f"{name}.json"
-    if user_checkpoint.is_file():
-        return create_model(str(user_checkpoint))
     return create_model(name, pretrained=True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +204,15 @@ class _CancelWatch(Callback):
             raise Cancelled()
 
 
+def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """Every chunk of ``array`` as (block index, the slices it covers), in C order."""
+    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in array.chunks]
+    return [
+        (index, tuple(slice(int(o[i]), int(o[i + 1])) for o, i in zip(offsets, index)))
+        for index in np.ndindex(array.numblocks)
+    ]
+
+
 def write_image(
     array: da.Array | np.ndarray,
     output: str | os.PathLike,
@@ -216,10 +225,30 @@ def write_image(
 ) -> Path:
     """Compute ``array`` chunk by chunk into ``output`` (.zarr, .tif, .png or .npy), atomically.
 
-    Zarr output keeps the array's chunks (one chunk per plane from :func:`restore`), so at most
-    ``workers`` chunks are in memory at a time. ``attrs`` (provenance) are stored in the zarr
-    attributes or the TIFF description. Setting ``cancel`` stops the write and removes the
-    partial output, raising :class:`Cancelled`.
+    Zarr output keeps the array's chunks (one chunk per plane from :func:`restore`), so only a few
+    chunks are in memory at a time. ``attrs`` (provenance) are stored in the zarr attributes or
+    the TIFF metadata. Setting ``cancel`` stops the write and removes the partial output, raising
+    :class:`Cancelled`. See :func:`write_image_steps` for a version that reports progress.
+    """
+    for _ in write_image_steps(array, output, axes, overwrite=overwrite, attrs=attrs, workers=workers, cancel=cancel):
+        pass
+    return Path(output)
+
+
+def write_image_steps(
+    array: da.Array | np.ndarray,
+    output: str | os.PathLike,
+    axes: str,
+    *,
+    overwrite: bool = False,
+    attrs: dict[str, Any] | None = None,
+    workers: int = 2,
+    cancel: threading.Event | None = None,
+) -> Iterator[tuple[int, int]]:
+    """Like :func:`write_image`, as a generator yielding ``(chunks written, total)`` as it goes.
+
+    Closing the generator early (or an error) removes the partial output; the output appears
+    under its name only after the last step.
     """
     output = Path(output)
     suffix = _suffix(output)
@@ -234,20 +263,29 @@ def write_image(
                 dtype=array.dtype, zarr_format=2,
             )
             target.attrs.update({"axes": axes, **(attrs or {})})
-            da.store(array, target, lock=False)
+            blocks = block_regions(array)
+            group = 2 * workers  # enough chunks in flight to keep every worker busy
+            for first in range(0, len(blocks), group):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                batch = blocks[first : first + group]
+                sources = [array.blocks[index] for index, _ in batch]
+                da.store(sources, [target] * len(batch), regions=[region for _, region in batch], lock=False)
+                yield first + len(batch), len(blocks)
         elif suffix in (".tif", ".tiff"):
-            _write_tiff(array, temporary, axes, attrs or {})
+            yield from _write_tiff(array, temporary, axes, attrs or {})
         elif suffix == ".npy":
             with open(temporary, "wb") as handle:  # a file handle: np.save adds no suffix
                 np.save(handle, array.compute())
+            yield 1, 1
         else:
             import imageio.v3 as iio
 
             iio.imwrite(temporary, np.asarray(array.compute()), extension=suffix)
-    return output
+            yield 1, 1
 
 
-def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> None:
+def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> Iterator[tuple[int, int]]:
     """Write a BigTIFF page by page; each page is computed just before it is written."""
     import tifffile
 
@@ -265,3 +303,4 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> None:
         photometric="rgb" if rgb else "minisblack",
         metadata={"axes": axes.replace("C", "S") if rgb else axes, **attrs},
     )
+    yield pages.shape[0], pages.shape[0]

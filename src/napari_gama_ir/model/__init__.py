@@ -4,7 +4,15 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import GamaIRConfig
 from .gama import GamaBlock
 from .network import GamaIR, GamaIRBlock
-from .registry import ModelSpec, create_model, get_spec, list_models, register_model
+from .registry import (
+    ModelSpec,
+    create_model,
+    get_spec,
+    list_models,
+    register_model,
+    user_model_names,
+    user_models_dir,
+)
 
 __all__ = [
     "CheckpointError",
@@ -19,4 +27,6 @@ __all__ = [
     "load_checkpoint",
     "register_model",
     "save_checkpoint",
+    "user_model_names",
+    "user_models_dir",
 ]

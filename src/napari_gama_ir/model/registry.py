@@ -45,6 +45,25 @@ def get_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model {name!r}; known models: {known}") from None
 
 
+def user_models_dir() -> Path:
+    """Where the user's own checkpoints live, found by name like registered models.
+
+    ``$NAPARI_GAMA_IR_HOME/models`` if that variable is set, else the user data folder
+    (``$XDG_DATA_HOME/napari-gama-ir/models``, by default ``~/.local/share/napari-gama-ir/models``).
+    """
+    home = os.environ.get("NAPARI_GAMA_IR_HOME")
+    if home:
+        return Path(home) / "models"
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return data / "napari-gama-ir" / "models"
+
+
+def user_model_names() -> list[str]:
+    """Names of the checkpoints in :func:`user_models_dir`."""
+    folder = user_models_dir()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
 def _looks_like_path(name: str) -> bool:
     return os.sep in name or name.endswith((".json", ".safetensors")) or Path(name).exists()
 
@@ -55,7 +74,8 @@ def create_model(name: str | os.PathLike, pretrained: bool = False, **overrides:
     Parameters
     ----------
     name : str or path-like
-        A registry name (``"gama_ir_s"``, ``"gama_ir_l"``...) or a checkpoint path.
+        A registry name (``"gama_ir_s"``, ``"gama_ir_l"``...), the name of a checkpoint in
+        :func:`user_models_dir`, or a checkpoint path.
     pretrained : bool
         Load the weights shipped with the package for this name.
     **overrides
@@ -70,6 +90,10 @@ def create_model(name: str | os.PathLike, pretrained: bool = False, **overrides:
         if overrides:
             raise ValueError("config overrides cannot be applied to a checkpoint")
         return load_checkpoint(name)
+    if name not in _REGISTRY and (user_models_dir() / f"{name}.json").is_file():
+        if overrides:
+            raise ValueError("config overrides cannot be applied to a checkpoint")
+        return load_checkpoint(user_models_dir() / f"{name}.json")
     spec = get_spec(name)
     if pretrained:
         if spec.weights is None:

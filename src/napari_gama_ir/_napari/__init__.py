@@ -1,0 +1,1 @@
+"""napari plugin: Restore widget and sample data. Only this package imports napari and Qt."""

@@ -1,0 +1,158 @@
+"""A lazily restored stack that napari can slice without ever running the network on its thread."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import dask.array as da
+import numpy as np
+
+
+class BackgroundPlanes:
+    """Array-like view of a lazy restored stack for a napari layer.
+
+    ``__getitem__`` answers at once: planes already restored come from a cache, the others are
+    queued for a single background thread and shown as zeros until ready; ``on_ready`` is then
+    called (from that thread) with the plane's index so the viewer can refresh. Each plane is
+    computed once while it stays in the cache (least recently used planes leave it beyond
+    ``cache_bytes``). Only the ``queue_depth`` most recent requests are kept, so scrolling quickly
+    through thousands of planes restores where the user stopped, not every plane passed on the way.
+
+    Parameters
+    ----------
+    lazy : dask.array.Array
+        The engine's restored stack (from :func:`napari_gama_ir.restore` on a lazy input).
+    plane_axes : tuple of int
+        Dimensions that belong to one plane (Y, X, and C when the model takes the channels);
+        the others are iterated.
+    """
+
+    def __init__(
+        self,
+        lazy: da.Array,
+        plane_axes: tuple[int, ...],
+        on_ready: Callable[[tuple[int, ...]], None] | None = None,
+        cache_bytes: int = 1 << 30,
+        queue_depth: int = 4,
+    ) -> None:
+        self.lazy = lazy
+        self.shape, self.dtype, self.ndim = lazy.shape, lazy.dtype, lazy.ndim
+        self.iterated = tuple(d for d in range(lazy.ndim) if d not in plane_axes)
+        self.on_ready = on_ready
+        self.cache_bytes, self.queue_depth = cache_bytes, queue_depth
+        plane_shape = tuple(lazy.shape[d] for d in range(lazy.ndim) if d not in self.iterated)
+        self._placeholder = np.zeros(plane_shape, lazy.dtype)
+        self._placeholder.flags.writeable = False
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self._wanted: OrderedDict[tuple[int, ...], None] = OrderedDict()
+        self._busy: tuple[int, ...] | None = None
+        self._condition = threading.Condition()
+        self._closed = False
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._work, name="gama-ir-preview", daemon=True)
+        self._thread.start()
+
+    # -- the array interface napari uses ------------------------------------------------------
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[tuple(slice(None) for _ in self.shape)], dtype=dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = _full_key(key, self.ndim)
+        ranges = [
+            range(self.shape[d])[key[d]] if isinstance(key[d], slice) else [range(self.shape[d])[key[d]]]
+            for d in self.iterated
+        ]
+        planes = [self._plane(index) for index in itertools.product(*ranges)]
+        slab = np.stack(planes).reshape([len(r) for r in ranges] + list(self._placeholder.shape))
+        # slab holds the iterated dimensions first; put every dimension back in place.
+        order = list(self.iterated) + [d for d in range(self.ndim) if d not in self.iterated]
+        slab = slab.transpose(np.argsort(order))
+        rest = tuple(
+            (0 if not isinstance(key[d], slice) else slice(None)) if d in self.iterated else key[d]
+            for d in range(self.ndim)
+        )
+        return slab[rest]
+
+    # -- cache and worker ----------------------------------------------------------------------
+    @property
+    def computed(self) -> list[tuple[int, ...]]:
+        """Indices of the planes in the cache, oldest first."""
+        with self._condition:
+            return list(self._cache)
+
+    def is_ready(self, index: tuple[int, ...]) -> bool:
+        with self._condition:
+            return index in self._cache
+
+    def _plane(self, index: tuple[int, ...]) -> np.ndarray:
+        with self._condition:
+            if index in self._cache:
+                self._cache.move_to_end(index)
+                return self._cache[index]
+            if index != self._busy:
+                self._wanted.pop(index, None)
+                self._wanted[index] = None
+                while len(self._wanted) > self.queue_depth:
+                    self._wanted.popitem(last=False)  # forget the oldest request
+                self._condition.notify()
+            return self._placeholder
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                while not self._wanted and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                index, _ = self._wanted.popitem(last=True)  # newest request first
+                self._busy = index
+            key = tuple(index[self.iterated.index(d)] if d in self.iterated else slice(None) for d in range(self.ndim))
+            try:
+                plane = np.asarray(self.lazy[key].compute(scheduler="synchronous"))
+            except BaseException as error:  # surfaced by the widget; the worker keeps serving
+                with self._condition:
+                    self.errors.append(error)
+                    self._busy = None
+                    self._condition.notify_all()
+                if self.on_ready is not None:
+                    self.on_ready(index)
+                continue
+            with self._condition:
+                self._cache[index] = plane
+                self._busy = None
+                while sum(p.nbytes for p in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
+                    self._cache.popitem(last=False)
+                self._condition.notify_all()
+            if self.on_ready is not None:
+                self.on_ready(index)
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Block until no plane is queued or being computed (for scripts and tests)."""
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._wanted and self._busy is None, timeout) or False
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._wanted.clear()
+            self._condition.notify_all()
+
+
+def _full_key(key, ndim: int) -> tuple:
+    """Expand a key to one int or slice per dimension."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if any(k is Ellipsis for k in key):
+        at = key.index(Ellipsis)
+        key = key[:at] + (slice(None),) * (ndim - len(key) + 1) + key[at + 1 :]
+    key = key + (slice(None),) * (ndim - len(key))
+    for k in key:
+        if not isinstance(k, (slice, int, np.integer)):
+            raise TypeError(f"preview arrays take ints and slices, not {type(k).__name__}")
+    return tuple(int(k) if isinstance(k, np.integer) else k for k in key)

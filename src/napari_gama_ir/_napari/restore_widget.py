@@ -1,0 +1,243 @@
+"""The Restore dock widget: lazy preview and background "restore all", a thin shell over the engine."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QVBoxLayout, QWidget
+from superqt.utils import ensure_main_thread
+
+from .. import __version__
+from ..engine import restore
+from ..engine.axes import guess_axes, parse_axes
+from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
+from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
+from ..model import create_model, list_models, user_model_names
+from .preview import BackgroundPlanes
+
+if TYPE_CHECKING:
+    import napari
+
+CHECKPOINT_FILE = "checkpoint file..."
+IN_MEMORY, TO_ZARR = "new layer (in memory)", "zarr store"
+
+
+def model_choices() -> list[str]:
+    """Shipped models, then the user's own, then a checkpoint picked from disk."""
+    shipped = [spec.name for spec in list_models() if spec.weights]
+    return shipped + user_model_names() + [CHECKPOINT_FILE]
+
+
+class RestoreWidget(QWidget):
+    """Restore an image layer: lazily as you browse (Preview) or all planes in the background."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.image = ComboBox(label="image", choices=self._image_layer_names)
+        self.model = ComboBox(label="model", choices=lambda _: model_choices())
+        self.checkpoint = FileEdit(label="checkpoint", filter="*.json *.safetensors")
+        self.axes = LineEdit(label="axes")
+        self.tile = SpinBox(label="tile", min=0, max=8192, step=8, value=512, tooltip="0: whole planes")
+        self.overlap = SpinBox(label="overlap", min=0, max=2048, step=8, value=64)
+        self.mean_mode = ComboBox(label="means", choices=MEAN_MODES, value=DEFAULT_MEAN_MODE)
+        self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.precision = ComboBox(label="precision", choices=["fp32", "fp16", "bf16"], value="fp32")
+        self.destination = ComboBox(label="restore all to", choices=[IN_MEMORY, TO_ZARR], value=IN_MEMORY)
+        self.output = FileEdit(label="zarr path", mode="w", filter="*.zarr")
+        self.preview_button = PushButton(text="Preview (lazy)")
+        self.restore_button = PushButton(text="Restore all")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.status = Label(value="")
+        self.form = Container(widgets=[
+            self.image, self.model, self.checkpoint, self.axes, self.tile, self.overlap, self.mean_mode,
+            self.device, self.precision, self.destination, self.output, self.preview_button, self.restore_button,
+            self.cancel_button, self.status,
+        ])
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.form.native)
+        layout.addStretch()
+        self.previews: list[BackgroundPlanes] = []
+        self.worker = None
+        self._cancel = threading.Event()
+
+        self.image.changed.connect(self._guess_axes)
+        self.model.changed.connect(self._show_checkpoint)
+        self.destination.changed.connect(self._show_checkpoint)
+        self.preview_button.changed.connect(self.preview)
+        self.restore_button.changed.connect(self.restore_all)
+        self.cancel_button.changed.connect(self.cancel)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._show_checkpoint()
+        self._guess_axes()
+
+    # -- choices -------------------------------------------------------------------------------
+    def _image_layer_names(self, _=None) -> list[str]:
+        from napari.layers import Image
+
+        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _refresh_layers(self, _=None) -> None:
+        self.image.reset_choices()
+        self.model.reset_choices()
+
+    def _show_checkpoint(self, _=None) -> None:
+        """Show the path fields only when they are used."""
+        self.checkpoint.visible = self.model.value == CHECKPOINT_FILE
+        self.output.visible = self.destination.value == TO_ZARR
+
+    def _guess_axes(self, _=None) -> None:
+        layer = self._layer()
+        if layer is not None:
+            shape = self._layer_data(layer).shape
+            try:
+                self.axes.value = guess_axes(shape, rgb=layer.rgb)
+            except ValueError:
+                self.axes.value = ""
+
+    def _layer(self):
+        name = self.image.value
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    @staticmethod
+    def _layer_data(layer):
+        return layer.data[0] if layer.multiscale else layer.data  # full resolution
+
+    # -- the shared part of preview and restore-all --------------------------------------------
+    def _prepare(self) -> tuple[Any, da.Array, str, Any, dict]:
+        """Check the settings and build the lazy restored stack; raises ValueError with a sentence."""
+        layer = self._layer()
+        if layer is None:
+            raise ValueError("choose an image layer to restore")
+        if self.model.value == CHECKPOINT_FILE:
+            path = Path(str(self.checkpoint.value))
+            if not path.is_file():
+                raise ValueError("choose a checkpoint file (.json or .safetensors)")
+            model_name, model = str(path), create_model(str(path))
+        else:
+            model_name, model = self.model.value, create_model(self.model.value, pretrained=True)
+        data = self._layer_data(layer)
+        axes = parse_axes(self.axes.value, data.ndim)
+        source = data if isinstance(data, da.Array) else da.from_array(data, chunks=data.shape)
+        restored = restore(
+            source, model, axes, tile=self.tile.value or None, overlap=self.overlap.value,
+            mean_mode=self.mean_mode.value, device=self.device.value, precision=self.precision.value,
+            output_dtype="input" if layer.rgb else "float32",
+        )
+        provenance = {
+            "model": model_name, "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
+            "tile": self.tile.value, "overlap": self.overlap.value, "mean_mode": self.mean_mode.value,
+            "axes": axes, "napari_gama_ir_version": __version__,
+        }
+        return layer, restored, axes, model, provenance
+
+    def _add_result(self, data, layer, provenance: dict, suffix: str):
+        return self.viewer.add_image(
+            data, name=f"{layer.name} {suffix}", rgb=layer.rgb, contrast_limits=layer.contrast_limits,
+            colormap=layer.colormap if not layer.rgb else None, scale=layer.scale, translate=layer.translate,
+            metadata={**layer.metadata, "gama_ir": provenance},
+        )
+
+    # -- preview -------------------------------------------------------------------------------
+    def preview(self, _=None):
+        """Add a layer that restores each plane the first time it is shown, off the UI thread."""
+        try:
+            layer, restored, axes, model, provenance = self._prepare()
+        except (ValueError, KeyError, OSError) as error:
+            return self._fail(error)
+        fed = "C" in axes and restored.shape[axes.index("C")] == model.config.in_channels
+        plane_axes = tuple(i for i, a in enumerate(axes) if a in "YX" or (a == "C" and fed))
+        planes = BackgroundPlanes(restored, plane_axes)
+        result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
+        planes.on_ready = lambda index: self._plane_ready(result, planes)
+        self.previews.append(planes)
+        self.status.value = "preview: planes are restored as you view them"
+        return result
+
+    @ensure_main_thread
+    def _plane_ready(self, layer, planes: BackgroundPlanes) -> None:
+        if planes.errors:
+            error = planes.errors.pop()
+            self._fail(error)
+        if layer in self.viewer.layers:
+            layer.refresh()
+
+    # -- restore all ---------------------------------------------------------------------------
+    def restore_all(self, _=None):
+        """Restore every plane in a background worker, with progress and Cancel."""
+        try:
+            layer, restored, axes, _, provenance = self._prepare()
+            target = str(self.output.value) if self.destination.value == TO_ZARR else None
+            if target is not None:
+                check_output_path(target, [layer.source.path or ""], overwrite=False)
+        except (ValueError, KeyError, OSError) as error:
+            return self._fail(error)
+        provenance = {**provenance, "mode": "restore all", "output": target}
+        total = int(np.prod(restored.numblocks))
+        self._cancel.clear()
+        # Handlers are given at creation: a worker created without an "errored" handler re-raises.
+        self.worker = create_worker(
+            self._restore_steps, restored, axes, target, provenance,
+            _progress={"total": total, "desc": "GAMA-IR"},
+            _connect={
+                "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} planes"),
+                "returned": lambda data: self._finished(data, layer, provenance),
+                "errored": self._worker_failed,
+                "finished": lambda: self._set_running(False),
+            },
+            _start_thread=False,
+        )
+        self._set_running(True)
+        self.worker.start()
+        return self.worker
+
+    def _restore_steps(self, restored: da.Array, axes: str, target: str | None, provenance: dict):
+        if target is not None:
+            for done, _ in write_image_steps(restored, target, axes, attrs=provenance, cancel=self._cancel):
+                yield done
+            return da.from_zarr(target)
+        result = np.empty(restored.shape, restored.dtype)
+        for done, (index, region) in enumerate(block_regions(restored), start=1):
+            if self._cancel.is_set():
+                raise Cancelled()
+            result[region] = restored.blocks[index].compute(scheduler="synchronous")
+            yield done
+        return result
+
+    def cancel(self, _=None) -> None:
+        self._cancel.set()
+        self.status.value = "cancelling..."
+
+    def _finished(self, data, layer, provenance: dict) -> None:
+        self._add_result(data, layer, provenance, "restored")
+        self.status.value = "done"
+
+    def _worker_failed(self, error: BaseException) -> None:
+        if isinstance(error, Cancelled):
+            self.status.value = "cancelled: nothing was written"
+            show_info("GAMA-IR: restore cancelled; no output was written")
+        else:
+            self._fail(error)
+
+    def _set_running(self, running: bool) -> None:
+        self.restore_button.enabled = not running
+        self.preview_button.enabled = not running
+        self.cancel_button.enabled = running
+
+    def _fail(self, error: BaseException) -> None:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+        self.status.value = f"error: {message}"
+        show_error(f"GAMA-IR: {message}")
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        for planes in self.previews:
+            planes.close()
+        super().closeEvent(event)

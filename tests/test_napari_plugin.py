@@ -1,0 +1,153 @@
+"""Headless napari tests of the plugin (Xvfb through pytest-xvfb, PyQt6)."""
+
+import shutil
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari", reason="the napari extra is not installed")
+
+from napari_gama_ir import restore, save_checkpoint  # noqa: E402
+from napari_gama_ir._napari.restore_widget import CHECKPOINT_FILE, RestoreWidget  # noqa: E402
+
+from .conftest import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture
+def grey_checkpoint(tmp_path):
+    return save_checkpoint(make_tiny_model(1), tmp_path / "tiny")
+
+
+def open_widget(viewer) -> RestoreWidget:
+    _, widget = viewer.window.add_plugin_dock_widget("napari-gama-ir", "Restore")
+    assert isinstance(widget, RestoreWidget)
+    return widget
+
+
+def use_checkpoint(widget, path):
+    widget.model.value = CHECKPOINT_FILE
+    widget.checkpoint.value = path
+
+
+def test_manifest_validates():
+    npe2 = shutil.which("npe2") or str(__import__("pathlib").Path(sys.executable).with_name("npe2"))
+    result = subprocess.run([npe2, "validate", "napari-gama-ir"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-gama-ir", "noisy_photos")
+    viewer.open_sample("napari-gama-ir", "noisy_fluorescence")
+    names = [layer.name for layer in viewer.layers]
+    assert "noisy photos (sigma 25)" in names and "noisy fluorescence" in names
+    assert viewer.layers["noisy photos (sigma 25)"].rgb
+    assert viewer.layers["noisy fluorescence"].data.dtype == np.uint16
+
+
+def test_preview_equals_the_engine_and_keeps_scale(make_napari_viewer, qtbot, grey_checkpoint):
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(0).random((4, 48, 64), dtype=np.float32)
+    viewer.add_image(data, name="noisy", scale=(2.0, 0.5, 0.5), translate=(1, 2, 3))
+    widget = open_widget(viewer)
+    assert widget.axes.value == "ZYX"
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value = 32
+    widget.overlap.value = 8
+    layer = widget.preview()
+    planes = layer.data
+    planes.wait()
+    qtbot.waitUntil(lambda: planes.is_ready((0,)), timeout=10000)
+    expected = restore(data, make_tiny_model(1), "ZYX", tile=32, overlap=8)
+    assert np.allclose(planes[0], expected[0], atol=1e-6)
+    assert tuple(layer.scale) == (2.0, 0.5, 0.5) and tuple(layer.translate) == (1, 2, 3)
+    assert layer.metadata["gama_ir"]["model"] == str(grey_checkpoint)
+    assert len(layer.metadata["gama_ir"]["checkpoint_sha256"]) == 64
+
+
+def test_preview_computes_only_the_planes_displayed(make_napari_viewer, qtbot, grey_checkpoint):
+    viewer = make_napari_viewer()
+    computed = []
+
+    def mark(block, block_info=None):
+        computed.append(block_info[0]["chunk-location"][0])
+        return block
+
+    stack = da.random.random((2000, 64, 64), chunks=(1, 64, 64)).astype(np.float32).map_blocks(mark, dtype=np.float32)
+    viewer.add_image(stack, name="big", contrast_limits=(0, 1))
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value = 0
+    first = viewer.dims.current_step[0]  # napari opens a stack at its middle plane
+    layer = widget.preview()
+    for z in (0, 1500, 7):
+        viewer.dims.set_point(0, z)
+        qtbot.waitUntil(lambda: layer.data.is_ready((z,)), timeout=10000)
+    layer.data.wait()
+    # Only planes that were on screen were read (by napari for the input layer and by the
+    # preview), and the preview restored exactly those, once each.
+    shown = sorted({first, 0, 7, 1500})
+    assert sorted(set(computed)) == shown
+    assert sorted(layer.data.computed) == [(z,) for z in shown]
+
+
+def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(0).random((3, 40, 40), dtype=np.float32)
+    viewer.add_image(data, name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value = 0
+    expected = restore(data, make_tiny_model(1), "ZYX", tile=None)
+
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    assert np.allclose(viewer.layers["noisy restored"].data, expected, atol=1e-6)
+
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "out.zarr"
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    assert (tmp_path / "out.zarr").is_dir()
+    assert np.allclose(np.asarray(viewer.layers[-1].data), expected, atol=1e-6)
+
+
+def test_cancel_leaves_no_output(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((200, 64, 64), np.float32), name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value = 0
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "out.zarr"
+    worker = widget.restore_all()
+    qtbot.waitUntil(lambda: widget.status.value.startswith("restored"), timeout=20000)
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        widget.cancel()
+    assert "cancelled" in widget.status.value
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        (lambda w, ckpt: setattr(w.axes, "value", "YX"), "name 2 dimensions"),
+        (lambda w, ckpt: (use_checkpoint(w, ckpt), setattr(w.axes, "value", "CYX")), "expects 3 channels"),
+        (lambda w, ckpt: setattr(w.tile, "value", 8), "smaller than this network's minimum"),
+    ],
+)
+def test_bad_input_shows_a_notification(make_napari_viewer, tmp_path, grey_checkpoint, setup, message, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari_gama_ir._napari.restore_widget.show_error", shown.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 32, 32), np.float32), name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
+    setup(widget, rgb)
+    assert widget.preview() is None
+    assert len(shown) == 1 and message in shown[0]
+    assert message in widget.status.value
