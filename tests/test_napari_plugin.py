@@ -151,3 +151,15 @@ def test_bad_input_shows_a_notification(make_napari_viewer, tmp_path, grey_check
     assert widget.preview() is None
     assert len(shown) == 1 and message in shown[0]
     assert message in widget.status.value
+
+
+def test_napari_builtins_open_our_outputs(make_napari_viewer, tmp_path):
+    from napari_gama_ir.engine.io import write_image
+
+    data = np.random.default_rng(0).random((3, 32, 40), dtype=np.float32)
+    write_image(data, tmp_path / "out.zarr", "ZYX")
+    write_image(data, tmp_path / "out.tif", "ZYX")
+    viewer = make_napari_viewer()
+    for name in ("out.zarr", "out.tif"):
+        [layer] = viewer.open(tmp_path / name, plugin="napari")
+        assert np.allclose(np.asarray(layer.data), data)
