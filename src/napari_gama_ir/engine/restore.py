@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 
 from ..model import GamaIR, create_model
-from .axes import AxesError, guess_axes, parse_axes
+from .axes import guess_axes, parse_axes
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError
 from .tiling import plan_tiles, tile_weights
