@@ -35,8 +35,10 @@ def main() -> None:
     layer.data.wait(timeout=600)
     layer.refresh()
     viewer.layers["noisy photos (sigma 25)"].visible = True
-    viewer.grid.enabled = True
-    viewer.grid.shape = (1, 2)
+    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid  # napari 0.9 moved it
+    grid.enabled = True
+    grid.shape = (1, 2)
+    viewer.reset_view()
     viewer.layers.selection.active = layer
     for _ in range(20):
         QApplication.processEvents()
