@@ -133,3 +133,6 @@ def test_demo_restores_and_reports_psnr(capsys, tmp_path):
     assert "PSNR noisy" in out and (tmp_path / "demo" / "restored.tif").is_file()
     # No weights are shipped yet: the demo must say so loudly.
     assert "RANDOMLY INITIALISED" in out and "RANDOMLY INITIALISED" in err
+    psnr_line = [line for line in out.splitlines() if "PSNR" in line]
+    code, again, _ = run_cli(capsys, "demo", "-o", tmp_path / "demo2", "-q", "--tile", 128)
+    assert psnr_line == [line for line in again.splitlines() if "PSNR" in line]  # reproducible

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .engine import restore
@@ -33,7 +34,9 @@ def load_model(name: str, untrained: bool = False, in_channels: int | None = Non
     """
     if untrained:
         channels = in_channels or get_spec(name).config.in_channels
-        return create_model(name, in_channels=channels, out_channels=channels)
+        with torch.random.fork_rng():  # seeded, so untrained runs are reproducible too
+            torch.manual_seed(0)
+            return create_model(name, in_channels=channels, out_channels=channels)
     return create_model(name, pretrained=True)
 
 

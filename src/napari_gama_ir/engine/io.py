@@ -213,24 +213,14 @@ def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, .
     ]
 
 
-def write_image(
-    array: da.Array | np.ndarray,
-    output: str | os.PathLike,
-    axes: str,
-    *,
-    overwrite: bool = False,
-    attrs: dict[str, Any] | None = None,
-    workers: int = 2,
-    cancel: threading.Event | None = None,
-) -> Path:
+def write_image(array: da.Array | np.ndarray, output: str | os.PathLike, axes: str, **options: Any) -> Path:
     """Compute ``array`` chunk by chunk into ``output`` (.zarr, .tif, .png or .npy), atomically.
 
     Zarr output keeps the array's chunks (one chunk per plane from :func:`restore`), so only a few
-    chunks are in memory at a time. ``attrs`` (provenance) are stored in the zarr attributes or
-    the TIFF metadata. Setting ``cancel`` stops the write and removes the partial output, raising
-    :class:`Cancelled`. See :func:`write_image_steps` for a version that reports progress.
+    chunks are in memory at a time. ``options`` are those of :func:`write_image_steps`
+    (``overwrite``, ``attrs``, ``workers``, ``cancel``); this runs its steps to the end.
     """
-    for _ in write_image_steps(array, output, axes, overwrite=overwrite, attrs=attrs, workers=workers, cancel=cancel):
+    for _ in write_image_steps(array, output, axes, **options):
         pass
     return Path(output)
 
@@ -245,10 +235,12 @@ def write_image_steps(
     workers: int = 2,
     cancel: threading.Event | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """Like :func:`write_image`, as a generator yielding ``(chunks written, total)`` as it goes.
+    """Write ``array`` into ``output``, yielding ``(chunks written, total)`` as it goes.
 
-    Closing the generator early (or an error) removes the partial output; the output appears
-    under its name only after the last step.
+    ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata; an existing output is
+    replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting ``cancel``
+    raises :class:`Cancelled` at the next chunk. Closing the generator early, cancelling, or an
+    error removes the partial output: the output appears under its name only after the last step.
     """
     output = Path(output)
     suffix = _suffix(output)
