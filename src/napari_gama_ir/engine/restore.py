@@ -214,7 +214,6 @@ def restore(
     normalization = check_normalization(normalization or config.normalization)
     target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
     tiling = make_tiling(model, tile, overlap, mean_mode)
-    runner = ModelRunner(model, device=device, precision=precision, batch=batch, mean_mode=mean_mode)
 
     # Canonical layout: iterated axes in their order, then C, Y, X.
     if "C" in axes:
@@ -238,6 +237,8 @@ def restore(
     canonical = array.transpose([axes.index(a) for a in order])
     if not feed_channels:
         canonical = canonical[..., None, :, :]
+    # Only now that the input is known to fit: copy the network onto its device.
+    runner = ModelRunner(model, device=device, precision=precision, batch=batch, mean_mode=mean_mode)
     plane_chunks = (1,) * len(iterated) + canonical.shape[-3:]
     canonical = canonical.rechunk(plane_chunks)
 
