@@ -1,8 +1,11 @@
-"""Command line: ``napari-gama-ir restore|models|demo``. A thin shell over the library."""
+"""Command line: ``napari-gama-ir restore|train|evaluate|models|demo``. A thin shell over the library."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -15,7 +18,16 @@ from .engine import restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.io import check_output_path, open_image, write_image
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
-from .model import CheckpointError, GamaIR, create_model, get_spec, list_models, user_models_dir
+from .model import (
+    CheckpointError,
+    GamaIR,
+    check_user_model_name,
+    create_model,
+    get_spec,
+    list_models,
+    save_user_model,
+    user_models_dir,
+)
 from .model.checkpoint import read_checkpoint_record
 
 DEFAULT_MODEL = "gama_ir_s"
@@ -114,6 +126,153 @@ class _Progress:
             self._bar.close()
 
 
+# -- train and evaluate -----------------------------------------------------------------------
+# Training options default to None so that --resume can tell which ones were given.
+TRAIN_OPTIONS = {
+    "steps": "steps", "batch": "batch", "patch": "patch", "lr": "learning_rate", "loss": "loss",
+    "seed": "seed", "val_fraction": "validation_fraction", "val_every": "validate_every",
+    "checkpoint_every": "checkpoint_every", "precision": "precision", "noise": "noise",
+}
+
+
+def _training_data(args: argparse.Namespace):
+    from .train import data_from_paths
+
+    if args.noisy is None and args.clean is None:
+        raise UsageError("give --noisy (and --clean for supervised training)")
+    data = data_from_paths(args.noisy, args.clean, axes=args.axes)
+    return data.to_grey() if getattr(args, "grey", False) else data
+
+
+def _train_settings(args: argparse.Namespace):
+    from .train import TrainSettings
+
+    given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items() if getattr(args, option) is not None}
+    if args.self_supervised:
+        given["objective"] = args.self_supervised
+    return TrainSettings(device=args.device, time_limit=args.minutes * 60 if args.minutes else None, **given)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train or fine-tune a network on the user's images; Ctrl-C stops with a resumable checkpoint."""
+    from tqdm import tqdm
+
+    from .train import Trainer, default_normalization, resume_trainer, starting_model
+
+    if args.register:
+        check_user_model_name(args.register)  # before hours of training, not after
+    data = _training_data(args)
+    output = Path(args.output)
+    if args.resume:
+        fixed = [f"--{o.replace('_', '-')}" for o in (*TRAIN_OPTIONS, "self_supervised", "from_", "arch") if getattr(args, o)]
+        if fixed:
+            raise UsageError(f"{', '.join(fixed)} cannot be given with --resume: the checkpoint's settings are used")
+        changes = {"device": args.device, "time_limit": args.minutes * 60 if args.minutes else None}
+        if args.checkpoint_every:
+            changes["checkpoint_every"] = args.checkpoint_every
+        trainer = resume_trainer(output, data, **changes)
+    else:
+        if (output / "checkpoint").exists() and not args.overwrite:
+            raise UsageError(f"{output} holds a training run already; use --resume to continue it or --overwrite")
+        if args.overwrite and output.is_dir():
+            shutil.rmtree(output)
+        settings = _train_settings(args)
+        if args.normalization == "auto":
+            normalization = default_normalization(data.dtype)
+        elif args.normalization == "range":
+            normalization = {"method": "range"}
+        else:
+            normalization = {"method": "percentile", "low": 1.0, "high": 99.8, "scope": args.normalization.split("-")[1]}
+        model, start = starting_model(
+            data.channels, source=args.from_, architecture=args.arch or "gama_ir_xs", patch=settings.patch,
+            normalization=normalization, seed=settings.seed,
+        )
+        trainer = Trainer(model, data, settings, output, start=start)
+    settings = trainer.settings
+    print(
+        f"training: {settings.objective}, {trainer.data_record['planes']} plane(s) "
+        f"({len(trainer.validation)} validation crop(s)), {settings.steps} steps of {settings.batch}x"
+        f"{settings.patch}px on {trainer.device}, validation every {trainer.validate_every} steps",
+        file=sys.stderr,
+    )
+    bar = tqdm(total=settings.steps, initial=trainer.step, unit="step", desc="training", disable=args.quiet)
+    interrupted = []
+
+    def on_interrupt(signum, frame):  # the first Ctrl-C stops cleanly after the step, a second one at once
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        trainer.stop()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
+    try:
+        for event in trainer.run():
+            postfix = {"loss": f"{event.loss:.4g}", "lr": f"{event.learning_rate:.2g}"}
+            if trainer.history:
+                last = trainer.history[-1]
+                postfix.update({"val_psnr": f"{last['psnr']:.2f}"} if "psnr" in last else {"val_loss": f"{last.get('loss', 0):.4g}"})
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if event.validation and args.quiet is False:
+                bar.write("step {}: {}".format(event.step, ", ".join(f"{k} {v:.4g}" for k, v in event.validation.items())))
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    result = trainer.result()
+    if result.stopped_early:
+        print(f"stopped at step {result.steps_done}/{settings.steps}; continue with --resume -o {output}", file=sys.stderr)
+    best = f", best validation {result.best}" if result.best else ""
+    print(f"model: {result.model_path}{best}")
+    if args.register and not result.stopped_early:
+        path = save_user_model(create_model(str(result.model_path)), args.register)
+        print(f"registered as {args.register!r}: {path}")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """PSNR and SSIM of a model's restorations against clean images, per image plane and mean.
+
+    The data range is 255 for uint8 images (the photo literature's convention) and each clean
+    plane's own max - min otherwise (microscopy counts rarely span their dtype).
+    """
+    from .engine.axes import plane_layout, to_canonical
+    from .train import TrainingData, data_from_paths, psnr, ssim
+
+    if args.noisy is None or args.clean is None:
+        raise UsageError("evaluate needs --noisy and --clean")
+    data = data_from_paths(args.noisy, args.clean, axes=args.axes)
+    model = load_model(args.model)
+    rows = []
+    for pair in data.pairs:
+        restored = restore(
+            pair.noisy, model, pair.axes, tile=args.tile or None, overlap=args.overlap, device=args.device,
+            mean_mode=args.mean_mode,
+        )
+        layout = plane_layout(pair.axes, pair.shape, TrainingData.channels_of(pair))
+        planes = [to_canonical(a, layout) for a in (pair.noisy, pair.clean, restored)]
+        planes = [p.reshape((-1,) + p.shape[-3:]) for p in planes]
+        for index in range(planes[0].shape[0]):
+            noisy, clean, out = (np.asarray(p[index].compute(), np.float64) for p in planes)
+            data_range = 255.0 if pair.clean.dtype == np.uint8 else float(clean.max() - clean.min()) or 1.0
+            name = pair.name if planes[0].shape[0] == 1 else f"{pair.name}[{index}]"
+            rows.append({
+                "image": name,
+                "psnr_noisy": psnr(clean, noisy, data_range), "psnr": psnr(clean, out, data_range),
+                "ssim_noisy": ssim(clean, noisy, data_range), "ssim": ssim(clean, out, data_range),
+            })
+    width = max(len("mean"), *(len(r["image"]) for r in rows))
+    print(f"{'image':<{width}}  PSNR noisy  PSNR restored  SSIM noisy  SSIM restored")
+    means = {key: float(np.mean([r[key] for r in rows])) for key in ("psnr_noisy", "psnr", "ssim_noisy", "ssim")}
+    for row in [*rows, {"image": "mean", **means}]:
+        print(
+            f"{row['image']:<{width}}  {row['psnr_noisy']:10.2f}  {row['psnr']:13.2f}  "
+            f"{row['ssim_noisy']:10.4f}  {row['ssim']:13.4f}"
+        )
+    if args.json:
+        record = {"model": str(args.model), "noisy": str(args.noisy), "clean": str(args.clean), "images": rows, "mean": means}
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+
+
 def run_models(args: argparse.Namespace) -> None:
     print("Registered architectures (name, shipped weights, description):")
     for spec in list_models():
@@ -185,6 +344,50 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_engine_options(restore_cmd)
 
+    train_cmd = commands.add_parser(
+        "train", help="train or fine-tune a network on your images",
+        description="Supervised with --noisy and --clean (or --clean and a synthetic --noise); "
+        "self-supervised with --noisy and --self-supervised. Ctrl-C stops with a checkpoint; --resume continues.",
+    )
+    train_cmd.add_argument("--noisy", help="noisy images: a folder (matched to --clean by file name), or a stack/image file")
+    train_cmd.add_argument("--clean", help="clean images, same layout and shapes as --noisy")
+    train_cmd.add_argument("-o", "--output", required=True, help="folder for model.json and the resumable checkpoint")
+    train_cmd.add_argument("--axes", help="axes of the images, e.g. ZYX or YXC (default: from the files, else guessed)")
+    start = train_cmd.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="from_", metavar="MODEL", help="fine-tune this model: shipped name, your model's name or a checkpoint")
+    start.add_argument("--arch", help="train a new network of this architecture (default gama_ir_xs; see 'models')")
+    train_cmd.add_argument("--self-supervised", nargs="?", const="noise2void", choices=("noise2void", "neighbor2neighbor"),
+                           help="train on noisy images alone (default method noise2void)")
+    train_cmd.add_argument("--noise", help="synthetic noise on clean images: gaussian[:LOW-HIGH sigma], poisson-gaussian[:LOW-HIGH photons] or mixed")
+    train_cmd.add_argument("--grey", action="store_true", help="convert RGB images to grey first")
+    train_cmd.add_argument("--normalization", choices=("auto", "range", "percentile-image", "percentile-stack"), default="auto",
+                           help="intensity normalisation of a new network (default auto: range for uint8 and float, percentiles otherwise)")
+    train_cmd.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
+    train_cmd.add_argument("--batch", type=int, help="patches per step (default 8)")
+    train_cmd.add_argument("--patch", type=int, help="patch side in pixels (default 64)")
+    train_cmd.add_argument("--lr", type=float, help="peak learning rate (default 1e-3, cosine to 1e-7)")
+    train_cmd.add_argument("--loss", choices=("l1", "psnr"), help="supervised loss (default l1)")
+    train_cmd.add_argument("--seed", type=int, help="seed of patches, noise and initial weights (default 0)")
+    train_cmd.add_argument("--val-fraction", type=float, help="share of planes held out for validation (default 0.1)")
+    train_cmd.add_argument("--val-every", type=int, help="steps between validations (default one epoch)")
+    train_cmd.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
+    train_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="autocast on a GPU (default fp32)")
+    train_cmd.add_argument("--minutes", type=float, help="stop after this many minutes with a checkpoint (resume later)")
+    train_cmd.add_argument("--resume", action="store_true", help="continue the run in --output with its own settings")
+    train_cmd.add_argument("--overwrite", action="store_true", help="start again, replacing a run in --output")
+    train_cmd.add_argument("--register", metavar="NAME", help="when done, add the model to your models under NAME")
+    train_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    train_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a model on noisy/clean pairs")
+    evaluate_cmd.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, local model name or checkpoint path (default {DEFAULT_MODEL})")
+    evaluate_cmd.add_argument("--noisy", help="noisy images (folder or image/stack file)")
+    evaluate_cmd.add_argument("--clean", help="clean images, same layout as --noisy")
+    evaluate_cmd.add_argument("--axes", help="axes of the images (default: from the files, else guessed)")
+    evaluate_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE)
+    evaluate_cmd.add_argument("--json", help="also write the figures to this JSON file")
+    add_engine_options(evaluate_cmd)
+
     commands.add_parser("models", help="list registered architectures and local checkpoints")
 
     demo_cmd = commands.add_parser("demo", help="restore a noisy sample stack and print the PSNR gain")
@@ -195,13 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"restore": run_restore, "models": run_models, "demo": run_demo}
+    handlers = {
+        "restore": run_restore, "train": run_train, "evaluate": run_evaluate, "models": run_models, "demo": run_demo,
+    }
     try:
         handlers[args.command](args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError) as error:
+    except torch.OutOfMemoryError:
+        print(f"{PROG}: error: out of device memory; use smaller tiles, batch or patch", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, OSError, ArithmeticError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Restoration engine: tiling, blending, normalisation, devices and lazy I/O."""
 
-from .axes import AxesError, guess_axes, parse_axes
-from .restore import ChannelMismatchError, NonFiniteInputError, restore, restore_plane
+from .axes import AxesError, ChannelMismatchError, guess_axes, parse_axes
+from .restore import NonFiniteInputError, restore, restore_plane
 from .runner import ModelRunner, TileTooLargeError
 
 __all__ = [

@@ -105,6 +105,13 @@ def _open_tiff(path: Path) -> ImageSource:
     return ImageSource(array, axes, path)
 
 
+def is_zarr_store(path: Path) -> bool:
+    """Whether ``path`` names a zarr store (by suffix, or a folder with zarr metadata)."""
+    return _suffix(path) in ZARR_SUFFIXES or (
+        path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
+    )
+
+
 def open_image(path: str | os.PathLike) -> ImageSource:
     """Open an image file or store lazily.
 
@@ -120,7 +127,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     if not path.exists():
         raise ImageIOError(f"{path}: no such file or folder")
     suffix = _suffix(path)
-    if suffix in ZARR_SUFFIXES or (path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))):
+    if is_zarr_store(path):
         return _open_zarr(path)
     if suffix in TIFF_SUFFIXES:
         return _open_tiff(path)

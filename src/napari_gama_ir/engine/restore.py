@@ -13,17 +13,13 @@ import dask.array as da
 import numpy as np
 
 from ..model import GamaIR, create_model
-from .axes import guess_axes, parse_axes
+from .axes import ChannelMismatchError, from_canonical, guess_axes, parse_axes, plane_layout, to_canonical
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError
 from .tiling import plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
 DEFAULT_MEAN_MODE = "global"
-
-
-class ChannelMismatchError(ValueError):
-    """The image's channels do not fit the model's."""
 
 
 class NonFiniteInputError(ValueError):
@@ -215,28 +211,9 @@ def restore(
     target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
     tiling = make_tiling(model, tile, overlap, mean_mode)
 
-    # Canonical layout: iterated axes in their order, then C, Y, X.
-    if "C" in axes:
-        channels = array.shape[axes.index("C")]
-        if channels == config.in_channels:
-            feed_channels = True
-        elif config.in_channels == 1:
-            feed_channels = False  # a grey model restores each channel on its own
-        else:
-            raise ChannelMismatchError(
-                f"the model expects {config.in_channels} channels but the image's C axis has {channels}"
-            )
-    elif config.in_channels == 1:
-        feed_channels = False
-    else:
-        raise ChannelMismatchError(
-            f"the model expects {config.in_channels} channels but axes {axes!r} have no C axis"
-        )
-    iterated = [a for a in axes if a not in "YX" and (a != "C" or not feed_channels)]
-    order = iterated + (["C"] if feed_channels else []) + ["Y", "X"]
-    canonical = array.transpose([axes.index(a) for a in order])
-    if not feed_channels:
-        canonical = canonical[..., None, :, :]
+    layout = plane_layout(axes, array.shape, config.in_channels)
+    iterated = layout.iterated
+    canonical = to_canonical(array, layout)
     # Only now that the input is known to fit: copy the network onto its device.
     runner = ModelRunner(model, device=device, precision=precision, batch=batch, mean_mode=mean_mode)
     plane_chunks = (1,) * len(iterated) + canonical.shape[-3:]
@@ -267,9 +244,7 @@ def restore(
     restored = canonical.map_blocks(
         restore_block, dtype=target_dtype, meta=np.empty((0,) * canonical.ndim, target_dtype)
     )
-    if not feed_channels:
-        restored = restored[..., 0, :, :]
-    result = restored.transpose([order.index(a) for a in axes])
+    result = from_canonical(restored, layout)
     if lazy:
         return result
     # Two threads: one keeps the network busy while the other prepares and blends planes.

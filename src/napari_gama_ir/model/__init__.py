@@ -6,10 +6,12 @@ from .gama import GamaBlock
 from .network import GamaIR, GamaIRBlock
 from .registry import (
     ModelSpec,
+    check_user_model_name,
     create_model,
     get_spec,
     list_models,
     register_model,
+    save_user_model,
     user_model_names,
     user_models_dir,
 )
@@ -21,12 +23,14 @@ __all__ = [
     "GamaIRBlock",
     "GamaIRConfig",
     "ModelSpec",
+    "check_user_model_name",
     "create_model",
     "get_spec",
     "list_models",
     "load_checkpoint",
     "register_model",
     "save_checkpoint",
+    "save_user_model",
     "user_model_names",
     "user_models_dir",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import GamaIRConfig
 from .network import GamaIR
 
@@ -62,6 +63,24 @@ def user_model_names() -> list[str]:
     """Names of the checkpoints in :func:`user_models_dir`."""
     folder = user_models_dir()
     return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+
+
+def check_user_model_name(name: str, overwrite: bool = False) -> str:
+    """Check that ``name`` can name a new user model; return it stripped."""
+    name = name.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name.endswith((".json", ".safetensors")):
+        raise ValueError(f"model name {name!r} must be letters, digits, '_', '-' or '.', with no file suffix")
+    if name in _REGISTRY:
+        raise ValueError(f"{name!r} is the name of a registered architecture; choose another name")
+    if not overwrite and (user_models_dir() / f"{name}.json").exists():
+        raise ValueError(f"a model named {name!r} exists already in {user_models_dir()}")
+    return name
+
+
+def save_user_model(model: GamaIR, name: str, overwrite: bool = False) -> Path:
+    """Save ``model`` among the user's models, where ``create_model(name)`` finds it."""
+    name = check_user_model_name(name, overwrite)
+    return save_checkpoint(model, user_models_dir() / name)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -122,5 +141,14 @@ register_model(
         "gama_ir_l",
         GamaIRConfig(width=80, encoder_blocks=(2, 2, 2), middle_blocks=7, decoder_blocks=(2, 2, 2)),
         "GAMA-IR-L, width 80, depth 19 (paper's large model)",
+    )
+)
+# Not in the paper: a CPU-friendly size (a quarter of GAMA-IR-S's parameters) for training and
+# fine-tuning on machines without a GPU, one block per level.
+register_model(
+    ModelSpec(
+        "gama_ir_xs",
+        GamaIRConfig(width=24, encoder_blocks=(1, 1, 1), middle_blocks=4, decoder_blocks=(1, 1, 1)),
+        "GAMA-IR-XS, width 24, depth 10 (small CPU variant, not in the paper)",
     )
 )

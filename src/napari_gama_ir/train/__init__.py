@@ -1,6 +1,47 @@
-"""Training GAMA-IR networks: patch sampling on the fly and the paper's optimisation recipe."""
+"""Training and fine-tuning GAMA-IR networks on the user's own images.
 
-from .data import GaussianNoise, PatchSampler, load_image_folder
-from .loop import TrainSettings, train_denoiser
+Typical use::
 
-__all__ = ["GaussianNoise", "PatchSampler", "TrainSettings", "load_image_folder", "train_denoiser"]
+    from napari_gama_ir.train import TrainSettings, data_from_arrays, starting_model, train
+
+    data = data_from_arrays(noisy_stack, clean_stack, axes="ZYX")
+    model, start = starting_model(data.channels, architecture="gama_ir_xs", patch=64)
+    result = train(model, data, TrainSettings(steps=2000), "my_model", start=start)
+"""
+
+from .data import TrainingData, TrainingDataError, data_from_arrays, data_from_paths
+from .metrics import psnr, ssim
+from .objectives import NoiseModel, Objective
+from .trainer import (
+    ResumeError,
+    Trainer,
+    TrainEvent,
+    TrainResult,
+    TrainSettings,
+    default_normalization,
+    learning_rate_at,
+    resume_trainer,
+    starting_model,
+    train,
+)
+
+__all__ = [
+    "NoiseModel",
+    "Objective",
+    "ResumeError",
+    "TrainEvent",
+    "TrainResult",
+    "TrainSettings",
+    "Trainer",
+    "TrainingData",
+    "TrainingDataError",
+    "data_from_arrays",
+    "data_from_paths",
+    "default_normalization",
+    "learning_rate_at",
+    "psnr",
+    "resume_trainer",
+    "ssim",
+    "starting_model",
+    "train",
+]

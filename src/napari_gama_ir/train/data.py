@@ -1,70 +1,412 @@
-"""Training data: clean images, patches drawn on the fly, synthetic noise."""
+"""Training data: noisy/clean images read lazily, a validation split, and patches drawn on the fly.
+
+Images stay where they are (numpy arrays such as napari layers, dask, zarr, TIFF, picture files):
+a patch is cut out of its plane when a batch needs it, so memory does not grow with the number of
+steps, patches or planes. Intensities are normalised per plane the way the engine normalises them
+at inference, so a trained network sees the same input range in both.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import dask.array as da
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
+from ..engine.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, is_zarr_store, open_image
+from ..engine.normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
+
+LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
+FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES
 
 
-def load_image_folder(folder: str | Path, grey: bool = False) -> list[np.ndarray]:
-    """Every image of a folder as float32 (C, H, W) arrays scaled to [0, 1]."""
-    import imageio.v3 as iio
+class TrainingDataError(ValueError):
+    """Training images that cannot be used as given (missing, mismatched, too small)."""
 
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"{folder}: no images found")
-    images = []
-    for path in paths:
-        pixels = np.asarray(iio.imread(path))
-        scale = np.float32(np.iinfo(pixels.dtype).max) if pixels.dtype.kind in "ui" else np.float32(1)
-        image = pixels.astype(np.float32) / scale
-        image = image[..., None] if image.ndim == 2 else image[..., :3]
-        if grey and image.shape[-1] == 3:
-            image = image @ np.array([0.2125, 0.7154, 0.0721], np.float32)[:, None]
-        images.append(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return images
+
+@dataclass
+class ImagePair:
+    """One image or stack: its noisy and/or clean version (same shape) and their axes."""
+
+    name: str
+    axes: str
+    noisy: da.Array | None
+    clean: da.Array | None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.noisy if self.noisy is not None else self.clean).shape
+
+
+@dataclass
+class TrainingData:
+    """Images to train on. Which of noisy and clean are present decides what training can do.
+
+    - noisy and clean: supervised training (the paper's setting);
+    - noisy only: self-supervised training (Noise2Void, Neighbor2Neighbor);
+    - clean only: supervised training on synthetic noise added to each patch.
+    """
+
+    pairs: list[ImagePair]
+    sources: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.pairs:
+            raise TrainingDataError("no training images")
+        kinds = {(p.noisy is not None, p.clean is not None) for p in self.pairs}
+        if len(kinds) != 1 or (False, False) in kinds:
+            raise TrainingDataError("every training image needs the same versions (noisy, clean or both)")
+        counts = {self.channels_of(p) for p in self.pairs}
+        if len(counts) != 1:
+            raise TrainingDataError(f"training images have different channel counts: {sorted(counts)}")
+
+    @property
+    def has_noisy(self) -> bool:
+        return self.pairs[0].noisy is not None
+
+    @property
+    def has_clean(self) -> bool:
+        return self.pairs[0].clean is not None
+
+    @staticmethod
+    def channels_of(pair: ImagePair) -> int:
+        return pair.shape[pair.axes.index("C")] if "C" in pair.axes else 1
+
+    @property
+    def channels(self) -> int:
+        """Channels per pixel (the ``C`` axis, 1 without one)."""
+        return self.channels_of(self.pairs[0])
+
+    @property
+    def dtype(self) -> np.dtype:
+        first = self.pairs[0]
+        return (first.noisy if first.noisy is not None else first.clean).dtype
+
+    def to_grey(self) -> TrainingData:
+        """The same images with RGB channels combined into luminance, lazily, in [0, 1] floats."""
+        if self.channels == 1:
+            return self
+        if self.channels != 3:
+            raise TrainingDataError(f"only RGB (3-channel) images can be converted to grey, not {self.channels}")
+        pairs = []
+        for pair in self.pairs:
+            axis = pair.axes.index("C")
+            shape = [3 if i == axis else 1 for i in range(len(pair.axes))]
+            greys = []
+            for array in (pair.noisy, pair.clean):
+                if array is not None:
+                    # Scale integers to [0, 1] first: the float result is read as [0, 1] data.
+                    scale = dtype_range_affine(array.dtype).scale
+                    weights = np.array(LUMINANCE, np.float32).reshape(shape) / np.float32(scale)
+                    array = (array.astype(np.float32) * weights).sum(axis=axis)
+                greys.append(array)
+            pairs.append(ImagePair(pair.name, pair.axes.replace("C", ""), *greys))
+        return TrainingData(pairs, {**self.sources, "converted_to_grey": True})
+
+    def describe(self) -> dict[str, Any]:
+        """What the data was, for the checkpoint's record."""
+        return {
+            **self.sources,
+            "images": len(self.pairs),
+            "shapes": sorted({str(tuple(p.shape)) for p in self.pairs})[:8],
+            "axes": sorted({p.axes for p in self.pairs}),
+            "dtype": str(self.dtype),
+            "noisy": self.has_noisy,
+            "clean": self.has_clean,
+        }
+
+
+def _lazy(array: Any) -> da.Array:
+    if isinstance(array, da.Array):
+        return array
+    if hasattr(array, "chunks") and hasattr(array, "dtype"):
+        return da.from_array(array, chunks=array.chunks)
+    array = np.asarray(array)
+    # One chunk per plane: a patch reads from one plane only, and nothing is copied.
+    return da.from_array(array, chunks=(1,) * (array.ndim - 2) + array.shape[-2:] if array.ndim > 3 else array.shape)
+
+
+def _check_same_shape(name: str, noisy: da.Array | None, clean: da.Array | None) -> None:
+    if noisy is not None and clean is not None and noisy.shape != clean.shape:
+        raise TrainingDataError(
+            f"{name}: noisy and clean images differ in shape: {tuple(noisy.shape)} vs {tuple(clean.shape)}"
+        )
+
+
+def data_from_arrays(
+    noisy: Any = None, clean: Any = None, axes: str | None = None, name: str = "array", rgb: bool | None = None
+) -> TrainingData:
+    """Training data from arrays (numpy, dask, zarr, napari layer data), read lazily, never modified.
+
+    Parameters
+    ----------
+    noisy, clean : array-like, optional
+        The same image or stack, noisy and clean; at least one. Same shape when both are given.
+    axes : str, optional
+        One letter per dimension (``"YX"``, ``"ZYX"``, ``"YXC"``...); guessed when omitted.
+    name : str
+        Name used in messages and in the checkpoint's record.
+    rgb : bool, optional
+        Whether a last axis of 3 or 4 holds colours, when guessing the axes.
+    """
+    arrays = [None if a is None else _lazy(a) for a in (noisy, clean)]
+    present = [a for a in arrays if a is not None]
+    if not present:
+        raise TrainingDataError("give noisy images, clean images, or both")
+    _check_same_shape(name, *arrays)
+    shape = present[0].shape
+    axes = parse_axes(axes, len(shape)) if axes else guess_axes(shape, rgb=rgb)
+    return TrainingData([ImagePair(name, axes, *arrays)], {"source": name})
+
+
+def _folder_images(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(FOLDER_SUFFIXES)}
+
+
+def data_from_paths(
+    noisy: str | os.PathLike | None = None, clean: str | os.PathLike | None = None, axes: str | None = None
+) -> TrainingData:
+    """Training data from two folders of images (matched by file name) or two image files/stores.
+
+    Files and stores (zarr, TIFF, .npy, pictures) are opened lazily and never written.
+    """
+    given = [None if p is None else Path(p) for p in (noisy, clean)]
+    present = [p for p in given if p is not None]
+    if not present:
+        raise TrainingDataError("give --noisy, --clean, or both")
+    for path in present:
+        if not path.exists():
+            raise TrainingDataError(f"{path}: no such file or folder")
+    folders = [p.is_dir() and not is_zarr_store(p) for p in present]
+    if any(folders) != all(folders):
+        raise TrainingDataError("noisy and clean must both be folders or both be images")
+    if not all(folders):
+        sources = [None if p is None else open_image(p) for p in given]
+        arrays = [None if s is None else s.array for s in sources]
+        file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
+        data = data_from_arrays(*arrays, axes=axes or file_axes, name=present[0].name)
+        data.sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
+        return data
+    listings = [None if p is None else _folder_images(p) for p in given]
+    names = sorted(next(entry for entry in listings if entry is not None))
+    if not names:
+        raise TrainingDataError(f"{present[0]}: no images found ({', '.join(FOLDER_SUFFIXES)})")
+    if all(entry is not None for entry in listings):
+        unmatched = sorted(set(listings[0]) ^ set(listings[1]))
+        if unmatched:
+            raise TrainingDataError(
+                f"{len(unmatched)} image(s) have no counterpart of the same name in the other folder "
+                f"(e.g. {unmatched[0]})"
+            )
+    pairs = []
+    for image_name in names:
+        arrays = [None if entry is None else open_image(entry[image_name]).array for entry in listings]
+        _check_same_shape(image_name, *arrays)
+        shape = next(a for a in arrays if a is not None).shape
+        image_axes = parse_axes(axes, len(shape)) if axes else guess_axes(shape)
+        pairs.append(ImagePair(image_name, image_axes, *arrays))
+    sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
+    return TrainingData(pairs, sources)
+
+
+# -- planes, normalisation and the validation split ---------------------------------------------
+@dataclass
+class Plane:
+    """One (C, H, W) training plane: lazy noisy and clean versions and their normalisation."""
+
+    source: str
+    index: int
+    noisy: da.Array | None
+    clean: da.Array | None
+    affine: Affine | None = None
+
+    @property
+    def input(self) -> da.Array:
+        """What the network reads at inference: the noisy plane, or the clean one to add noise to."""
+        return self.noisy if self.noisy is not None else self.clean
+
+    @property
+    def height(self) -> int:
+        return self.input.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.input.shape[-1]
+
+
+class Normalizer:
+    """Maps raw intensities to network input exactly as the engine will at inference.
+
+    The mapping is computed from the network's input (the noisy plane; the clean plane when noise
+    is synthetic) and applied to noisy and clean alike, so the network learns clean intensities
+    in the input's units: restored images come out in the units of the images they restore.
+    Range normalisation divides by the input dtype's range; percentile normalisation maps the
+    input's percentiles, per plane (``"image"``) or per stack (``"stack"``), to 0 and 1, computed
+    once, on first use.
+    """
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = check_normalization(spec)
+
+    def affine(self, plane: Plane) -> Affine:
+        if plane.affine is None:
+            if self.spec["method"] == "range":
+                plane.affine = dtype_range_affine(plane.input.dtype)
+            else:
+                values = np.asarray(plane.input.compute(scheduler="synchronous"))
+                plane.affine = percentile_affine(values, self.spec["low"], self.spec["high"])
+        return plane.affine
+
+    def stack_affine(self, stack: da.Array) -> Affine:
+        """Percentiles of a (N, C, H, W) stack, from up to 16 evenly spaced planes (as the engine)."""
+        picks = np.unique(np.linspace(0, len(stack) - 1, min(len(stack), 16)).astype(int))
+        return percentile_affine(stack[picks].compute(scheduler="synchronous"), self.spec["low"], self.spec["high"])
+
+
+def make_planes(data: TrainingData, model_channels: int, normalizer: Normalizer) -> list[Plane]:
+    """Cut the data into (C, H, W) planes for a ``model_channels``-channel network.
+
+    A one-channel network trains on each channel of a multi-channel image as its own plane.
+    Percentile normalisation with stack scope is resolved here, once per stack.
+    """
+    planes = []
+    for pair in data.pairs:
+        layout = plane_layout(pair.axes, pair.shape, model_channels)
+        canonical = [None if a is None else to_canonical(a, layout) for a in (pair.noisy, pair.clean)]
+        noisy, clean = [None if c is None else c.reshape((-1,) + c.shape[-3:]) for c in canonical]
+        stack = noisy if noisy is not None else clean
+        affine = normalizer.stack_affine(stack) if normalizer.spec.get("scope") == "stack" else None
+        for index in range(stack.shape[0]):
+            planes.append(Plane(
+                pair.name, index, None if noisy is None else noisy[index], None if clean is None else clean[index], affine
+            ))
+    return planes
+
+
+@dataclass(frozen=True)
+class Region:
+    """Rows ``top:bottom`` of plane ``plane`` (all columns)."""
+
+    plane: int
+    top: int
+    bottom: int
+
+    @property
+    def rows(self) -> int:
+        return self.bottom - self.top
+
+
+def split_validation(planes: list[Plane], fraction: float, patch: int, seed: int) -> tuple[list[Region], list[Region]]:
+    """Hold out whole planes (or, with one plane, a band of rows) for validation.
+
+    Validation never shares pixels with training: with several planes a seeded choice of
+    ``round(fraction * planes)`` planes (at least one) is held out; a single plane is cut into a
+    top part for training and a bottom band of ``fraction`` of its rows for validation. Every
+    training region must hold a ``patch`` x ``patch`` patch.
+    """
+    if not 0 <= fraction < 1:
+        raise TrainingDataError(f"the validation fraction must be in [0, 1), got {fraction}")
+    whole = [Region(i, 0, plane.height) for i, plane in enumerate(planes)]
+    if fraction == 0:
+        train, validation = whole, []
+    elif len(planes) > 1:
+        held = max(1, round(fraction * len(planes)))
+        if held >= len(planes):
+            raise TrainingDataError(f"a validation fraction of {fraction} leaves no plane for training")
+        chosen = set(np.random.default_rng(seed).permutation(len(planes))[:held].tolist())
+        train = [r for r in whole if r.plane not in chosen]
+        validation = [r for r in whole if r.plane in chosen]
+    else:
+        height = planes[0].height
+        band = max(math.ceil(fraction * height), 16)
+        if height - band < patch:
+            raise TrainingDataError(
+                f"one {height}-row plane cannot hold both a {patch}-pixel training patch and a validation band; "
+                "use a smaller patch, more images, or no validation (fraction 0)"
+            )
+        train, validation = [Region(0, 0, height - band)], [Region(0, height - band, height)]
+    small = [r for r in train if r.rows < patch or planes[r.plane].width < patch]
+    if small:
+        plane = planes[small[0].plane]
+        raise TrainingDataError(
+            f"{len(small)} training plane(s) are smaller than the {patch}-pixel patch "
+            f"(e.g. {plane.source} plane {plane.index}: {small[0].rows}x{plane.width})"
+        )
+    return train, validation
+
+
+# -- patches ------------------------------------------------------------------------------------
+def _augment(patch: np.ndarray, rotation: int, flip: bool) -> np.ndarray:
+    patch = np.rot90(patch, rotation, axes=(-2, -1))
+    return patch[..., ::-1] if flip else patch
 
 
 class PatchSampler:
-    """Random square patches with random flips and 90-degree rotations, drawn per batch.
+    """Random square patches with random flips and 90-degree rotations, cut when a batch is drawn.
 
-    Nothing is precomputed: memory stays at the size of the images however many steps run.
+    Patches are drawn uniformly over the training pixels (a large plane gives more patches than a
+    small one). Nothing is precomputed, and every batch is a function of the generator it is given
+    only, which is what makes resumed training identical to an uninterrupted run.
     """
 
-    def __init__(self, images: list[np.ndarray], patch: int, seed: int = 0) -> None:
-        small = [i for i, image in enumerate(images) if min(image.shape[-2:]) < patch]
-        if small:
-            raise ValueError(f"{len(small)} image(s) are smaller than the {patch}-pixel patch")
-        self.images, self.patch = images, patch
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, planes: list[Plane], regions: list[Region], patch: int, normalizer: Normalizer) -> None:
+        if not regions:
+            raise TrainingDataError("no training planes")
+        self.planes, self.regions, self.patch, self.normalizer = planes, regions, patch, normalizer
+        positions = np.array([(r.rows - patch + 1) * (planes[r.plane].width - patch + 1) for r in regions], float)
+        self.weights = positions / positions.sum()
 
-    def batch(self, size: int) -> np.ndarray:
-        patches = []
-        for _ in range(size):
-            image = self.images[self.rng.integers(len(self.images))]
-            top = self.rng.integers(image.shape[-2] - self.patch + 1)
-            left = self.rng.integers(image.shape[-1] - self.patch + 1)
-            patch = image[:, top : top + self.patch, left : left + self.patch]
-            patch = np.rot90(patch, self.rng.integers(4), axes=(1, 2))
-            if self.rng.integers(2):
-                patch = patch[:, :, ::-1]
-            patches.append(patch)
-        return np.ascontiguousarray(np.stack(patches))
+    def _cut(self, plane: Plane, which: str, top: int, left: int) -> np.ndarray:
+        array = getattr(plane, which)
+        raw = np.asarray(array[:, top : top + self.patch, left : left + self.patch].compute(scheduler="synchronous"))
+        return self.normalizer.affine(plane).forward(raw)
+
+    def batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """``size`` patches as float32 (N, C, p, p): ``"noisy"`` and/or ``"clean"``, equally augmented."""
+        out: dict[str, list[np.ndarray]] = {}
+        for region_index in rng.choice(len(self.regions), size=size, p=self.weights):
+            region = self.regions[region_index]
+            plane = self.planes[region.plane]
+            top = region.top + int(rng.integers(region.rows - self.patch + 1))
+            left = int(rng.integers(plane.width - self.patch + 1))
+            rotation, flip = int(rng.integers(4)), bool(rng.integers(2))
+            for which in ("noisy", "clean"):
+                if getattr(plane, which) is not None:
+                    patch = _augment(self._cut(plane, which, top, left), rotation, flip)
+                    out.setdefault(which, []).append(patch)
+        return {which: np.ascontiguousarray(np.stack(patches)) for which, patches in out.items()}
 
 
-class GaussianNoise:
-    """Additive white Gaussian noise with a per-patch sigma drawn uniformly (blind denoising).
+def validation_crops(
+    planes: list[Plane], regions: list[Region], normalizer: Normalizer, size: int = 256, count: int = 16
+) -> list[dict[str, np.ndarray]]:
+    """Up to ``count`` fixed crops of at most ``size`` pixels a side from the validation regions.
 
-    Sigmas are on the 0-255 scale, as in the denoising literature; the noisy patch is not clipped.
+    The crops tile each region from its top-left corner and are spread evenly over the regions;
+    they are read once and kept, so every validation sees the same pixels.
     """
-
-    def __init__(self, sigma_min: float = 0.0, sigma_max: float = 55.0, seed: int = 0) -> None:
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, clean: np.ndarray) -> np.ndarray:
-        sigma = self.rng.uniform(self.sigma_min, self.sigma_max, size=(len(clean), 1, 1, 1)) / 255.0
-        return (clean + self.rng.standard_normal(clean.shape) * sigma).astype(np.float32)
+    candidates = []
+    for region in regions:
+        plane = planes[region.plane]
+        for top in range(region.top, region.bottom, size):
+            for left in range(0, plane.width, size):
+                candidates.append((plane, top, min(top + size, region.bottom), left, min(left + size, plane.width)))
+    picks = np.unique(np.linspace(0, len(candidates) - 1, min(count, len(candidates))).astype(int)) if candidates else []
+    crops = []
+    for pick in picks:
+        plane, top, bottom, left, right = candidates[pick]
+        if min(bottom - top, right - left) < 16:
+            continue  # too small for SSIM's window and the network's down-sampling
+        crop = {}
+        for which in ("noisy", "clean"):
+            array = getattr(plane, which)
+            if array is not None:
+                raw = np.asarray(array[:, top:bottom, left:right].compute(scheduler="synchronous"))
+                crop[which] = normalizer.affine(plane).forward(raw)
+        crops.append(crop)
+    return crops

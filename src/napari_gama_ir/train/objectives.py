@@ -1,0 +1,216 @@
+"""What the network learns from: synthetic noise models and the training objectives.
+
+Which objective fits which data (also in ``docs/training.md``):
+
+- ``supervised``: noisy/clean pairs, or clean images with a synthetic noise model. The paper's
+  setting (section 5) and the best results when clean targets exist. Loss L1 or PSNR (NAFNet).
+- ``noise2void``: noisy images only, noise independent from pixel to pixel (shot and read noise
+  of cameras). A stratified set of pixels is replaced by random neighbours and the loss is taken
+  on those pixels only, so the network cannot copy its input (Krull et al., CVPR 2019).
+- ``neighbor2neighbor``: noisy images only, same noise assumption; trains on pairs of
+  sub-sampled neighbour images with a regulariser (Huang et al., CVPR 2021). Usually sharper than
+  Noise2Void, at twice the cost per step.
+
+Every random choice takes a ``numpy.random.Generator`` so that each training step is a function
+of (seed, step) alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("supervised", "noise2void", "neighbor2neighbor")
+LOSSES = ("l1", "psnr")
+
+
+# -- synthetic noise ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NoiseModel:
+    """Synthetic noise added to clean patches (on the network's [0, 1] intensity scale).
+
+    ``kind`` is ``"gaussian"`` (white noise, sigma drawn per patch uniformly in ``sigma`` on the
+    0-255 scale, as in the denoising literature; the noisy patch is not clipped),
+    ``"poisson-gaussian"`` (photon noise with a peak of ``photons`` counts drawn log-uniformly per
+    patch, plus Gaussian read noise with ``sigma``), or ``"mixed"`` (each patch takes one of the two
+    at random).
+    """
+
+    kind: str = "gaussian"
+    sigma: tuple[float, float] = (0.0, 55.0)
+    photons: tuple[float, float] = (5.0, 200.0)
+
+    KINDS = ("gaussian", "poisson-gaussian", "mixed")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", tuple(float(s) for s in self.sigma))
+        object.__setattr__(self, "photons", tuple(float(p) for p in self.photons))
+        if self.kind not in self.KINDS:
+            raise ValueError(f"noise must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
+        if not 0 <= self.sigma[0] <= self.sigma[1]:
+            raise ValueError(f"noise sigma range must satisfy 0 <= low <= high, got {self.sigma}")
+        if not 0 < self.photons[0] <= self.photons[1]:
+            raise ValueError(f"photon range must satisfy 0 < low <= high, got {self.photons}")
+
+    @classmethod
+    def parse(cls, text: str) -> NoiseModel:
+        """``"gaussian"``, ``"gaussian:0-55"``, ``"poisson-gaussian:5-200"`` or ``"mixed"``."""
+        kind, _, levels = text.partition(":")
+        if not levels:
+            return cls(kind)
+        try:
+            low, high = (float(v) for v in levels.split("-"))
+        except ValueError:
+            raise ValueError(f"noise levels must read LOW-HIGH, e.g. gaussian:0-55, got {text!r}") from None
+        return cls(kind, sigma=(low, high)) if kind == "gaussian" else cls(kind, photons=(low, high))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sigma": list(self.sigma), "photons": list(self.photons)}
+
+    def _gaussian(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        sigma = rng.uniform(*self.sigma) / 255.0
+        return clean + rng.standard_normal(clean.shape, np.float32) * np.float32(sigma)
+
+    def _poisson_gaussian(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        photons = math.exp(rng.uniform(math.log(self.photons[0]), math.log(self.photons[1])))
+        counts = rng.poisson(np.clip(clean, 0, None) * photons).astype(np.float32) / np.float32(photons)
+        return self._gaussian(counts, rng)
+
+    def __call__(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Noisy versions of a (N, C, H, W) batch, each patch with its own noise level."""
+        out = np.empty_like(clean)
+        for i, patch in enumerate(clean):
+            kind = self.kind if self.kind != "mixed" else ("gaussian", "poisson-gaussian")[rng.integers(2)]
+            out[i] = self._gaussian(patch, rng) if kind == "gaussian" else self._poisson_gaussian(patch, rng)
+        return out
+
+
+# -- losses -------------------------------------------------------------------------------------
+def psnr_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Negative PSNR per image (data range 1), averaged: NAFNet's PSNR loss, in dB."""
+    mse = ((output - target) ** 2).flatten(1).mean(1)
+    return (10 / math.log(10)) * torch.log(mse + 1e-8).mean()
+
+
+def pixel_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "l1":
+        return F.l1_loss(output, target)
+    if name == "psnr":
+        return psnr_loss(output, target)
+    raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+
+
+# -- Noise2Void blind-spot masking --------------------------------------------------------------
+def blind_spot_mask(
+    noisy: np.ndarray, rng: np.random.Generator, cell: int = 8, radius: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Noise2Void's stratified masking: one pixel per ``cell`` x ``cell`` cell is replaced.
+
+    Each chosen pixel takes the value of a random other pixel within ``radius`` (a 5x5
+    neighbourhood by default, centre excluded), the same pixel in every channel.
+
+    Returns
+    -------
+    masked : ndarray
+        A copy of ``noisy`` (N, C, H, W) with the chosen pixels replaced.
+    mask : ndarray of bool
+        (N, 1, H, W), true at the replaced pixels: the loss is taken there only.
+    """
+    n, _, height, width = noisy.shape
+    rows = np.arange(0, height, cell)
+    cols = np.arange(0, width, cell)
+    grid_r, grid_c = np.meshgrid(rows, cols, indexing="ij")
+    count = grid_r.size
+    batch = np.repeat(np.arange(n), count)
+    r = np.minimum(np.tile(grid_r.ravel(), n) + rng.integers(cell, size=n * count), height - 1)
+    c = np.minimum(np.tile(grid_c.ravel(), n) + rng.integers(cell, size=n * count), width - 1)
+    # Offsets in the (2 radius + 1)^2 window without the centre.
+    side = 2 * radius + 1
+    pick = rng.integers(side * side - 1, size=n * count)
+    pick += pick >= (side * side) // 2
+    dr, dc = pick // side - radius, pick % side - radius
+    # Reflect offsets that fall outside the patch back inside.
+    src_r = np.where((r + dr < 0) | (r + dr >= height), r - dr, r + dr)
+    src_c = np.where((c + dc < 0) | (c + dc >= width), c - dc, c + dc)
+    masked = noisy.copy()
+    masked[batch, :, r, c] = noisy[batch, :, src_r, src_c]
+    mask = np.zeros((n, 1, height, width), bool)
+    mask[batch, 0, r, c] = True
+    return masked, mask
+
+
+# -- Neighbor2Neighbor sub-sampling -------------------------------------------------------------
+def neighbour_subsample(images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbor2Neighbor's pair of sub-images: in every 2x2 cell two different neighbours.
+
+    ``images`` is (N, C, H, W) with even H and W; the two results are (N, C, H/2, W/2), the first
+    taking a random pixel of each cell, the second one of its horizontal or vertical neighbours
+    in the cell.
+    """
+    n, c, h, w = images.shape
+    cells = images.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    first = torch.from_numpy(rng.integers(4, size=(n, 1, h // 2, w // 2, 1)))
+    # Cell positions 0 1 / 2 3: the neighbours of p are p^1 (same row) and p^2 (same column).
+    flip = torch.from_numpy(rng.integers(1, 3, size=(n, 1, h // 2, w // 2, 1)))
+    second = first ^ flip
+    first, second = (k.expand(n, c, h // 2, w // 2, 1).to(images.device) for k in (first, second))
+    return cells.gather(-1, first)[..., 0], cells.gather(-1, second)[..., 0]
+
+
+class Objective:
+    """Turns a batch of patches into a loss for ``model``; see the module docstring."""
+
+    def __init__(self, name: str, loss: str = "l1", noise: NoiseModel | None = None, regulariser: float = 2.0):
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {name!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        self.name, self.loss, self.noise, self.regulariser = name, loss, noise, regulariser
+
+    @property
+    def needs_clean(self) -> bool:
+        return self.name == "supervised"
+
+    def inputs(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The numpy arrays a step needs (synthetic noise and masks drawn here, from ``rng``)."""
+        if self.name == "supervised":
+            noisy = batch["noisy"] if "noisy" in batch else self.noise(batch["clean"], rng)
+            return {"input": noisy, "target": batch["clean"]}
+        if self.name == "noise2void":
+            masked, mask = blind_spot_mask(batch["noisy"], rng)
+            return {"input": masked, "target": batch["noisy"], "mask": mask}
+        return {"input": batch["noisy"]}
+
+    def __call__(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
+        if self.name == "supervised":
+            return pixel_loss(self.loss, model(tensors["input"]), tensors["target"])
+        if self.name == "noise2void":
+            mask = tensors["mask"].expand_as(tensors["target"])
+            return ((model(tensors["input"]) - tensors["target"]) ** 2)[mask].mean()
+        # Neighbor2Neighbor: f(g1(y)) should match g2(y); the regulariser compares the same
+        # difference with the sub-sampled denoised full image (no gradient through it).
+        noisy = tensors["input"]
+        state = rng.bit_generator.state
+        first, second = neighbour_subsample(noisy, rng)
+        with torch.no_grad():
+            rng.bit_generator.state = state  # the same cells for the denoised image
+            full_first, full_second = neighbour_subsample(model(noisy), rng)
+        output = model(first)
+        difference = output - second
+        reconstruction = (difference**2).mean()
+        regularisation = ((difference - (full_first - full_second)) ** 2).mean()
+        return reconstruction + self.regulariser * regularisation
+
+    def describe(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"objective": self.name}
+        if self.name == "supervised":
+            record["loss"] = self.loss
+            record["noise"] = self.noise.to_dict() if self.noise else "pairs"
+        if self.name == "neighbor2neighbor":
+            record["regulariser"] = self.regulariser
+        return record

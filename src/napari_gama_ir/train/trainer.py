@@ -1,0 +1,552 @@
+"""The training loop: the paper's optimiser, validation, checkpoints and exact resume.
+
+Optimisation follows the paper (section 5): AdamW with learning rate 1e-3 and betas (0.9, 0.9),
+cosine annealing to 1e-7 over the run, gradient clipping. The batch of every step, with its noise
+and masks, is drawn from a generator seeded by ``(seed, step)``, and the learning rate is a
+function of the step, so a run resumed from a checkpoint continues exactly as an uninterrupted one
+would have.
+
+An output folder holds ``model.json`` + ``model.safetensors`` (the best network by validation, or
+the last one without validation; this is the model to use) and ``checkpoint/`` with the latest
+network, optimiser state and history, for ``resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..engine.device import check_precision, resolve_device, usable_cores
+from ..model import GamaIR, load_checkpoint, save_checkpoint
+from .data import Normalizer, PatchSampler, TrainingData, make_planes, split_validation, validation_crops
+from .metrics import psnr, ssim
+from .objectives import OBJECTIVES, NoiseModel, Objective
+
+MODEL_STEM = "model"
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "training.json"
+OPTIMISER_FILE = "optimiser.safetensors"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed with the settings and data given."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides a training run; stored in every checkpoint.
+
+    The defaults are the paper's optimiser (AdamW, lr 1e-3, betas 0.9/0.9, cosine to 1e-7).
+
+    Parameters
+    ----------
+    steps : int
+        Optimiser steps; the cosine schedule spans them.
+    batch, patch : int
+        Patches per step and their side in pixels.
+    objective : {"supervised", "noise2void", "neighbor2neighbor"}
+        See :mod:`napari_gama_ir.train.objectives`.
+    loss : {"l1", "psnr"}
+        Pixel loss of supervised training.
+    noise : str, optional
+        Synthetic noise for supervised training on clean images only, e.g. ``"gaussian:0-55"``.
+    validation_fraction : float
+        Share of planes (or of one plane's rows) held out; 0 for none.
+    validate_every : int, optional
+        Steps between validations; default one epoch (as many patch pixels as training pixels).
+    checkpoint_every : int
+        Steps between checkpoints (one is also written at the end and when stopped).
+    device, precision
+        As for restoration; fp16 and bf16 autocast on a GPU (fp16 with gradient scaling).
+    time_limit : float, optional
+        Seconds after which the run stops early, with a checkpoint to resume from.
+    """
+
+    steps: int = 2000
+    batch: int = 8
+    patch: int = 64
+    objective: str = "supervised"
+    loss: str = "l1"
+    noise: str | None = None
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-7
+    betas: tuple[float, float] = (0.9, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    validation_fraction: float = 0.1
+    validate_every: int | None = None
+    checkpoint_every: int = 500
+    device: str = "auto"
+    precision: str = "fp32"
+    time_limit: float | None = None
+
+    # Settings that may differ when a run is resumed: they do not change its result.
+    RESUMABLE_CHANGES = ("device", "time_limit", "checkpoint_every")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        problems = []
+        for name in ("steps", "batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.patch < 16:
+            problems.append("patch must be at least 16 pixels")
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective must be one of {', '.join(OBJECTIVES)}")
+        if self.objective == "neighbor2neighbor" and self.patch % 4:
+            problems.append("neighbor2neighbor needs a patch that is a multiple of 4")
+        if self.noise is not None and self.objective != "supervised":
+            problems.append("synthetic noise is for supervised training only")
+        if not 0 < self.min_learning_rate <= self.learning_rate:
+            problems.append("learning rates must satisfy 0 < min_learning_rate <= learning_rate")
+        if self.validate_every is not None and self.validate_every < 1:
+            problems.append("validate_every must be at least 1")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
+        if self.noise is not None:
+            NoiseModel.parse(self.noise)  # raises with its own message
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainSettings:
+        return cls(**data)
+
+
+def learning_rate_at(step: int, settings: TrainSettings) -> float:
+    """Cosine annealing from ``learning_rate`` (step 0) to ``min_learning_rate`` (last step)."""
+    progress = min(step / settings.steps, 1.0)
+    span = settings.learning_rate - settings.min_learning_rate
+    return settings.min_learning_rate + 0.5 * span * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainEvent:
+    """What the loop reports after each step (and after each validation)."""
+
+    step: int
+    steps: int
+    loss: float
+    learning_rate: float
+    seconds: float
+    validation: dict[str, float] | None = None
+    checkpoint: bool = False
+
+
+@dataclass
+class TrainResult:
+    """How a run ended: where the model is, how many steps ran, and the metrics history."""
+
+    model_path: Path
+    steps_done: int
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+def _optimiser_tensors(optimiser: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for index, state in optimiser.state_dict()["state"].items():
+        for name, value in state.items():
+            tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+    return tensors
+
+
+def _load_optimiser_tensors(optimiser: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimiser.load_state_dict({"state": state, "param_groups": optimiser.state_dict()["param_groups"]})
+
+
+class Trainer:
+    """Trains a network on :class:`TrainingData`; :meth:`run` is a generator of :class:`TrainEvent`.
+
+    Parameters
+    ----------
+    model : GamaIR
+        The network to train (fine-tuned in place; pass a fresh one to train from scratch).
+    data : TrainingData
+        Noisy and/or clean images; must hold what the objective needs.
+    settings : TrainSettings
+    output : path-like
+        Folder for the model and the checkpoint.
+    start : dict, optional
+        Where the network came from (recorded in the checkpoint).
+    resume : bool
+        Continue from the checkpoint in ``output``; the settings and data must be those of the
+        checkpoint (only device, time limit and checkpoint interval may change).
+    """
+
+    def __init__(
+        self,
+        model: GamaIR,
+        data: TrainingData,
+        settings: TrainSettings,
+        output: str | os.PathLike,
+        start: dict[str, Any] | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.settings, self.output = settings, Path(output)
+        noise = NoiseModel.parse(settings.noise) if settings.noise else None
+        self.objective = Objective(settings.objective, settings.loss, noise)
+        if self.objective.needs_clean and not data.has_clean:
+            raise ValueError("supervised training needs clean images; without them use a self-supervised objective")
+        if self.objective.needs_clean and not data.has_noisy and noise is None:
+            raise ValueError("clean images alone need a synthetic noise model (e.g. gaussian:0-55) or noisy images")
+        if data.has_noisy and noise is not None:
+            raise ValueError("a synthetic noise model is for clean images alone; the noisy images are given")
+        if not self.objective.needs_clean and not data.has_noisy:
+            raise ValueError(f"{settings.objective} trains on noisy images; none were given")
+        self.device = resolve_device(settings.device)
+        self.autocast_dtype = check_precision(settings.precision, self.device)
+        self.model = model.to(self.device)
+        self.model.set_mean_mode("global")
+        self.normalizer = Normalizer(model.config.normalization)
+        self.planes = make_planes(data, model.config.in_channels, normalizer=self.normalizer)
+        train_regions, validation_regions = split_validation(
+            self.planes, settings.validation_fraction, settings.patch, settings.seed
+        )
+        self.sampler = PatchSampler(self.planes, train_regions, settings.patch, self.normalizer)
+        self.validation = validation_crops(self.planes, validation_regions, self.normalizer)
+        train_pixels = sum(r.rows * self.planes[r.plane].width for r in train_regions)
+        self.epoch_steps = max(1, math.ceil(train_pixels / (settings.batch * settings.patch**2)))
+        self.data_record = {
+            **data.describe(),
+            "planes": len(self.planes),
+            "validation_planes": sorted({(self.planes[r.plane].source, self.planes[r.plane].index) for r in validation_regions}),
+            "validation_crops": len(self.validation),
+        }
+        self.data_record["validation_planes"] = [list(p) for p in self.data_record["validation_planes"]]
+        self.start_record = start or {"from": "given network"}
+        self.optimiser = torch.optim.AdamW(
+            self.model.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if settings.precision == "fp16" else None
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.pending_losses: list[float] = []  # training losses since the last validation
+        self.best: dict[str, Any] | None = None
+        self.seconds = 0.0
+        self._stop = threading.Event()
+        if resume:
+            self._resume()
+
+    # -- control -------------------------------------------------------------------------------
+    @property
+    def validate_every(self) -> int:
+        return self.settings.validate_every or self.epoch_steps
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (thread-safe); it writes a checkpoint."""
+        self._stop.set()
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "napari_gama_ir_version": __version__,
+            "settings": self.settings.to_dict(),
+            "objective": self.objective.describe(),
+            "data": self.data_record,
+            "start": self.start_record,
+            "step": self.step,
+            "seconds": round(self.seconds, 3),
+            "history": self.history,
+            "pending_losses": self.pending_losses,
+            "best": self.best,
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write the network, optimiser state and history to ``output/checkpoint``."""
+        folder = self.output / CHECKPOINT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        record = self._record()
+        save_checkpoint(self.model, folder / MODEL_STEM, metadata={"training": {"step": self.step}})
+        tmp = folder / (OPTIMISER_FILE + ".tmp")
+        save_file(_optimiser_tensors(self.optimiser), str(tmp))
+        os.replace(tmp, folder / OPTIMISER_FILE)
+        if self.scaler is not None:
+            record["grad_scaler"] = {k: v for k, v in self.scaler.state_dict().items()}
+        tmp = folder / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, folder / STATE_FILE)  # last: a checkpoint counts only once this is written
+        return folder
+
+    def _save_model(self) -> Path:
+        return save_checkpoint(self.model, self.output / MODEL_STEM, metadata={"training": self._record()})
+
+    def _resume(self) -> None:
+        folder = self.output / CHECKPOINT_DIR
+        state_path = folder / STATE_FILE
+        if not state_path.is_file():
+            raise ResumeError(f"{self.output}: no checkpoint to resume from")
+        record = json.loads(state_path.read_text())
+        saved = TrainSettings.from_dict(record["settings"]).to_dict()
+        current = self.settings.to_dict()
+        changed = sorted(k for k in saved if saved[k] != current[k] and k not in TrainSettings.RESUMABLE_CHANGES)
+        if changed:
+            details = ", ".join(f"{k}: {saved[k]} -> {current[k]}" for k in changed[:3])
+            raise ResumeError(f"the checkpoint was made with other settings ({details}); resume with the same ones")
+        if record["data"] != json.loads(json.dumps(self.data_record)):
+            raise ResumeError("the checkpoint was made with other training data; resume with the same images")
+        network = load_checkpoint(folder / MODEL_STEM)
+        if network.config.to_dict() | {"metadata": {}} != self.model.config.to_dict() | {"metadata": {}}:
+            raise ResumeError("the checkpoint's network has another architecture than the one given")
+        self.model.load_state_dict(network.state_dict())
+        _load_optimiser_tensors(self.optimiser, load_file(str(folder / OPTIMISER_FILE), device=str(self.device)))
+        if self.scaler is not None and "grad_scaler" in record:
+            self.scaler.load_state_dict(record["grad_scaler"])
+        self.step, self.history, self.best = record["step"], record["history"], record["best"]
+        self.pending_losses, self.seconds, self.start_record = record["pending_losses"], record["seconds"], record["start"]
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """PSNR and SSIM (data range 1) of the network on the held-out crops, or the objective's loss.
+
+        With clean images the network restores each noisy crop (synthetic noise drawn from a
+        generator fixed by the seed) and is scored against the clean crop; without them the
+        self-supervised loss on the crops, with fixed masks, is reported instead.
+        """
+        self.model.eval()
+        scores: dict[str, list[float]] = {}
+        with torch.inference_mode():
+            for index, crop in enumerate(self.validation):
+                rng = np.random.default_rng([self.settings.seed, 1 << 40, index])
+                arrays = self.objective.inputs({k: v[None] for k, v in crop.items()}, rng)
+                tensors = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+                if "target" in arrays and self.objective.needs_clean:
+                    restored = self.model(tensors["input"])[0].float().cpu().numpy()
+                    scores.setdefault("psnr", []).append(psnr(crop["clean"], restored))
+                    scores.setdefault("ssim", []).append(ssim(crop["clean"], restored))
+                    scores.setdefault("psnr_input", []).append(psnr(crop["clean"], arrays["input"][0]))
+                else:
+                    scores.setdefault("loss", []).append(float(self.objective(self.model, tensors, rng)))
+        self.model.train()
+        return {name: float(np.mean(values)) for name, values in scores.items()}
+
+    def _is_better(self, metrics: dict[str, float]) -> bool:
+        if self.best is None:
+            return True
+        if "psnr" in metrics:
+            return metrics["psnr"] > self.best["psnr"]
+        return metrics["loss"] < self.best["loss"]
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _step(self) -> float:
+        rng = np.random.default_rng([self.settings.seed, self.step])
+        arrays = self.objective.inputs(self.sampler.batch(self.settings.batch, rng), rng)
+        tensors = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+        for group in self.optimiser.param_groups:
+            group["lr"] = learning_rate_at(self.step, self.settings)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        )
+        with autocast:
+            loss = self.objective(self.model, tensors, rng)
+        self.optimiser.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimiser)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
+            self.optimiser.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def run(self) -> Iterator[TrainEvent]:
+        """Train until ``settings.steps`` (or a stop, or the time limit), yielding after every step.
+
+        Validates every :attr:`validate_every` steps and at the end, keeps the best network as
+        ``output/model``, and writes a checkpoint every ``checkpoint_every`` steps and on exit.
+        """
+        settings = self.settings
+        self.output.mkdir(parents=True, exist_ok=True)
+        if self.device.type == "cpu" and torch.get_num_threads() != usable_cores():
+            torch.set_num_threads(usable_cores())
+        self.model.train()
+        session_started = time.monotonic()
+        seconds_before = self.seconds
+        try:
+            while self.step < settings.steps and not self._stop.is_set():
+                loss = self._step()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the loss became {loss} at step {self.step}; try a lower learning rate or fp32"
+                    )
+                self.pending_losses.append(loss)
+                session_seconds = time.monotonic() - session_started
+                self.seconds = seconds_before + session_seconds
+                event = TrainEvent(self.step, settings.steps, loss, learning_rate_at(self.step - 1, settings), self.seconds)
+                if self.step % self.validate_every == 0 or self.step == settings.steps:
+                    event.validation = self._validate_and_keep()
+                if self.step % settings.checkpoint_every == 0 or self.step == settings.steps:
+                    self.save_checkpoint()
+                    event.checkpoint = True
+                yield event
+                if settings.time_limit is not None and session_seconds > settings.time_limit:
+                    break
+        finally:
+            self.model.eval()
+        if self.step < settings.steps:  # stopped early: keep everything needed to resume
+            self.save_checkpoint()
+        if not self.validation or not (self.output / f"{MODEL_STEM}.json").is_file():
+            self._save_model()
+
+    def _validate_and_keep(self) -> dict[str, float]:
+        metrics = {"train_loss": float(np.mean(self.pending_losses))} if self.pending_losses else {}
+        self.pending_losses = []
+        if self.validation:
+            metrics.update(self.validate())
+        self.history.append({"step": self.step, "learning_rate": learning_rate_at(self.step - 1, self.settings), **metrics})
+        if self.validation and self._is_better(metrics):
+            self.best = {"step": self.step, **metrics}
+            self._save_model()
+        return metrics
+
+    def result(self) -> TrainResult:
+        return TrainResult(
+            self.output / f"{MODEL_STEM}.json", self.step, self.step < self.settings.steps, self.seconds,
+            self.history, self.best,
+        )
+
+
+def train(
+    model: GamaIR,
+    data: TrainingData,
+    settings: TrainSettings,
+    output: str | os.PathLike,
+    *,
+    resume: bool = False,
+    start: dict[str, Any] | None = None,
+    on_event=None,
+) -> TrainResult:
+    """Train or fine-tune ``model`` on ``data`` and write it to ``output``.
+
+    Parameters
+    ----------
+    model : GamaIR
+        The starting network (see :func:`starting_model`); trained in place.
+    data : TrainingData
+        From :func:`~napari_gama_ir.train.data_from_arrays` or :func:`~napari_gama_ir.train.data_from_paths`.
+    settings : TrainSettings
+    output : path-like
+        Folder for ``model.json``/``model.safetensors`` and the resumable ``checkpoint/``.
+    resume : bool
+        Continue the run whose checkpoint is in ``output``.
+    start : dict, optional
+        Where the network came from, for the record.
+    on_event : callable, optional
+        Called with every :class:`TrainEvent`.
+
+    Returns
+    -------
+    TrainResult
+    """
+    trainer = Trainer(model, data, settings, output, start=start, resume=resume)
+    for event in trainer.run():
+        if on_event is not None:
+            on_event(event)
+    return trainer.result()
+
+
+def default_normalization(dtype: np.dtype) -> dict[str, Any]:
+    """Range normalisation for uint8 and float data, percentiles for other integers.
+
+    Microscopy counts (uint16, int32...) rarely span their dtype's range, so a range-normalised
+    network would see nearly black input; percentiles map each plane's own spread to [0, 1].
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8 or not np.issubdtype(dtype, np.integer):
+        return {"method": "range"}
+    return {"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"}
+
+
+def starting_model(
+    channels: int,
+    *,
+    source: str | os.PathLike | None = None,
+    architecture: str = "gama_ir_xs",
+    patch: int = 64,
+    normalization: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[GamaIR, dict[str, Any]]:
+    """The network to train: fine-tuned from ``source`` or a new ``architecture``.
+
+    Parameters
+    ----------
+    channels : int
+        Channels of the training images.
+    source : str or path-like, optional
+        A registry name with shipped weights, a user model name or a checkpoint path. Its channels
+        must equal ``channels`` (or be 1: a grey network trains on each channel alone).
+    architecture : str
+        Registry name of the architecture to build with random weights when ``source`` is None.
+    patch, normalization, seed
+        Recorded in the new network's config (training patch size, intensity normalisation) and
+        used to seed its initial weights.
+
+    Returns
+    -------
+    (GamaIR, dict)
+        The network and a record of where it came from.
+    """
+    from ..model import create_model, get_spec
+
+    if source is not None:
+        model = create_model(source, pretrained=True)
+        if model.config.in_channels not in (channels, 1):
+            raise ValueError(
+                f"the starting model takes {model.config.in_channels} channel(s) but the training images have {channels}"
+            )
+        return model, {"from": str(source), "checkpoint_sha256": getattr(model, "checkpoint_sha256", None)}
+    config = get_spec(architecture).config.replace(
+        in_channels=channels, out_channels=channels, train_patch_size=patch,
+        channel_meaning={1: "grey", 3: "rgb"}.get(channels, f"{channels} channels"),
+        normalization=normalization or {"method": "range"},
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GamaIR(config)
+    return model, {"from": "scratch", "architecture": architecture, "seed": seed}
+
+
+def resume_trainer(output: str | os.PathLike, data: TrainingData, **changes: Any) -> Trainer:
+    """A :class:`Trainer` that continues the run checkpointed in ``output``.
+
+    The settings and network come from the checkpoint; ``changes`` may set only the settings that
+    do not alter the result (device, time limit, checkpoint interval).
+    """
+    folder = Path(output) / CHECKPOINT_DIR
+    if not (folder / STATE_FILE).is_file():
+        raise ResumeError(f"{output}: no checkpoint to resume from")
+    record = json.loads((folder / STATE_FILE).read_text())
+    refused = sorted(set(changes) - set(TrainSettings.RESUMABLE_CHANGES))
+    if refused:
+        raise ResumeError(f"{', '.join(refused)} cannot change when resuming (the result would differ)")
+    settings = TrainSettings.from_dict({**record["settings"], **changes})
+    model = load_checkpoint(folder / MODEL_STEM)
+    return Trainer(model, data, settings, output, resume=True)
