@@ -413,7 +413,11 @@ class Trainer:
             self.model.eval()
         if self.step < settings.steps:  # stopped early: keep everything needed to resume
             self.save_checkpoint()
-        if not self.validation or not (self.output / f"{MODEL_STEM}.json").is_file():
+        model_path = self.output / f"{MODEL_STEM}.json"
+        if self.validation and model_path.is_file():
+            # The best network's weights, with the record of the whole run so far.
+            save_checkpoint(load_checkpoint(model_path), model_path, metadata={"training": self._record()})
+        else:
             self._save_model()
 
     def _validate_and_keep(self) -> dict[str, float]:

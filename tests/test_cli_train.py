@@ -1,0 +1,94 @@
+"""The ``train`` and ``evaluate`` commands."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_gama_ir import create_model, save_checkpoint
+from napari_gama_ir.samples import noisy_fluorescence_stack
+
+from .conftest import make_tiny_model
+from .test_cli import run_cli
+
+FAST = ["--steps", 6, "--batch", 2, "--patch", 32, "-q"]
+
+
+@pytest.fixture
+def fluorescence(tmp_path, monkeypatch):
+    """A noisy uint16 stack and its clean float32 counterpart as TIFF files; a private models folder."""
+    monkeypatch.setenv("NAPARI_GAMA_IR_HOME", str(tmp_path / "home"))
+    noisy, clean = noisy_fluorescence_stack(planes=6, size=64)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "clean.tif", clean, metadata={"axes": "ZYX"})
+    return tmp_path / "noisy.tif", tmp_path / "clean.tif"
+
+
+def test_train_register_and_evaluate(capsys, tmp_path, fluorescence):
+    noisy, clean = fluorescence
+    code, out, err = run_cli(capsys, "train", "--noisy", noisy, "--clean", clean, "-o", tmp_path / "run",
+                             "--register", "my-fluo", "--val-every", 3, *FAST)
+    assert code == 0, err
+    assert "training: supervised, 6 plane(s) (1 validation crop(s)), 6 steps of 2x32px" in err
+    assert (tmp_path / "run" / "model.json").is_file() and "registered as 'my-fluo'" in out
+    model = create_model("my-fluo")
+    assert model.config.normalization["method"] == "percentile"  # uint16 input: auto picks percentiles
+    record = model.config.metadata["training"]
+    assert record["data"]["noisy"] and record["settings"]["steps"] == 6 and len(record["history"]) == 2
+
+    code, out, err = run_cli(capsys, "evaluate", "--model", "my-fluo", "--noisy", noisy, "--clean", clean,
+                             "--tile", 0, "--json", tmp_path / "scores.json")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:3] == ["image", "PSNR", "noisy"] and lines[-1].startswith("mean")
+    assert len(lines) == 1 + 6 + 1  # header, one row per plane, mean
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert len(scores["images"]) == 6
+    assert scores["mean"]["psnr"] == pytest.approx(float(lines[-1].split()[2]), abs=0.01)
+
+
+def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
+    noisy, _ = fluorescence
+    run = tmp_path / "n2v"
+    code, out, err = run_cli(capsys, "train", "--noisy", noisy, "--self-supervised", "-o", run,
+                             "--minutes", 1e-6, "--checkpoint-every", 100, *FAST)
+    assert code == 0, err
+    assert "training: noise2void" in err and "stopped at step 1/6; continue with --resume" in err
+    code, out, err = run_cli(capsys, "train", "--noisy", noisy, "-o", run, "--resume", "--steps", 9)
+    assert code == 2 and err.strip() == (
+        "napari-gama-ir: error: --steps cannot be given with --resume: the checkpoint's settings are used"
+    )
+    code, out, err = run_cli(capsys, "train", "--noisy", noisy, "-o", run, "--resume", "-q")
+    assert code == 0, err
+    state = json.loads((run / "checkpoint" / "training.json").read_text())
+    assert state["step"] == 6 and state["settings"]["objective"] == "noise2void"
+
+
+BAD_TRAINING = {
+    "no clean, not self-supervised": (["--noisy", "{noisy}"], "supervised training needs clean images"),
+    "clean only, no noise model": (["--clean", "{clean}"], "synthetic noise model"),
+    "shapes differ": (["--noisy", "{noisy}", "--clean", "{short}"], "differ in shape"),
+    "RGB model, grey data": (["--noisy", "{noisy}", "--clean", "{clean}", "--from", "{rgb_model}"], "takes 3 channel"),
+    "bad noise": (["--clean", "{clean}", "--noise", "gaussian:x"], "LOW-HIGH"),
+    "existing run": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/done"], "holds a training run already"),
+    "bad model name": (["--noisy", "{noisy}", "--clean", "{clean}", "--register", "a/b"], "model name 'a/b' must be"),
+    "no data": ([], "give --noisy"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TRAINING))
+def test_bad_training_input_gets_one_line(case, capsys, tmp_path, fluorescence):
+    noisy, clean = fluorescence
+    tifffile.imwrite(tmp_path / "short.tif", np.zeros((6, 64, 60), np.float32), metadata={"axes": "ZYX"})
+    rgb_model = save_checkpoint(make_tiny_model(3), tmp_path / "rgb_model")
+    (tmp_path / "done" / "checkpoint").mkdir(parents=True)
+    paths = {"noisy": noisy, "clean": clean, "short": tmp_path / "short.tif", "rgb_model": rgb_model, "tmp": tmp_path}
+    arguments, message = BAD_TRAINING[case]
+    arguments = [a.format(**paths) for a in arguments]
+    if "-o" not in arguments:
+        arguments += ["-o", str(tmp_path / "out")]
+    code, out, err = run_cli(capsys, "train", *arguments, *FAST)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out" / "model.json").exists()

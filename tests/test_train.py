@@ -1,0 +1,283 @@
+"""Training: data, patch sampling, masking, schedule, checkpoints, exact resume, fine-tuning."""
+
+import json
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from napari_gama_ir import load_checkpoint, save_checkpoint
+from napari_gama_ir.model import GamaIR
+from napari_gama_ir.train import (
+    NoiseModel,
+    ResumeError,
+    Trainer,
+    TrainingDataError,
+    TrainSettings,
+    data_from_arrays,
+    data_from_paths,
+    learning_rate_at,
+    resume_trainer,
+    starting_model,
+    train,
+)
+from napari_gama_ir.train.data import Normalizer, PatchSampler, make_planes, split_validation
+from napari_gama_ir.train.objectives import blind_spot_mask, neighbour_subsample
+
+from .conftest import make_tiny_model, tiny_config
+
+
+def fresh_model(channels=1, seed=0) -> GamaIR:
+    torch.manual_seed(seed)
+    return GamaIR(tiny_config(channels))
+
+
+def smooth_stack(planes=6, size=48, seed=0):
+    """Clean smooth images in [0.2, 0.8] and a Gaussian-noisy copy (sigma 0.1), float32."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:size, :size] / size
+    clean = np.stack([
+        0.5 + 0.3 * np.sin(2 * np.pi * (rng.uniform(1, 3) * x + rng.uniform(1, 3) * y + rng.uniform()))
+        for _ in range(planes)
+    ]).astype(np.float32)
+    noisy = (clean + rng.normal(0, 0.1, clean.shape)).astype(np.float32)
+    return noisy, clean
+
+
+def weights_equal(a: GamaIR, b: GamaIR) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# -- data ------------------------------------------------------------------------------------------
+def test_patches_are_aligned_augmented_crops_of_training_planes_only():
+    planes_count, size = 5, 40
+    base = np.arange(planes_count * size * size, dtype=np.float32).reshape(planes_count, size, size)
+    data = data_from_arrays(base, base * 2, axes="ZYX")
+    normalizer = Normalizer({"method": "range"})
+    planes = make_planes(data, 1, normalizer)
+    train_regions, validation = split_validation(planes, 0.2, 16, seed=3)
+    held_out = {r.plane for r in validation}
+    assert len(held_out) == 1 and held_out.isdisjoint({r.plane for r in train_regions})
+    sampler = PatchSampler(planes, train_regions, 16, normalizer)
+    batch = sampler.batch(64, np.random.default_rng(0))
+    assert batch["noisy"].shape == (64, 1, 16, 16) and batch["noisy"].dtype == np.float32
+    assert np.array_equal(batch["clean"], 2 * batch["noisy"])  # same crop, same flips and rotations
+    seen_planes = {int(v) // (size * size) for v in batch["noisy"][:, 0, 0, 0]}
+    assert seen_planes.isdisjoint(held_out) and len(seen_planes) == planes_count - 1
+    # Each patch is a rotated/flipped 16x16 window of one plane: its value set is a window's.
+    for patch in batch["noisy"][:, 0]:
+        low = int(patch.min())
+        plane, offset = divmod(low, size * size)
+        top, left = divmod(offset, size)
+        window = base[plane, top : top + 16, left : left + 16]
+        assert sorted(patch.ravel()) == sorted(window.ravel())
+    again = sampler.batch(64, np.random.default_rng(0))
+    assert np.array_equal(again["noisy"], batch["noisy"])  # a function of the generator alone
+
+
+def test_one_plane_is_split_into_disjoint_row_bands():
+    data = data_from_arrays(np.zeros((100, 64), np.float32), np.zeros((100, 64), np.float32), axes="YX")
+    planes = make_planes(data, 1, Normalizer({"method": "range"}))
+    train_regions, validation = split_validation(planes, 0.2, 32, seed=0)
+    assert train_regions[0].bottom == validation[0].top == 80 and validation[0].bottom == 100
+    with pytest.raises(TrainingDataError, match="cannot hold both"):
+        split_validation(planes, 0.2, 96, seed=0)
+    with pytest.raises(TrainingDataError, match="smaller than the 128-pixel patch"):
+        split_validation(planes, 0.0, 128, seed=0)
+
+
+def test_sampling_a_huge_lazy_stack_reads_only_the_planes_it_needs():
+    read = []
+
+    def mark(block, block_info=None):
+        read.append(block_info[0]["chunk-location"][0])
+        return block
+
+    stack = da.zeros((1000, 64, 64), chunks=(1, 64, 64), dtype=np.uint16).map_blocks(mark, dtype=np.uint16)
+    data = data_from_arrays(stack, axes="ZYX")
+    normalizer = Normalizer({"method": "range"})
+    planes = make_planes(data, 1, normalizer)
+    train_regions, _ = split_validation(planes, 0.0, 32, seed=0)
+    PatchSampler(planes, train_regions, 32, normalizer).batch(8, np.random.default_rng(0))
+    assert 1 <= len(set(read)) <= 8
+
+
+def test_mismatched_pairs_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(TrainingDataError, match=r"differ in shape: \(4, 32, 32\) vs \(4, 32, 30\)"):
+        data_from_arrays(np.zeros((4, 32, 32)), np.zeros((4, 32, 30)), axes="ZYX")
+    import imageio.v3 as iio
+
+    (tmp_path / "noisy").mkdir()
+    (tmp_path / "clean").mkdir()
+    for name in ("a.png", "b.png"):
+        iio.imwrite(tmp_path / "noisy" / name, np.zeros((32, 32), np.uint8))
+    iio.imwrite(tmp_path / "clean" / "a.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(TrainingDataError, match=r"1 image\(s\) have no counterpart .*b\.png"):
+        data_from_paths(tmp_path / "noisy", tmp_path / "clean")
+    iio.imwrite(tmp_path / "clean" / "b.png", np.zeros((32, 32), np.uint8))
+    data = data_from_paths(tmp_path / "noisy", tmp_path / "clean")
+    assert [p.name for p in data.pairs] == ["a.png", "b.png"] and data.has_clean and data.has_noisy
+
+
+def test_grey_conversion_uses_luminance():
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 1] = 255
+    grey = data_from_arrays(clean=rgb, axes="YXC").to_grey()
+    assert grey.channels == 1 and grey.pairs[0].axes == "YX"
+    assert np.allclose(grey.pairs[0].clean.compute(), 0.7154, atol=1e-6)
+
+
+# -- noise, masking, sub-sampling --------------------------------------------------------------------
+def test_noise_models():
+    rng = np.random.default_rng(0)
+    clean = np.full((4, 1, 64, 64), 0.5, np.float32)
+    noisy = NoiseModel.parse("gaussian:25-25")(clean, rng)
+    assert abs(np.std(noisy - clean) - 25 / 255) < 0.005
+    photon = NoiseModel.parse("poisson-gaussian:100-100")
+    assert photon.sigma == (0.0, 55.0)
+    noisy = NoiseModel("poisson-gaussian", sigma=(0, 0), photons=(100, 100))(clean, rng)
+    assert abs(np.var(noisy) - 0.5 / 100) < 0.001  # Poisson: variance = mean / photons
+    with pytest.raises(ValueError, match="LOW-HIGH"):
+        NoiseModel.parse("gaussian:loud")
+    with pytest.raises(ValueError, match="noise must be one of"):
+        NoiseModel.parse("speckle")
+
+
+def test_blind_spot_mask_replaces_one_pixel_per_cell_by_a_neighbour():
+    rng = np.random.default_rng(0)
+    noisy = rng.random((2, 3, 32, 24)).astype(np.float32)
+    original = noisy.copy()
+    masked, mask = blind_spot_mask(noisy, rng, cell=8, radius=2)
+    assert np.array_equal(noisy, original)  # input untouched
+    assert mask.shape == (2, 1, 32, 24) and mask.sum() == 2 * 4 * 3
+    assert np.array_equal(masked[:, :, ~mask[0, 0]][0], noisy[:, :, ~mask[0, 0]][0])
+    for n, _, r, c in zip(*np.nonzero(mask)):
+        window = noisy[n, :, max(r - 2, 0) : r + 3, max(c - 2, 0) : c + 3]
+        matches = np.all(window == masked[n, :, r, c][:, None, None], axis=0)
+        assert matches.any()  # copied from inside the 5x5 window
+        assert not np.array_equal(masked[n, :, r, c], noisy[n, :, r, c])  # not the pixel itself
+
+
+def test_neighbour_subsample_takes_two_adjacent_pixels_per_cell():
+    image = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    first, second = neighbour_subsample(image, np.random.default_rng(0))
+    assert first.shape == second.shape == (2, 1, 4, 4)
+    for a, b in zip(first.flatten().tolist(), second.flatten().tolist()):
+        (na, ra, ca), (nb, rb, cb) = (np.unravel_index(int(v), (2, 8, 8)) for v in (a, b))
+        assert na == nb and (ra // 2, ca // 2) == (rb // 2, cb // 2)  # same image, same cell
+        assert abs(ra - rb) + abs(ca - cb) == 1  # horizontal or vertical neighbours
+
+
+# -- optimiser and schedule --------------------------------------------------------------------------
+def test_cosine_schedule_and_paper_optimiser(tmp_path):
+    settings = TrainSettings(steps=100)
+    assert learning_rate_at(0, settings) == pytest.approx(1e-3)
+    assert learning_rate_at(50, settings) == pytest.approx((1e-3 + 1e-7) / 2)
+    assert learning_rate_at(100, settings) == pytest.approx(1e-7)
+    rates = [learning_rate_at(s, settings) for s in range(101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    noisy, clean = smooth_stack()
+    trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), TrainSettings(steps=3, patch=16), tmp_path)
+    group = trainer.optimiser.param_groups[0]
+    assert isinstance(trainer.optimiser, torch.optim.AdamW) and group["betas"] == (0.9, 0.9)
+    with pytest.raises(ValueError, match="patch must be at least 16"):
+        TrainSettings(patch=8)
+    with pytest.raises(ValueError, match="synthetic noise is for supervised"):
+        TrainSettings(objective="noise2void", noise="gaussian")
+
+
+# -- training, checkpoints and resume ----------------------------------------------------------------
+def test_short_training_lowers_the_loss_and_beats_the_noisy_input(tmp_path):
+    noisy, clean = smooth_stack(planes=8, size=64)
+    before = noisy.copy()
+    data = data_from_arrays(noisy, clean, axes="ZYX")
+    settings = TrainSettings(steps=120, batch=4, patch=32, validate_every=40, learning_rate=2e-3)
+    events = []
+    result = train(fresh_model(), data, settings, tmp_path / "run", on_event=events.append)
+    assert np.array_equal(noisy, before)  # inputs never modified
+    losses = [e.loss for e in events]
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20])
+    last = result.history[-1]
+    assert last["psnr"] > last["psnr_input"] + 5  # measured: +10.0 and +10.2 dB (seeds 0, 1)
+    assert [h["step"] for h in result.history] == [40, 80, 120]
+    # model.json is the best validated network, and says so.
+    best_step = max(result.history, key=lambda h: h["psnr"])["step"]
+    record = json.loads(result.model_path.read_text())
+    assert record["config"]["metadata"]["training"]["best"]["step"] == best_step == result.best["step"]
+    assert record["config"]["metadata"]["training"]["settings"]["steps"] == 120
+    assert load_checkpoint(result.model_path).config.in_channels == 1
+
+
+@pytest.mark.parametrize("objective", ["supervised", "noise2void", "neighbor2neighbor"])
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, objective):
+    noisy, clean = smooth_stack()
+    data = data_from_arrays(noisy, clean if objective == "supervised" else None, axes="ZYX")
+    settings = TrainSettings(steps=10, batch=2, patch=16, validate_every=4, checkpoint_every=3, objective=objective)
+    whole = train(fresh_model(), data, settings, tmp_path / "whole")
+
+    trainer = Trainer(fresh_model(), data, settings, tmp_path / "parts")
+    for event in trainer.run():
+        if event.step == 5:
+            trainer.stop()  # as Cancel or Ctrl-C do
+    assert trainer.step == 5 and trainer.result().stopped_early
+    files = sorted(p.name for p in (tmp_path / "parts" / "checkpoint").iterdir())
+    assert files == ["model.json", "model.safetensors", "optimiser.safetensors", "training.json"]
+    resumed = resume_trainer(tmp_path / "parts", data)
+    assert resumed.step == 5
+    list(resumed.run())
+    parts = resumed.result()
+    assert weights_equal(load_checkpoint(tmp_path / "whole" / "checkpoint" / "model"),
+                         load_checkpoint(tmp_path / "parts" / "checkpoint" / "model"))
+    assert parts.history == whole.history and parts.best == whole.best
+    assert weights_equal(load_checkpoint(whole.model_path), load_checkpoint(parts.model_path))
+
+
+def test_resume_refuses_other_settings_or_data(tmp_path):
+    noisy, clean = smooth_stack()
+    data = data_from_arrays(noisy, clean, axes="ZYX")
+    settings = TrainSettings(steps=4, batch=2, patch=16)
+    train(fresh_model(), data, settings, tmp_path)
+    with pytest.raises(ResumeError, match="steps cannot change"):
+        resume_trainer(tmp_path, data, steps=8)
+    other = data_from_arrays(noisy[:5], clean[:5], axes="ZYX")
+    with pytest.raises(ResumeError, match="other training data"):
+        resume_trainer(tmp_path, other)
+    with pytest.raises(ResumeError, match="no checkpoint"):
+        resume_trainer(tmp_path / "nothing", data)
+
+
+def test_same_seed_same_weights(tmp_path):
+    noisy, clean = smooth_stack()
+    data = data_from_arrays(noisy, clean, axes="ZYX")
+    settings = TrainSettings(steps=5, batch=2, patch=16, validation_fraction=0)
+    a = train(fresh_model(), data, settings, tmp_path / "a")
+    b = train(fresh_model(), data, settings, tmp_path / "b")
+    assert weights_equal(load_checkpoint(a.model_path), load_checkpoint(b.model_path))
+    assert a.best is None and a.history[-1]["step"] == 5  # no validation: the last network
+
+
+def test_synthetic_noise_on_clean_images(tmp_path):
+    _, clean = smooth_stack()
+    data = data_from_arrays(clean=clean, axes="ZYX")
+    with pytest.raises(ValueError, match="synthetic noise model"):
+        Trainer(fresh_model(), data, TrainSettings(steps=2, patch=16), tmp_path)
+    result = train(fresh_model(), data, TrainSettings(steps=3, batch=2, patch=16, noise="gaussian:10-30"), tmp_path)
+    assert result.history[-1]["psnr_input"] < 30  # the validation crops carry the synthetic noise
+
+
+def test_fine_tuning_starts_from_a_checkpoint_with_matching_channels(tmp_path):
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
+    model, start = starting_model(3, source=rgb)
+    assert start["from"] == str(rgb) and len(start["checkpoint_sha256"]) == 64
+    with pytest.raises(ValueError, match="takes 3 channel"):
+        starting_model(1, source=rgb)
+    grey = save_checkpoint(make_tiny_model(1), tmp_path / "grey")
+    model, _ = starting_model(2, source=grey)  # a grey network trains on each channel alone
+    assert model.config.in_channels == 1
+    new, start = starting_model(3, architecture="gama_ir_xs", patch=48, seed=1)
+    assert new.config.in_channels == 3 and new.config.train_patch_size == 48 and start["from"] == "scratch"
+    again, _ = starting_model(3, architecture="gama_ir_xs", patch=48, seed=1)
+    assert weights_equal(new, again)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        starting_model(3, source="gama_ir_s")
