@@ -141,7 +141,7 @@ def test_cancel_leaves_no_output(make_napari_viewer, qtbot, grey_checkpoint, tmp
 )
 def test_bad_input_shows_a_notification(make_napari_viewer, tmp_path, grey_checkpoint, setup, message, monkeypatch):
     shown = []
-    monkeypatch.setattr("napari_gama_ir._napari.restore_widget.show_error", shown.append)
+    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((2, 32, 32), np.float32), name="noisy")
     widget = open_widget(viewer)

@@ -10,16 +10,18 @@ import dask.array as da
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 from superqt.utils import ensure_main_thread
 
 from .. import __version__
 from ..engine import restore
-from ..engine.axes import guess_axes, parse_axes
+from ..engine.axes import parse_axes
 from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from ..model import create_model, list_models, user_model_names
+from .layers import axes_guess, find_layer, image_layer_names, layer_data, report_error
+from .model_events import model_events
 from .preview import BackgroundPlanes
 
 if TYPE_CHECKING:
@@ -76,17 +78,19 @@ class RestoreWidget(QWidget):
         self.cancel_button.changed.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
+        model_events.registered.connect(self._refresh_models)
         self._show_checkpoint()
         self._guess_axes()
 
     # -- choices -------------------------------------------------------------------------------
     def _image_layer_names(self, _=None) -> list[str]:
-        from napari.layers import Image
-
-        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        return image_layer_names(self.viewer)
 
     def _refresh_layers(self, _=None) -> None:
         self.image.reset_choices()
+        self.model.reset_choices()
+
+    def _refresh_models(self, _=None) -> None:
         self.model.reset_choices()
 
     def _show_checkpoint(self, _=None) -> None:
@@ -97,19 +101,10 @@ class RestoreWidget(QWidget):
     def _guess_axes(self, _=None) -> None:
         layer = self._layer()
         if layer is not None:
-            shape = self._layer_data(layer).shape
-            try:
-                self.axes.value = guess_axes(shape, rgb=layer.rgb)
-            except ValueError:
-                self.axes.value = ""
+            self.axes.value = axes_guess(layer)
 
     def _layer(self):
-        name = self.image.value
-        return self.viewer.layers[name] if name in self.viewer.layers else None
-
-    @staticmethod
-    def _layer_data(layer):
-        return layer.data[0] if layer.multiscale else layer.data  # full resolution
+        return find_layer(self.viewer, self.image.value)
 
     # -- the shared part of preview and restore-all --------------------------------------------
     def _prepare(self) -> tuple[Any, da.Array, str, Any, dict]:
@@ -124,7 +119,7 @@ class RestoreWidget(QWidget):
             model_name, model = str(path), create_model(str(path))
         else:
             model_name, model = self.model.value, create_model(self.model.value, pretrained=True)
-        data = self._layer_data(layer)
+        data = layer_data(layer)
         axes = parse_axes(self.axes.value, data.ndim)
         source = data if isinstance(data, da.Array) else da.from_array(data, chunks=data.shape)
         restored = restore(
@@ -233,9 +228,7 @@ class RestoreWidget(QWidget):
         self.cancel_button.enabled = running
 
     def _fail(self, error: BaseException) -> None:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        self.status.value = f"error: {message}"
-        show_error(f"GAMA-IR: {message}")
+        report_error(self.status, error)
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         for planes in self.previews:

@@ -1,0 +1,37 @@
+"""Helpers shared by the plugin's widgets: image layers, their axes, and one-sentence errors."""
+
+from __future__ import annotations
+
+from napari.utils.notifications import show_error
+
+from ..engine.axes import guess_axes
+
+
+def image_layer_names(viewer) -> list[str]:
+    from napari.layers import Image
+
+    return [layer.name for layer in viewer.layers if isinstance(layer, Image)]
+
+
+def find_layer(viewer, name):
+    return viewer.layers[name] if name in viewer.layers else None
+
+
+def layer_data(layer):
+    """The layer's full-resolution array (the first level of a multiscale layer), never copied."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def axes_guess(layer) -> str:
+    """Axes as napari shows the layer, or "" when they cannot be guessed (the user types them)."""
+    try:
+        return guess_axes(layer_data(layer).shape, rgb=layer.rgb)
+    except ValueError:
+        return ""
+
+
+def report_error(status, error: BaseException) -> None:
+    """Show ``error`` as one sentence in the widget's status line and as a napari notification."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    status.value = f"error: {message}"
+    show_error(f"GAMA-IR: {message}")

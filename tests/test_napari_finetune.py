@@ -1,0 +1,91 @@
+"""Headless napari tests of the Fine-tune widget: live plot, cancel, resume, registration."""
+
+import json
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari", reason="the napari extra is not installed")
+
+from napari_gama_ir import create_model  # noqa: E402
+from napari_gama_ir._napari.finetune_widget import NEW, SELF_SUPERVISED, FineTuneWidget, runs_dir  # noqa: E402
+from napari_gama_ir._napari.restore_widget import RestoreWidget  # noqa: E402
+
+from .test_train import smooth_stack  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def private_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_GAMA_IR_HOME", str(tmp_path / "home"))
+
+
+def open_widget(viewer, name) -> FineTuneWidget:
+    _, widget = viewer.window.add_plugin_dock_widget("napari-gama-ir", name)
+    return widget
+
+
+def test_train_plot_cancel_resume_and_register(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    noisy, clean = smooth_stack(planes=6, size=48)
+    viewer.add_image(noisy, name="noisy")
+    viewer.add_image(clean, name="clean")
+    restore_widget = open_widget(viewer, "Restore")
+    assert isinstance(restore_widget, RestoreWidget)
+    widget = open_widget(viewer, "Fine-tune")
+    assert isinstance(widget, FineTuneWidget)
+    assert widget.axes.value == "ZYX" and widget.start_model.value == NEW + "gama_ir_xs"
+    widget.noisy.value, widget.clean.value = "noisy", "clean"
+    widget.steps.value, widget.batch.value, widget.patch.value = 40, 2, 32
+    widget.name.value = "tuned"
+
+    worker = widget.start()
+    qtbot.waitUntil(lambda: len(widget.plot.steps) >= 5, timeout=30000)
+    assert widget.plot.draws >= 1 and widget.plot.losses[0] > 0
+    assert not widget.start_button.enabled and widget.cancel_button.enabled
+    with qtbot.waitSignal(worker.paused, timeout=30000):
+        widget.toggle_pause()
+    assert widget.pause_button.text == "Continue" and widget.status.value.startswith("paused at step")
+    steps_when_paused = len(widget.plot.steps)
+    qtbot.wait(500)
+    assert len(widget.plot.steps) == steps_when_paused  # no step runs while paused
+    with qtbot.waitSignal(worker.finished, timeout=30000):
+        widget.cancel()  # also wakes a paused run so that it can write its checkpoint
+    stopped_at = json.loads((runs_dir() / "tuned" / "checkpoint" / "training.json").read_text())["step"]
+    assert 5 <= stopped_at < 40
+    assert f"stopped at step {stopped_at}" in widget.status.value
+    assert widget.resume_button.enabled and widget.start_button.enabled
+    assert "tuned" not in restore_widget.model.choices  # nothing registered before the run ends
+
+    # Resume from the checkpoint and let it finish: the plot restarts at the checkpoint's step.
+    worker = widget.resume()
+    qtbot.waitUntil(lambda: len(widget.plot.steps) >= 1, timeout=30000)
+    assert widget.plot.steps[0] == stopped_at + 1
+    with qtbot.waitSignal(worker.finished, timeout=120000):
+        pass
+    assert widget.status.value.startswith("done: saved as 'tuned'"), widget.status.value
+    assert widget.plot.steps[-1] == 40 and widget.plot.score_steps
+    model = create_model("tuned")
+    assert model.config.metadata["training"]["step"] == 40
+    assert "tuned" in restore_widget.model.choices  # offered at once by the Restore widget
+
+
+def test_self_supervised_choice_and_bad_settings(make_napari_viewer, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((2, 32, 32), np.float32), name="noisy")
+    widget = open_widget(viewer, "Fine-tune")
+    assert widget.clean.value == SELF_SUPERVISED and not widget.method.native.isHidden()
+    assert widget._settings().objective == "noise2void"
+    widget.clean.value = "noisy"
+    assert widget.method.native.isHidden()  # supervised: no self-supervised method to choose
+    assert widget.start() is None
+    assert len(shown) == 1 and "another layer than the noisy one" in shown[0]
+    widget.clean.value = SELF_SUPERVISED
+    widget.axes.value = "YX"
+    assert widget.start() is None
+    assert "name 2 dimensions" in shown[-1]
+    widget.axes.value = "ZYX"
+    widget.name.value = "bad/name"
+    assert widget.start() is None
+    assert "model name 'bad/name' must be" in shown[-1] and len(shown) == 3
