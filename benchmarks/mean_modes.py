@@ -19,7 +19,6 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio
 
 from napari_gama_ir import create_model, restore
-from napari_gama_ir.train import load_image_folder
 
 VARIANTS = {
     "whole, global means": dict(tile=None, mean_mode="global"),
@@ -27,6 +26,14 @@ VARIANTS = {
     "tiles 128/32, global means": dict(tile=128, overlap=32, mean_mode="global"),
     "tiles 128/32, local means": dict(tile=128, overlap=32, mean_mode="local"),
 }
+
+
+def clean_images(folder: str) -> list[np.ndarray]:
+    """The folder's 8-bit RGB pictures on [0, 255] as float64 (H, W, 3) arrays, sorted by name."""
+    import imageio.v3 as iio
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+    return [np.asarray(iio.imread(p), np.float64)[..., :3] for p in paths]
 
 
 def main() -> None:
@@ -41,11 +48,11 @@ def main() -> None:
     model = create_model(args.model)
     results = {"model": args.model, "sigma": args.sigma, "train_patch_size": model.config.train_patch_size, "sets": {}}
     for folder in args.images:
-        images = load_image_folder(folder)[: args.limit]
+        images = clean_images(folder)[: args.limit]
         scores = {name: [] for name in VARIANTS}
         noisy_scores = []
         for index, image in enumerate(images):
-            clean = image.transpose(1, 2, 0) * 255.0
+            clean = image
             noise = np.random.default_rng(index).normal(0, args.sigma, clean.shape)
             noisy = ((clean + noise) / 255.0).astype(np.float32)
             noisy_scores.append(peak_signal_noise_ratio(clean, noisy * 255.0, data_range=255))

@@ -1,13 +1,19 @@
-"""Screenshot of napari with the Restore widget and a restored sample (docs/images/restore_widget.png).
+"""Screenshots of napari with the plugin's widgets, for the docs (written to docs/images/).
 
-    python docs/make_screenshot.py --model path/to/rgb_checkpoint.json
+    python docs/make_screenshot.py restore --model path/to/rgb_checkpoint.json
+    python docs/make_screenshot.py finetune
 
-Needs a display (or Xvfb: ``xvfb-run -a python docs/make_screenshot.py ...``).
+``restore``: the Restore widget and a restored sample photo (restore_widget.png). ``finetune``: the
+Fine-tune widget training a new network on the fluorescence sample, with its live plot
+(finetune_widget.png). Needs a display (or Xvfb: ``xvfb-run -a python docs/make_screenshot.py ...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import napari
@@ -16,15 +22,32 @@ from qtpy.QtWidgets import QApplication
 
 from napari_gama_ir._napari.restore_widget import CHECKPOINT_FILE
 
+IMAGES = Path(__file__).parent / "images"
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="RGB checkpoint (.json)")
-    parser.add_argument("-o", "--output", default=str(Path(__file__).parent / "images" / "restore_widget.png"))
-    args = parser.parse_args()
 
-    viewer = napari.Viewer(show=True)
-    viewer.window.resize(1400, 800)
+def save_screenshot(viewer: napari.Viewer, output: Path) -> None:
+    """Write the whole window to ``output``, refusing a blank frame (black is also an image)."""
+    import imageio.v3 as iio
+
+    for _ in range(20):
+        QApplication.processEvents()
+    image = np.asarray(viewer.screenshot(canvas_only=False, flash=False))
+    spread = float(image[..., :3].std())
+    if spread < 5:
+        raise SystemExit(f"screenshot looks blank (pixel spread {spread:.1f})")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(output, image)
+    print(f"wrote {output} ({image.shape[1]}x{image.shape[0]}, pixel spread {spread:.1f})")
+
+
+def side_by_side(viewer: napari.Viewer) -> None:
+    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid  # napari 0.9 moved it
+    grid.enabled = True
+    grid.shape = (1, 2)
+    viewer.reset_view()
+
+
+def restore_screenshot(viewer: napari.Viewer, args: argparse.Namespace) -> None:
     viewer.open_sample("napari-gama-ir", "noisy_photos")
     _, widget = viewer.window.add_plugin_dock_widget("napari-gama-ir", "Restore")
     widget.image.value = "noisy photos (sigma 25)"
@@ -34,23 +57,47 @@ def main() -> None:
     viewer.dims.set_point(0, 0)
     layer.data.wait(timeout=600)
     layer.refresh()
-    viewer.layers["noisy photos (sigma 25)"].visible = True
-    grid = viewer.canvas.grid if hasattr(viewer, "canvas") else viewer.grid  # napari 0.9 moved it
-    grid.enabled = True
-    grid.shape = (1, 2)
-    viewer.reset_view()
+    side_by_side(viewer)
     viewer.layers.selection.active = layer
-    for _ in range(20):
-        QApplication.processEvents()
-    image = viewer.screenshot(canvas_only=False, flash=False)
-    spread = float(np.asarray(image)[..., :3].std())
-    if spread < 5:
-        raise SystemExit(f"screenshot looks blank (pixel spread {spread:.1f})")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    import imageio.v3 as iio
+    save_screenshot(viewer, Path(args.output or IMAGES / "restore_widget.png"))
 
-    iio.imwrite(args.output, np.asarray(image))
-    print(f"wrote {args.output} ({image.shape[1]}x{image.shape[0]}, pixel spread {spread:.1f})")
+
+def finetune_screenshot(viewer: napari.Viewer, args: argparse.Namespace) -> None:
+    os.environ["NAPARI_GAMA_IR_HOME"] = tempfile.mkdtemp()  # the demo run stays out of your models
+    viewer.open_sample("napari-gama-ir", "noisy_fluorescence")
+    viewer.layers["clean fluorescence"].visible = True
+    side_by_side(viewer)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-gama-ir", "Fine-tune")
+    widget.noisy.value, widget.clean.value = "noisy fluorescence", "clean fluorescence"
+    widget.steps.value, widget.patch.value, widget.batch.value = args.steps, 48, 4
+    widget.name.value = "fluorescence-demo"
+    widget.start()
+    deadline = time.monotonic() + 900
+    while len(widget.plot.steps) < args.steps * 2 // 3 and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.05)
+    widget.plot.refresh(force=True)
+    save_screenshot(viewer, Path(args.output or IMAGES / "finetune_widget.png"))
+    widget.cancel()
+    while widget.worker is not None and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    which = parser.add_subparsers(dest="widget", required=True)
+    restore = which.add_parser("restore")
+    restore.add_argument("--model", required=True, help="RGB checkpoint (.json)")
+    finetune = which.add_parser("finetune")
+    finetune.add_argument("--steps", type=int, default=300)
+    for sub in (restore, finetune):
+        sub.add_argument("-o", "--output", help="PNG to write (default: docs/images/<widget>_widget.png)")
+    args = parser.parse_args()
+
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1400, 860)
+    {"restore": restore_screenshot, "finetune": finetune_screenshot}[args.widget](viewer, args)
     viewer.close()
 
 

@@ -281,3 +281,17 @@ def test_fine_tuning_starts_from_a_checkpoint_with_matching_channels(tmp_path):
     assert weights_equal(new, again)
     with pytest.raises(ValueError, match="no pretrained weights"):
         starting_model(3, source="gama_ir_s")
+
+
+def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
+    from napari_gama_ir.train import TrainingMemoryError
+
+    noisy, clean = smooth_stack()
+    trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), TrainSettings(steps=3, patch=16), tmp_path)
+
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "_step", out_of_memory)
+    with pytest.raises(TrainingMemoryError, match="a batch of 8 patches of 16 pixels does not fit in cpu memory"):
+        list(trainer.run())

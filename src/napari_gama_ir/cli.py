@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--loss", choices=("l1", "psnr"), help="supervised loss (default l1)")
     train_cmd.add_argument("--seed", type=int, help="seed of patches, noise and initial weights (default 0)")
     train_cmd.add_argument("--val-fraction", type=float, help="share of planes held out for validation (default 0.1)")
-    train_cmd.add_argument("--val-every", type=int, help="steps between validations (default one epoch)")
+    train_cmd.add_argument("--val-every", type=int, help="steps between validations (default one epoch, or a tenth of the run if shorter)")
     train_cmd.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 500)")
     train_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), help="autocast on a GPU (default fp32)")
     train_cmd.add_argument("--minutes", type=float, help="stop after this many minutes with a checkpoint (resume later)")

@@ -12,6 +12,7 @@ from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_info
+from napari.utils.theme import get_theme
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..engine.axes import parse_axes
@@ -45,11 +46,18 @@ def runs_dir() -> Path:
 class LossPlot(FigureCanvasQTAgg):
     """Training loss per step and the validation score per validation, drawn without blocking."""
 
-    def __init__(self) -> None:
-        self.figure = Figure(figsize=(4, 3.2), tight_layout=True)
+    def __init__(self, background: str = "white", text: str = "black") -> None:
+        self.figure = Figure(figsize=(4, 3.2), tight_layout=True, facecolor=background)
         super().__init__(self.figure)
         self.loss_axes = self.figure.add_subplot(211)
         self.score_axes = self.figure.add_subplot(212)
+        for axes in (self.loss_axes, self.score_axes):
+            axes.set_facecolor(background)
+            axes.tick_params(colors=text)
+            axes.xaxis.label.set_color(text)
+            axes.yaxis.label.set_color(text)
+            for spine in axes.spines.values():
+                spine.set_color(text)
         (self.loss_line,) = self.loss_axes.plot([], [], lw=0.8, color="tab:blue")
         (self.score_line,) = self.score_axes.plot([], [], "o-", ms=3, color="tab:orange")
         self.loss_axes.set_ylabel("training loss")
@@ -118,7 +126,8 @@ class FineTuneWidget(QWidget):
             self.resume_button, self.status,
         ])
         self.learning_rate.native.setDecimals(6)
-        self.plot = LossPlot()
+        theme = get_theme(self.viewer.theme)
+        self.plot = LossPlot(theme.background.as_hex(), theme.text.as_hex())
         layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
         layout.addWidget(self.plot)

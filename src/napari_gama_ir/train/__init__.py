@@ -14,6 +14,7 @@ from .metrics import psnr, ssim
 from .objectives import NoiseModel, Objective
 from .trainer import (
     ResumeError,
+    TrainingMemoryError,
     Trainer,
     TrainEvent,
     TrainResult,
@@ -35,6 +36,7 @@ __all__ = [
     "Trainer",
     "TrainingData",
     "TrainingDataError",
+    "TrainingMemoryError",
     "data_from_arrays",
     "data_from_paths",
     "default_normalization",

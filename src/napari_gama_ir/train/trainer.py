@@ -46,6 +46,10 @@ class ResumeError(ValueError):
     """A checkpoint that cannot be resumed with the settings and data given."""
 
 
+class TrainingMemoryError(ValueError):
+    """A training step does not fit in the device's memory."""
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything that decides a training run; stored in every checkpoint.
@@ -67,7 +71,8 @@ class TrainSettings:
     validation_fraction : float
         Share of planes (or of one plane's rows) held out; 0 for none.
     validate_every : int, optional
-        Steps between validations; default one epoch (as many patch pixels as training pixels).
+        Steps between validations; default one epoch (as many patch pixels as training pixels) or a
+        tenth of the run, whichever is shorter.
     checkpoint_every : int
         Steps between checkpoints (one is also written at the end and when stopped).
     device, precision
@@ -231,13 +236,13 @@ class Trainer:
         self.validation = validation_crops(self.planes, validation_regions, self.normalizer)
         train_pixels = sum(r.rows * self.planes[r.plane].width for r in train_regions)
         self.epoch_steps = max(1, math.ceil(train_pixels / (settings.batch * settings.patch**2)))
+        held_out = sorted({(self.planes[r.plane].source, self.planes[r.plane].index) for r in validation_regions})
         self.data_record = {
             **data.describe(),
             "planes": len(self.planes),
-            "validation_planes": sorted({(self.planes[r.plane].source, self.planes[r.plane].index) for r in validation_regions}),
+            "validation_planes": [list(plane) for plane in held_out],
             "validation_crops": len(self.validation),
         }
-        self.data_record["validation_planes"] = [list(p) for p in self.data_record["validation_planes"]]
         self.start_record = start or {"from": "given network"}
         self.optimiser = torch.optim.AdamW(
             self.model.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay
@@ -255,7 +260,8 @@ class Trainer:
     # -- control -------------------------------------------------------------------------------
     @property
     def validate_every(self) -> int:
-        return self.settings.validate_every or self.epoch_steps
+        """``settings.validate_every``, by default one epoch or a tenth of the run if that is shorter."""
+        return self.settings.validate_every or min(self.epoch_steps, max(self.settings.steps // 10, 1))
 
     def stop(self) -> None:
         """Ask the loop to stop after the current step (thread-safe); it writes a checkpoint."""
@@ -392,7 +398,14 @@ class Trainer:
         seconds_before = self.seconds
         try:
             while self.step < settings.steps and not self._stop.is_set():
-                loss = self._step()
+                try:
+                    loss = self._step()
+                except torch.OutOfMemoryError:
+                    # Shrinking the batch by itself would change the run; say what to change instead.
+                    raise TrainingMemoryError(
+                        f"a batch of {settings.batch} patches of {settings.patch} pixels does not fit in {self.device} "
+                        "memory; use a smaller batch or patch"
+                    ) from None
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became {loss} at step {self.step}; try a lower learning rate or fp32"
