@@ -35,7 +35,8 @@ def test_train_register_and_evaluate(capsys, tmp_path, fluorescence):
     model = create_model("my-fluo")
     assert model.config.normalization["method"] == "percentile"  # uint16 input: auto picks percentiles
     record = model.config.metadata["training"]
-    assert record["data"]["noisy"] and record["settings"]["steps"] == 6 and len(record["history"]) == 2
+    assert record["data"]["sources"] == {"noisy": str(noisy), "clean": str(clean)} and record["data"]["has_clean"]
+    assert record["settings"]["steps"] == 6 and len(record["history"]) == 2
 
     code, out, err = run_cli(capsys, "evaluate", "--model", "my-fluo", "--noisy", noisy, "--clean", clean,
                              "--tile", 0, "--json", tmp_path / "scores.json")

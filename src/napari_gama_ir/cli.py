@@ -17,20 +17,23 @@ from . import __version__
 from .engine import restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.io import check_output_path, open_image, write_image
+from .engine.device import resolve_device
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from .model import (
     CheckpointError,
     GamaIR,
     check_user_model_name,
     create_model,
+    default_model_name,
     get_spec,
     list_models,
     save_user_model,
     user_models_dir,
 )
 from .model.checkpoint import read_checkpoint_record
+from .model.registry import DEFAULT_MODELS
 
-DEFAULT_MODEL = "gama_ir_s"
+UNTRAINED_ARCHITECTURE = "gama_ir_s"  # what --untrained builds when no --model is named
 PROG = "napari-gama-ir"
 
 
@@ -68,6 +71,9 @@ def run_restore(args: argparse.Namespace) -> Path:
     channels = source.array.shape[axes.index("C")] if "C" in axes else 1
     if args.untrained:
         print(_untrained_banner(), file=sys.stderr)
+    args.model = args.model or (
+        UNTRAINED_ARCHITECTURE if args.untrained else default_model_name(channels, resolve_device(args.device).type)
+    )
     model = load_model(args.model, args.untrained, channels)
     planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
     height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
@@ -241,6 +247,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.noisy is None or args.clean is None:
         raise UsageError("evaluate needs --noisy and --clean")
     data = data_from_paths(args.noisy, args.clean, axes=args.axes)
+    args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type)
     model = load_model(args.model)
     rows = []
     for pair in data.pairs:
@@ -278,6 +285,9 @@ def run_models(args: argparse.Namespace) -> None:
     for spec in list_models():
         weights = "yes" if spec.weights else "no"
         print(f"  {spec.name:<24} {weights:<4} {spec.description}")
+    print("Defaults when no --model is named:")
+    for (kind, channels), name in DEFAULT_MODELS.items():
+        print(f"  {channels}-channel images on {kind.upper():<4} {name}")
     folder = user_models_dir()
     checkpoints = sorted(folder.glob("*.json")) if folder.is_dir() else []
     print(f"Local checkpoints in {folder}:" + ("" if checkpoints else " none"))
@@ -302,10 +312,10 @@ def run_demo(args: argparse.Namespace) -> None:
     noisy, clean = noisy_rgb_photos(sigma=sigma, seed=0)
     noisy_path, restored_path = folder / "noisy.tif", folder / "restored.tif"
     write_image(noisy, noisy_path, "ZYXC", overwrite=True)
-    weights_shipped = get_spec(DEFAULT_MODEL).weights is not None
+    model = default_model_name(3, resolve_device(args.device).type)
     restore_args = argparse.Namespace(
-        input=str(noisy_path), output=str(restored_path), overwrite=True, model=DEFAULT_MODEL,
-        untrained=not weights_shipped, axes="ZYXC", tile=args.tile, overlap=args.overlap,
+        input=str(noisy_path), output=str(restored_path), overwrite=True, model=model,
+        untrained=False, axes="ZYXC", tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
         output_dtype="input", quiet=args.quiet,
     )
@@ -313,11 +323,9 @@ def run_demo(args: argparse.Namespace) -> None:
     restored = open_image(restored_path).array.compute()
     before = peak_signal_noise_ratio(clean, noisy, data_range=255)
     after = peak_signal_noise_ratio(clean, restored, data_range=255)
-    print(f"demo: 3 RGB images 256x256, Gaussian noise sigma {sigma:g} (seed 0), model {DEFAULT_MODEL}")
+    print(f"demo: 3 RGB images 256x256, Gaussian noise sigma {sigma:g} (seed 0), model {model}")
     print(f"demo: wrote {noisy_path} and {restored_path}")
     print(f"demo: PSNR noisy {before:.2f} dB -> restored {after:.2f} dB ({after - before:+.2f} dB)")
-    if not weights_shipped:
-        print(_untrained_banner())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
     restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg or .npy")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .tif, .png or .npy")
-    restore_cmd.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, local model name or checkpoint path (default {DEFAULT_MODEL})")
+    restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")
     restore_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE, help=f"GAMA averaging (default {DEFAULT_MEAN_MODE})")
@@ -380,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a model on noisy/clean pairs")
-    evaluate_cmd.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, local model name or checkpoint path (default {DEFAULT_MODEL})")
+    evaluate_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the images' channels)")
     evaluate_cmd.add_argument("--noisy", help="noisy images (folder or image/stack file)")
     evaluate_cmd.add_argument("--clean", help="clean images, same layout as --noisy")
     evaluate_cmd.add_argument("--axes", help="axes of the images (default: from the files, else guessed)")

@@ -133,6 +133,7 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.plot)
         self.worker = None
         self.trainer: Trainer | None = None
+        self._cancel_requested = False
 
         self.noisy.changed.connect(self._guess_axes)
         self.clean.changed.connect(self._show_method)
@@ -226,6 +227,7 @@ class FineTuneWidget(QWidget):
         return self._launch(lambda: resume_trainer(folder, data, device=self.device.value), name)
 
     def _launch(self, make_trainer, name: str):
+        self.trainer, self._cancel_requested = None, False
         self.plot.clear("validation PSNR (dB)" if self.clean.value != SELF_SUPERVISED else "validation loss")
         self.status.value = "preparing the data..."
         self.worker = create_worker(
@@ -245,6 +247,8 @@ class FineTuneWidget(QWidget):
 
     def _train_steps(self, make_trainer):
         self.trainer = make_trainer()  # in the worker: reading percentiles may take a while
+        if self._cancel_requested:  # Cancel was pressed while the data was being prepared
+            self.trainer.stop()
         yield from self.trainer.run()
         return self.trainer.result()
 
@@ -269,6 +273,7 @@ class FineTuneWidget(QWidget):
 
     def cancel(self, _=None) -> None:
         """Stop after the current step; the checkpoint written then lets Resume continue."""
+        self._cancel_requested = True
         if self.trainer is not None:
             self.trainer.stop()
         if self.worker is not None and self.worker.is_paused:

@@ -145,10 +145,39 @@ register_model(
 )
 # Not in the paper: a CPU-friendly size (a quarter of GAMA-IR-S's parameters) for training and
 # fine-tuning on machines without a GPU, one block per level.
+_XS = GamaIRConfig(width=24, encoder_blocks=(1, 1, 1), middle_blocks=4, decoder_blocks=(1, 1, 1))
+register_model(ModelSpec("gama_ir_xs", _XS, "GAMA-IR-XS, width 24, depth 10 (small CPU variant, not in the paper)"))
+
+# Shipped weights (docs/models/<name>.md is each one's model card). The config must equal the
+# shipped JSON's, metadata aside; a test checks it.
 register_model(
     ModelSpec(
-        "gama_ir_xs",
-        GamaIRConfig(width=24, encoder_blocks=(1, 1, 1), middle_blocks=4, decoder_blocks=(1, 1, 1)),
-        "GAMA-IR-XS, width 24, depth 10 (small CPU variant, not in the paper)",
+        "gama_ir_xs-denoise-rgb",
+        _XS.replace(train_patch_size=96, channel_meaning="rgb"),
+        "GAMA-IR-XS blind colour Gaussian denoiser (sigma 0-55), trained on CBSD432 on a CPU",
+        weights="gama_ir_xs-denoise-rgb",
     )
 )
+
+# The shipped model used when none is named, by channel count and device kind. GAMA-IR-S weights
+# need GPU time to train; until they ship, GPUs use the CPU model too.
+DEFAULT_MODELS = {
+    ("cpu", 3): "gama_ir_xs-denoise-rgb",
+    ("gpu", 3): "gama_ir_xs-denoise-rgb",
+}
+
+
+def default_model_name(channels: int = 3, device_type: str = "cpu") -> str:
+    """The shipped model that restores ``channels``-channel images by default on a device type.
+
+    ``device_type`` is a torch device type (``"cpu"``, ``"cuda"``, ``"mps"``); every accelerator
+    counts as ``"gpu"``.
+    """
+    kind = "cpu" if device_type == "cpu" else "gpu"
+    try:
+        return DEFAULT_MODELS[(kind, channels)]
+    except KeyError:
+        raise ValueError(
+            f"no shipped model restores {channels}-channel images yet; name one with --model "
+            "(see 'napari-gama-ir models') or train one with 'napari-gama-ir train'"
+        ) from None

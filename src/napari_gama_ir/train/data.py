@@ -111,13 +111,13 @@ class TrainingData:
     def describe(self) -> dict[str, Any]:
         """What the data was, for the checkpoint's record."""
         return {
-            **self.sources,
+            "sources": self.sources,
             "images": len(self.pairs),
             "shapes": sorted({str(tuple(p.shape)) for p in self.pairs})[:8],
             "axes": sorted({p.axes for p in self.pairs}),
             "dtype": str(self.dtype),
-            "noisy": self.has_noisy,
-            "clean": self.has_clean,
+            "has_noisy": self.has_noisy,
+            "has_clean": self.has_clean,
         }
 
 
