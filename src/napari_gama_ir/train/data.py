@@ -127,8 +127,8 @@ def _lazy(array: Any) -> da.Array:
     if hasattr(array, "chunks") and hasattr(array, "dtype"):
         return da.from_array(array, chunks=array.chunks)
     array = np.asarray(array)
-    # One chunk per plane: a patch reads from one plane only, and nothing is copied.
-    return da.from_array(array, chunks=(1,) * (array.ndim - 2) + array.shape[-2:] if array.ndim > 3 else array.shape)
+    # One chunk: slicing a patch out of an in-memory array is a numpy view, so nothing is copied.
+    return da.from_array(array, chunks=array.shape)
 
 
 def _check_same_shape(name: str, noisy: da.Array | None, clean: da.Array | None) -> None:

@@ -292,7 +292,7 @@ class Trainer:
         save_file(_optimiser_tensors(self.optimiser), str(tmp))
         os.replace(tmp, folder / OPTIMISER_FILE)
         if self.scaler is not None:
-            record["grad_scaler"] = {k: v for k, v in self.scaler.state_dict().items()}
+            record["grad_scaler"] = dict(self.scaler.state_dict())
         tmp = folder / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1) + "\n")
         os.replace(tmp, folder / STATE_FILE)  # last: a checkpoint counts only once this is written
