@@ -30,7 +30,7 @@ import zarr
 
 from napari_gama_ir.engine import ModelRunner
 from napari_gama_ir.engine.tiling import plan_tiles
-from napari_gama_ir.model import GamaIR, GamaIRConfig, save_checkpoint
+from napari_gama_ir.model import GamaIR, GamaIRConfig, create_model, save_checkpoint
 
 
 def folder_bytes(path: Path) -> int:
@@ -50,17 +50,18 @@ def make_stack(path: Path, planes: int, size: int, seed: int) -> None:
         array[index] = np.clip(plane, 0, 65535).astype(np.uint16)
 
 
-def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int) -> float:
+def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int, compile: bool,
+                         device: str) -> float:
     """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
-    runner = ModelRunner(model, "cpu")
+    runner = ModelRunner(model, device, compile=compile)
     tiles = plan_tiles(size, size, tile, overlap, model.config.size_multiple)
     shapes = {}
     for t in tiles:
         shapes[t.shape] = shapes.get(t.shape, 0) + 1
     rng = np.random.default_rng(0)
     batches = {shape: rng.random((count, 1) + shape, dtype=np.float32) for shape, count in shapes.items()}
-    for batch in batches.values():  # warm-up
-        runner.run(batch[:1])
+    for batch in batches.values():  # warm-up (and compilation, with --compile)
+        runner.run(batch)
     started = time.perf_counter()
     for _ in range(planes):
         for batch in batches.values():
@@ -69,10 +70,12 @@ def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, plan
     return planes * size * size / 1e6 / elapsed
 
 
-def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int) -> tuple[float, float]:
+def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int,
+                     compile: bool, device: str) -> tuple[float, float]:
     """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
     command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", str(stack), "-o", str(output),
-               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", "cpu", "-q"]
+               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device, "-q",
+               *(["--compile"] if compile else [])]
     started = time.perf_counter()
     child = subprocess.Popen(command)
     _, status, usage = os.wait4(child.pid, 0)
@@ -87,6 +90,9 @@ def main() -> None:
     parser.add_argument("--planes", type=int, default=256)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--width", type=int, default=8)
+    parser.add_argument("--arch", help="a registered architecture (grey, random weights) instead of --width")
+    parser.add_argument("--compile", action="store_true", help="restore with --compile (compile time included)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--bare-planes", type=int, default=12, help="planes' worth of tiles per bare timing")
@@ -99,9 +105,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     stack, output = workdir / "stack.zarr", workdir / "restored.zarr"
     torch.manual_seed(0)
-    config = GamaIRConfig(in_channels=1, out_channels=1, width=args.width, encoder_blocks=(1, 1, 1),
-                          middle_blocks=2, decoder_blocks=(1, 1, 1), channel_meaning="grey")
-    model = GamaIR(config).eval()
+    if args.arch:
+        model = create_model(args.arch, in_channels=1, out_channels=1, channel_meaning="grey")
+    else:
+        config = GamaIRConfig(in_channels=1, out_channels=1, width=args.width, encoder_blocks=(1, 1, 1),
+                              middle_blocks=2, decoder_blocks=(1, 1, 1), channel_meaning="grey")
+        model = GamaIR(config).eval()
     checkpoint = save_checkpoint(model, workdir / "bench_model")
 
     expected_shape = (args.planes, args.size, args.size)
@@ -113,18 +122,20 @@ def main() -> None:
 
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
-    bare_runs = [bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes)]
-    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap)
-    bare_runs.append(bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes))
+    bare_runs = [bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device)]
+    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.compile, args.device)
+    bare_runs.append(bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device))
     bare = sum(bare_runs) / len(bare_runs)
     engine = args.planes * args.size * args.size / 1e6 / seconds
     results = {
         "stack_shape": list(expected_shape),
         "stack_bytes_on_disk": folder_bytes(stack),
         "output_bytes_on_disk": folder_bytes(output),
-        "model": {"width": args.width, "parameters": sum(p.numel() for p in model.parameters())},
+        "model": {"arch": args.arch, "width": model.config.width, "parameters": sum(p.numel() for p in model.parameters())},
+        "compile": args.compile,
         "tile": args.tile,
         "overlap": args.overlap,
+        "device": args.device,
         "cpu_threads": torch.get_num_threads(),
         "engine_seconds": round(seconds, 1),
         "engine_mpx_per_s": round(engine, 3),

@@ -1,4 +1,4 @@
-"""Command line: ``napari-gama-ir restore|train|evaluate|models|demo``. A thin shell over the library."""
+"""Command line: ``napari-gama-ir restore|train|evaluate|benchmark|models|demo``. A thin shell over the library."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from . import __version__
 from .engine import restore
 from .engine.axes import guess_axes, parse_axes
-from .engine.io import check_output_path, open_image, write_image
 from .engine.device import resolve_device
+from .engine.io import check_output_path, open_image, write_image
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from .model import (
     CheckpointError,
@@ -31,6 +31,7 @@ from .model import (
     user_models_dir,
 )
 from .model.checkpoint import read_checkpoint_record
+from .model.global_blocks import GLOBAL_BLOCKS
 from .model.registry import DEFAULT_MODELS
 
 UNTRAINED_ARCHITECTURE = "gama_ir_s"  # what --untrained builds when no --model is named
@@ -75,15 +76,6 @@ def run_restore(args: argparse.Namespace) -> Path:
         UNTRAINED_ARCHITECTURE if args.untrained else default_model_name(channels, resolve_device(args.device).type)
     )
     model = load_model(args.model, args.untrained, channels)
-    planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
-    height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
-    progress = _Progress(planes, height * width, args.quiet)
-    restored = restore(  # lazy: checks the settings, computes nothing yet
-        source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
-        device=args.device, precision=args.precision, batch=args.batch,
-        output_dtype="input" if args.output_dtype == "input" else args.output_dtype,
-        on_plane=progress.update_pixels,
-    )
     provenance = {
         "napari_gama_ir_version": __version__,
         "model": str(args.model),
@@ -92,13 +84,72 @@ def run_restore(args: argparse.Namespace) -> Path:
         "tile": args.tile,
         "overlap": args.overlap,
         "mean_mode": args.mean_mode,
+        "compiled": bool(args.compile),
         "source": str(args.input),
     }
+    if args.scheduler or args.workers or args.resume:
+        return _restore_on_cluster(args, source.array, model, output, axes, provenance)
+    planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
+    height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
+    progress = _Progress(planes, height * width, args.quiet)
+    restored = restore(  # lazy: checks the settings, computes nothing yet
+        source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
+        device=args.device, precision=args.precision, batch=args.batch,
+        output_dtype="input" if args.output_dtype == "input" else args.output_dtype,
+        on_plane=progress.update_pixels, compile=args.compile,
+    )
     progress.start()
     try:
         write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance)
     finally:
         progress.close()
+    return output
+
+
+def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, provenance: dict) -> Path:
+    """``restore`` on dask.distributed: an existing scheduler, or a local cluster of worker processes."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise UsageError("--scheduler, --workers and --resume need dask.distributed: "
+                         "pip install 'napari-gama-ir[distributed]'") from None
+    from tqdm import tqdm
+
+    from .engine.distributed import restore_distributed, start_local_cluster
+
+    if args.scheduler and args.workers:
+        raise UsageError("give --scheduler (an existing cluster) or --workers (a local one), not both")
+    if output.suffix != ".zarr":
+        raise UsageError("restoring on a cluster, or resumably, writes zarr: give a .zarr output")
+    client = Client(args.scheduler, timeout="10s") if args.scheduler else start_local_cluster(
+        args.workers or 1, args.threads_per_worker)
+    bar = None
+
+    def on_chunk(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=done, unit="chunk", desc="restoring", disable=args.quiet)
+        bar.update(done - bar.n)
+
+    try:
+        workers = len(client.scheduler_info(n_workers=-1)["workers"])
+        print(f"dask: {workers} worker(s); dashboard {client.dashboard_link}", file=sys.stderr)
+        restore_distributed(
+            array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
+            tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
+            precision=args.precision, batch=args.batch, output_dtype=args.output_dtype, compile=args.compile,
+            attrs=provenance, source=str(Path(args.input).resolve()), on_chunk=on_chunk,
+        )
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the chunks written so far are kept: run again with --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        if bar is not None:
+            bar.close()
+        cluster = None if args.scheduler else client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()
     return output
 
 
@@ -317,7 +368,7 @@ def run_demo(args: argparse.Namespace) -> None:
         input=str(noisy_path), output=str(restored_path), overwrite=True, model=model,
         untrained=False, axes="ZYXC", tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
-        output_dtype="input", quiet=args.quiet,
+        output_dtype="input", quiet=args.quiet, compile=False, scheduler=None, workers=None, resume=False,
     )
     run_restore(restore_args)
     restored = open_image(restored_path).array.compute()
@@ -326,6 +377,64 @@ def run_demo(args: argparse.Namespace) -> None:
     print(f"demo: 3 RGB images 256x256, Gaussian noise sigma {sigma:g} (seed 0), model {model}")
     print(f"demo: wrote {noisy_path} and {restored_path}")
     print(f"demo: PSNR noisy {before:.2f} dB -> restored {after:.2f} dB ({after - before:+.2f} dB)")
+
+
+BENCHMARK_MODELS = ("gama_ir_xs", "gama_ir_s", "gama_ir_l")
+
+
+def _benchmark_networks(names: list[str], channels: int, global_blocks: list[str] | None) -> dict[str, GamaIR]:
+    """Registered architectures with random weights (speed does not depend on them), or checkpoints;
+    with ``global_blocks``, each architecture once per global-block variant, named ``name/variant``."""
+    networks = {}
+    for name in names:
+        try:
+            spec = get_spec(name)
+        except KeyError:
+            if global_blocks:
+                raise UsageError(f"--global-blocks needs registered architectures, not {name!r}") from None
+            networks[name] = create_model(name)
+            continue
+        for block in global_blocks or [spec.config.global_block]:
+            torch.manual_seed(0)
+            model = create_model(spec.name, in_channels=channels, out_channels=channels, global_block=block)
+            networks[f"{name}/{block}" if global_blocks else name] = model
+    return networks
+
+
+def run_benchmark(args: argparse.Namespace) -> None:
+    """Latency, memory and FLOPs of GAMA-IR networks by the paper's protocol; table, JSON and plot."""
+    from .engine.benchmark import benchmark, format_table, write_report
+
+    if min(args.sizes) < 8 or args.runs < 1 or args.warmup < 0 or args.channels < 1 or args.batch < 1:
+        raise UsageError("sizes must be at least 8, runs, channels and batch at least 1, warmup at least 0")
+    for path in (args.json, args.plot):  # fail before minutes of measuring, not after
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"the folder of {path} does not exist")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = _benchmark_networks(args.models, args.channels, args.global_blocks)
+
+    def report_progress(m) -> None:
+        if not args.quiet:
+            print(f"{m.model} {'x'.join(map(str, m.shape))}: median {m.latency_ms_median:.2f} ms over {m.runs} runs",
+                  file=sys.stderr)
+
+    report = benchmark(
+        models, args.sizes, channels=args.channels, batch=args.batch, device=args.device,
+        precision=args.precision, warmup=args.warmup, runs=args.runs, budget_s=args.budget,
+        compile=args.compile, on_measurement=report_progress,
+    )
+    machine = report["machine"]
+    print(f"{machine.get('gpu') or machine['processor']} ({machine['device']}, {machine['torch_threads']} torch threads), "
+          f"torch {machine['torch']}, {args.precision}{', compiled' if args.compile else ''}; "
+          f"float32 matmul {report['matmul_gflops_fp32']:.0f} GFLOP/s")
+    print(format_table(report))
+    write_report(report, args.json, args.plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,6 +459,13 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--batch", type=int, help="tiles per forward pass (default 1 on CPU, 4 on GPU)")
     restore_cmd.add_argument("--output-dtype", default="float32", help="float32 (default), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")
+    cluster.add_argument("--scheduler", metavar="ADDRESS", help="restore on an existing cluster, e.g. tcp://host:8786")
+    cluster.add_argument("--workers", type=int, help="start a local cluster of this many worker processes")
+    cluster.add_argument("--threads-per-worker", type=int, default=1, help="threads (and torch threads) per local worker (default 1)")
+    cluster.add_argument("--resume", action="store_true", help="continue an interrupted run into the same output, skipping finished chunks")
+    restore_cmd.add_argument("--compile", action="store_true",
+                             help="run the network through torch.compile (faster once compiled; checked against eager, falls back on failure)")
     add_engine_options(restore_cmd)
 
     train_cmd = commands.add_parser(
@@ -398,6 +514,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list registered architectures and local checkpoints")
 
+    bench_cmd = commands.add_parser(
+        "benchmark", help="latency, peak memory and FLOPs by the paper's protocol",
+        description="Times each network on a random N x C x S x S input: --warmup untimed runs, then "
+        "--runs timed runs with the device synchronised (the paper: 10 and 100 at 1x3x256x256).",
+    )
+    bench_cmd.add_argument("--models", nargs="+", default=list(BENCHMARK_MODELS),
+                           help="architectures (random weights), your models or checkpoints (default: %(default)s)")
+    bench_cmd.add_argument("--sizes", nargs="+", type=int, default=[256], help="input sides in pixels (default 256)")
+    bench_cmd.add_argument("--channels", type=int, default=3, help="image channels (default 3)")
+    bench_cmd.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1)")
+    bench_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    bench_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    bench_cmd.add_argument("--warmup", type=int, default=10, help="untimed runs (default 10)")
+    bench_cmd.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
+    bench_cmd.add_argument("--budget", type=float, help="stop timing a model after this many seconds (at least 3 runs)")
+    bench_cmd.add_argument("--global-blocks", nargs="+", choices=GLOBAL_BLOCKS, metavar="BLOCK",
+                           help=f"time each architecture with these global blocks ({', '.join(GLOBAL_BLOCKS)})")
+    bench_cmd.add_argument("--compile", action="store_true", help="run the networks through torch.compile")
+    bench_cmd.add_argument("--threads", type=int, help="torch CPU threads (default: every usable core)")
+    bench_cmd.add_argument("--json", help="write the measurements to this JSON file")
+    bench_cmd.add_argument("--plot", help="write a PNG plot of latency against size")
+    bench_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
     demo_cmd = commands.add_parser("demo", help="restore a noisy sample stack and print the PSNR gain")
     demo_cmd.add_argument("-o", "--output", default="gama-ir-demo", help="folder for the demo files")
     add_engine_options(demo_cmd)
@@ -408,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "restore": run_restore, "train": run_train, "evaluate": run_evaluate, "models": run_models, "demo": run_demo,
+        "benchmark": run_benchmark,
     }
     try:
         handlers[args.command](args)

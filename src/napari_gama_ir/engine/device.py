@@ -46,3 +46,14 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
         return os.cpu_count() or 1
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device running out of memory (CUDA, MPS or a CPU allocation)."""
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on the CPU, where oneDNN runs 1x1 convs without reordering every tensor; NCHW
+    elsewhere (on GPUs the gain depends on precision and card)."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format

@@ -13,7 +13,15 @@ import dask.array as da
 import numpy as np
 
 from ..model import GamaIR, create_model
-from .axes import ChannelMismatchError, from_canonical, guess_axes, parse_axes, plane_layout, to_canonical
+from .axes import (
+    ChannelMismatchError,
+    PlaneLayout,
+    from_canonical,
+    guess_axes,
+    parse_axes,
+    plane_layout,
+    to_canonical,
+)
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError
 from .tiling import plan_tiles, tile_weights
@@ -99,7 +107,7 @@ def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -
     return result
 
 
-class _StackAffine:
+class StackAffine:
     """Percentiles of a whole stack, computed on first use from a sample of planes, then kept."""
 
     def __init__(self, stack: da.Array, low: float, high: float, samples: int = 16) -> None:
@@ -125,6 +133,42 @@ def _cast_output(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+@dataclass
+class PlaneRestorer:
+    """What :func:`restore` does to one plane (C, Y, X): check it, normalise it, restore it tile by
+    tile, map it back to the input's units and cast it.
+
+    ``stack_affine`` gives the normalisation of ``"stack"``-scope percentile normalisation (computed
+    once for the whole stack); the other normalisations need only the plane or the input dtype.
+    """
+
+    runner: ModelRunner
+    tiling: TilingPlan
+    normalization: dict[str, Any]
+    input_dtype: np.dtype
+    output_dtype: np.dtype
+    stack_affine: Callable[[], Affine] | None = None
+
+    def affine(self, plane: np.ndarray) -> Affine:
+        if self.normalization["method"] == "range":
+            return dtype_range_affine(self.input_dtype)
+        if self.normalization["scope"] == "stack":
+            return self.stack_affine()
+        return percentile_affine(plane, self.normalization["low"], self.normalization["high"])
+
+    def __call__(self, plane: np.ndarray, where: str = "the image") -> np.ndarray:
+        if not np.isfinite(plane).all():
+            raise NonFiniteInputError(f"input contains NaN or Inf values (plane {where})")
+        affine = self.affine(plane)
+        restored = affine.inverse(restore_plane(affine.forward(plane), self.runner, self.tiling))
+        return _cast_output(restored, self.output_dtype)
+
+
+def plane_name(iterated: str, index: tuple[int, ...]) -> str:
+    """``"Z=3, T=0"`` for the plane at ``index`` along the iterated axes, ``"the image"`` for none."""
+    return ", ".join(f"{a}={i}" for a, i in zip(iterated, index)) or "the image"
+
+
 def _as_dask(image: Any) -> tuple[da.Array, bool]:
     """The image as a dask array, and whether the caller gave a lazy array (dask or zarr)."""
     if isinstance(image, da.Array):
@@ -133,6 +177,43 @@ def _as_dask(image: Any) -> tuple[da.Array, bool]:
         return da.from_array(image, chunks=image.chunks), True  # zarr and h5py-like arrays
     array = np.asarray(image)
     return da.from_array(array, chunks=array.shape), False
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """A checked request: the input as dask, its axes and plane layout, and the settings to apply."""
+
+    array: da.Array
+    lazy: bool  # the caller gave a lazy array (dask or zarr)
+    axes: str
+    layout: PlaneLayout
+    normalization: dict[str, Any]
+    output_dtype: np.dtype
+    tiling: TilingPlan
+
+    def canonical_planes(self) -> da.Array:
+        """The input as ``(*iterated, C, Y, X)`` with one chunk per plane."""
+        canonical = to_canonical(self.array, self.layout)
+        return canonical.rechunk((1,) * len(self.layout.iterated) + canonical.shape[-3:])
+
+
+def plan_restore(
+    image: Any, model: GamaIR, axes: str | None, tile: int | None, overlap: int, mean_mode: str,
+    normalization: dict[str, Any] | None, output_dtype: str | np.dtype,
+) -> RestorePlan:
+    """Check everything :func:`restore` is asked before any work is done (see its parameters)."""
+    if mean_mode not in MEAN_MODES:
+        raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
+    config = model.config
+    if config.in_channels != config.out_channels:
+        raise ChannelMismatchError("the engine restores with models whose input and output channels agree")
+    array, lazy = _as_dask(image)
+    axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
+    normalization = check_normalization(normalization or config.normalization)
+    target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
+    tiling = make_tiling(model, tile, overlap, mean_mode)
+    layout = plane_layout(axes, array.shape, config.in_channels)
+    return RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling)
 
 
 def restore(
@@ -149,6 +230,7 @@ def restore(
     normalization: dict[str, Any] | None = None,
     output_dtype: str | np.dtype = "float32",
     on_plane: Callable[[int], None] | None = None,
+    compile: bool = False,
 ):
     """Restore an image or stack with a GAMA-IR network, plane by plane and tile by tile.
 
@@ -184,6 +266,11 @@ def restore(
         rounded and clipped to the dtype's range, never wrapped.
     on_plane : callable, optional
         Called with the number of pixels (per channel) after each plane is restored.
+    compile : bool
+        Run the network through ``torch.compile`` with frozen weights. Compiling takes tens of
+        seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
+        shape's first output is checked against the eager network; any failure falls back to
+        eager with a warning.
 
     Returns
     -------
@@ -200,52 +287,30 @@ def restore(
     """
     if isinstance(model, str):
         model = create_model(model, pretrained=True)
-    if mean_mode not in MEAN_MODES:
-        raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
-    config = model.config
-    if config.in_channels != config.out_channels:
-        raise ChannelMismatchError("the engine restores with models whose input and output channels agree")
-    array, lazy = _as_dask(image)
-    axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
-    normalization = check_normalization(normalization or config.normalization)
-    target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
-    tiling = make_tiling(model, tile, overlap, mean_mode)
-
-    layout = plane_layout(axes, array.shape, config.in_channels)
-    iterated = layout.iterated
-    canonical = to_canonical(array, layout)
+    plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype)
+    iterated, target_dtype = plan.layout.iterated, plan.output_dtype
     # Only now that the input is known to fit: copy the network onto its device.
-    runner = ModelRunner(model, device=device, precision=precision, batch=batch, mean_mode=mean_mode)
-    plane_chunks = (1,) * len(iterated) + canonical.shape[-3:]
-    canonical = canonical.rechunk(plane_chunks)
-
-    if normalization["method"] == "range":
-        fixed = dtype_range_affine(array.dtype)
-        affine_for = lambda plane: fixed  # noqa: E731
-    elif normalization["scope"] == "stack":
-        stack_affine = _StackAffine(canonical, normalization["low"], normalization["high"])
-        affine_for = lambda plane: stack_affine.get()  # noqa: E731
-    else:
-        low, high = normalization["low"], normalization["high"]
-        affine_for = lambda plane: percentile_affine(plane, low, high)  # noqa: E731
+    runner = ModelRunner(
+        model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile
+    )
+    canonical = plan.canonical_planes()
+    stack_affine = None
+    if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
+        stack_affine = StackAffine(canonical, plan.normalization["low"], plan.normalization["high"]).get
+    restorer = PlaneRestorer(runner, plan.tiling, plan.normalization, plan.array.dtype, target_dtype, stack_affine)
 
     def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
-        plane = block.reshape(block.shape[-3:])
-        if not np.isfinite(plane).all():
-            where = block_info[0]["chunk-location"][: len(iterated)] if block_info else ()
-            at = ", ".join(f"{a}={i}" for a, i in zip(iterated, where)) or "the image"
-            raise NonFiniteInputError(f"input contains NaN or Inf values (plane {at})")
-        affine = affine_for(plane)
-        restored = affine.inverse(restore_plane(affine.forward(plane), runner, tiling))
+        where = block_info[0]["chunk-location"][: len(iterated)] if block_info else ()
+        restored = restorer(block.reshape(block.shape[-3:]), plane_name(iterated, where))
         if on_plane is not None:
-            on_plane(plane.shape[-1] * plane.shape[-2])
-        return _cast_output(restored, target_dtype).reshape(block.shape)
+            on_plane(block.shape[-1] * block.shape[-2])
+        return restored.reshape(block.shape)
 
     restored = canonical.map_blocks(
         restore_block, dtype=target_dtype, meta=np.empty((0,) * canonical.ndim, target_dtype)
     )
-    result = from_canonical(restored, layout)
-    if lazy:
+    result = from_canonical(restored, plan.layout)
+    if plan.lazy:
         return result
     # Two threads: one keeps the network busy while the other prepares and blends planes.
     with dask.config.set(scheduler="threads", num_workers=2):

@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-GLOBAL_BLOCKS = ("gama",)
+from .global_blocks import GLOBAL_BLOCKS
+
 NORMALIZATIONS = ("range", "percentile")
 
 
@@ -26,7 +27,9 @@ class GamaIRConfig:
     middle_blocks : int
         Building blocks at the lowest resolution.
     global_block : str
-        Global-context module inside each building block; ``"gama"`` is the paper's block.
+        Global-context module inside each building block: ``"gama"`` (the paper's block, the
+        default) or an ablation variant, ``"identity"``, ``"squeeze_excite"``, ``"gama_1d"`` or
+        ``"gama_multiplicative"`` (see :mod:`.global_blocks`).
     expansion : int
         Channel expansion of the 1x1 convolutions before each SimpleGate (2 in the paper).
     train_patch_size : int

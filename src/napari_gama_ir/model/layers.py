@@ -33,3 +33,17 @@ class SimpleGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, second = x.chunk(2, dim=1)
         return first * second
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the bottom and right of ``x`` (..., H, W) so that H and W are multiples of ``multiple``.
+
+    Reflection keeps image statistics at the border; it needs a pad below the size, so very small
+    inputs are padded by replication instead. Crop the result with ``[..., :H, :W]``.
+    """
+    height, width = x.shape[-2:]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if not (pad_h or pad_w):
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)

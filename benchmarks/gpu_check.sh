@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every GPU measurement of docs/performance.md and docs/distributed.md in one call, for a session
+# that is lent a GPU machine (device tool): run from the repository root with $OUT set, e.g.
+#   bash benchmarks/gpu_check.sh            (about 8 minutes on an H100)
+# It installs the project (torch from the machine), then writes JSON/PNG/logs into $OUT.
+set -uo pipefail
+OUT=${OUT:-benchmarks/output/gpu}
+mkdir -p "$OUT"
+python3 -m pip install -q -e ".[distributed]" matplotlib 2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1
+for precision in fp32 bf16 fp16; do
+    timeout 120 python3 benchmarks/latency.py --device cuda --precision "$precision" --sizes 256 512 1024 2048 \
+        --budget 10 --out "$OUT/latency_$precision" 2>&1 | tail -12 | tee -a "$OUT/log.txt"
+done
+timeout 150 python3 benchmarks/latency.py --device cuda --precision bf16 --compile --sizes 256 1024 \
+    --models gama_ir_s gama_ir_l nafnet_32 --budget 10 --out "$OUT/latency_bf16_compiled" 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
+    --device cuda --workdir /tmp/engine-bench --json "$OUT/engine_gama_ir_s.json" 2>&1 | tail -3 | tee -a "$OUT/log.txt"

@@ -1,0 +1,376 @@
+"""Latency, memory and FLOPs of networks, by the GAMA-IR paper's protocol (section 5, Table 1).
+
+The paper times a 1 x 3 x 256 x 256 input: 10 warm-up runs, then the mean of 100 timed runs, the
+device synchronised around each, and reports the device's peak allocated memory. Here the same
+protocol runs for any ``nn.Module`` at any size, on a GPU or the CPU (where peak memory is the rise
+of the process's resident set), with FLOPs from ``torch.utils.flop_counter`` and the achieved
+GFLOP/s set against the machine's own float32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .compiled import CompiledNetwork
+from .device import check_precision, preferred_memory_format, resolve_device
+
+
+def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """Floating-point operations of one forward pass on an input of ``shape`` (N, C, H, W).
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device, so nothing is
+    computed: convolutions and matrix products count 2 per multiply-add; elementwise work, norms and
+    means are not counted (as in the papers' GMAC figures).
+    """
+    meta = copy.deepcopy(model).to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta(torch.empty(shape, device="meta"))
+    return int(counter.get_total_flops())
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_gflops(device: str | torch.device = "cpu", size: int = 2048, seconds: float = 2.0) -> float:
+    """The device's float32 matrix-multiply rate in GFLOP/s: the practical peak for convolutions."""
+    device = resolve_device(device)
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    for _ in range(3):
+        a @ b
+    _synchronize(device)
+    runs, started = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+        _synchronize(device)
+    return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
+
+
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so an earlier measurement's memory, still held by
+    the allocator, does not hide the next one's rise in resident memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class _ResidentPeak:
+    """Samples this process's resident set size in a thread; ``peak - start`` is the rise in bytes."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        gc.collect()
+        _release_free_heap()
+        self.start = self.peak = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _read() -> int | None:
+        try:
+            with open("/proc/self/statm") as statm:
+                return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError, AttributeError):  # not Linux
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> _ResidentPeak:
+        if self.start is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self.start is not None:
+            self._thread.join()
+            self.peak = max(self.peak, self._read())
+
+    @property
+    def rise(self) -> int | None:
+        return None if self.start is None else self.peak - self.start
+
+
+@dataclass
+class Measurement:
+    """One network at one input shape."""
+
+    model: str
+    shape: tuple[int, ...]
+    parameters: int
+    flops: int
+    warmup_runs: int
+    runs: int
+    latency_ms_mean: float
+    latency_ms_median: float
+    latency_ms_min: float
+    peak_memory_mb: float | None
+    memory_kind: str  # "device max allocated" or "process RSS rise"
+    achieved_gflops: float
+    latencies_ms: list[float] = field(repr=False, default_factory=list)
+
+    @property
+    def gmacs(self) -> float:
+        return self.flops / 2e9
+
+
+def measure(
+    model: nn.Module,
+    shape: tuple[int, ...] = (1, 3, 256, 256),
+    *,
+    name: str = "model",
+    device: str | torch.device = "auto",
+    precision: str = "fp32",
+    warmup: int = 10,
+    runs: int = 100,
+    budget_s: float | None = None,
+    compile: bool = False,
+) -> Measurement:
+    """Time ``model`` on a random input of ``shape`` by the paper's protocol.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any image-to-image network; it is copied, so the caller's stays where it is.
+    shape : tuple of int
+        Input shape (N, C, H, W); the paper uses (1, 3, 256, 256).
+    device, precision : str
+        As for :func:`napari_gama_ir.restore`. The input and network use the engine's memory layout
+        (channels_last on the CPU).
+    warmup, runs : int
+        Untimed and timed forward passes (paper: 10 and 100).
+    budget_s : float, optional
+        Stop the timed runs once they have taken this long (at least 3 runs), and the warm-up
+        once it has taken a quarter of it (at least 1 run): for large inputs on slow devices.
+        The measurement records how many runs were made.
+    compile : bool
+        Run through :class:`~.compiled.CompiledNetwork` (compilation happens in the warm-up).
+
+    Returns
+    -------
+    Measurement
+        Latencies, peak memory (device max allocated on CUDA, RSS rise on the CPU, ``None``
+        elsewhere), parameters, FLOPs and achieved GFLOP/s (FLOPs / median latency).
+    """
+    device = resolve_device(device)
+    autocast_dtype = check_precision(precision, device)
+    memory_format = preferred_memory_format(device)
+    flops = count_flops(model, shape)
+    network = copy.deepcopy(model).to(device, memory_format=memory_format).eval()
+    forward = CompiledNetwork(network, autocast_dtype) if compile else network
+    inputs = torch.rand(shape, device=device).contiguous(memory_format=memory_format)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+
+    def run_once() -> float:
+        _synchronize(device)
+        started = time.perf_counter()
+        forward(inputs)
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    cpu_memory = _ResidentPeak() if device.type == "cpu" else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), autocast, cpu_memory:
+        warmup_runs, warmup_time = 0, 0.0
+        while warmup_runs < warmup and not (budget_s and warmup_runs >= 1 and warmup_time > budget_s / 4):
+            warmup_time += run_once()
+            warmup_runs += 1
+        times: list[float] = []
+        while len(times) < runs and not (budget_s and len(times) >= 3 and sum(times) > budget_s):
+            times.append(run_once())
+    if device.type == "cuda":
+        peak, memory_kind = torch.cuda.max_memory_allocated(device), "device max allocated"
+    elif device.type == "cpu":
+        peak, memory_kind = cpu_memory.rise, "process RSS rise"
+    else:
+        peak, memory_kind = None, "not measured"
+    median = statistics.median(times)
+    return Measurement(
+        model=name, shape=tuple(shape), parameters=sum(p.numel() for p in model.parameters()), flops=flops,
+        warmup_runs=warmup_runs, runs=len(times),
+        latency_ms_mean=1000 * statistics.fmean(times), latency_ms_median=1000 * median,
+        latency_ms_min=1000 * min(times), peak_memory_mb=None if peak is None else peak / 2**20,
+        memory_kind=memory_kind, achieved_gflops=flops / median / 1e9, latencies_ms=[1000 * t for t in times],
+    )
+
+
+def machine_description(device: str | torch.device = "auto") -> dict[str, Any]:
+    """What the figures were measured on: processor or GPU, threads, library versions, date."""
+    device = resolve_device(device)
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+        processor = names[0] if names else processor
+    except OSError:
+        pass
+    description = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "processor": processor,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def benchmark(
+    models: dict[str, nn.Module],
+    sizes: list[int] = (256,),
+    *,
+    channels: int = 3,
+    batch: int = 1,
+    device: str | torch.device = "auto",
+    precision: str = "fp32",
+    warmup: int = 10,
+    runs: int = 100,
+    budget_s: float | None = None,
+    compile: bool = False,
+    max_gflop: float | None = None,
+    on_measurement=None,
+) -> dict[str, Any]:
+    """Measure every model at every size in one run, with the machine's matmul rate beside them.
+
+    ``max_gflop`` skips (and lists under ``skipped``) the measurements whose forward pass needs
+    more GFLOP than that, so the largest inputs can be timed for the fast networks alone on a slow
+    device. ``on_measurement`` is called with each :class:`Measurement` as it is made (for
+    progress). Returns a JSON-ready dict: ``machine``, ``settings``, ``matmul_gflops_fp32``,
+    ``measurements`` (each with its fraction of the matmul rate) and ``skipped``.
+    """
+    device = resolve_device(device)
+    peak = matmul_gflops(device)
+    measurements, skipped = [], []
+    for size in sizes:
+        for name, model in models.items():
+            shape = (batch, channels, size, size)
+            if max_gflop is not None and count_flops(model, shape) > max_gflop * 1e9:
+                skipped.append({"model": name, "shape": list(shape)})
+                continue
+            result = measure(
+                model, shape, name=name, device=device, precision=precision,
+                warmup=warmup, runs=runs, budget_s=budget_s, compile=compile,
+            )
+            if on_measurement is not None:
+                on_measurement(result)
+            record = asdict(result)
+            record["shape"] = list(result.shape)  # as it reads back from JSON
+            record["gmacs"] = result.gmacs
+            record["fraction_of_matmul_peak"] = result.achieved_gflops / peak
+            measurements.append(record)
+    return {
+        "machine": machine_description(device),
+        "settings": {
+            "precision": precision, "warmup": warmup, "runs": runs, "budget_s": budget_s, "compile": compile,
+            "batch": batch, "channels": channels, "max_gflop": max_gflop,
+            "memory_format": "channels_last" if preferred_memory_format(device) == torch.channels_last else "NCHW",
+        },
+        "matmul_gflops_fp32": peak,
+        "measurements": measurements,
+        "skipped": skipped,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The measurements as a Markdown table."""
+    lines = [
+        "| model | input | params (M) | GMACs | latency mean / median (ms) | runs | peak memory (MB) | GFLOP/s | of matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in report["measurements"]:
+        memory = "n/a" if m["peak_memory_mb"] is None else f"{m['peak_memory_mb']:.0f}"
+        lines.append(
+            f"| {m['model']} | {'x'.join(map(str, m['shape']))} | {m['parameters'] / 1e6:.2f} | {m['gmacs']:.1f} | "
+            f"{m['latency_ms_mean']:.1f} / {m['latency_ms_median']:.1f} | {m['runs']} | {memory} | "
+            f"{m['achieved_gflops']:.0f} | {100 * m['fraction_of_matmul_peak']:.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    report: dict[str, Any], json_path: str | os.PathLike | None = None, plot_path: str | os.PathLike | None = None,
+    psnr: dict[str, tuple[float, str]] | None = None, psnr_task: str = "",
+) -> None:
+    """Write the report as JSON and/or a PNG plot.
+
+    The plot shows median latency against input side for every model; with ``psnr`` (model name ->
+    (PSNR in dB, where the figure comes from)) a second panel shows latency at the smallest size
+    against PSNR on ``psnr_task`` (e.g. ``"CBSD68, sigma 25"``).
+    """
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    if plot_path is None:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        raise ValueError("the plot needs matplotlib: pip install matplotlib") from None
+    measurements = report["measurements"]
+    names = list(dict.fromkeys(m["model"] for m in measurements))
+    psnr = {name: value for name, value in (psnr or {}).items() if name in names}
+    figure, axes = plt.subplots(1, 2 if psnr else 1, figsize=(12 if psnr else 6.5, 4.8), squeeze=False)
+    by_size = axes[0][0]
+    for name in names:
+        points = sorted((m["shape"][-1], m["latency_ms_median"]) for m in measurements if m["model"] == name)
+        by_size.plot(*zip(*points), marker="o", label=name)
+    by_size.set(xscale="log", yscale="log", xlabel="input side (pixels)", ylabel="median latency (ms)",
+                title="Latency against input size")
+    sides = sorted({m["shape"][-1] for m in measurements})
+    by_size.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    by_size.set_xticks(sides, [str(s) for s in sides])
+    by_size.grid(True, which="both", alpha=0.3)
+    by_size.legend()
+    if psnr:
+        smallest = sides[0]
+        quality = axes[0][1]
+        for name, (value, source) in psnr.items():
+            latency = next(m["latency_ms_median"] for m in measurements
+                           if m["model"] == name and m["shape"][-1] == smallest)
+            quality.scatter(latency, value)
+            quality.annotate(f"{name}\n({source})", (latency, value), fontsize=8,
+                             xytext=(4, 4), textcoords="offset points")
+        quality.set(xscale="log", xlabel=f"median latency at {smallest}x{smallest} (ms)", ylabel="PSNR (dB)",
+                    title=f"Quality against latency ({psnr_task})" if psnr_task else "Quality against latency")
+        quality.margins(x=0.35, y=0.15)  # room for the labels
+        quality.grid(True, alpha=0.3)
+    machine = report["machine"]
+    where = machine.get("gpu") or f"{machine['processor']}, {machine['torch_threads']} threads"
+    figure.suptitle(f"{where}; {report['settings']['precision']}; torch {machine['torch']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(plot_path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,308 @@
+"""Restore on a dask.distributed cluster, resumably, straight into a zarr store.
+
+The client sends each worker the network once, as checkpoint bytes (JSON record and safetensors
+weights, never a pickled module); a worker builds its :class:`~.restore.PlaneRestorer` on first
+use and keeps it for every later chunk (one per process, keyed by the weights' SHA-256 and the
+settings). Each task restores one plane and writes it into its own chunk of the output zarr, then
+writes a marker file; the client only sees a pixel count. The output is written into a run folder
+beside the output (``.NAME.run``) and moved into place when every chunk has its marker. A run that
+stops (Ctrl-C, a lost cluster) leaves the run folder behind; ``resume=True`` skips the chunks
+that have markers and writes the others, so the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import torch
+import zarr
+
+from ..model import GamaIR, load_checkpoint, save_checkpoint
+from .axes import from_canonical, to_canonical
+from .io import ImageIOError, block_regions, check_output_path
+from .normalize import Affine
+from .restore import DEFAULT_MEAN_MODE, PlaneRestorer, RestorePlan, StackAffine, make_tiling, plan_restore, plane_name
+from .runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class CheckpointBytes:
+    """A checkpoint in memory: its JSON record and safetensors weights, as saved by ``save_checkpoint``."""
+
+    record: bytes
+    weights: bytes
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.record + self.weights).hexdigest()
+
+    @classmethod
+    def from_model(cls, model: GamaIR) -> CheckpointBytes:
+        with tempfile.TemporaryDirectory() as folder:
+            stem = Path(folder) / "model"
+            save_checkpoint(model, stem)
+            return cls(stem.with_suffix(".json").read_bytes(), stem.with_suffix(".safetensors").read_bytes())
+
+    def load(self) -> GamaIR:
+        """The network, through the same checked loader as files (hash verified, nothing unpickled)."""
+        with tempfile.TemporaryDirectory() as folder:
+            stem = Path(folder) / "model"
+            stem.with_suffix(".json").write_bytes(self.record)
+            stem.with_suffix(".safetensors").write_bytes(self.weights)
+            return load_checkpoint(stem.with_suffix(".json"))
+
+
+# -- on the workers -----------------------------------------------------------------------------
+_restorers: dict[tuple[str, str], PlaneRestorer] = {}
+_restorers_lock = threading.Lock()
+model_loads = 0  # networks this process has loaded (tests count them)
+
+
+def _this_worker():
+    try:
+        from distributed import get_worker
+
+        return get_worker()
+    except (ImportError, ValueError):  # not running in a dask worker
+        return None
+
+
+def worker_device(device: str, worker=None) -> str:
+    """Spread a local cluster's workers over the GPUs: worker number i takes ``cuda:(i mod GPUs)``.
+
+    Only for ``"auto"`` or ``"cuda"`` on a machine with several GPUs and workers named by number
+    (as LocalCluster names them); any other device, or a worker named otherwise (one per SLURM job,
+    where the scheduler already hands each job its GPU), keeps ``device``.
+    """
+    worker = worker or _this_worker()
+    name = getattr(worker, "name", None)
+    if device not in ("auto", "cuda") or not isinstance(name, int) or not torch.cuda.is_available():
+        return device
+    count = torch.cuda.device_count()
+    return f"cuda:{name % count}" if count > 1 else device
+
+
+def reuse_freed_heap() -> None:
+    """Let glibc keep and reuse freed memory in this process, as it does by default.
+
+    dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's mmap
+    threshold at 128 KB: every feature map is then a fresh mapping that the kernel zero-fills on
+    first touch (a 1-worker restore took 1.6x as long, docs/distributed.md). This restores
+    glibc's own limits (mmap above 32 MB, trim above 64 MB); it does nothing off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 64 * 2**20)
+
+
+def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> PlaneRestorer:
+    """This process's restorer for ``checkpoint`` and ``settings``, built on first use and kept."""
+    global model_loads
+    key = (checkpoint.sha256, json.dumps(settings, sort_keys=True))
+    with _restorers_lock:
+        if key not in _restorers:
+            reuse_freed_heap()
+            model = checkpoint.load()
+            model_loads += 1
+            # A worker's torch threads are its dask threads: N worker processes of T threads use
+            # N x T cores, as the cluster was sized, without oversubscription.
+            worker = _this_worker()
+            runner = ModelRunner(
+                model, device=worker_device(settings["device"], worker), precision=settings["precision"],
+                batch=settings["batch"], threads=worker.state.nthreads if worker else None,
+                mean_mode=settings["mean_mode"], compile=settings["compile"],
+            )
+            tiling = make_tiling(model, settings["tile"], settings["overlap"], settings["mean_mode"])
+            stack = settings["stack_affine"]
+            _restorers[key] = PlaneRestorer(
+                runner, tiling, settings["normalization"], np.dtype(settings["input_dtype"]),
+                np.dtype(settings["output_dtype"]), (lambda: Affine(*stack)) if stack else None,
+            )
+        return _restorers[key]
+
+
+def _restore_chunk(block: np.ndarray, index: tuple[int, ...], region: tuple[slice, ...], layout, checkpoint,
+                   settings: dict[str, Any], store: str, marker: str) -> int:
+    """Restore one input block (one plane in the input's axes), write it to ``store`` and mark it done."""
+    restorer = worker_restorer(checkpoint, settings)
+    canonical = to_canonical(block, layout)
+    where = plane_name(layout.iterated, tuple(index[layout.axes.index(a)] for a in layout.iterated))
+    restored = restorer(canonical.reshape(canonical.shape[-3:]), where).reshape(canonical.shape)
+    zarr.open_array(store, mode="r+")[region] = from_canonical(restored, layout)
+    Path(marker).touch()  # after the chunk: a marker always means a complete chunk
+    return int(block.size)
+
+
+# -- on the client ------------------------------------------------------------------------------
+class RunMismatchError(ValueError):
+    """``resume`` found a run folder made with other settings or another input."""
+
+
+def _run_folder(output: Path) -> Path:
+    return output.with_name(f".{output.name}.run")
+
+
+def restore_distributed(
+    image: Any,
+    model: GamaIR,
+    output: str | os.PathLike,
+    axes: str | None = None,
+    *,
+    client,
+    resume: bool = False,
+    overwrite: bool = False,
+    tile: int | None = 512,
+    overlap: int = 64,
+    mean_mode: str = DEFAULT_MEAN_MODE,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch: int | None = None,
+    normalization: dict[str, Any] | None = None,
+    output_dtype: str | np.dtype = "float32",
+    compile: bool = False,
+    attrs: dict[str, Any] | None = None,
+    source: str | None = None,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Restore ``image`` on the workers of ``client`` into the zarr store ``output``.
+
+    Parameters
+    ----------
+    image : dask array, zarr array or array-like
+        The input; the workers read it (a zarr or TIFF store must be on storage they share).
+    model : GamaIR
+        The network; it reaches the workers as checkpoint bytes, sent once.
+    output : path
+        A ``.zarr`` folder, written chunk by chunk by the workers (one chunk per plane).
+    client : distributed.Client
+        The cluster to run on.
+    resume : bool
+        Continue an interrupted run into the same ``output``: chunks already written are skipped.
+        The settings and input must be the ones of that run.
+    overwrite : bool
+        Replace an existing output, and discard an interrupted run instead of resuming it.
+    source : str, optional
+        Where the input came from (a path), recorded with the run so that ``resume`` can tell.
+    on_chunk : callable, optional
+        Called with ``(chunks done, chunks in all)`` as chunks finish, and once at the start.
+    Other parameters are those of :func:`~napari_gama_ir.restore`.
+
+    Returns
+    -------
+    Path
+        The output, complete. On an error or interruption the run folder stays for ``resume``.
+    """
+    from distributed import as_completed
+
+    output = Path(output)
+    if output.suffix != ".zarr":
+        raise ImageIOError(f"{output}: distributed restoration writes zarr stores only (a .zarr output)")
+    plan: RestorePlan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype)
+    check_output_path(output, [source] if source else [], overwrite)
+    array = plan.array.rechunk(_plane_chunks(plan))
+    checkpoint = CheckpointBytes.from_model(model)
+    settings = {
+        "device": device, "precision": precision, "batch": batch, "mean_mode": mean_mode, "compile": compile,
+        "tile": plan.tiling.tile, "overlap": overlap, "normalization": plan.normalization,
+        "input_dtype": str(plan.array.dtype), "output_dtype": str(plan.output_dtype), "stack_affine": None,
+    }
+    run = _run_folder(output)
+    # What must not change between a run and its resumption (device, batch and compile may).
+    record = json.loads(json.dumps({
+        "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,
+        "dtype": str(plan.array.dtype),
+        "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile")},
+    }))
+    store, done = run / "data.zarr", run / "done"
+    if run.exists() and (overwrite or not resume):
+        if not overwrite:
+            raise ImageIOError(f"{output}: an interrupted run exists ({run}); resume it or overwrite it")
+        shutil.rmtree(run)
+    if run.exists():
+        previous = json.loads((run / "run.json").read_text())
+        if previous["record"] != record:
+            raise RunMismatchError(f"{run}: made with other settings, model or input; cannot resume it")
+        settings["stack_affine"] = previous["stack_affine"]
+    else:
+        done.mkdir(parents=True)
+        if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
+            affine = client.submit(_stack_affine, plan, pure=False).result()
+            settings["stack_affine"] = [affine.offset, affine.scale]
+        zarr.open_array(str(store), mode="w", shape=array.shape, chunks=[c[0] for c in array.chunks],
+                        dtype=plan.output_dtype, zarr_format=2)
+        (run / "run.json").write_text(json.dumps({"record": record, "stack_affine": settings["stack_affine"]}))
+
+    regions = block_regions(array)
+    flat = {index: number for number, (index, _) in enumerate(regions)}
+    missing = [(index, region) for index, region in regions if not (done / str(flat[index])).exists()]
+    finished = len(regions) - len(missing)
+    if on_chunk is not None:
+        on_chunk(finished, len(regions))
+    if missing:
+        shared_checkpoint = client.scatter(checkpoint, broadcast=True, hash=False)
+        restore_chunk = dask.delayed(_restore_chunk, pure=False)
+        tasks = client.compute([  # each task reads its input block on the worker, as a dependency
+            restore_chunk(array.blocks[index], index, region, plan.layout, shared_checkpoint, settings,
+                          str(store), str(done / str(flat[index])))
+            for index, region in missing
+        ])
+        try:
+            for future in as_completed(tasks):
+                future.result()  # raises the worker's error here
+                finished += 1
+                if on_chunk is not None:
+                    on_chunk(finished, len(regions))
+        except BaseException:
+            client.cancel(tasks)
+            raise
+    target = zarr.open_array(str(store), mode="r+")
+    target.attrs.update({"axes": plan.axes, **(attrs or {})})
+    if output.exists():  # check_output_path allowed it: overwrite
+        shutil.rmtree(output)
+    os.replace(store, output)
+    shutil.rmtree(run)
+    return output
+
+
+def _plane_chunks(plan: RestorePlan) -> tuple[int, ...]:
+    """Chunks of the input, in its own axes, holding one plane (one chunk of the canonical view)."""
+    planar = set("YX") | ({"C"} if plan.layout.feed_channels else set())
+    return tuple(n if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape))
+
+
+def _stack_affine(plan: RestorePlan) -> Affine:
+    return StackAffine(plan.canonical_planes(), plan.normalization["low"], plan.normalization["high"]).get()
+
+
+def start_local_cluster(workers: int, threads_per_worker: int = 1):
+    """A LocalCluster of ``workers`` processes and a client to it, quiet, for one big machine.
+
+    dask starts worker processes with ``OMP_NUM_THREADS=1`` (and MKL's and OpenBLAS's): the workers
+    here get their own thread count instead, so that BLAS and OpenMP libraries other than torch's
+    intra-op pool (which ``ModelRunner`` sets) agree with it.
+    """
+    from distributed import Client, LocalCluster
+
+    threads = {f"distributed.nanny.pre-spawn-environ.{name}": threads_per_worker
+               for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    with dask.config.set(threads):
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
+                               dashboard_address=":0", silence_logs=logging.ERROR)
+    return Client(cluster)

@@ -1,0 +1,162 @@
+"""Restoring on a dask.distributed LocalCluster: equality, one load per worker, resume, lost workers."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import zarr
+
+from napari_gama_ir import restore, save_checkpoint
+from napari_gama_ir.cli import main
+from napari_gama_ir.engine.distributed import RunMismatchError, restore_distributed, start_local_cluster, worker_device
+from napari_gama_ir.engine.io import ImageIOError, open_image
+
+from .conftest import make_tiny_model
+
+pytest.importorskip("distributed")
+
+SETTINGS = {"tile": 32, "overlap": 8}
+
+
+@pytest.fixture(scope="module")
+def client():
+    client = start_local_cluster(workers=2, threads_per_worker=1)
+    yield client
+    cluster = client.cluster
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture
+def stack(tmp_path):
+    data = (np.random.default_rng(0).random((8, 40, 56)) * 60000).astype(np.uint16)
+    array = zarr.open_array(str(tmp_path / "stack.zarr"), mode="w", shape=data.shape, chunks=(2, 40, 56),
+                            dtype=data.dtype)
+    array[:] = data
+    return array, data
+
+
+def _loads(client):
+    from napari_gama_ir.engine import distributed
+
+    return client.run(lambda: distributed.model_loads)
+
+
+def test_two_worker_processes_match_the_single_process_engine_bit_for_bit(client, stack, tmp_path):
+    array, data = stack
+    model = make_tiny_model(1)
+    before = _loads(client)
+    output = restore_distributed(array, model, tmp_path / "out.zarr", "ZYX", client=client, device="cpu", **SETTINGS)
+    result = zarr.open_array(str(output), mode="r")
+    assert result.chunks == (1, 40, 56) and result.attrs["axes"] == "ZYX"
+    assert np.array_equal(result[:], restore(data, model, "ZYX", device="cpu", **SETTINGS))
+    assert np.array_equal(array[:], data)  # the input is untouched
+    assert not (tmp_path / ".out.zarr.run").exists()
+    # Eight chunks, two worker processes: each loaded the network once at most.
+    added = [_loads(client)[w] - before[w] for w in before]
+    assert sorted(added) in ([1, 1], [0, 1])
+
+
+def test_an_interrupted_run_resumes_to_the_identical_result(client, stack, tmp_path):
+    array, data = stack
+    model = make_tiny_model(1)
+    reference = restore(data, model, "ZYX", device="cpu", **SETTINGS)
+    output = tmp_path / "out.zarr"
+
+    def stop_after_three(done, total):
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        restore_distributed(array, model, output, "ZYX", client=client, device="cpu", on_chunk=stop_after_three,
+                            **SETTINGS)
+    run = tmp_path / ".out.zarr.run"
+    assert not output.exists() and run.is_dir()
+    marked = len(os.listdir(run / "done"))
+    assert 3 <= marked < 8
+    # Without resume the half-done run is neither reused nor silently discarded.
+    with pytest.raises(ImageIOError, match="interrupted run exists"):
+        restore_distributed(array, model, output, "ZYX", client=client, device="cpu", **SETTINGS)
+    # With other settings it cannot be resumed.
+    with pytest.raises(RunMismatchError):
+        restore_distributed(array, model, output, "ZYX", client=client, device="cpu", resume=True, tile=48, overlap=8)
+    progress = []
+    restore_distributed(array, model, output, "ZYX", client=client, device="cpu", resume=True,
+                        on_chunk=lambda done, total: progress.append(done), **SETTINGS)
+    assert progress[0] >= marked and progress[-1] == 8  # finished chunks were skipped
+    assert np.array_equal(zarr.open_array(str(output), mode="r")[:], reference)
+    assert not run.exists()
+
+
+def test_a_killed_worker_does_not_stop_the_run(stack, tmp_path):
+    array, data = stack
+    model = make_tiny_model(1)
+    client = start_local_cluster(workers=2, threads_per_worker=1)
+    try:
+        pids = client.run(os.getpid)
+        killed = []
+
+        def kill_one_worker(done, total):
+            if done >= 1 and not killed:
+                victim = next(iter(pids.values()))
+                os.kill(victim, signal.SIGKILL)  # the nanny restarts it; its tasks run again
+                killed.append(victim)
+
+        output = restore_distributed(array, model, tmp_path / "out.zarr", "ZYX", client=client, device="cpu",
+                                     on_chunk=kill_one_worker, **SETTINGS)
+        assert killed
+        assert np.array_equal(zarr.open_array(str(output), mode="r")[:],
+                              restore(data, model, "ZYX", device="cpu", **SETTINGS))
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
+def test_cli_restores_on_a_local_cluster(capsys, tmp_path, stack):
+    _, data = stack
+    checkpoint = save_checkpoint(make_tiny_model(1), tmp_path / "tiny")
+    code = main(["restore", str(tmp_path / "stack.zarr"), "-o", str(tmp_path / "out.zarr"), "--model", str(checkpoint),
+                 "--workers", "2", "--tile", "32", "--overlap", "8", "--device", "cpu", "--axes", "ZYX"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 worker(s); dashboard http" in err and "8/8" in err
+    result = open_image(tmp_path / "out.zarr")
+    assert result.axes == "ZYX" and result.metadata["model"] == str(checkpoint)
+    from napari_gama_ir import create_model
+
+    assert np.array_equal(result.array.compute(),
+                          restore(data, create_model(str(checkpoint)), "ZYX", device="cpu", **SETTINGS))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-o", "{tmp}/out.tif", "--workers", "2"], "give a .zarr output"),
+    (["-o", "{tmp}/out.zarr", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "not both"),
+])
+def test_cli_cluster_bad_input_gets_one_line(capsys, tmp_path, stack, argv, message):
+    checkpoint = save_checkpoint(make_tiny_model(1), tmp_path / "tiny")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = main(["restore", str(tmp_path / "stack.zarr"), "--model", str(checkpoint), "--axes", "ZYX", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.zarr").exists() and not (tmp_path / "out.tif").exists()
+
+
+class _Worker:
+    def __init__(self, name):
+        self.name = name
+
+
+def test_local_workers_spread_over_the_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert [worker_device("cuda", _Worker(i)) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert worker_device("auto", _Worker(4)) == "cuda:1"
+    assert worker_device("cpu", _Worker(1)) == "cpu"  # an explicit device is kept
+    assert worker_device("cuda:2", _Worker(1)) == "cuda:2"
+    assert worker_device("cuda", _Worker("slurm-job-17")) == "cuda"  # the scheduler placed it already
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_device("cuda", _Worker(5)) == "cuda"
