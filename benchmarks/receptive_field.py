@@ -94,6 +94,8 @@ def figure5(args, out: Path) -> dict:
                "parameters": counts, "psnr": {}}
     shown = {}
     for image_name, clean in images().items():
+        if image_name not in args.images:
+            continue
         results["psnr"][image_name] = {}
         for name, block in VARIANTS.items():
             scores = []
@@ -121,7 +123,8 @@ def _plot_figure5(results: dict, shown: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     columns = ["clean", "noisy", *VARIANTS]
-    figure, axes = plt.subplots(2, len(columns), figsize=(3 * len(columns), 6.4))
+    rows = len(results["psnr"])
+    figure, axes = plt.subplots(rows, len(columns), figsize=(3 * len(columns), 3.2 * rows), squeeze=False)
     for row, image_name in enumerate(results["psnr"]):
         for col, name in enumerate(columns):
             axes[row][col].imshow(shown[image_name, name][:96, :96], cmap="gray", vmin=0, vmax=1)
@@ -199,11 +202,15 @@ def main() -> None:
     parser.add_argument("--gama-hidden", type=int, default=64, help="hidden width of the GAMA network")
     parser.add_argument("--erf-size", type=int, default=256)
     parser.add_argument("--erf-seeds", type=int, default=4)
+    parser.add_argument("--images", nargs="+", default=["chessboard", "grass"], choices=["chessboard", "grass"])
+    parser.add_argument("--skip-erf", action="store_true", help="only the Figure 5 experiment")
     parser.add_argument("--out", default="benchmarks/output/receptive_field")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"figure5": figure5(args, out), "effective_receptive_field": effective_receptive_field(args, out)}
+    results = {"figure5": figure5(args, out)}
+    if not args.skip_erf:
+        results["effective_receptive_field"] = effective_receptive_field(args, out)
     (out / "receptive_field.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2), file=sys.stderr)
 
