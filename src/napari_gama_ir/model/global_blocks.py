@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gama import KERNEL_SIZE, GamaBlock
+from .gama import KERNEL_SIZE, GamaBlock, global_mean
 
 GLOBAL_BLOCKS = ("gama", "identity", "squeeze_excite", "gama_1d", "gama_multiplicative")
 
@@ -37,7 +37,7 @@ class SqueezeExcite(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.conv(x.mean((2, 3), keepdim=True))
+        return x * self.conv(global_mean(x, (2, 3)))
 
 
 def _vector_mlp(hidden: int) -> nn.Sequential:
@@ -66,9 +66,9 @@ class Gama1dBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        over_channel = self.mlp_channel(x.mean((2, 3))[:, None]).view(batch, channels, 1, 1)
-        over_height = self.mlp_height(x.mean((1, 3))[:, None]).view(batch, 1, height, 1)
-        over_width = self.mlp_width(x.mean((1, 2))[:, None]).view(batch, 1, 1, width)
+        over_channel = self.mlp_channel(global_mean(x, (2, 3)).reshape(batch, 1, channels)).view(batch, channels, 1, 1)
+        over_height = self.mlp_height(global_mean(x, (1, 3)).reshape(batch, 1, height)).view(batch, 1, height, 1)
+        over_width = self.mlp_width(global_mean(x, (1, 2)).reshape(batch, 1, width)).view(batch, 1, 1, width)
         return x + over_channel + over_height + over_width
 
 
