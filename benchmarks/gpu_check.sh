@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of docs/performance.md and docs/distributed.md in one call, for a session
 # that is lent a GPU machine (device tool): run from the repository root with $OUT set, e.g.
-#   bash benchmarks/gpu_check.sh            (about 8 minutes on an H100)
+#   bash benchmarks/gpu_check.sh            (about 11 minutes on an H100, estimated)
 # It installs the project (torch from the machine), then writes JSON/PNG/logs into $OUT.
 set -uo pipefail
 OUT=${OUT:-benchmarks/output/gpu}
@@ -17,3 +17,8 @@ timeout 150 python3 benchmarks/latency.py --device cuda --precision bf16 --compi
     --models gama_ir_s gama_ir_l nafnet_32 --budget 10 --out "$OUT/latency_bf16_compiled" 2>&1 | tail -6 | tee -a "$OUT/log.txt"
 timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
     --device cuda --workdir /tmp/engine-bench --json "$OUT/engine_gama_ir_s.json" 2>&1 | tail -3 | tee -a "$OUT/log.txt"
+# Per-GPU throughput on a cluster of one worker per GPU (one GPU here: one worker), restore and training.
+timeout 90 python3 benchmarks/distributed_scaling.py --planes 16 --size 2048 --arch gama_ir_s --layouts 1x4 \
+    --device cuda --json "$OUT/distributed_scaling_cuda.json" 2>&1 | tail -6 | tee -a "$OUT/log.txt"
+timeout 90 python3 benchmarks/distributed_training.py --arch gama_ir_s --steps 200 --batch 16 --patch 128 \
+    --layouts 1x4 --device cuda --json "$OUT/distributed_training_cuda.json" 2>&1 | tail -6 | tee -a "$OUT/log.txt"

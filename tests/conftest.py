@@ -38,3 +38,16 @@ def rgb_model():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A dask.distributed LocalCluster of 2 single-thread worker processes, shared by a test module."""
+    pytest.importorskip("distributed")
+    from napari_gama_ir.engine.distributed import start_local_cluster
+
+    client = start_local_cluster(workers=2, threads_per_worker=1)
+    yield client
+    cluster = client.cluster
+    client.close()
+    cluster.close()

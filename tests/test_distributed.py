@@ -19,15 +19,6 @@ pytest.importorskip("distributed")
 SETTINGS = {"tile": 32, "overlap": 8}
 
 
-@pytest.fixture(scope="module")
-def client():
-    client = start_local_cluster(workers=2, threads_per_worker=1)
-    yield client
-    cluster = client.cluster
-    client.close()
-    cluster.close()
-
-
 @pytest.fixture
 def stack(tmp_path):
     data = (np.random.default_rng(0).random((8, 40, 56)) * 60000).astype(np.uint16)

@@ -128,6 +128,23 @@ def test_grey_conversion_uses_luminance():
     assert np.allclose(grey.pairs[0].clean.compute(), 0.7154, atol=1e-6)
 
 
+
+def test_data_from_files_travels_as_the_way_to_reopen_it(tmp_path):
+    import pickle
+
+    import tifffile
+
+    rgb = np.random.default_rng(0).integers(0, 255, (2, 24, 24, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "clean.tif", rgb, metadata={"axes": "ZYXC"})
+    data = data_from_paths(clean=tmp_path / "clean.tif").to_grey()
+    copy = pickle.loads(pickle.dumps(data))  # what a dask worker receives
+    assert copy.reopen == {**data.reopen, "grey": True} and copy.describe() == data.describe()
+    assert np.array_equal(copy.pairs[0].clean.compute(), data.pairs[0].clean.compute())
+    in_memory = data_from_arrays(clean=rgb, axes="ZYXC")
+    assert in_memory.reopen is None  # arrays travel as arrays
+    assert np.array_equal(pickle.loads(pickle.dumps(in_memory)).pairs[0].clean.compute(), rgb)
+
+
 # -- noise, masking, sub-sampling --------------------------------------------------------------------
 def test_noise_models():
     rng = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import signal
@@ -106,23 +107,38 @@ def run_restore(args: argparse.Namespace) -> Path:
     return output
 
 
-def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, provenance: dict) -> Path:
-    """``restore`` on dask.distributed: an existing scheduler, or a local cluster of worker processes."""
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace, options: str):
+    """A client to ``--scheduler``, or to a local cluster of ``--workers`` processes, closed on exit."""
     try:
         from distributed import Client
     except ImportError:
-        raise UsageError("--scheduler, --workers and --resume need dask.distributed: "
-                         "pip install 'napari-gama-ir[distributed]'") from None
-    from tqdm import tqdm
-
-    from .engine.distributed import restore_distributed, start_local_cluster
+        raise UsageError(f"{options} need dask.distributed: pip install 'napari-gama-ir[distributed]'") from None
+    from .engine.distributed import start_local_cluster
 
     if args.scheduler and args.workers:
         raise UsageError("give --scheduler (an existing cluster) or --workers (a local one), not both")
-    if output.suffix != ".zarr":
-        raise UsageError("restoring on a cluster, or resumably, writes zarr: give a .zarr output")
     client = Client(args.scheduler, timeout="10s") if args.scheduler else start_local_cluster(
         args.workers or 1, args.threads_per_worker)
+    try:
+        workers = len(client.nthreads())  # scheduler_info() is a cache that may lack the workers
+        print(f"dask: {workers} worker(s); dashboard {client.dashboard_link}", file=sys.stderr)
+        yield client
+    finally:
+        cluster = None if args.scheduler else client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, provenance: dict) -> Path:
+    """``restore`` on dask.distributed: an existing scheduler, or a local cluster of worker processes."""
+    from tqdm import tqdm
+
+    from .engine.distributed import restore_distributed
+
+    if output.suffix != ".zarr":
+        raise UsageError("restoring on a cluster, or resumably, writes zarr: give a .zarr output")
     bar = None
 
     def on_chunk(done: int, total: int) -> None:
@@ -132,24 +148,19 @@ def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, pro
         bar.update(done - bar.n)
 
     try:
-        workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        print(f"dask: {workers} worker(s); dashboard {client.dashboard_link}", file=sys.stderr)
-        restore_distributed(
-            array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
-            tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
-            precision=args.precision, batch=args.batch, output_dtype=args.output_dtype, compile=args.compile,
-            attrs=provenance, source=str(Path(args.input).resolve()), on_chunk=on_chunk,
-        )
+        with _cluster(args, "--scheduler, --workers and --resume") as client:
+            restore_distributed(
+                array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
+                tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
+                precision=args.precision, batch=args.batch, output_dtype=args.output_dtype, compile=args.compile,
+                attrs=provenance, source=str(Path(args.input).resolve()), on_chunk=on_chunk,
+            )
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the chunks written so far are kept: run again with --resume", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         if bar is not None:
             bar.close()
-        cluster = None if args.scheduler else client.cluster
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return output
 
 
@@ -212,9 +223,7 @@ def _train_settings(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> None:
     """Train or fine-tune a network on the user's images; Ctrl-C stops with a resumable checkpoint."""
-    from tqdm import tqdm
-
-    from .train import Trainer, default_normalization, resume_trainer, starting_model
+    from .train import Trainer, default_normalization, resume_point, starting_model
 
     if args.register:
         check_user_model_name(args.register)  # before hours of training, not after
@@ -227,7 +236,8 @@ def run_train(args: argparse.Namespace) -> None:
         changes = {"device": args.device, "time_limit": args.minutes * 60 if args.minutes else None}
         if args.checkpoint_every:
             changes["checkpoint_every"] = args.checkpoint_every
-        trainer = resume_trainer(output, data, **changes)
+        model, settings = resume_point(output, **changes)
+        start = None
     else:
         if (output / "checkpoint").exists() and not args.overwrite:
             raise UsageError(f"{output} holds a training run already; use --resume to continue it or --overwrite")
@@ -244,14 +254,38 @@ def run_train(args: argparse.Namespace) -> None:
             data.channels, source=args.from_, architecture=args.arch or "gama_ir_xs", patch=settings.patch,
             normalization=normalization, seed=settings.seed,
         )
-        trainer = Trainer(model, data, settings, output, start=start)
+    if args.scheduler or args.workers:
+        from .train.distributed import DistributedTrainer
+
+        with _cluster(args, "--scheduler and --workers") as client:
+            trainer = DistributedTrainer(model, data, settings, output, client=client, resume=args.resume, start=start)
+            share = settings.batch // trainer.replicas
+            print(f"training: {settings.objective}, {settings.steps} steps of {settings.batch}x{settings.patch}px on "
+                  f"{trainer.replicas} replica(s) of {share} patch(es), device {settings.device}", file=sys.stderr)
+            result = _follow_training(trainer, args)
+    else:
+        trainer = Trainer(model, data, settings, output, start=start, resume=args.resume)
+        print(
+            f"training: {settings.objective}, {trainer.data_record['planes']} plane(s) "
+            f"({len(trainer.validation)} validation crop(s)), {settings.steps} steps of {settings.batch}x"
+            f"{settings.patch}px on {trainer.device}, validation every {trainer.validate_every} steps",
+            file=sys.stderr,
+        )
+        result = _follow_training(trainer, args)
+    if result.stopped_early:
+        print(f"stopped at step {result.steps_done}/{settings.steps}; continue with --resume -o {output}", file=sys.stderr)
+    best = f", best validation {result.best}" if result.best else ""
+    print(f"model: {result.model_path}{best}")
+    if args.register and not result.stopped_early:
+        path = save_user_model(create_model(str(result.model_path)), args.register)
+        print(f"registered as {args.register!r}: {path}")
+
+
+def _follow_training(trainer, args: argparse.Namespace):
+    """Run ``trainer`` (local or distributed) with a progress bar; the first Ctrl-C stops it cleanly."""
+    from tqdm import tqdm
+
     settings = trainer.settings
-    print(
-        f"training: {settings.objective}, {trainer.data_record['planes']} plane(s) "
-        f"({len(trainer.validation)} validation crop(s)), {settings.steps} steps of {settings.batch}x"
-        f"{settings.patch}px on {trainer.device}, validation every {trainer.validate_every} steps",
-        file=sys.stderr,
-    )
     bar = tqdm(total=settings.steps, initial=trainer.step, unit="step", desc="training", disable=args.quiet)
     interrupted = []
 
@@ -262,28 +296,24 @@ def run_train(args: argparse.Namespace) -> None:
         trainer.stop()
 
     previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
+    validation: dict[str, float] = {}
     try:
         for event in trainer.run():
+            validation = event.validation or validation
             postfix = {"loss": f"{event.loss:.4g}", "lr": f"{event.learning_rate:.2g}"}
-            if trainer.history:
-                last = trainer.history[-1]
-                postfix.update({"val_psnr": f"{last['psnr']:.2f}"} if "psnr" in last else {"val_loss": f"{last.get('loss', 0):.4g}"})
+            if "psnr" in validation:
+                postfix["val_psnr"] = f"{validation['psnr']:.2f}"
+            elif "loss" in validation:
+                postfix["val_loss"] = f"{validation['loss']:.4g}"
             bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if event.validation and args.quiet is False:
+            bar.update(event.step - bar.n)
+            if event.validation and not args.quiet:
                 bar.write("step {}: {}".format(event.step, ", ".join(f"{k} {v:.4g}" for k, v in event.validation.items())))
     finally:
         bar.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    result = trainer.result()
-    if result.stopped_early:
-        print(f"stopped at step {result.steps_done}/{settings.steps}; continue with --resume -o {output}", file=sys.stderr)
-    best = f", best validation {result.best}" if result.best else ""
-    print(f"model: {result.model_path}{best}")
-    if args.register and not result.stopped_early:
-        path = save_user_model(create_model(str(result.model_path)), args.register)
-        print(f"registered as {args.register!r}: {path}")
+    return trainer.result()
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -352,29 +382,39 @@ def run_models(args: argparse.Namespace) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    """Make a noisy sample stack, restore it through ``run_restore`` and report PSNR."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    from .samples import noisy_rgb_photos
+    """Make noisy sample stacks (RGB photos, fluorescence), restore them through ``run_restore``, report PSNR."""
+    from .samples import noisy_fluorescence_stack, noisy_rgb_photos
 
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     sigma = 25.0
     noisy, clean = noisy_rgb_photos(sigma=sigma, seed=0)
-    noisy_path, restored_path = folder / "noisy.tif", folder / "restored.tif"
-    write_image(noisy, noisy_path, "ZYXC", overwrite=True)
-    model = default_model_name(3, resolve_device(args.device).type)
+    _demo_restore(args, noisy, clean, "ZYXC", folder / "noisy.tif", folder / "restored.tif", 255.0,
+                  f"3 RGB images 256x256, Gaussian noise sigma {sigma:g} (seed 0)")
+    noisy, clean = noisy_fluorescence_stack(planes=8, size=256, seed=0)
+    _demo_restore(args, noisy, clean, "ZYX", folder / "fluorescence_noisy.tif", folder / "fluorescence_restored.tif",
+                  float(clean.max() - clean.min()),
+                  "fluorescence stack 8x256x256, Poisson noise (30 photons at the brightest) and read noise 3 (seed 0)")
+
+
+def _demo_restore(args, noisy: np.ndarray, clean: np.ndarray, axes: str, noisy_path: Path, restored_path: Path,
+                  data_range: float, description: str) -> None:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    write_image(noisy, noisy_path, axes, overwrite=True)
+    channels = noisy.shape[axes.index("C")] if "C" in axes else 1
+    model = default_model_name(channels, resolve_device(args.device).type)
     restore_args = argparse.Namespace(
         input=str(noisy_path), output=str(restored_path), overwrite=True, model=model,
-        untrained=False, axes="ZYXC", tile=args.tile, overlap=args.overlap,
+        untrained=False, axes=axes, tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
         output_dtype="input", quiet=args.quiet, compile=False, scheduler=None, workers=None, resume=False,
     )
     run_restore(restore_args)
     restored = open_image(restored_path).array.compute()
-    before = peak_signal_noise_ratio(clean, noisy, data_range=255)
-    after = peak_signal_noise_ratio(clean, restored, data_range=255)
-    print(f"demo: 3 RGB images 256x256, Gaussian noise sigma {sigma:g} (seed 0), model {model}")
+    before = peak_signal_noise_ratio(clean, noisy.astype(clean.dtype), data_range=data_range)
+    after = peak_signal_noise_ratio(clean, restored.astype(clean.dtype), data_range=data_range)
+    print(f"demo: {description}, model {model}")
     print(f"demo: wrote {noisy_path} and {restored_path}")
     print(f"demo: PSNR noisy {before:.2f} dB -> restored {after:.2f} dB ({after - before:+.2f} dB)")
 
@@ -502,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--register", metavar="NAME", help="when done, add the model to your models under NAME")
     train_cmd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     train_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    cluster = train_cmd.add_argument_group(
+        "cluster (data parallel on dask.distributed, a replica per worker; --output on storage they all share)")
+    cluster.add_argument("--scheduler", metavar="ADDRESS", help="train on an existing cluster, e.g. tcp://host:8786")
+    cluster.add_argument("--workers", type=int, help="start a local cluster of this many worker processes")
+    cluster.add_argument("--threads-per-worker", type=int, default=1, help="threads (and torch threads) per local worker (default 1)")
 
     evaluate_cmd = commands.add_parser("evaluate", help="PSNR/SSIM of a model on noisy/clean pairs")
     evaluate_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the images' channels)")

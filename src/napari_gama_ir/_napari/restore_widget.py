@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,9 +18,10 @@ from superqt.utils import ensure_main_thread
 from .. import __version__
 from ..engine import restore
 from ..engine.axes import parse_axes
+from ..engine.device import resolve_device
 from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
-from ..model import create_model, list_models, user_model_names
+from ..model import create_model, default_model_name, list_models, user_model_names
 from .layers import axes_guess, find_layer, image_layer_names, layer_data, report_error
 from .model_events import model_events
 from .preview import BackgroundPlanes
@@ -99,9 +101,16 @@ class RestoreWidget(QWidget):
         self.output.visible = self.destination.value == TO_ZARR
 
     def _guess_axes(self, _=None) -> None:
+        """Guess the layer's axes; switch a shipped model to the one for the layer's channels."""
         layer = self._layer()
-        if layer is not None:
-            self.axes.value = axes_guess(layer)
+        if layer is None:
+            return
+        self.axes.value = axes_guess(layer)
+        if self.model.value in {spec.name for spec in list_models() if spec.weights}:
+            axes, shape = self.axes.value, layer_data(layer).shape
+            channels = shape[axes.index("C")] if "C" in axes and len(axes) == len(shape) else 1
+            with contextlib.suppress(ValueError):
+                self.model.value = default_model_name(channels, resolve_device(self.device.value).type)
 
     def _layer(self):
         return find_layer(self.viewer, self.image.value)

@@ -71,7 +71,7 @@ _restorers_lock = threading.Lock()
 model_loads = 0  # networks this process has loaded (tests count them)
 
 
-def _this_worker():
+def current_worker():
     try:
         from distributed import get_worker
 
@@ -87,7 +87,7 @@ def worker_device(device: str, worker=None) -> str:
     (as LocalCluster names them); any other device, or a worker named otherwise (one per SLURM job,
     where the scheduler already hands each job its GPU), keeps ``device``.
     """
-    worker = worker or _this_worker()
+    worker = worker or current_worker()
     name = getattr(worker, "name", None)
     if device not in ("auto", "cuda") or not isinstance(name, int) or not torch.cuda.is_available():
         return device
@@ -123,7 +123,7 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
             model_loads += 1
             # A worker's torch threads are its dask threads: N worker processes of T threads use
             # N x T cores, as the cluster was sized, without oversubscription.
-            worker = _this_worker()
+            worker = current_worker()
             runner = ModelRunner(
                 model, device=worker_device(settings["device"], worker), precision=settings["precision"],
                 batch=settings["batch"], threads=worker.state.nthreads if worker else None,

@@ -158,12 +158,27 @@ register_model(
         weights="gama_ir_xs-denoise-rgb",
     )
 )
+register_model(
+    ModelSpec(
+        "gama_ir_xs-denoise-grey",
+        _XS.replace(
+            in_channels=1, out_channels=1, train_patch_size=96, channel_meaning="grey",
+            normalization={"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"},
+        ),
+        "GAMA-IR-XS blind grey denoiser (Gaussian and Poisson-Gaussian noise; photos and fluorescence), "
+        "trained on CBSD432 in grey on a CPU",
+        weights="gama_ir_xs-denoise-grey",
+    )
+)
 
-# The shipped model used when none is named, by channel count and device kind. GAMA-IR-S weights
-# need GPU time to train; until they ship, GPUs use the CPU model too.
+# The shipped model used when none is named, by channel count and device kind; other channel
+# counts get the grey model, which restores each channel alone. GAMA-IR-S weights need GPU time to
+# train; until they ship, GPUs use the CPU models too.
 DEFAULT_MODELS = {
     ("cpu", 3): "gama_ir_xs-denoise-rgb",
     ("gpu", 3): "gama_ir_xs-denoise-rgb",
+    ("cpu", 1): "gama_ir_xs-denoise-grey",
+    ("gpu", 1): "gama_ir_xs-denoise-grey",
 }
 
 
@@ -175,7 +190,7 @@ def default_model_name(channels: int = 3, device_type: str = "cpu") -> str:
     """
     kind = "cpu" if device_type == "cpu" else "gpu"
     try:
-        return DEFAULT_MODELS[(kind, channels)]
+        return DEFAULT_MODELS.get((kind, channels)) or DEFAULT_MODELS[(kind, 1)]
     except KeyError:
         raise ValueError(
             f"no shipped model restores {channels}-channel images yet; name one with --model "

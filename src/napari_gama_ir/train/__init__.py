@@ -7,28 +7,38 @@ Typical use::
     data = data_from_arrays(noisy_stack, clean_stack, axes="ZYX")
     model, start = starting_model(data.channels, architecture="gama_ir_xs", patch=64)
     result = train(model, data, TrainSettings(steps=2000), "my_model", start=start)
+
+and data parallel on a dask.distributed cluster, one replica per worker::
+
+    result = train_distributed(model, data, TrainSettings(steps=2000, batch=16), "my_model", client=client)
 """
 
 from .data import TrainingData, TrainingDataError, data_from_arrays, data_from_paths
+from .distributed import DistributedTrainer, ReplicaLostError, train_distributed
 from .metrics import psnr, ssim
 from .objectives import NoiseModel, Objective
 from .trainer import (
+    Replica,
     ResumeError,
-    TrainingMemoryError,
     Trainer,
     TrainEvent,
+    TrainingMemoryError,
     TrainResult,
     TrainSettings,
     default_normalization,
     learning_rate_at,
+    resume_point,
     resume_trainer,
     starting_model,
     train,
 )
 
 __all__ = [
+    "DistributedTrainer",
     "NoiseModel",
     "Objective",
+    "Replica",
+    "ReplicaLostError",
     "ResumeError",
     "TrainEvent",
     "TrainResult",
@@ -42,8 +52,10 @@ __all__ = [
     "default_normalization",
     "learning_rate_at",
     "psnr",
+    "resume_point",
     "resume_trainer",
     "ssim",
     "starting_model",
     "train",
+    "train_distributed",
 ]

@@ -50,10 +50,14 @@ class TrainingData:
     - noisy and clean: supervised training (the paper's setting);
     - noisy only: self-supervised training (Noise2Void, Neighbor2Neighbor);
     - clean only: supervised training on synthetic noise added to each patch.
+
+    Data opened from files travels to other processes (dask workers) as the way to open it again,
+    since open files and stores do not; data from arrays travels as the arrays.
     """
 
     pairs: list[ImagePair]
     sources: dict[str, Any] = field(default_factory=dict)
+    reopen: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -106,7 +110,13 @@ class TrainingData:
                     array = (array.astype(np.float32) * weights).sum(axis=axis)
                 greys.append(array)
             pairs.append(ImagePair(pair.name, pair.axes.replace("C", ""), *greys))
-        return TrainingData(pairs, {**self.sources, "converted_to_grey": True})
+        reopen = None if self.reopen is None else {**self.reopen, "grey": True}
+        return TrainingData(pairs, {**self.sources, "converted_to_grey": True}, reopen)
+
+    def __reduce_ex__(self, protocol):
+        if self.reopen is None:
+            return super().__reduce_ex__(protocol)
+        return _reopen_training_data, (self.reopen,)
 
     def describe(self) -> dict[str, Any]:
         """What the data was, for the checkpoint's record."""
@@ -191,6 +201,7 @@ def data_from_paths(
         file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
         data = data_from_arrays(*arrays, axes=axes or file_axes, name=present[0].name)
         data.sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
+        data.reopen = {"noisy": noisy, "clean": clean, "axes": axes}
         return data
     listings = [None if p is None else _folder_images(p) for p in given]
     names = sorted(next(entry for entry in listings if entry is not None))
@@ -211,7 +222,12 @@ def data_from_paths(
         image_axes = parse_axes(axes, len(shape)) if axes else guess_axes(shape)
         pairs.append(ImagePair(image_name, image_axes, *arrays))
     sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
-    return TrainingData(pairs, sources)
+    return TrainingData(pairs, sources, {"noisy": noisy, "clean": clean, "axes": axes})
+
+
+def _reopen_training_data(recipe: dict[str, Any]) -> TrainingData:
+    data = data_from_paths(recipe["noisy"], recipe["clean"], recipe["axes"])
+    return data.to_grey() if recipe.get("grey") else data
 
 
 # -- planes, normalisation and the validation split ---------------------------------------------

@@ -156,6 +156,24 @@ class TrainEvent:
     checkpoint: bool = False
 
 
+@dataclass(frozen=True)
+class Replica:
+    """This process's place in data-parallel training: replica ``rank`` of ``world``.
+
+    Every replica draws the same global batch from the step's generator and trains on its own
+    equal share; torch.distributed averages the gradients, so the replicas stay identical and a
+    step equals a single-process step on the whole batch. Replica 0 validates and writes the
+    checkpoints and the model. The process group must be initialised before the trainer is built.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
 @dataclass
 class TrainResult:
     """How a run ended: where the model is, how many steps ran, and the metrics history."""
@@ -201,6 +219,9 @@ class Trainer:
     resume : bool
         Continue from the checkpoint in ``output``; the settings and data must be those of the
         checkpoint (only device, time limit and checkpoint interval may change).
+    replica : Replica, optional
+        Train as one replica of a data-parallel run (see :mod:`napari_gama_ir.train.distributed`);
+        the caller then also sets the torch thread count.
     """
 
     def __init__(
@@ -211,8 +232,16 @@ class Trainer:
         output: str | os.PathLike,
         start: dict[str, Any] | None = None,
         resume: bool = False,
+        replica: Replica | None = None,
     ) -> None:
         self.settings, self.output = settings, Path(output)
+        self.standalone = replica is None
+        self.replica = replica or Replica()
+        if settings.batch % self.replica.world:
+            raise ValueError(
+                f"a batch of {settings.batch} cannot be shared equally by {self.replica.world} replicas; "
+                "use a batch that is a multiple of the replica count"
+            )
         noise = NoiseModel.parse(settings.noise) if settings.noise else None
         self.objective = Objective(settings.objective, settings.loss, noise)
         if self.objective.needs_clean and not data.has_clean:
@@ -256,6 +285,14 @@ class Trainer:
         self._stop = threading.Event()
         if resume:
             self._resume()
+        # The replicas' gradients are averaged in backward; the network itself stays self.model.
+        self.network: torch.nn.Module = self.model
+        if self.replica.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.network = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     # -- control -------------------------------------------------------------------------------
     @property
@@ -361,14 +398,18 @@ class Trainer:
     def _step(self) -> float:
         rng = np.random.default_rng([self.settings.seed, self.step])
         arrays = self.objective.inputs(self.sampler.batch(self.settings.batch, rng), rng)
-        tensors = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+        share = self.settings.batch // self.replica.world
+        first = self.replica.rank * share
+        tensors = {
+            k: torch.from_numpy(v[first : first + share]).to(self.device, non_blocking=True) for k, v in arrays.items()
+        }
         for group in self.optimiser.param_groups:
             group["lr"] = learning_rate_at(self.step, self.settings)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
         with autocast:
-            loss = self.objective(self.model, tensors, rng)
+            loss = self.objective(self.network, tensors, rng)
         self.optimiser.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -381,7 +422,21 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             self.optimiser.step()
         self.step += 1
+        if self.replica.world > 1:  # report the whole batch's loss, as one process would
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.replica.world
         return float(loss.detach())
+
+    def _should_stop(self, session_seconds: float) -> bool:
+        """Stop asked for, or time limit reached, on any replica: all of them stop at the same step."""
+        limit = self.settings.time_limit
+        local = self._stop.is_set() or (limit is not None and session_seconds > limit)
+        if self.replica.world == 1:
+            return local
+        vote = torch.tensor([float(local)], device=self.device)
+        torch.distributed.all_reduce(vote)
+        return bool(vote.item())
 
     def run(self) -> Iterator[TrainEvent]:
         """Train until ``settings.steps`` (or a stop, or the time limit), yielding after every step.
@@ -390,14 +445,16 @@ class Trainer:
         ``output/model``, and writes a checkpoint every ``checkpoint_every`` steps and on exit.
         """
         settings = self.settings
-        self.output.mkdir(parents=True, exist_ok=True)
-        if self.device.type == "cpu" and torch.get_num_threads() != usable_cores():
+        main = self.replica.is_main
+        if main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        if self.standalone and self.device.type == "cpu" and torch.get_num_threads() != usable_cores():
             torch.set_num_threads(usable_cores())
         self.model.train()
         session_started = time.monotonic()
         seconds_before = self.seconds
         try:
-            while self.step < settings.steps and not self._stop.is_set():
+            while self.step < settings.steps and not self._should_stop(time.monotonic() - session_started):
                 try:
                     loss = self._step()
                 except torch.OutOfMemoryError:
@@ -414,16 +471,16 @@ class Trainer:
                 session_seconds = time.monotonic() - session_started
                 self.seconds = seconds_before + session_seconds
                 event = TrainEvent(self.step, settings.steps, loss, learning_rate_at(self.step - 1, settings), self.seconds)
-                if self.step % self.validate_every == 0 or self.step == settings.steps:
+                if main and (self.step % self.validate_every == 0 or self.step == settings.steps):
                     event.validation = self._validate_and_keep()
-                if self.step % settings.checkpoint_every == 0 or self.step == settings.steps:
+                if main and (self.step % settings.checkpoint_every == 0 or self.step == settings.steps):
                     self.save_checkpoint()
                     event.checkpoint = True
                 yield event
-                if settings.time_limit is not None and session_seconds > settings.time_limit:
-                    break
         finally:
             self.model.eval()
+        if not main:
+            return
         if self.step < settings.steps:  # stopped early: keep everything needed to resume
             self.save_checkpoint()
         model_path = self.output / f"{MODEL_STEM}.json"
@@ -551,11 +608,11 @@ def starting_model(
     return model, {"from": "scratch", "architecture": architecture, "seed": seed}
 
 
-def resume_trainer(output: str | os.PathLike, data: TrainingData, **changes: Any) -> Trainer:
-    """A :class:`Trainer` that continues the run checkpointed in ``output``.
+def resume_point(output: str | os.PathLike, **changes: Any) -> tuple[GamaIR, TrainSettings]:
+    """The network and settings of the run checkpointed in ``output``, to build its resuming trainer.
 
-    The settings and network come from the checkpoint; ``changes`` may set only the settings that
-    do not alter the result (device, time limit, checkpoint interval).
+    ``changes`` may set only the settings that do not alter the result (device, time limit,
+    checkpoint interval).
     """
     folder = Path(output) / CHECKPOINT_DIR
     if not (folder / STATE_FILE).is_file():
@@ -564,6 +621,10 @@ def resume_trainer(output: str | os.PathLike, data: TrainingData, **changes: Any
     refused = sorted(set(changes) - set(TrainSettings.RESUMABLE_CHANGES))
     if refused:
         raise ResumeError(f"{', '.join(refused)} cannot change when resuming (the result would differ)")
-    settings = TrainSettings.from_dict({**record["settings"], **changes})
-    model = load_checkpoint(folder / MODEL_STEM)
+    return load_checkpoint(folder / MODEL_STEM), TrainSettings.from_dict({**record["settings"], **changes})
+
+
+def resume_trainer(output: str | os.PathLike, data: TrainingData, **changes: Any) -> Trainer:
+    """A :class:`Trainer` that continues the run checkpointed in ``output`` (see :func:`resume_point`)."""
+    model, settings = resume_point(output, **changes)
     return Trainer(model, data, settings, output, resume=True)

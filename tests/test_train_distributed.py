@@ -1,0 +1,130 @@
+"""Data-parallel training on a dask.distributed LocalCluster: same result as one process, stop, lost replicas."""
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_gama_ir import create_model
+from napari_gama_ir.engine.distributed import start_local_cluster
+from napari_gama_ir.train import (
+    DistributedTrainer,
+    ReplicaLostError,
+    TrainSettings,
+    data_from_arrays,
+    resume_point,
+    train,
+    train_distributed,
+)
+
+from .conftest import make_tiny_model
+from .test_cli import run_cli
+
+pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    clean = rng.random((4, 48, 48)).astype(np.float32)
+    noisy = clean + 0.1 * rng.standard_normal(clean.shape).astype(np.float32)
+    return data_from_arrays(noisy, clean, axes="ZYX")
+
+
+def _settings(**changes):
+    return TrainSettings(**{"steps": 6, "batch": 4, "patch": 16, "validation_fraction": 0, "device": "cpu", **changes})
+
+
+def _largest_difference(first, second) -> float:
+    a, b = create_model(str(first)).state_dict(), create_model(str(second)).state_dict()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def test_two_replicas_train_like_one_process_on_the_whole_batch(client, data, tmp_path):
+    single = train(make_tiny_model(1), data, _settings(), tmp_path / "single")
+    events = []
+    shared = train_distributed(make_tiny_model(1), data, _settings(), tmp_path / "shared", client=client,
+                               on_event=events.append)
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6] and shared.steps_done == 6 and not shared.stopped_early
+    # The replicas report the whole batch's loss, as the single process does.
+    assert [e.loss for e in events] == pytest.approx([h["train_loss"] for h in single.history], rel=1e-5)
+    # Only the order of floating-point sums differs (measured: 1.5e-6) ...
+    assert _largest_difference(single.model_path, shared.model_path) < 1e-4
+    # ... while training on one replica's share alone moves the weights far more (measured: 6.6e-3).
+    half = train(make_tiny_model(1), data, _settings(batch=2), tmp_path / "half")
+    assert _largest_difference(single.model_path, half.model_path) > 1e-3
+    assert not (tmp_path / "shared" / "checkpoint").joinpath("optimiser.safetensors.tmp").exists()
+
+
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(client, data, tmp_path):
+    settings = _settings(steps=200, checkpoint_every=1000)
+    whole = train_distributed(make_tiny_model(1), data, settings, tmp_path / "whole", client=client)
+    trainer = DistributedTrainer(make_tiny_model(1), data, settings, tmp_path / "parts", client=client)
+    for event in trainer.run():
+        if event.step == 2:
+            trainer.stop()  # every replica stops at the same step, replica 0 writes a checkpoint
+    stopped = trainer.result()
+    assert stopped.stopped_early and 2 <= stopped.steps_done < 200
+    model, resumed_settings = resume_point(tmp_path / "parts")
+    again = DistributedTrainer(model, data, resumed_settings, tmp_path / "parts", client=client, resume=True)
+    assert again.step == stopped.steps_done  # a progress bar starts where the checkpoint is
+    assert [event.step for event in again.run()] == list(range(stopped.steps_done + 1, 201))
+    resumed = again.result()
+    assert resumed.steps_done == 200 and not resumed.stopped_early
+    assert _largest_difference(whole.model_path, resumed.model_path) == 0.0  # bit for bit
+
+
+def test_a_lost_replica_is_reported_and_the_run_resumes(data, tmp_path):
+    client = start_local_cluster(workers=2, threads_per_worker=1)
+    try:
+        settings = _settings(steps=200, checkpoint_every=10)
+        pids = client.run(os.getpid)
+        replica_one = sorted(pids)[1]
+        trainer = DistributedTrainer(make_tiny_model(1), data, settings, tmp_path / "run", client=client, timeout=10)
+        with pytest.raises(ReplicaLostError, match="left the cluster .* run again with resume"):
+            for event in trainer.run():
+                if event.step == 20:
+                    os.kill(pids[replica_one], signal.SIGKILL)  # the nanny starts a new worker in its place
+        client.wait_for_workers(2)
+        model, resumed_settings = resume_point(tmp_path / "run")
+        checkpointed = model.config.metadata["training"]["step"]
+        assert checkpointed >= 20 and checkpointed % 10 == 0
+        # Replica 0's worker is free again once its collective times out; then the run completes.
+        result = train_distributed(model, data, resumed_settings, tmp_path / "run", client=client, resume=True,
+                                   timeout=10)
+        assert result.steps_done == 200
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
+def test_batch_must_split_equally_over_the_replicas(client, data, tmp_path):
+    with pytest.raises(ValueError, match="a batch of 3 cannot be shared equally by 2 replicas"):
+        DistributedTrainer(make_tiny_model(1), data, _settings(batch=3), tmp_path / "run", client=client)
+    with pytest.raises(ValueError, match="3 replicas asked for, but the cluster has 2"):
+        DistributedTrainer(make_tiny_model(1), data, _settings(), tmp_path / "run", client=client, workers=3)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_trains_on_a_local_cluster(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_GAMA_IR_HOME", str(tmp_path / "home"))
+    rng = np.random.default_rng(1)
+    clean = (rng.random((4, 48, 48)) * 1000).astype(np.uint16)
+    noisy = (clean + rng.poisson(50, clean.shape)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "clean.tif", clean, metadata={"axes": "ZYX"})
+    code, out, err = run_cli(capsys, "train", "--noisy", tmp_path / "noisy.tif", "--clean", tmp_path / "clean.tif",
+                             "-o", tmp_path / "run", "--workers", 2, "--steps", 4, "--batch", 4, "--patch", 16,
+                             "--val-every", 2, "--device", "cpu")
+    assert code == 0, err
+    assert "dask: 2 worker(s); dashboard http" in err
+    assert "training: supervised, 4 steps of 4x16px on 2 replica(s) of 2 patch(es), device cpu" in err
+    assert "step 2: train_loss" in out and "step 4: train_loss" in out  # replica 0's validations reach the terminal
+    record = create_model(str(tmp_path / "run" / "model.json")).config.metadata["training"]
+    assert record["step"] == 4 and [h["step"] for h in record["history"]] == [2, 4]
+    code, out, err = run_cli(capsys, "train", "--noisy", tmp_path / "noisy.tif", "--clean", tmp_path / "clean.tif",
+                             "-o", tmp_path / "odd", "--workers", 2, "--batch", 3, "--device", "cpu")
+    assert code == 2 and err.strip().splitlines()[-1].endswith("use a batch that is a multiple of the replica count")
