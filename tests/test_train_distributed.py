@@ -114,8 +114,8 @@ def test_cli_trains_on_a_local_cluster(capsys, tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     clean = (rng.random((4, 48, 48)) * 1000).astype(np.uint16)
     noisy = (clean + rng.poisson(50, clean.shape)).astype(np.uint16)
-    tifffile.imwrite(tmp_path / "noisy.tif", noisy, metadata={"axes": "ZYX"})
-    tifffile.imwrite(tmp_path / "clean.tif", clean, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "noisy.tif", noisy, photometric="minisblack", metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "clean.tif", clean, photometric="minisblack", metadata={"axes": "ZYX"})
     code, out, err = run_cli(capsys, "train", "--noisy", tmp_path / "noisy.tif", "--clean", tmp_path / "clean.tif",
                              "-o", tmp_path / "run", "--workers", 2, "--steps", 4, "--batch", 4, "--patch", 16,
                              "--val-every", 2, "--device", "cpu")
