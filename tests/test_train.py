@@ -23,7 +23,7 @@ from napari_gama_ir.train import (
     train,
 )
 from napari_gama_ir.train.data import Normalizer, PatchSampler, make_planes, split_validation
-from napari_gama_ir.train.objectives import blind_spot_mask, neighbour_subsample
+from napari_gama_ir.train.objectives import blind_spot_mask, neighbour_cells, neighbour_subsample
 
 from .conftest import make_tiny_model, tiny_config
 
@@ -178,7 +178,8 @@ def test_blind_spot_mask_replaces_one_pixel_per_cell_by_a_neighbour():
 
 def test_neighbour_subsample_takes_two_adjacent_pixels_per_cell():
     image = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
-    first, second = neighbour_subsample(image, np.random.default_rng(0))
+    cells = torch.from_numpy(neighbour_cells(image.shape, np.random.default_rng(0)))
+    first, second = neighbour_subsample(image, cells)
     assert first.shape == second.shape == (2, 1, 4, 4)
     for a, b in zip(first.flatten().tolist(), second.flatten().tolist()):
         (na, ra, ca), (nb, rb, cb) = (np.unravel_index(int(v), (2, 8, 8)) for v in (a, b))

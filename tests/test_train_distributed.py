@@ -42,10 +42,12 @@ def _largest_difference(first, second) -> float:
     return max(float((a[name] - b[name]).abs().max()) for name in a)
 
 
-def test_two_replicas_train_like_one_process_on_the_whole_batch(client, data, tmp_path):
-    single = train(make_tiny_model(1), data, _settings(), tmp_path / "single")
+@pytest.mark.parametrize("objective", ["supervised", "neighbor2neighbor"])
+def test_two_replicas_train_like_one_process_on_the_whole_batch(client, data, tmp_path, objective):
+    settings = _settings(objective=objective)
+    single = train(make_tiny_model(1), data, settings, tmp_path / "single")
     events = []
-    shared = train_distributed(make_tiny_model(1), data, _settings(), tmp_path / "shared", client=client,
+    shared = train_distributed(make_tiny_model(1), data, settings, tmp_path / "shared", client=client,
                                on_event=events.append)
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6] and shared.steps_done == 6 and not shared.stopped_early
     # The replicas report the whole batch's loss, as the single process does.
@@ -53,7 +55,7 @@ def test_two_replicas_train_like_one_process_on_the_whole_batch(client, data, tm
     # Only the order of floating-point sums differs (measured: 1.5e-6) ...
     assert _largest_difference(single.model_path, shared.model_path) < 1e-4
     # ... while training on one replica's share alone moves the weights far more (measured: 6.6e-3).
-    half = train(make_tiny_model(1), data, _settings(batch=2), tmp_path / "half")
+    half = train(make_tiny_model(1), data, _settings(objective=objective, batch=2), tmp_path / "half")
     assert _largest_difference(single.model_path, half.model_path) > 1e-3
     assert not (tmp_path / "shared" / "checkpoint").joinpath("optimiser.safetensors.tmp").exists()
 

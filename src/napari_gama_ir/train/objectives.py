@@ -11,8 +11,9 @@ Which objective fits which data (also in ``docs/training.md``):
   sub-sampled neighbour images with a regulariser (Huang et al., CVPR 2021). Usually sharper than
   Noise2Void, at twice the cost per step.
 
-Every random choice takes a ``numpy.random.Generator`` so that each training step is a function
-of (seed, step) alone.
+Every random choice (noise, masks, sub-sampling cells) is drawn per image in ``Objective.inputs``
+from a ``numpy.random.Generator``, so each training step is a function of (seed, step) alone, and
+a data-parallel replica's share of a batch keeps the choices it would have had in the whole batch.
 """
 
 from __future__ import annotations
@@ -145,21 +146,25 @@ def blind_spot_mask(
 
 
 # -- Neighbor2Neighbor sub-sampling -------------------------------------------------------------
-def neighbour_subsample(images: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neighbor2Neighbor's pair of sub-images: in every 2x2 cell two different neighbours.
+def neighbour_cells(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Neighbor2Neighbor's random choice for images of ``shape`` (N, C, H, W), H and W even.
 
-    ``images`` is (N, C, H, W) with even H and W; the two results are (N, C, H/2, W/2), the first
-    taking a random pixel of each cell, the second one of its horizontal or vertical neighbours
-    in the cell.
+    Returns (N, 2, H/2, W/2) int64: in every 2x2 cell (positions 0 1 / 2 3) the pixel of the first
+    sub-image, and the one of the second, a horizontal or vertical neighbour of it (p^1 is in the
+    same row, p^2 in the same column). Drawn per image, so a share of a batch keeps its choices.
     """
+    n, _, h, w = shape
+    first = rng.integers(4, size=(n, h // 2, w // 2))
+    second = first ^ rng.integers(1, 3, size=(n, h // 2, w // 2))
+    return np.stack([first, second], axis=1)
+
+
+def neighbour_subsample(images: torch.Tensor, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair of sub-images (N, C, H/2, W/2) that ``cells`` (from :func:`neighbour_cells`) pick."""
     n, c, h, w = images.shape
-    cells = images.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
-    first = torch.from_numpy(rng.integers(4, size=(n, 1, h // 2, w // 2, 1)))
-    # Cell positions 0 1 / 2 3: the neighbours of p are p^1 (same row) and p^2 (same column).
-    flip = torch.from_numpy(rng.integers(1, 3, size=(n, 1, h // 2, w // 2, 1)))
-    second = first ^ flip
-    first, second = (k.expand(n, c, h // 2, w // 2, 1).to(images.device) for k in (first, second))
-    return cells.gather(-1, first)[..., 0], cells.gather(-1, second)[..., 0]
+    grouped = images.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h // 2, w // 2, 4)
+    picks = cells.to(images.device)[:, :, None, :, :, None].expand(n, 2, c, h // 2, w // 2, 1)
+    return grouped.gather(-1, picks[:, 0])[..., 0], grouped.gather(-1, picks[:, 1])[..., 0]
 
 
 class Objective:
@@ -184,9 +189,9 @@ class Objective:
         if self.name == "noise2void":
             masked, mask = blind_spot_mask(batch["noisy"], rng)
             return {"input": masked, "target": batch["noisy"], "mask": mask}
-        return {"input": batch["noisy"]}
+        return {"input": batch["noisy"], "cells": neighbour_cells(batch["noisy"].shape, rng)}
 
-    def __call__(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.name == "supervised":
             return pixel_loss(self.loss, model(tensors["input"]), tensors["target"])
         if self.name == "noise2void":
@@ -194,12 +199,10 @@ class Objective:
             return ((model(tensors["input"]) - tensors["target"]) ** 2)[mask].mean()
         # Neighbor2Neighbor: f(g1(y)) should match g2(y); the regulariser compares the same
         # difference with the sub-sampled denoised full image (no gradient through it).
-        noisy = tensors["input"]
-        state = rng.bit_generator.state
-        first, second = neighbour_subsample(noisy, rng)
-        with torch.no_grad():
-            rng.bit_generator.state = state  # the same cells for the denoised image
-            full_first, full_second = neighbour_subsample(model(noisy), rng)
+        noisy, cells = tensors["input"], tensors["cells"]
+        first, second = neighbour_subsample(noisy, cells)
+        with torch.no_grad():  # the same cells for the denoised image
+            full_first, full_second = neighbour_subsample(model(noisy), cells)
         output = model(first)
         difference = output - second
         reconstruction = (difference**2).mean()

@@ -383,7 +383,7 @@ class Trainer:
                     scores.setdefault("ssim", []).append(ssim(crop["clean"], restored))
                     scores.setdefault("psnr_input", []).append(psnr(crop["clean"], arrays["input"][0]))
                 else:
-                    scores.setdefault("loss", []).append(float(self.objective(self.model, tensors, rng)))
+                    scores.setdefault("loss", []).append(float(self.objective(self.model, tensors)))
         self.model.train()
         return {name: float(np.mean(values)) for name, values in scores.items()}
 
@@ -409,7 +409,7 @@ class Trainer:
             torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
         with autocast:
-            loss = self.objective(self.network, tensors, rng)
+            loss = self.objective(self.network, tensors)
         self.optimiser.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
