@@ -16,7 +16,15 @@ from napari.utils.theme import get_theme
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..engine.axes import parse_axes
-from ..model import check_user_model_name, create_model, list_models, save_user_model, user_model_names, user_models_dir
+from ..model import (
+    check_user_model_name,
+    create_model,
+    list_models,
+    save_user_model,
+    shipped_model_names,
+    user_model_names,
+    user_models_dir,
+)
 from ..train import Trainer, TrainSettings, data_from_arrays, default_normalization, resume_trainer, starting_model
 from ..train.trainer import CHECKPOINT_DIR, STATE_FILE
 from .layers import axes_guess, find_layer, image_layer_names, layer_data, report_error
@@ -33,9 +41,8 @@ REDRAW_SECONDS = 0.2  # the plot redraws at most this often; every step is still
 def starting_choices() -> list[str]:
     """New networks of each registered architecture, then shipped and user models to fine-tune."""
     new = [NEW + spec.name for spec in list_models()]
-    shipped = [spec.name for spec in list_models() if spec.weights]
     default = NEW + "gama_ir_xs"
-    return [default] + [c for c in new if c != default] + shipped + user_model_names()
+    return [default] + [c for c in new if c != default] + shipped_model_names() + user_model_names()
 
 
 def runs_dir() -> Path:

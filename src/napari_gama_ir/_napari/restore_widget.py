@@ -21,7 +21,7 @@ from ..engine.axes import parse_axes
 from ..engine.device import resolve_device
 from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
-from ..model import create_model, default_model_name, list_models, user_model_names
+from ..model import create_model, default_model_name, shipped_model_names, user_model_names
 from .layers import axes_guess, find_layer, image_layer_names, layer_data, report_error
 from .model_events import model_events
 from .preview import BackgroundPlanes
@@ -35,8 +35,7 @@ IN_MEMORY, TO_ZARR = "new layer (in memory)", "zarr store"
 
 def model_choices() -> list[str]:
     """Shipped models, then the user's own, then a checkpoint picked from disk."""
-    shipped = [spec.name for spec in list_models() if spec.weights]
-    return shipped + user_model_names() + [CHECKPOINT_FILE]
+    return shipped_model_names() + user_model_names() + [CHECKPOINT_FILE]
 
 
 class RestoreWidget(QWidget):
@@ -106,7 +105,7 @@ class RestoreWidget(QWidget):
         if layer is None:
             return
         self.axes.value = axes_guess(layer)
-        if self.model.value in {spec.name for spec in list_models() if spec.weights}:
+        if self.model.value in shipped_model_names():
             axes, shape = self.axes.value, layer_data(layer).shape
             channels = shape[axes.index("C")] if "C" in axes and len(axes) == len(shape) else 1
             with contextlib.suppress(ValueError):

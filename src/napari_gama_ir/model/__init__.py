@@ -13,6 +13,7 @@ from .registry import (
     list_models,
     register_model,
     save_user_model,
+    shipped_model_names,
     user_model_names,
     user_models_dir,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "register_model",
     "save_checkpoint",
     "save_user_model",
+    "shipped_model_names",
     "user_model_names",
     "user_models_dir",
 ]

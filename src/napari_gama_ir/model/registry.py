@@ -38,6 +38,11 @@ def list_models() -> list[ModelSpec]:
     return list(_REGISTRY.values())
 
 
+def shipped_model_names() -> list[str]:
+    """The registered models whose weights ship inside the package, in registration order."""
+    return [spec.name for spec in _REGISTRY.values() if spec.weights]
+
+
 def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]

@@ -36,7 +36,7 @@ from ..engine.device import resolve_device
 from ..engine.distributed import CheckpointBytes, current_worker, reuse_freed_heap, worker_device
 from ..model import GamaIR
 from .data import TrainingData
-from .trainer import Replica, Trainer, TrainEvent, TrainResult, TrainSettings
+from .trainer import Replica, Trainer, TrainEvent, TrainResult, TrainSettings, check_batch_split
 
 #: Seconds a replica waits in a collective before giving up (a lost peer, or a slow validation).
 DEFAULT_TIMEOUT = 600.0
@@ -136,11 +136,7 @@ class DistributedTrainer:
         if workers is not None and not 1 <= workers <= len(available):
             raise ValueError(f"{workers} replicas asked for, but the cluster has {len(available)} worker(s)")
         self.addresses = available[:workers] if workers else available
-        if settings.batch % len(self.addresses):
-            raise ValueError(
-                f"a batch of {settings.batch} cannot be shared equally by {len(self.addresses)} replicas; "
-                "use a batch that is a multiple of the replica count"
-            )
+        check_batch_split(settings.batch, len(self.addresses))  # here, before any replica starts
         self.model, self.data, self.settings, self.output = model, data, settings, Path(output)
         self.client, self.resume, self.start, self.timeout = client, resume, start, timeout
         # A resumed run starts where its checkpoint (the network given) left off.

@@ -156,6 +156,15 @@ class TrainEvent:
     checkpoint: bool = False
 
 
+def check_batch_split(batch: int, replicas: int) -> None:
+    """Refuse a batch that data-parallel replicas cannot share equally."""
+    if batch % replicas:
+        raise ValueError(
+            f"a batch of {batch} cannot be shared equally by {replicas} replicas; "
+            "use a batch that is a multiple of the replica count"
+        )
+
+
 @dataclass(frozen=True)
 class Replica:
     """This process's place in data-parallel training: replica ``rank`` of ``world``.
@@ -237,11 +246,7 @@ class Trainer:
         self.settings, self.output = settings, Path(output)
         self.standalone = replica is None
         self.replica = replica or Replica()
-        if settings.batch % self.replica.world:
-            raise ValueError(
-                f"a batch of {settings.batch} cannot be shared equally by {self.replica.world} replicas; "
-                "use a batch that is a multiple of the replica count"
-            )
+        check_batch_split(settings.batch, self.replica.world)
         noise = NoiseModel.parse(settings.noise) if settings.noise else None
         self.objective = Objective(settings.objective, settings.loss, noise)
         if self.objective.needs_clean and not data.has_clean:
