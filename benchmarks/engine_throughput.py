@@ -51,9 +51,9 @@ def make_stack(path: Path, planes: int, size: int, seed: int) -> None:
 
 
 def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int, compile: bool,
-                         device: str) -> float:
+                         device: str, precision: str) -> float:
     """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
-    runner = ModelRunner(model, device, compile=compile)
+    runner = ModelRunner(model, device, precision=precision, compile=compile)
     tiles = plan_tiles(size, size, tile, overlap, model.config.size_multiple)
     shapes = {}
     for t in tiles:
@@ -71,10 +71,10 @@ def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, plan
 
 
 def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int,
-                     compile: bool, device: str) -> tuple[float, float]:
+                     compile: bool, device: str, precision: str) -> tuple[float, float]:
     """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
     command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", str(stack), "-o", str(output),
-               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device, "-q",
+               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device, "--precision", precision, "-q",
                *(["--compile"] if compile else [])]
     started = time.perf_counter()
     child = subprocess.Popen(command)
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--arch", help="a registered architecture (grey, random weights) instead of --width")
     parser.add_argument("--compile", action="store_true", help="restore with --compile (compile time included)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--bare-planes", type=int, default=12, help="planes' worth of tiles per bare timing")
@@ -122,9 +123,9 @@ def main() -> None:
 
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
-    bare_runs = [bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device)]
-    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.compile, args.device)
-    bare_runs.append(bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device))
+    bare_runs = [bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device, args.precision)]
+    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.compile, args.device, args.precision)
+    bare_runs.append(bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device, args.precision))
     bare = sum(bare_runs) / len(bare_runs)
     engine = args.planes * args.size * args.size / 1e6 / seconds
     results = {
@@ -136,6 +137,7 @@ def main() -> None:
         "tile": args.tile,
         "overlap": args.overlap,
         "device": args.device,
+        "precision": args.precision,
         "cpu_threads": torch.get_num_threads(),
         "engine_seconds": round(seconds, 1),
         "engine_mpx_per_s": round(engine, 3),

@@ -4,7 +4,7 @@ import torch
 from napari_gama_ir import create_model, list_models
 from napari_gama_ir.model import GamaBlock, GamaIR, GamaIRConfig
 from napari_gama_ir.model.gama import window_mean
-from napari_gama_ir.model.layers import LayerNorm2d
+from napari_gama_ir.model.layers import LayerNorm2d, layer_norm_by_passes
 
 from .conftest import make_tiny_model, tiny_config
 
@@ -57,6 +57,32 @@ def test_layer_norm_normalises_each_pixels_channels(channels_last):
     expected = (x - mean) / torch.sqrt(variance + 1e-6) * norm.weight[:, None, None] + norm.bias[:, None, None]
     with torch.no_grad():
         assert torch.allclose(norm(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_by_passes_matches_the_fused_kernel_with_gradients(dtype):
+    """The GPU path for channel counts that are not a multiple of 4, run here on the CPU.
+
+    Like autocast's layer_norm it computes in float32, so a bfloat16 input is compared with the
+    fused kernel on the same values in float32.
+    """
+    torch.manual_seed(0)
+    norm = LayerNorm2d(42)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 42, 9, 11) * 3 + 1).to(dtype).requires_grad_()
+    reference_input = x.detach().float().requires_grad_()
+    fused = norm(reference_input)  # the CPU takes the fused kernel
+    fused.square().sum().backward()
+    expected_grads = [t.grad.clone() for t in (reference_input, norm.weight, norm.bias)]
+    norm.weight.grad = norm.bias.grad = None
+    passes = layer_norm_by_passes(x, norm.weight, norm.bias, norm.eps)
+    passes.square().sum().backward()
+    assert passes.dtype == torch.float32
+    assert torch.allclose(passes, fused, atol=1e-5)
+    for expected, t in zip(expected_grads, (x, norm.weight, norm.bias)):
+        assert torch.allclose(t.grad.float(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
 
 
 def test_window_mean_is_global_for_long_windows_and_local_otherwise():

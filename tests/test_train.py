@@ -103,6 +103,48 @@ def test_sampling_a_huge_lazy_stack_reads_only_the_planes_it_needs():
     assert 1 <= len(set(read)) <= 8
 
 
+def test_kept_planes_stay_under_the_budget_and_give_the_same_patches():
+    read = []
+
+    def mark(block, block_id=None):
+        read.append(block_id[0])
+        return block
+
+    base = np.arange(6 * 64 * 64, dtype=np.uint16).reshape(6, 64, 64)
+    stack = da.from_array(base, chunks=(1, 64, 64)).map_blocks(mark, dtype=np.uint16)
+    data = data_from_arrays(stack, axes="ZYX")
+    normalizer = Normalizer({"method": "range"})
+    planes = make_planes(data, 1, normalizer)
+    regions, _ = split_validation(planes, 0.0, 16, seed=0)
+    plane_bytes = 64 * 64 * 2
+    lazy = PatchSampler(planes, regions, 16, normalizer, cache_bytes=0)
+    kept = PatchSampler(planes, regions, 16, normalizer, cache_bytes=3 * plane_bytes)
+    for step in range(20):
+        expected = lazy.batch(8, np.random.default_rng(step))["noisy"]
+        assert np.array_equal(kept.batch(8, np.random.default_rng(step))["noisy"], expected)
+    assert kept._cached_bytes == 3 * plane_bytes  # three planes kept, the other three read per patch
+    read.clear()
+    kept.batch(64, np.random.default_rng(99))
+    assert set(read) and set(read).isdisjoint(plane for plane, _ in kept._cache)  # kept planes are not read again
+
+
+def test_prefetched_batches_come_in_step_order_and_equal_in_line_ones():
+    from napari_gama_ir.train.trainer import BatchPrefetcher
+
+    noisy, clean = smooth_stack()
+    settings = TrainSettings(steps=12, batch=4, patch=16, validation_fraction=0.0)
+    trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), settings, "unused-output")
+    prefetcher = BatchPrefetcher(trainer._batch, settings.steps, workers=3)
+    try:
+        for step in range(settings.steps):
+            fetched, direct = prefetcher.take(step), trainer._batch(step)
+            assert fetched.keys() == direct.keys()
+            assert all(torch.equal(fetched[k], direct[k]) for k in direct)
+    finally:
+        prefetcher.close()
+    assert not prefetcher.pending
+
+
 def test_mismatched_pairs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(TrainingDataError, match=r"differ in shape: \(4, 32, 32\) vs \(4, 32, 30\)"):
         data_from_arrays(np.zeros((4, 32, 32)), np.zeros((4, 32, 30)), axes="ZYX")
@@ -307,7 +349,7 @@ def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
     noisy, clean = smooth_stack()
     trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), TrainSettings(steps=3, patch=16), tmp_path)
 
-    def out_of_memory():
+    def out_of_memory(prefetcher):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "_step", out_of_memory)

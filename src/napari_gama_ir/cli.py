@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .engine import restore
 from .engine.axes import guess_axes, parse_axes
-from .engine.device import resolve_device
+from .engine.device import host_threads, resolve_device
 from .engine.io import check_output_path, open_image, write_image
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from .model import (
@@ -101,7 +101,10 @@ def run_restore(args: argparse.Namespace) -> Path:
     )
     progress.start()
     try:
-        write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance)
+        write_image(
+            restored, output, axes, overwrite=args.overwrite, attrs=provenance,
+            workers=host_threads(resolve_device(args.device)),
+        )
     finally:
         progress.close()
     return output

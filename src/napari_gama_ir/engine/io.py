@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,15 +263,7 @@ def write_image_steps(
                 dtype=array.dtype, zarr_format=2,
             )
             target.attrs.update({"axes": axes, **(attrs or {})})
-            blocks = block_regions(array)
-            group = 2 * workers  # enough chunks in flight to keep every worker busy
-            for first in range(0, len(blocks), group):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                batch = blocks[first : first + group]
-                sources = [array.blocks[index] for index, _ in batch]
-                da.store(sources, [target] * len(batch), regions=[region for _, region in batch], lock=False)
-                yield first + len(batch), len(blocks)
+            yield from _store_chunks(array, target, workers, cancel)
         elif suffix in (".tif", ".tiff"):
             yield from _write_tiff(array, temporary, axes, attrs or {})
         elif suffix == ".npy":
@@ -282,6 +275,44 @@ def write_image_steps(
 
             iio.imwrite(temporary, np.asarray(array.compute()), extension=suffix)
             yield 1, 1
+
+
+def _store_chunks(
+    array: da.Array, target: zarr.Array, workers: int, cancel: threading.Event | None
+) -> Iterator[tuple[int, int]]:
+    """Compute and write every chunk of ``array`` into ``target``, ``workers`` chunks at a time.
+
+    A new chunk starts as soon as one is written, so the threads (and the network they feed)
+    never wait at a barrier for the slowest chunk of a group; twice as many chunks as threads are
+    queued. Yields ``(chunks written, total)`` in completion order.
+    """
+
+    def store(index: tuple[int, ...], region: tuple[slice, ...]) -> None:
+        target[region] = np.asarray(array.blocks[index].compute(scheduler="synchronous"))
+
+    blocks = iter(block_regions(array))
+    total, done = array.npartitions, 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write-chunk") as pool:
+        pending: set[Future] = set()
+        try:
+            while True:
+                while len(pending) < 2 * workers and not (cancel is not None and cancel.is_set()):
+                    chunk = next(blocks, None)
+                    if chunk is None:
+                        break
+                    pending.add(pool.submit(store, *chunk))
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                if not pending:
+                    return
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    future.result()  # an error in a chunk stops the write here
+                done += len(finished)
+                yield done, total
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> Iterator[tuple[int, int]]:

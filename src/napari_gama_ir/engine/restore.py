@@ -22,6 +22,7 @@ from .axes import (
     plane_layout,
     to_canonical,
 )
+from .device import host_threads
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError
 from .tiling import plan_tiles, tile_weights
@@ -312,6 +313,5 @@ def restore(
     result = from_canonical(restored, plan.layout)
     if plan.lazy:
         return result
-    # Two threads: one keeps the network busy while the other prepares and blends planes.
-    with dask.config.set(scheduler="threads", num_workers=2):
+    with dask.config.set(scheduler="threads", num_workers=host_threads(runner.device)):
         return result.compute()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from ..engine.normalize import Affine, check_normalization, dtype_range_affine, 
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
 FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES
+# Planes the patch sampler keeps in memory once read (CBSD432 in RGB takes 0.2 GB).
+PLANE_CACHE_BYTES = 2 << 30
 
 
 class TrainingDataError(ValueError):
@@ -366,20 +369,41 @@ class PatchSampler:
     """Random square patches with random flips and 90-degree rotations, cut when a batch is drawn.
 
     Patches are drawn uniformly over the training pixels (a large plane gives more patches than a
-    small one). Nothing is precomputed, and every batch is a function of the generator it is given
+    small one). No patch is precomputed, and every batch is a function of the generator it is given
     only, which is what makes resumed training identical to an uninterrupted run.
+
+    A plane read for a patch is kept in memory while the kept planes stay under ``cache_bytes``:
+    a data set that fits is read from its files once, and cutting a patch is then a numpy slice
+    instead of a dask computation (about 1.5 ms a patch, which starved a GPU). Planes past the
+    budget are read lazily, patch by patch, so memory stays bounded for any data set.
     """
 
-    def __init__(self, planes: list[Plane], regions: list[Region], patch: int, normalizer: Normalizer) -> None:
+    def __init__(
+        self, planes: list[Plane], regions: list[Region], patch: int, normalizer: Normalizer,
+        cache_bytes: int = PLANE_CACHE_BYTES,
+    ) -> None:
         if not regions:
             raise TrainingDataError("no training planes")
         self.planes, self.regions, self.patch, self.normalizer = planes, regions, patch, normalizer
         positions = np.array([(r.rows - patch + 1) * (planes[r.plane].width - patch + 1) for r in regions], float)
         self.weights = positions / positions.sum()
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[int, str], np.ndarray] = {}
+        self._cached_bytes = 0
+        self._cache_lock = threading.Lock()  # batches may be drawn by prefetching threads
 
-    def _cut(self, plane: Plane, which: str, top: int, left: int) -> np.ndarray:
+    def _cut(self, plane_index: int, which: str, top: int, left: int) -> np.ndarray:
+        plane = self.planes[plane_index]
         array = getattr(plane, which)
-        raw = np.asarray(array[:, top : top + self.patch, left : left + self.patch].compute(scheduler="synchronous"))
+        window = (slice(None), slice(top, top + self.patch), slice(left, left + self.patch))
+        whole = self._cache.get((plane_index, which))
+        if whole is None and self._cached_bytes + array.nbytes <= self.cache_bytes:
+            whole = np.asarray(array.compute(scheduler="synchronous"))
+            with self._cache_lock:
+                if (plane_index, which) not in self._cache:
+                    self._cache[(plane_index, which)] = whole
+                    self._cached_bytes += whole.nbytes
+        raw = whole[window] if whole is not None else np.asarray(array[window].compute(scheduler="synchronous"))
         return self.normalizer.affine(plane).forward(raw)
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -393,7 +417,7 @@ class PatchSampler:
             rotation, flip = int(rng.integers(4)), bool(rng.integers(2))
             for which in ("noisy", "clean"):
                 if getattr(plane, which) is not None:
-                    patch = _augment(self._cut(plane, which, top, left), rotation, flip)
+                    patch = _augment(self._cut(region.plane, which, top, left), rotation, flip)
                     out.setdefault(which, []).append(patch)
         return {which: np.ascontiguousarray(np.stack(patches)) for which, patches in out.items()}
 
