@@ -2,7 +2,7 @@
 
 Images stay where they are (numpy arrays such as napari layers, dask, zarr, TIFF, picture files):
 a patch is cut out of its plane when a batch needs it, so memory does not grow with the number of
-steps, patches or planes. Intensities are normalised per plane the way the engine normalises them
+steps or patches, and planes already read are kept only up to a fixed budget. Intensities are normalised per plane the way the engine normalises them
 at inference, so a trained network sees the same input range in both.
 """
 
