@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from napari_gama_ir.cli import main as cli_main
+from napari_gama_ir.engine.normalize import NORMALIZATION_CHOICES
 from napari_gama_ir.train import Trainer, TrainSettings, data_from_paths, default_normalization, starting_model
 
 PROBE_STEPS, PROBE_SKIPPED = 60, 20
@@ -30,11 +31,7 @@ def probe_rate(args: argparse.Namespace) -> float:
     """Training steps per second of these settings on this device (validation and checkpoints aside)."""
     data = data_from_paths(None, args.clean)
     data = data.to_grey() if args.grey else data
-    normalization = (
-        default_normalization(data.dtype) if args.normalization == "auto"
-        else {"method": "range"} if args.normalization == "range"
-        else {"method": "percentile", "low": 1.0, "high": 99.8, "scope": args.normalization.split("-")[1]}
-    )
+    normalization = default_normalization(data.dtype, args.normalization)
     settings = TrainSettings(
         steps=PROBE_STEPS, batch=args.batch, patch=args.patch, noise=args.noise, precision=args.precision,
         device=args.device, validation_fraction=0.0, checkpoint_every=PROBE_STEPS + 1, seed=args.seed,
@@ -55,7 +52,7 @@ def main() -> int:
     parser.add_argument("--clean", required=True)
     parser.add_argument("--grey", action="store_true")
     parser.add_argument("--noise", required=True)
-    parser.add_argument("--normalization", default="auto")
+    parser.add_argument("--normalization", default="auto", choices=NORMALIZATION_CHOICES)
     parser.add_argument("--arch", default="gama_ir_s")
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)

@@ -355,3 +355,15 @@ def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_step", out_of_memory)
     with pytest.raises(TrainingMemoryError, match="a batch of 8 patches of 16 pixels does not fit in cpu memory"):
         list(trainer.run())
+
+
+def test_normalisation_of_a_new_network_follows_the_choice_or_the_dtype():
+    from napari_gama_ir.train import default_normalization
+
+    percentiles = {"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"}
+    assert default_normalization(np.uint8) == default_normalization(np.float32) == {"method": "range"}
+    assert default_normalization(np.uint16) == percentiles
+    assert default_normalization(np.uint16, "range") == {"method": "range"}
+    assert default_normalization(np.uint8, "percentile-stack") == {**percentiles, "scope": "stack"}
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        default_normalization(np.uint8, "percentile")

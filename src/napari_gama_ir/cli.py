@@ -19,6 +19,7 @@ from .engine import restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.device import host_threads, resolve_device
 from .engine.io import check_output_path, open_image, write_image
+from .engine.normalize import NORMALIZATION_CHOICES
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from .model import (
     CheckpointError,
@@ -247,15 +248,9 @@ def run_train(args: argparse.Namespace) -> None:
         if args.overwrite and output.is_dir():
             shutil.rmtree(output)
         settings = _train_settings(args)
-        if args.normalization == "auto":
-            normalization = default_normalization(data.dtype)
-        elif args.normalization == "range":
-            normalization = {"method": "range"}
-        else:
-            normalization = {"method": "percentile", "low": 1.0, "high": 99.8, "scope": args.normalization.split("-")[1]}
         model, start = starting_model(
             data.channels, source=args.from_, architecture=args.arch or "gama_ir_xs", patch=settings.patch,
-            normalization=normalization, seed=settings.seed,
+            normalization=default_normalization(data.dtype, args.normalization), seed=settings.seed,
         )
     if args.scheduler or args.workers:
         from .train.distributed import DistributedTrainer
@@ -527,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train on noisy images alone (default method noise2void)")
     train_cmd.add_argument("--noise", help="synthetic noise on clean images: gaussian[:LOW-HIGH sigma], poisson-gaussian[:LOW-HIGH photons] or mixed")
     train_cmd.add_argument("--grey", action="store_true", help="convert RGB images to grey first")
-    train_cmd.add_argument("--normalization", choices=("auto", "range", "percentile-image", "percentile-stack"), default="auto",
+    train_cmd.add_argument("--normalization", choices=NORMALIZATION_CHOICES, default="auto",
                            help="intensity normalisation of a new network (default auto: range for uint8 and float, percentiles otherwise)")
     train_cmd.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
     train_cmd.add_argument("--batch", type=int, help="patches per step (default 8)")

@@ -7,6 +7,9 @@ from typing import Any
 
 import numpy as np
 
+#: How a new network's normalisation is chosen for training (see ``train.default_normalization``).
+NORMALIZATION_CHOICES = ("auto", "range", "percentile-image", "percentile-stack")
+
 
 @dataclass(frozen=True)
 class Affine:

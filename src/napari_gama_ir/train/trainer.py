@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..engine.device import check_precision, resolve_device, usable_cores
+from ..engine.normalize import NORMALIZATION_CHOICES
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .data import Normalizer, PatchSampler, TrainingData, make_planes, split_validation, validation_crops
 from .metrics import psnr, ssim
@@ -589,14 +590,20 @@ def train(
     return trainer.result()
 
 
-def default_normalization(dtype: np.dtype) -> dict[str, Any]:
-    """Range normalisation for uint8 and float data, percentiles for other integers.
+def default_normalization(dtype: np.dtype, choice: str = "auto") -> dict[str, Any]:
+    """The normalisation of a new network for training data of ``dtype``.
 
-    Microscopy counts (uint16, int32...) rarely span their dtype's range, so a range-normalised
-    network would see nearly black input; percentiles map each plane's own spread to [0, 1].
+    ``choice`` is one of :data:`NORMALIZATION_CHOICES`. ``"auto"`` gives range normalisation for
+    uint8 and float data and per-plane percentiles for other integers: microscopy counts (uint16,
+    int32...) rarely span their dtype's range, so a range-normalised network would see nearly black
+    input, while percentiles map each plane's own spread to [0, 1].
     """
+    if choice not in NORMALIZATION_CHOICES:
+        raise ValueError(f"normalization must be one of {', '.join(NORMALIZATION_CHOICES)}, got {choice!r}")
+    if choice.startswith("percentile-"):
+        return {"method": "percentile", "low": 1.0, "high": 99.8, "scope": choice.removeprefix("percentile-")}
     dtype = np.dtype(dtype)
-    if dtype == np.uint8 or not np.issubdtype(dtype, np.integer):
+    if choice == "range" or dtype == np.uint8 or not np.issubdtype(dtype, np.integer):
         return {"method": "range"}
     return {"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"}
 
