@@ -494,7 +494,9 @@ class Trainer:
         self.model.train()
         session_started = time.monotonic()
         seconds_before = self.seconds
-        prefetcher = BatchPrefetcher(self._batch, settings.steps, workers=1 if self.device.type == "cpu" else 4)
+        # On a CPU the network's torch threads take every core; beside a GPU the host has cores to spare.
+        workers = 1 if self.device.type == "cpu" else max(1, min(4, usable_cores() - 1))
+        prefetcher = BatchPrefetcher(self._batch, settings.steps, workers=workers)
         try:
             while self.step < settings.steps and not self._should_stop(time.monotonic() - session_started):
                 try:
