@@ -74,7 +74,8 @@ def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, ove
                      compile: bool, device: str, precision: str) -> tuple[float, float]:
     """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
     command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", str(stack), "-o", str(output),
-               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device, "--precision", precision, "-q",
+               "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
+               "--precision", precision, "-q",
                *(["--compile"] if compile else [])]
     started = time.perf_counter()
     child = subprocess.Popen(command)
@@ -123,9 +124,14 @@ def main() -> None:
 
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
-    bare_runs = [bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device, args.precision)]
-    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.compile, args.device, args.precision)
-    bare_runs.append(bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile, args.device, args.precision))
+    def time_bare() -> float:
+        return bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile,
+                                    args.device, args.precision)
+
+    bare_runs = [time_bare()]
+    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.compile,
+                                        args.device, args.precision)
+    bare_runs.append(time_bare())
     bare = sum(bare_runs) / len(bare_runs)
     engine = args.planes * args.size * args.size / 1e6 / seconds
     results = {

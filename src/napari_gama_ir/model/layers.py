@@ -23,10 +23,17 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" and x.shape[1] % 4:
             return layer_norm_by_passes(x, self.weight, self.bias, self.eps)
-        # Viewed as NHWC, each pixel's channels are the last axis: one fused layer_norm call
-        # (a view, no copy, when x is channels_last) instead of eight elementwise passes.
-        nhwc = x.permute(0, 2, 3, 1)
-        return F.layer_norm(nhwc, (x.shape[1],), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+        return layer_norm_fused(x, self.weight, self.bias, self.eps)
+
+
+def layer_norm_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """:class:`LayerNorm2d` as one fused layer_norm call on the NHWC view.
+
+    Viewed as NHWC, each pixel's channels are the last axis: one kernel (on a view, no copy, when
+    ``x`` is channels_last) instead of eight elementwise passes.
+    """
+    nhwc = x.permute(0, 2, 3, 1)
+    return F.layer_norm(nhwc, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
 
 
 def layer_norm_by_passes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

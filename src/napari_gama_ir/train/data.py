@@ -2,8 +2,9 @@
 
 Images stay where they are (numpy arrays such as napari layers, dask, zarr, TIFF, picture files):
 a patch is cut out of its plane when a batch needs it, so memory does not grow with the number of
-steps or patches, and planes already read are kept only up to a fixed budget. Intensities are normalised per plane the way the engine normalises them
-at inference, so a trained network sees the same input range in both.
+steps or patches, and planes already read are kept only up to a fixed budget. Intensities are
+normalised per plane the way the engine normalises them at inference, so a trained network sees
+the same input range in both.
 """
 
 from __future__ import annotations
