@@ -50,17 +50,18 @@ def make_stack(path: Path, planes: int, size: int, seed: int) -> None:
         array[index] = np.clip(plane, 0, 65535).astype(np.uint16)
 
 
-def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int, compile: bool,
+def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int, path: str,
                          device: str, precision: str) -> float:
     """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
-    runner = ModelRunner(model, device, precision=precision, compile=compile)
+    runner = ModelRunner(model, device, precision=precision, compile=path == "compile",
+                         cuda_graphs=path == "cuda-graphs")
     tiles = plan_tiles(size, size, tile, overlap, model.config.size_multiple)
     shapes = {}
     for t in tiles:
         shapes[t.shape] = shapes.get(t.shape, 0) + 1
     rng = np.random.default_rng(0)
     batches = {shape: rng.random((count, 1) + shape, dtype=np.float32) for shape, count in shapes.items()}
-    for batch in batches.values():  # warm-up (and compilation, with --compile)
+    for batch in batches.values():  # warm-up (and compilation or graph capture)
         runner.run(batch)
     started = time.perf_counter()
     for _ in range(planes):
@@ -71,12 +72,12 @@ def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, plan
 
 
 def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int,
-                     compile: bool, device: str, precision: str) -> tuple[float, float]:
+                     path: str, device: str, precision: str) -> tuple[float, float]:
     """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
     command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", str(stack), "-o", str(output),
                "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
                "--precision", precision, "-q",
-               *(["--compile"] if compile else [])]
+               *([f"--{path}"] if path != "eager" else [])]
     started = time.perf_counter()
     child = subprocess.Popen(command)
     _, status, usage = os.wait4(child.pid, 0)
@@ -92,7 +93,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--arch", help="a registered architecture (grey, random weights) instead of --width")
-    parser.add_argument("--compile", action="store_true", help="restore with --compile (compile time included)")
+    parser.add_argument("--path", choices=("eager", "compile", "cuda-graphs"), default="eager",
+                        help="how the network runs, in the engine and the bare timing alike (compile or capture time "
+                             "included in the engine's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--tile", type=int, default=512)
@@ -125,11 +128,11 @@ def main() -> None:
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
     def time_bare() -> float:
-        return bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.compile,
+        return bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.path,
                                     args.device, args.precision)
 
     bare_runs = [time_bare()]
-    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.compile,
+    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.path,
                                         args.device, args.precision)
     bare_runs.append(time_bare())
     bare = sum(bare_runs) / len(bare_runs)
@@ -139,7 +142,7 @@ def main() -> None:
         "stack_bytes_on_disk": folder_bytes(stack),
         "output_bytes_on_disk": folder_bytes(output),
         "model": {"arch": args.arch, "width": model.config.width, "parameters": sum(p.numel() for p in model.parameters())},
-        "compile": args.compile,
+        "network_path": args.path,
         "tile": args.tile,
         "overlap": args.overlap,
         "device": args.device,

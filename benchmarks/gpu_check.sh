@@ -4,6 +4,7 @@
 #   layout   benchmarks/gpu_layout.py: LayerNorm kernels x memory layout x precision, a profile;
 #   latency  the paper's protocol at 256-2048, fp32 and bf16, every model (docs/performance.md);
 #   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16);
+#   graphs   latency at 256 and 512 (fp32, bf16) and the engine with CUDA graphs (--cuda-graphs);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one beside it when GPU_TRAIN_GREY=1; exported as float16 checkpoints.
@@ -11,6 +12,8 @@
 # carrying .whl and .gpudata, from the repository root with $OUT set:
 #   GPU_CHECK_SECONDS=560 bash benchmarks/gpu_check.sh smoke latency engine train
 # GPU_CHECK_SECONDS bounds the whole call; training takes what the other parts leave.
+# LATENCY_PRECISIONS (default "fp32 bf16") and LATENCY_SIZES (default "256 512 1024 2048") shorten
+# the latency part, e.g. to check one change before training.
 # Measured on an H100 (2026-11-26): smoke 34 s, latency 80-90 s per precision, engine 80 s.
 set -uo pipefail
 START=$(date +%s)
@@ -48,9 +51,11 @@ if wanted layout; then
 fi
 
 if wanted latency; then
-    for precision in fp32 bf16; do
+    for precision in ${LATENCY_PRECISIONS:-fp32 bf16}; do
         log "latency $precision"
-        timeout 120 python3 benchmarks/latency.py --device cuda --precision "$precision" --sizes 256 512 1024 2048 \
+        # shellcheck disable=SC2086  # the sizes are words
+        timeout 120 python3 benchmarks/latency.py --device cuda --precision "$precision" \
+            --sizes ${LATENCY_SIZES:-256 512 1024 2048} \
             --budget 2 --out "$R/latency_$precision" 2>&1 | tail -14 | tee -a "$R/log.txt"
     done
 fi
@@ -60,6 +65,18 @@ if wanted engine; then
     timeout 100 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --workdir /tmp/engine-bench --json "$R/engine_gama_ir_s_bf16.json" 2>&1 \
         | tail -2 | tee -a "$R/log.txt"
+fi
+
+if wanted graphs; then
+    for precision in fp32 bf16; do
+        log "latency $precision, CUDA graphs"
+        timeout 120 python3 benchmarks/latency.py --device cuda --precision "$precision" --sizes 256 512 --cuda-graphs \
+            --budget 2 --out "$R/latency_${precision}_graphs" 2>&1 | tail -14 | tee -a "$R/log.txt"
+    done
+    log "engine, CUDA graphs"
+    timeout 100 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
+        --device cuda --precision bf16 --path cuda-graphs --workdir /tmp/engine-bench \
+        --json "$R/engine_gama_ir_s_bf16_graphs.json" 2>&1 | tail -2 | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then

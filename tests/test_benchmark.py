@@ -1,4 +1,4 @@
-"""The benchmark protocol, the baselines' sizes, and the compiled inference path."""
+"""The benchmark protocol, the baselines' sizes, and the compiled and CUDA-graph inference paths."""
 
 import json
 import sys
@@ -14,7 +14,7 @@ from torch import nn
 from napari_gama_ir import restore, save_checkpoint
 from napari_gama_ir.cli import main
 from napari_gama_ir.engine.benchmark import benchmark, count_flops, measure
-from napari_gama_ir.engine.compiled import CompiledNetwork
+from napari_gama_ir.engine.compiled import CompiledNetwork, GraphedNetwork, network_for
 
 from .conftest import make_tiny_model
 
@@ -162,3 +162,76 @@ def test_out_of_memory_in_the_compiled_network_propagates(monkeypatch):
     with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
         network(torch.rand(1, 1, 32, 32))
     assert network.active  # the engine shrinks the batch or tile and tries again
+
+
+# -- the CUDA-graph path (no GPU here: the capture is stood in for, the bookkeeping is real) ----
+
+class _FakeCapture:
+    """Stands in for GraphedNetwork._capture: a 'graph' is the network writing into a static output."""
+
+    def __init__(self, behaviour=None):
+        self.behaviour = behaviour
+        self.captured = []
+
+    def __call__(self, network, inputs):
+        if self.behaviour is not None:
+            self.behaviour(network.model, inputs)
+        self.captured.append(tuple(inputs.shape))
+        static_output = torch.empty_like(network.model(inputs))
+
+        def replay(new_inputs):
+            static_output.copy_(network.model(new_inputs))
+            return static_output.clone()
+
+        return replay
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(GraphedNetwork, "_capture", lambda network, inputs: self(network, inputs))
+        return self
+
+
+def test_graphs_are_captured_once_per_shape_and_outputs_are_copies(monkeypatch):
+    capture = _FakeCapture().install(monkeypatch)
+    model = make_tiny_model(1)
+    network = GraphedNetwork(model)
+    first, second, other = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32), torch.rand(1, 1, 32, 48)
+    with torch.no_grad():
+        out_first = network(first)
+        out_second = network(second)
+        network(other)
+        assert torch.equal(out_first, model(first)) and torch.equal(out_second, model(second))
+    assert capture.captured == [(2, 1, 32, 32), (1, 1, 32, 48)] and network.active
+
+
+@pytest.mark.parametrize("behaviour, reason", [(_raise_runtime, "cc not found"), (_wrong_output, "differs from eager")])
+def test_graph_failures_fall_back_to_eager_with_a_warning(monkeypatch, behaviour, reason):
+    if behaviour is _wrong_output:  # the replayed output is off, the capture itself succeeds
+        monkeypatch.setattr(GraphedNetwork, "_capture", lambda network, inputs: lambda x: network.model(x) + 0.01)
+    else:
+        _FakeCapture(behaviour).install(monkeypatch)
+    model = make_tiny_model(1)
+    network = GraphedNetwork(model)
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match=f"CUDA graphs is not used.*{reason}"):
+        out = network(x)
+    with torch.no_grad():
+        assert torch.equal(out, model(x)) and torch.equal(network(x), model(x))
+    assert not network.active
+
+
+def test_out_of_memory_while_capturing_propagates(monkeypatch):
+    _FakeCapture(_out_of_memory).install(monkeypatch)
+    network = GraphedNetwork(make_tiny_model(1))
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+        network(torch.rand(1, 1, 32, 32))
+    assert network.active
+
+
+def test_optimised_paths_are_refused_where_they_cannot_run():
+    model = make_tiny_model(1)
+    with pytest.raises(ValueError, match="not both"):
+        network_for(model, torch.device("cpu"), None, compile=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        measure(model, (1, 1, 32, 32), device="cpu", cuda_graphs=True, warmup=1, runs=1)
+    assert network_for(model, torch.device("cpu"), None) is model
+

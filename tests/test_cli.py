@@ -64,6 +64,8 @@ BAD_INPUTS = {
     "tile too small": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--tile", "8"], "smaller than this network's minimum"),
     "unknown model": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "nope"], "unknown model 'nope'"),
     "no shipped weights": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "gama_ir_s"], "no pretrained weights"),
+    "CUDA graphs off CUDA": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--device", "cpu", "--cuda-graphs"],
+                             "CUDA graphs need a CUDA device"),
 }
 
 

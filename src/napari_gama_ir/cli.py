@@ -87,6 +87,7 @@ def run_restore(args: argparse.Namespace) -> Path:
         "overlap": args.overlap,
         "mean_mode": args.mean_mode,
         "compiled": bool(args.compile),
+        "cuda_graphs": bool(args.cuda_graphs),
         "source": str(args.input),
     }
     if args.scheduler or args.workers or args.resume:
@@ -98,7 +99,7 @@ def run_restore(args: argparse.Namespace) -> Path:
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch,
         output_dtype="input" if args.output_dtype == "input" else args.output_dtype,
-        on_plane=progress.update_pixels, compile=args.compile,
+        on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs,
     )
     progress.start()
     try:
@@ -157,7 +158,7 @@ def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, pro
                 array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
                 tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
                 precision=args.precision, batch=args.batch, output_dtype=args.output_dtype, compile=args.compile,
-                attrs=provenance, source=str(Path(args.input).resolve()), on_chunk=on_chunk,
+                cuda_graphs=args.cuda_graphs, attrs=provenance, source=str(Path(args.input).resolve()), on_chunk=on_chunk,
             )
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the chunks written so far are kept: run again with --resume", file=sys.stderr)
@@ -406,7 +407,8 @@ def _demo_restore(args, noisy: np.ndarray, clean: np.ndarray, axes: str, noisy_p
         input=str(noisy_path), output=str(restored_path), overwrite=True, model=model,
         untrained=False, axes=axes, tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
-        output_dtype="input", quiet=args.quiet, compile=False, scheduler=None, workers=None, resume=False,
+        output_dtype="input", quiet=args.quiet, compile=False, cuda_graphs=False, scheduler=None, workers=None,
+        resume=False,
     )
     run_restore(restore_args)
     restored = open_image(restored_path).array.compute()
@@ -465,11 +467,12 @@ def run_benchmark(args: argparse.Namespace) -> None:
     report = benchmark(
         models, args.sizes, channels=args.channels, batch=args.batch, device=args.device,
         precision=args.precision, warmup=args.warmup, runs=args.runs, budget_s=args.budget,
-        compile=args.compile, on_measurement=report_progress,
+        compile=args.compile, cuda_graphs=args.cuda_graphs, on_measurement=report_progress,
     )
     machine = report["machine"]
     print(f"{machine.get('gpu') or machine['processor']} ({machine['device']}, {machine['torch_threads']} torch threads), "
-          f"torch {machine['torch']}, {args.precision}{', compiled' if args.compile else ''}; "
+          f"torch {machine['torch']}, {args.precision}{', compiled' if args.compile else ''}"
+          f"{', CUDA graphs' if args.cuda_graphs else ''}; "
           f"float32 matmul {report['matmul_gflops_fp32']:.0f} GFLOP/s")
     print(format_table(report))
     write_report(report, args.json, args.plot)
@@ -504,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--resume", action="store_true", help="continue an interrupted run into the same output, skipping finished chunks")
     restore_cmd.add_argument("--compile", action="store_true",
                              help="run the network through torch.compile (faster once compiled; checked against eager, falls back on failure)")
+    restore_cmd.add_argument("--cuda-graphs", action="store_true",
+                             help="on CUDA, replay the network as CUDA graphs (one launch per batch; checked against eager, falls back on failure)")
     add_engine_options(restore_cmd)
 
     train_cmd = commands.add_parser(
@@ -575,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--global-blocks", nargs="+", choices=GLOBAL_BLOCKS, metavar="BLOCK",
                            help=f"time each architecture with these global blocks ({', '.join(GLOBAL_BLOCKS)})")
     bench_cmd.add_argument("--compile", action="store_true", help="run the networks through torch.compile")
+    bench_cmd.add_argument("--cuda-graphs", action="store_true", help="on CUDA, replay the networks as CUDA graphs")
     bench_cmd.add_argument("--threads", type=int, help="torch CPU threads (default: every usable core)")
     bench_cmd.add_argument("--json", help="write the measurements to this JSON file")
     bench_cmd.add_argument("--plot", help="write a PNG plot of latency against size")

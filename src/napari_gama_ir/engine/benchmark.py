@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .compiled import CompiledNetwork
+from .compiled import network_for
 from .device import check_precision, preferred_memory_format, resolve_device
 
 
@@ -151,6 +151,7 @@ def measure(
     runs: int = 100,
     budget_s: float | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> Measurement:
     """Time ``model`` on a random input of ``shape`` by the paper's protocol.
 
@@ -171,6 +172,9 @@ def measure(
         The measurement records how many runs were made.
     compile : bool
         Run through :class:`~.compiled.CompiledNetwork` (compilation happens in the warm-up).
+    cuda_graphs : bool
+        Run through :class:`~.compiled.GraphedNetwork` (CUDA only; the capture happens in the
+        warm-up).
 
     Returns
     -------
@@ -183,7 +187,7 @@ def measure(
     memory_format = preferred_memory_format(device)
     flops = count_flops(model, shape)
     network = copy.deepcopy(model).to(device, memory_format=memory_format).eval()
-    forward = CompiledNetwork(network, autocast_dtype) if compile else network
+    forward = network_for(network, device, autocast_dtype, compile, cuda_graphs)
     inputs = torch.rand(shape, device=device).contiguous(memory_format=memory_format)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
 
@@ -258,6 +262,7 @@ def benchmark(
     runs: int = 100,
     budget_s: float | None = None,
     compile: bool = False,
+    cuda_graphs: bool = False,
     max_gflop: float | None = None,
     on_measurement=None,
 ) -> dict[str, Any]:
@@ -280,7 +285,7 @@ def benchmark(
                 continue
             result = measure(
                 model, shape, name=name, device=device, precision=precision,
-                warmup=warmup, runs=runs, budget_s=budget_s, compile=compile,
+                warmup=warmup, runs=runs, budget_s=budget_s, compile=compile, cuda_graphs=cuda_graphs,
             )
             if on_measurement is not None:
                 on_measurement(result)
@@ -293,7 +298,7 @@ def benchmark(
         "machine": machine_description(device),
         "settings": {
             "precision": precision, "warmup": warmup, "runs": runs, "budget_s": budget_s, "compile": compile,
-            "batch": batch, "channels": channels, "max_gflop": max_gflop,
+            "cuda_graphs": cuda_graphs, "batch": batch, "channels": channels, "max_gflop": max_gflop,
             "memory_format": "channels_last" if preferred_memory_format(device) == torch.channels_last else "NCHW",
         },
         "matmul_gflops_fp32": peak,

@@ -1,54 +1,57 @@
-"""An optional ``torch.compile`` path for inference, checked against eager and never fatal."""
+"""Optional faster inference paths, each checked against eager and never fatal.
+
+- :class:`CompiledNetwork`: ``torch.compile`` (inductor, weights frozen), on any device.
+- :class:`GraphedNetwork`: CUDA graphs, one captured pass per input shape, on CUDA.
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from .device import is_out_of_memory
 
-# Largest difference to the eager network that a compiled network may show, relative to the size
+# Largest difference to the eager network that an optimised network may show, relative to the size
 # of the output: the issue's 1e-3 for float32; autocast rounds each path its own way.
 TOLERANCE = {None: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-class CompiledNetwork:
-    """Runs a network through ``torch.compile`` (inductor, weights frozen), falling back to eager.
+class CheckedNetwork:
+    """A faster way to run ``model`` that proves itself on each new input shape.
 
-    Freezing lets inductor treat the weights as constants: it pre-packs convolution weights and
-    fuses the elementwise work of LayerNorm, SimpleGate, GAMA and the scaled residuals into few
-    passes over memory. How much that buys depends on the network and the machine
-    (docs/performance.md has the figures measured on a CPU).
-    Each new input shape is compiled once (tens of seconds on a CPU) and its first output is
-    compared with the eager network's; a failure to compile, or a difference above
-    :data:`TOLERANCE`, switches to the eager network for good with a warning. Out-of-memory errors
-    propagate, so the engine can still shrink the batch or tile.
+    Subclasses implement :meth:`_optimised`. Each new input shape's first output is compared with
+    the eager network's; a failure (any exception but running out of memory) or a difference above
+    :data:`TOLERANCE` switches to the eager network for good, with a warning. Out-of-memory errors
+    propagate, so the engine can still shrink the batch or tile and try again.
 
     Call it under ``torch.inference_mode()`` or ``torch.no_grad()``; it is for inference only.
     """
 
+    what = "the optimised path"  # named in the fallback warning
+
     def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
         self.model = model
+        self.autocast_dtype = autocast_dtype
         self.tolerance = TOLERANCE[autocast_dtype]
         self.active = True
         self._checked_shapes: set[tuple[int, ...]] = set()
-        # dynamic=False: the engine's tiles share one shape, for which static code is fastest.
-        self._compiled = torch.compile(model, dynamic=False)
+
+    def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def _fall_back(self, reason: str) -> None:
         self.active = False
-        warnings.warn(f"torch.compile is not used ({reason}); running the network eagerly", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{self.what} is not used ({reason}); running the network eagerly", RuntimeWarning, stacklevel=3)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.model(inputs)
-        import torch._inductor.config as inductor_config
-
         try:
-            with inductor_config.patch(freezing=True):
-                outputs = self._compiled(inputs)
+            outputs = self._optimised(inputs)
         except Exception as error:  # a missing C++ compiler, an unsupported operator, ...
             if is_out_of_memory(error):
                 raise
@@ -65,3 +68,103 @@ class CompiledNetwork:
                 return reference
             self._checked_shapes.add(shape)
         return outputs
+
+
+class CompiledNetwork(CheckedNetwork):
+    """Runs a network through ``torch.compile`` (inductor, weights frozen), falling back to eager.
+
+    Freezing lets inductor treat the weights as constants: it pre-packs convolution weights and
+    fuses the elementwise work of LayerNorm, SimpleGate, GAMA and the scaled residuals into few
+    passes over memory. How much that buys depends on the network and the machine
+    (docs/performance.md has the figures measured on a CPU). Each new input shape is compiled once
+    (tens of seconds on a CPU).
+    """
+
+    what = "torch.compile"
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, autocast_dtype)
+        # dynamic=False: the engine's tiles share one shape, for which static code is fastest.
+        self._compiled = torch.compile(model, dynamic=False)
+
+    def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self._compiled(inputs)
+
+
+# Eager passes on a side stream before a capture: CUDA requires it, and it lets cuDNN pick its
+# algorithms and the allocator reach its steady state outside the graph.
+GRAPH_WARMUP_PASSES = 3
+
+
+class GraphedNetwork(CheckedNetwork):
+    """Runs a network on CUDA by replaying a CUDA graph, captured once per input shape.
+
+    An eager pass of GAMA-IR-S is hundreds of small kernels, each launched from Python: at the
+    engine's batches of a few tiles the GPU waits on the launches, and on the GIL that the engine's
+    other threads also want (docs/performance.md, "GPU"). A graph replays the whole pass with one
+    launch. Inputs are copied into the graph's static input and outputs copied out of its static
+    output, so a caller may keep an output while the next batch runs. The graphs share one memory
+    pool; the engine's runner never replays two at once (its lock). Autocast runs inside the
+    capture with its weight-cast cache off, as CUDA graphs require.
+    """
+
+    what = "CUDA graphs"
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, autocast_dtype)
+        self._replays: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._pool = None
+
+    def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
+        key = (tuple(inputs.shape), inputs.stride(), inputs.dtype)
+        replay = self._replays.get(key)
+        if replay is None:
+            replay = self._replays[key] = self._capture(inputs)
+        return replay(inputs)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _capture(self, inputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Record one pass on inputs shaped like ``inputs``; return what replays it on new inputs."""
+        static_input = inputs.clone()  # same shape, strides and device
+        side = torch.cuda.Stream(device=inputs.device)
+        side.wait_stream(torch.cuda.current_stream(inputs.device))
+        with torch.cuda.stream(side), self._autocast():
+            for _ in range(GRAPH_WARMUP_PASSES):
+                self.model(static_input)
+        torch.cuda.current_stream(inputs.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's other threads may copy planes to the device meanwhile.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), self._autocast():
+            static_output = self.model(static_input)
+
+        def replay(new_inputs: torch.Tensor) -> torch.Tensor:
+            static_input.copy_(new_inputs)
+            graph.replay()
+            return static_output.clone()
+
+        return replay
+
+
+def network_for(
+    model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None, compile: bool = False,
+    cuda_graphs: bool = False,
+) -> nn.Module | CheckedNetwork:
+    """``model`` itself, or wrapped in the optimised path asked for (at most one; graphs on CUDA only)."""
+    if compile and cuda_graphs:
+        raise ValueError("choose torch.compile or CUDA graphs, not both")
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+    if compile:
+        return CompiledNetwork(model, autocast_dtype)
+    if cuda_graphs:
+        return GraphedNetwork(model, autocast_dtype)
+    return model

@@ -127,7 +127,7 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
             runner = ModelRunner(
                 model, device=worker_device(settings["device"], worker), precision=settings["precision"],
                 batch=settings["batch"], threads=worker.state.nthreads if worker else None,
-                mean_mode=settings["mean_mode"], compile=settings["compile"],
+                mean_mode=settings["mean_mode"], compile=settings["compile"], cuda_graphs=settings["cuda_graphs"],
             )
             tiling = make_tiling(model, settings["tile"], settings["overlap"], settings["mean_mode"])
             stack = settings["stack_affine"]
@@ -177,6 +177,7 @@ def restore_distributed(
     normalization: dict[str, Any] | None = None,
     output_dtype: str | np.dtype = "float32",
     compile: bool = False,
+    cuda_graphs: bool = False,
     attrs: dict[str, Any] | None = None,
     source: str | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
@@ -220,15 +221,15 @@ def restore_distributed(
     checkpoint = CheckpointBytes.from_model(model)
     settings = {
         "device": device, "precision": precision, "batch": batch, "mean_mode": mean_mode, "compile": compile,
-        "tile": plan.tiling.tile, "overlap": overlap, "normalization": plan.normalization,
+        "cuda_graphs": cuda_graphs, "tile": plan.tiling.tile, "overlap": overlap, "normalization": plan.normalization,
         "input_dtype": str(plan.array.dtype), "output_dtype": str(plan.output_dtype), "stack_affine": None,
     }
     run = _run_folder(output)
-    # What must not change between a run and its resumption (device, batch and compile may).
+    # What must not change between a run and its resumption (device, batch and the optimised path may).
     record = json.loads(json.dumps({
         "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,
         "dtype": str(plan.array.dtype),
-        "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile")},
+        "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile", "cuda_graphs")},
     }))
     store, done = run / "data.zarr", run / "done"
     if run.exists() and (overwrite or not resume):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..model import GamaIR
-from .compiled import CompiledNetwork
+from .compiled import network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
 
 
@@ -25,8 +25,9 @@ class ModelRunner:
     blend tiles while the network keeps the device (or all CPU cores) busy, without
     oversubscribing it. When the device runs out of memory the batch is halved and retried; a
     tile that fails on its own raises :class:`TileTooLargeError` so the caller can shrink tiles.
-    ``compile=True`` runs the network through :class:`~.compiled.CompiledNetwork` (torch.compile,
-    checked against eager, falling back to eager on any failure).
+    ``compile=True`` runs the network through :class:`~.compiled.CompiledNetwork` (torch.compile),
+    ``cuda_graphs=True`` through :class:`~.compiled.GraphedNetwork` (CUDA only); both are checked
+    against eager and fall back to eager on any failure.
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class ModelRunner:
         threads: int | None = None,
         mean_mode: str = "global",
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         if batch is not None and batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
@@ -48,7 +50,7 @@ class ModelRunner:
         # A private copy: the caller's network keeps its device, memory layout and mean mode.
         self.model = copy.deepcopy(model).to(self.device, memory_format=self.memory_format).eval()
         self.model.set_mean_mode(mean_mode)
-        self.network = CompiledNetwork(self.model, self.autocast_dtype) if compile else self.model
+        self.network = network_for(self.model, self.device, self.autocast_dtype, compile, cuda_graphs)
         # Batching helps a GPU; on the CPU one tile already keeps every core busy.
         self.batch = batch or (1 if self.device.type == "cpu" else 4)
         self.lock = threading.Lock()
@@ -61,19 +63,22 @@ class ModelRunner:
     def config(self):
         return self.model.config
 
-    def _forward(self, tiles: np.ndarray) -> np.ndarray:
-        inputs = torch.from_numpy(tiles).to(self.device, non_blocking=True, memory_format=self.memory_format)
+    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else nullcontext()
         )
         with torch.inference_mode(), autocast:
-            outputs = self.network(inputs)
-        return outputs.float().cpu().numpy()
+            outputs = self.network(tiles.contiguous(memory_format=self.memory_format))
+        return outputs.float()
 
-    def run(self, tiles: np.ndarray) -> np.ndarray:
-        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32."""
+    def run_tensor(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Restore equally sized tiles already on the device, shape (N, C, h, w); float32, on the device.
+
+        Nothing waits for the device here: on a GPU the passes are queued and the caller's next
+        work (blending, the next batch) is queued behind them.
+        """
         outputs = []
         start = 0
         with self.lock:
@@ -93,4 +98,10 @@ class ModelRunner:
                     self.batch = max(1, self.batch // 2)
                     continue
                 start += len(chunk)
-        return np.concatenate(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32, on the host."""
+        with torch.inference_mode():
+            tensor = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.device)
+            return self.run_tensor(tensor).cpu().numpy()
