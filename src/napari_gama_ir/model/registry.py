@@ -157,6 +157,14 @@ register_model(ModelSpec("gama_ir_xs", _XS, "GAMA-IR-XS, width 24, depth 10 (sma
 # shipped JSON's, metadata aside; a test checks it.
 register_model(
     ModelSpec(
+        "gama_ir_s-denoise-rgb",
+        get_spec("gama_ir_s").config.replace(train_patch_size=128, channel_meaning="rgb"),
+        "GAMA-IR-S blind colour Gaussian denoiser (sigma 0-55), trained on CBSD432 on a GPU",
+        weights="gama_ir_s-denoise-rgb",
+    )
+)
+register_model(
+    ModelSpec(
         "gama_ir_xs-denoise-rgb",
         _XS.replace(train_patch_size=96, channel_meaning="rgb"),
         "GAMA-IR-XS blind colour Gaussian denoiser (sigma 0-55), trained on CBSD432 on a CPU",
@@ -177,11 +185,12 @@ register_model(
 )
 
 # The shipped model used when none is named, by channel count and device kind; other channel
-# counts get the grey model, which restores each channel alone. GAMA-IR-S weights need GPU time to
-# train; until they ship, GPUs use the CPU models too.
+# counts get the grey model, which restores each channel alone. A CPU keeps the XS models: GAMA-IR-S
+# restores better but takes about four times as long there (296 against 70 ms at 256 x 256). The
+# grey GAMA-IR-S still needs GPU time to train; until it ships, GPUs use the grey XS model too.
 DEFAULT_MODELS = {
     ("cpu", 3): "gama_ir_xs-denoise-rgb",
-    ("gpu", 3): "gama_ir_xs-denoise-rgb",
+    ("gpu", 3): "gama_ir_s-denoise-rgb",
     ("cpu", 1): "gama_ir_xs-denoise-grey",
     ("gpu", 1): "gama_ir_xs-denoise-grey",
 }
