@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import warnings
 from collections.abc import Callable
@@ -12,7 +11,6 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import torch
 
 from ..model import GamaIR, create_model
 from .axes import (
@@ -24,10 +22,10 @@ from .axes import (
     plane_layout,
     to_canonical,
 )
-from .device import host_threads, is_out_of_memory
+from .device import host_threads
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError
-from .tiling import plan_tiles, ramp_weights, tile_tapers
+from .tiling import plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
 DEFAULT_MEAN_MODE = "global"
@@ -73,15 +71,14 @@ def restore_plane(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) ->
 
     Tiles sit on a grid aligned to the network's down-sampling; each tile's output is weighted by
     a smooth ramp that vanishes at its inner edges, and the weighted sum is divided by the summed
-    weights, so there are no seams. Tiles are cut and blended on the network's device; a plane
-    too large for device memory beside the network is blended in host memory instead. If a single
-    tile does not fit in device memory, the tile side is halved and the plane restored again.
+    weights, so there are no seams. If a single tile does not fit in device memory, the tile side
+    is halved and the plane restored again.
     """
     height, width = plane.shape[-2:]
     if tiling.tile is None or (height <= tiling.tile and width <= tiling.tile):
         return runner.run(plane[None])[0]
     try:
-        return _restore_tiled(plane, runner, tiling, runner.device)
+        return _restore_tiled(plane, runner, tiling)
     except TileTooLargeError:
         smaller = tiling.tile // 2
         if smaller < 4 * runner.config.size_multiple:
@@ -89,54 +86,26 @@ def restore_plane(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) ->
         warnings.warn(f"out of device memory; retrying with tiles of {smaller} pixels", RuntimeWarning, stacklevel=2)
         overlap = min(tiling.overlap, smaller // 2)
         return restore_plane(plane, runner, TilingPlan(smaller, overlap, min(tiling.margin, overlap // 4)))
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if runner.device.type == "cpu" or not is_out_of_memory(error):
-            raise
-        warnings.warn(
-            f"a {height} x {width} plane does not fit in {runner.device} memory beside the network; "
-            "blending it in host memory", RuntimeWarning, stacklevel=2,
-        )
-        return _restore_tiled(plane, runner, tiling, torch.device("cpu"))
 
 
-def _restore_tiled(
-    plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan, blend_device: torch.device
-) -> np.ndarray:
-    # The plane goes to ``blend_device`` (normally the network's) once; tiles are cut, restored
-    # and blended there, a batch at a time, and only the blended plane comes back. On a GPU
-    # nothing here waits for the device, so the passes of all tiles are queued back to back while
-    # the engine's other threads read and write other planes.
-    height, width = plane.shape[-2:]
+def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -> np.ndarray:
+    channels, height, width = plane.shape
+    out_channels = runner.config.out_channels
     tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, runner.config.size_multiple)
     by_shape: dict[tuple[int, int], list] = {}
     for tile in tiles:
         by_shape.setdefault(tile.shape, []).append(tile)
-    with torch.inference_mode():
-        source = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32)).to(blend_device)
-        result = torch.zeros((runner.config.out_channels, height, width), device=blend_device)
-        weight_sum = torch.zeros((height, width), device=blend_device)
-        for group in by_shape.values():
-            start = 0
-            while start < len(group):
-                chunk = group[start : start + runner.batch]  # the batch may shrink on the way
-                batch = torch.stack([source[:, t.rows, t.cols] for t in chunk]).to(runner.device)
-                restored = runner.run_tensor(batch).to(blend_device)
-                for tile, out in zip(chunk, restored):
-                    tapers = tile_tapers(tile, height, width)
-                    weights = _ramp_weights_on(blend_device, tile.shape, tapers, tiling.overlap, tiling.margin)
-                    result[:, tile.rows, tile.cols].addcmul_(out, weights)
-                    weight_sum[tile.rows, tile.cols] += weights
-                start += len(chunk)
-        result /= weight_sum
-        return result.cpu().numpy()
-
-
-@functools.lru_cache(maxsize=16)
-def _ramp_weights_on(
-    device: torch.device, shape: tuple[int, int], tapers: tuple[bool, ...], overlap: int, margin: int
-) -> torch.Tensor:
-    """:func:`~.tiling.ramp_weights` as a tensor on ``device``, copied there once."""
-    return torch.tensor(ramp_weights(shape, tapers, overlap, margin), device=device)
+    result = np.zeros((out_channels, height, width), np.float32)
+    weight_sum = np.zeros((height, width), np.float32)
+    for group in by_shape.values():
+        batch = np.stack([plane[:, t.rows, t.cols] for t in group])
+        restored = runner.run(batch)
+        for tile, out in zip(group, restored):
+            weights = tile_weights(tile, height, width, tiling.overlap, tiling.margin)
+            result[:, tile.rows, tile.cols] += out * weights
+            weight_sum[tile.rows, tile.cols] += weights
+    result /= weight_sum
+    return result
 
 
 class StackAffine:

@@ -63,22 +63,19 @@ class ModelRunner:
     def config(self):
         return self.model.config
 
-    def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
+    def _forward(self, tiles: np.ndarray) -> np.ndarray:
+        inputs = torch.from_numpy(tiles).to(self.device, non_blocking=True, memory_format=self.memory_format)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else nullcontext()
         )
         with torch.inference_mode(), autocast:
-            outputs = self.network(tiles.contiguous(memory_format=self.memory_format))
-        return outputs.float()
+            outputs = self.network(inputs)
+        return outputs.float().cpu().numpy()
 
-    def run_tensor(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Restore equally sized tiles already on the device, shape (N, C, h, w); float32, on the device.
-
-        Nothing waits for the device here: on a GPU the passes are queued and the caller's next
-        work (blending, the next batch) is queued behind them.
-        """
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32."""
         outputs = []
         start = 0
         with self.lock:
@@ -98,10 +95,4 @@ class ModelRunner:
                     self.batch = max(1, self.batch // 2)
                     continue
                 start += len(chunk)
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-    def run(self, tiles: np.ndarray) -> np.ndarray:
-        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32, on the host."""
-        with torch.inference_mode():
-            tensor = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32)).to(self.device)
-            return self.run_tensor(tensor).cpu().numpy()
+        return np.concatenate(outputs)

@@ -65,22 +65,15 @@ def edge_ramp(length: int, overlap: int, margin: int, taper_start: bool, taper_e
     return weights
 
 
-def tile_tapers(tile: Tile, height: int, width: int) -> tuple[bool, bool, bool, bool]:
-    """Which sides of ``tile`` (top, bottom, left, right) border a neighbour and are tapered."""
-    return (tile.rows.start > 0, tile.rows.stop < height, tile.cols.start > 0, tile.cols.stop < width)
-
-
 def tile_weights(tile: Tile, height: int, width: int, overlap: int, margin: int) -> np.ndarray:
     """2-D blending weights of ``tile`` inside a ``height`` x ``width`` plane (read-only, cached)."""
-    return ramp_weights(tile.shape, tile_tapers(tile, height, width), overlap, margin)
+    tapers = (tile.rows.start > 0, tile.rows.stop < height, tile.cols.start > 0, tile.cols.stop < width)
+    return _weights(tile.shape, tapers, overlap, margin)
 
 
 @functools.lru_cache(maxsize=64)
-def ramp_weights(shape: tuple[int, int], tapers: tuple[bool, ...], overlap: int, margin: int) -> np.ndarray:
-    """Blending weights of a tile of ``shape`` whose sides are tapered as ``tapers`` says (read-only).
-
-    A plane has at most nine distinct tile geometries; caching spares recomputing them per tile.
-    """
+def _weights(shape: tuple[int, int], tapers: tuple[bool, ...], overlap: int, margin: int) -> np.ndarray:
+    # A plane has at most nine distinct tile geometries; caching spares recomputing them per tile.
     along_rows = edge_ramp(shape[0], overlap, margin, tapers[0], tapers[1])
     along_cols = edge_ramp(shape[1], overlap, margin, tapers[2], tapers[3])
     weights = along_rows[:, None] * along_cols[None, :]
