@@ -7,7 +7,8 @@
 #   graphs   latency at 256 and 512 (fp32, bf16) and the engine with CUDA graphs (--cuda-graphs);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
-#            with the grey one beside it when GPU_TRAIN_GREY=1; exported as float16 checkpoints.
+#            with the grey one beside it when GPU_TRAIN_GREY=1, or the grey one alone with
+#            GPU_TRAIN_RGB=0 (the colour model shipped on 2026-11-26); exported as float16 checkpoints.
 # First run benchmarks/gpu_prepare.sh here (wheels and training images), then, on the device,
 # carrying .whl and .gpudata, from the repository root with $OUT set:
 #   GPU_CHECK_SECONDS=560 bash benchmarks/gpu_check.sh smoke latency engine train
@@ -92,7 +93,9 @@ if wanted train; then
     log "training until $((UNTIL - START)) s"
     common=(--until "$UNTIL" --clean .gpudata/CBSD432 --arch gama_ir_s --patch 128 --batch 32 --precision bf16
             --device cuda --seed 0 --checkpoint-every 500)
-    python3 benchmarks/train_for.py "${common[@]}" --noise gaussian:0-55 -o /tmp/train/rgb >"$R/train_rgb.log" 2>&1 &
+    if [ "${GPU_TRAIN_RGB:-1}" = 1 ]; then
+        python3 benchmarks/train_for.py "${common[@]}" --noise gaussian:0-55 -o /tmp/train/rgb >"$R/train_rgb.log" 2>&1 &
+    fi
     if [ "${GPU_TRAIN_GREY:-0}" = 1 ]; then
         python3 benchmarks/train_for.py "${common[@]}" --grey --noise mixed --normalization percentile-image \
             -o /tmp/train/grey >"$R/train_grey.log" 2>&1 &
