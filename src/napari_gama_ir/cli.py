@@ -158,7 +158,8 @@ def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, pro
                 array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
                 tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
                 precision=args.precision, batch=args.batch, output_dtype=args.output_dtype, compile=args.compile,
-                cuda_graphs=args.cuda_graphs, attrs=provenance, source=str(Path(args.input).resolve()), on_chunk=on_chunk,
+                cuda_graphs=args.cuda_graphs, attrs=provenance, source=str(Path(args.input).resolve()),
+                on_chunk=on_chunk,
             )
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the chunks written so far are kept: run again with --resume", file=sys.stderr)

@@ -142,7 +142,7 @@ class GraphedNetwork(CheckedNetwork):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the engine's other threads may copy planes to the device meanwhile.
+        # thread_local: other threads (a napari preview, say) may use the device meanwhile.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), self._autocast():
             static_output = self.model(static_input)
 

@@ -134,10 +134,11 @@ def create_model(name: str | os.PathLike, pretrained: bool = False, **overrides:
 # the global receptive field. The blocks sit mostly in the middle, where the maps are smallest and
 # a block costs the least time and memory; two per level keep some full-resolution processing.
 # This also keeps GAMA-IR-S at 5.4 M parameters (under 11 MB as float16).
+_S = GamaIRConfig(width=42, encoder_blocks=(2, 2, 2), middle_blocks=6, decoder_blocks=(2, 2, 2))
 register_model(
     ModelSpec(
         "gama_ir_s",
-        GamaIRConfig(width=42, encoder_blocks=(2, 2, 2), middle_blocks=6, decoder_blocks=(2, 2, 2)),
+        _S,
         "GAMA-IR-S, width 42, depth 18 (paper's small model)",
     )
 )
@@ -158,7 +159,7 @@ register_model(ModelSpec("gama_ir_xs", _XS, "GAMA-IR-XS, width 24, depth 10 (sma
 register_model(
     ModelSpec(
         "gama_ir_s-denoise-rgb",
-        get_spec("gama_ir_s").config.replace(train_patch_size=128, channel_meaning="rgb"),
+        _S.replace(train_patch_size=128, channel_meaning="rgb"),
         "GAMA-IR-S blind colour Gaussian denoiser (sigma 0-55), trained on CBSD432 on a GPU",
         weights="gama_ir_s-denoise-rgb",
     )
