@@ -36,7 +36,9 @@ def probe_rate(args: argparse.Namespace) -> float:
         steps=PROBE_STEPS, batch=args.batch, patch=args.patch, noise=args.noise, precision=args.precision,
         device=args.device, validation_fraction=0.0, checkpoint_every=PROBE_STEPS + 1, seed=args.seed,
     )
-    model, _ = starting_model(data.channels, architecture=args.arch, patch=args.patch, normalization=normalization)
+    model, _ = starting_model(
+        data.channels, source=args.from_, architecture=args.arch, patch=args.patch, normalization=normalization,
+    )
     folder = tempfile.mkdtemp(prefix="train-probe-")
     try:
         times = {event.step: event.seconds for event in Trainer(model, data, settings, folder).run()}
@@ -53,9 +55,12 @@ def main() -> int:
     parser.add_argument("--grey", action="store_true")
     parser.add_argument("--noise", required=True)
     parser.add_argument("--normalization", default="auto", choices=NORMALIZATION_CHOICES)
-    parser.add_argument("--arch", default="gama_ir_s")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--arch", default="gama_ir_s")
+    start.add_argument("--from", dest="from_", metavar="MODEL", help="fine-tune this model instead")
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the train command's)")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,7 +75,8 @@ def main() -> int:
         raise SystemExit(f"only {seconds_left:.0f} s left at {rate:.1f} steps/s: too little to train")
     command = [
         "train", "--clean", args.clean, *(["--grey"] if args.grey else []), "--noise", args.noise,
-        "--normalization", args.normalization, "--arch", args.arch, "--patch", str(args.patch),
+        "--normalization", args.normalization, *(["--from", args.from_] if args.from_ else ["--arch", args.arch]),
+        *(["--lr", str(args.lr)] if args.lr else []), "--patch", str(args.patch),
         "--batch", str(args.batch), "--precision", args.precision, "--device", args.device,
         "--seed", str(args.seed), "--checkpoint-every", str(args.checkpoint_every), "--steps", str(steps),
         "--minutes", f"{(seconds_left + 10) / 60:.2f}", "-q", "-o", args.output,

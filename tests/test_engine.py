@@ -198,10 +198,10 @@ def test_nan_and_inf_are_reported_with_the_plane():
 class _OutOfMemoryAboveBatch(ModelRunner):
     """A runner whose device 'runs out of memory' for batches larger than one tile."""
 
-    def _forward(self, tiles):
+    def _forward(self, tiles, outputs):
         if len(tiles) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return super()._forward(tiles)
+        super()._forward(tiles, outputs)
 
 
 def test_out_of_memory_halves_the_batch_and_gives_the_same_result():

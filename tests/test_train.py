@@ -17,6 +17,7 @@ from napari_gama_ir.train import (
     TrainSettings,
     data_from_arrays,
     data_from_paths,
+    grey_from_colour,
     learning_rate_at,
     resume_trainer,
     starting_model,
@@ -330,8 +331,9 @@ def test_fine_tuning_starts_from_a_checkpoint_with_matching_channels(tmp_path):
     rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
     model, start = starting_model(3, source=rgb)
     assert start["from"] == str(rgb) and len(start["checkpoint_sha256"]) == 64
+    three = save_checkpoint(make_tiny_model(3, channel_meaning="3 channels"), tmp_path / "three")
     with pytest.raises(ValueError, match="takes 3 channel"):
-        starting_model(1, source=rgb)
+        starting_model(1, source=three)  # only RGB has a grey meaning
     grey = save_checkpoint(make_tiny_model(1), tmp_path / "grey")
     model, _ = starting_model(2, source=grey)  # a grey network trains on each channel alone
     assert model.config.in_channels == 1
@@ -341,6 +343,23 @@ def test_fine_tuning_starts_from_a_checkpoint_with_matching_channels(tmp_path):
     assert weights_equal(new, again)
     with pytest.raises(ValueError, match="no pretrained weights"):
         starting_model(3, source="gama_ir_s")
+
+
+def test_a_colour_network_made_grey_gives_the_mean_of_its_colour_outputs(tmp_path):
+    colour = make_tiny_model(3)
+    before = {name: tensor.clone() for name, tensor in colour.state_dict().items()}
+    percentiles = {"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"}
+    grey, start = starting_model(1, source=save_checkpoint(colour, tmp_path / "rgb"), normalization=percentiles)
+    assert start["converted"] == "rgb to grey"
+    assert (grey.config.in_channels, grey.config.out_channels, grey.config.channel_meaning) == (1, 1, "grey")
+    assert grey.config.normalization == percentiles and grey.config.width == colour.config.width
+    image = torch.rand(2, 1, 40, 36)
+    with torch.no_grad():
+        expected = colour(image.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
+        torch.testing.assert_close(grey.eval()(image), expected, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(before[name], tensor) for name, tensor in colour.state_dict().items())
+    with pytest.raises(ValueError, match="only an RGB network"):
+        grey_from_colour(grey)
 
 
 def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):

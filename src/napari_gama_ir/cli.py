@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--noise", help="synthetic noise on clean images: gaussian[:LOW-HIGH sigma], poisson-gaussian[:LOW-HIGH photons] or mixed")
     train_cmd.add_argument("--grey", action="store_true", help="convert RGB images to grey first")
     train_cmd.add_argument("--normalization", choices=NORMALIZATION_CHOICES, default="auto",
-                           help="intensity normalisation of a new network (default auto: range for uint8 and float, percentiles otherwise)")
+                           help="intensity normalisation of a new network or of a colour network made grey (default auto: range for uint8 and float, percentiles otherwise)")
     train_cmd.add_argument("--steps", type=int, help="optimiser steps (default 2000)")
     train_cmd.add_argument("--batch", type=int, help="patches per step (default 8)")
     train_cmd.add_argument("--patch", type=int, help="patch side in pixels (default 64)")

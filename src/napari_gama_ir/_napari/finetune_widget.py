@@ -216,7 +216,7 @@ class FineTuneWidget(QWidget):
                     normalization=default_normalization(data.dtype), seed=settings.seed,
                 )
             else:
-                model, start = starting_model(data.channels, source=choice)
+                model, start = starting_model(data.channels, source=choice, normalization=default_normalization(data.dtype))
             if folder.exists():
                 shutil.rmtree(folder)  # Start begins again; Resume continues
             return Trainer(model, data, settings, folder, start=start)

@@ -63,26 +63,37 @@ class ModelRunner:
     def config(self):
         return self.model.config
 
-    def _forward(self, tiles: np.ndarray) -> np.ndarray:
-        inputs = torch.from_numpy(tiles).to(self.device, non_blocking=True, memory_format=self.memory_format)
+    def _forward(self, tiles: torch.Tensor, outputs: torch.Tensor) -> None:
+        """Queue one batch: upload ``tiles``, run the network, download into ``outputs`` (host)."""
+        inputs = tiles.to(self.device, non_blocking=True, memory_format=self.memory_format)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype is not None
             else nullcontext()
         )
         with torch.inference_mode(), autocast:
-            outputs = self.network(inputs)
-        return outputs.float().cpu().numpy()
+            restored = self.network(inputs)
+        outputs.copy_(restored.float(), non_blocking=True)
 
     def run(self, tiles: np.ndarray) -> np.ndarray:
-        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32."""
-        outputs = []
+        """Restore a stack of equally sized tiles, shape (N, C, h, w) float32.
+
+        On a GPU the tiles go up from page-locked (pinned) host memory and come back into it
+        without blocking, so every batch is queued before any result is awaited: the device runs
+        batch after batch while the host launches them, instead of idling through each round trip.
+        The lock is released before the wait, so another thread queues its tiles behind these.
+        """
+        inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
+        outputs = torch.empty((len(tiles), self.config.out_channels, *tiles.shape[2:]), dtype=torch.float32)
+        if self.device.type == "cuda":
+            inputs, outputs = inputs.pin_memory(), outputs.pin_memory()
+        done = None
         start = 0
         with self.lock:
             while start < len(tiles):
-                chunk = tiles[start : start + self.batch]
+                stop = min(start + self.batch, len(tiles))
                 try:
-                    outputs.append(self._forward(chunk))
+                    self._forward(inputs[start:stop], outputs[start:stop])
                 except (torch.OutOfMemoryError, RuntimeError) as error:
                     if not is_out_of_memory(error):
                         raise
@@ -94,5 +105,10 @@ class ModelRunner:
                         ) from None
                     self.batch = max(1, self.batch // 2)
                     continue
-                start += len(chunk)
-        return np.concatenate(outputs)
+                start = stop
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+        if done is not None:
+            done.synchronize()
+        return outputs.numpy()

@@ -627,12 +627,14 @@ def starting_model(
         Channels of the training images.
     source : str or path-like, optional
         A registry name with shipped weights, a user model name or a checkpoint path. Its channels
-        must equal ``channels`` (or be 1: a grey network trains on each channel alone).
+        must equal ``channels``, or be 1 (a grey network trains on each channel alone), or be 3
+        when ``channels`` is 1: a colour network becomes a grey one (:func:`grey_from_colour`).
     architecture : str
         Registry name of the architecture to build with random weights when ``source`` is None.
     patch, normalization, seed
         Recorded in the new network's config (training patch size, intensity normalisation) and
-        used to seed its initial weights.
+        used to seed its initial weights. A fine-tuned network keeps its own, except that a colour
+        network made grey takes ``normalization`` (when given).
 
     Returns
     -------
@@ -643,11 +645,14 @@ def starting_model(
 
     if source is not None:
         model = create_model(source, pretrained=True)
+        start = {"from": str(source), "checkpoint_sha256": getattr(model, "checkpoint_sha256", None)}
+        if channels == 1 and model.config.channel_meaning == "rgb":
+            return grey_from_colour(model, normalization), {**start, "converted": "rgb to grey"}
         if model.config.in_channels not in (channels, 1):
             raise ValueError(
                 f"the starting model takes {model.config.in_channels} channel(s) but the training images have {channels}"
             )
-        return model, {"from": str(source), "checkpoint_sha256": getattr(model, "checkpoint_sha256", None)}
+        return model, start
     config = get_spec(architecture).config.replace(
         in_channels=channels, out_channels=channels, train_patch_size=patch,
         channel_meaning={1: "grey", 3: "rgb"}.get(channels, f"{channels} channels"),
@@ -657,6 +662,35 @@ def starting_model(
         torch.manual_seed(seed)
         model = GamaIR(config)
     return model, {"from": "scratch", "architecture": architecture, "seed": seed}
+
+
+def grey_from_colour(model: GamaIR, normalization: dict[str, Any] | None = None) -> GamaIR:
+    """A one-channel copy of the colour network ``model``, as a starting point for grey training.
+
+    On a grey image the copy gives the mean of the colour network's three outputs for that image
+    repeated in three channels: the intro conv's three input kernels are summed (three equal
+    channels meet them all) and the ending conv's three output kernels and biases are averaged (the
+    global residual then adds the mean of the colour residuals). Everything between is shared.
+
+    Parameters
+    ----------
+    model : GamaIR
+        A network whose config says ``channel_meaning="rgb"``; it is not modified.
+    normalization : dict, optional
+        The grey network's intensity normalisation (default: the colour network's).
+    """
+    if model.config.channel_meaning != "rgb" or model.config.in_channels != 3 or model.config.out_channels != 3:
+        raise ValueError(f"only an RGB network can be made grey, not one of {model.config.channel_meaning!r}")
+    config = model.config.replace(
+        in_channels=1, out_channels=1, channel_meaning="grey", normalization=normalization or model.config.normalization,
+    )
+    grey = GamaIR(config)
+    state = model.state_dict()
+    state["intro.weight"] = state["intro.weight"].sum(dim=1, keepdim=True)
+    state["ending.weight"] = state["ending.weight"].mean(dim=0, keepdim=True)
+    state["ending.bias"] = state["ending.bias"].mean(dim=0, keepdim=True)
+    grey.load_state_dict(state)
+    return grey.to(next(model.parameters()).dtype)
 
 
 def resume_point(output: str | os.PathLike, **changes: Any) -> tuple[GamaIR, TrainSettings]:
