@@ -70,7 +70,8 @@ BAD_TRAINING = {
     "no clean, not self-supervised": (["--noisy", "{noisy}"], "supervised training needs clean images"),
     "clean only, no noise model": (["--clean", "{clean}"], "synthetic noise model"),
     "shapes differ": (["--noisy", "{noisy}", "--clean", "{short}"], "differ in shape"),
-    "RGB model, grey data": (["--noisy", "{noisy}", "--clean", "{clean}", "--from", "{rgb_model}"], "takes 3 channel"),
+    # An RGB model is made grey (test_train.py); three channels of another meaning are not.
+    "3-channel model, grey data": (["--noisy", "{noisy}", "--clean", "{clean}", "--from", "{three}"], "takes 3 channel"),
     "bad noise": (["--clean", "{clean}", "--noise", "gaussian:x"], "LOW-HIGH"),
     "existing run": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/done"], "holds a training run already"),
     "bad model name": (["--noisy", "{noisy}", "--clean", "{clean}", "--register", "a/b"], "model name 'a/b' must be"),
@@ -82,9 +83,9 @@ BAD_TRAINING = {
 def test_bad_training_input_gets_one_line(case, capsys, tmp_path, fluorescence):
     noisy, clean = fluorescence
     tifffile.imwrite(tmp_path / "short.tif", np.zeros((6, 64, 60), np.float32), metadata={"axes": "ZYX"})
-    rgb_model = save_checkpoint(make_tiny_model(3), tmp_path / "rgb_model")
+    three = save_checkpoint(make_tiny_model(3, channel_meaning="3 channels"), tmp_path / "three")
     (tmp_path / "done" / "checkpoint").mkdir(parents=True)
-    paths = {"noisy": noisy, "clean": clean, "short": tmp_path / "short.tif", "rgb_model": rgb_model, "tmp": tmp_path}
+    paths = {"noisy": noisy, "clean": clean, "short": tmp_path / "short.tif", "three": three, "tmp": tmp_path}
     arguments, message = BAD_TRAINING[case]
     arguments = [a.format(**paths) for a in arguments]
     if "-o" not in arguments:
