@@ -216,7 +216,10 @@ class FineTuneWidget(QWidget):
                     normalization=default_normalization(data.dtype), seed=settings.seed,
                 )
             else:
-                model, start = starting_model(data.channels, source=choice, normalization=default_normalization(data.dtype))
+                # The normalisation counts only where a colour model is made grey for grey data.
+                model, start = starting_model(
+                    data.channels, source=choice, normalization=default_normalization(data.dtype),
+                )
             if folder.exists():
                 shutil.rmtree(folder)  # Start begins again; Resume continues
             return Trainer(model, data, settings, folder, start=start)
