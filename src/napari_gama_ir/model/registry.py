@@ -154,42 +154,33 @@ register_model(
 _XS = GamaIRConfig(width=24, encoder_blocks=(1, 1, 1), middle_blocks=4, decoder_blocks=(1, 1, 1))
 register_model(ModelSpec("gama_ir_xs", _XS, "GAMA-IR-XS, width 24, depth 10 (small CPU variant, not in the paper)"))
 
-# Shipped weights (docs/models/<name>.md is each one's model card). The config must equal the
-# shipped JSON's, metadata aside; a test checks it.
-register_model(
-    ModelSpec(
-        "gama_ir_s-denoise-rgb",
-        _S.replace(train_patch_size=128, channel_meaning="rgb"),
-        "GAMA-IR-S blind colour Gaussian denoiser (sigma 0-55), trained on CBSD432 on a GPU",
-        weights="gama_ir_s-denoise-rgb",
-    )
+# Shipped weights (docs/models/<name>.md is each one's model card), stored under the model's name.
+# The config must equal the shipped JSON's, metadata aside; a test checks it.
+def _register_shipped(name: str, config: GamaIRConfig, description: str) -> None:
+    register_model(ModelSpec(name, config, description, weights=name))
+
+
+_COLOUR_TASK = "blind colour Gaussian denoiser (sigma 0-55)"
+_register_shipped(
+    "gama_ir_s-denoise-rgb", _S.replace(train_patch_size=128, channel_meaning="rgb"),
+    f"GAMA-IR-S {_COLOUR_TASK}, trained on CBSD432 on a GPU",
 )
-register_model(
-    ModelSpec(
-        "gama_ir_xs-denoise-rgb",
-        _XS.replace(train_patch_size=96, channel_meaning="rgb"),
-        "GAMA-IR-XS blind colour Gaussian denoiser (sigma 0-55), trained on CBSD432 on a CPU",
-        weights="gama_ir_xs-denoise-rgb",
-    )
+_register_shipped(
+    "gama_ir_xs-denoise-rgb", _XS.replace(train_patch_size=96, channel_meaning="rgb"),
+    f"GAMA-IR-XS {_COLOUR_TASK}, trained on CBSD432 on a CPU",
 )
-_PERCENTILES = {"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"}
-register_model(
-    ModelSpec(
-        "gama_ir_s-denoise-grey",
-        _S.replace(in_channels=1, out_channels=1, train_patch_size=128, channel_meaning="grey", normalization=_PERCENTILES),
-        "GAMA-IR-S blind grey denoiser (Gaussian and Poisson-Gaussian noise; photos and fluorescence), "
-        "fine-tuned from the colour one on CBSD432 in grey on a CPU",
-        weights="gama_ir_s-denoise-grey",
-    )
+# The grey denoisers also serve fluorescence counts, so they see each plane through its own
+# percentiles (CSBDeep's 1 and 99.8) rather than the dtype's range.
+_GREY = {"in_channels": 1, "out_channels": 1, "channel_meaning": "grey",
+         "normalization": {"method": "percentile", "low": 1.0, "high": 99.8, "scope": "image"}}
+_GREY_TASK = "blind grey denoiser (Gaussian and Poisson-Gaussian noise; photos and fluorescence)"
+_register_shipped(
+    "gama_ir_s-denoise-grey", _S.replace(train_patch_size=128, **_GREY),
+    f"GAMA-IR-S {_GREY_TASK}, fine-tuned from the colour one on CBSD432 in grey on a CPU",
 )
-register_model(
-    ModelSpec(
-        "gama_ir_xs-denoise-grey",
-        _XS.replace(in_channels=1, out_channels=1, train_patch_size=96, channel_meaning="grey", normalization=_PERCENTILES),
-        "GAMA-IR-XS blind grey denoiser (Gaussian and Poisson-Gaussian noise; photos and fluorescence), "
-        "trained on CBSD432 in grey on a CPU",
-        weights="gama_ir_xs-denoise-grey",
-    )
+_register_shipped(
+    "gama_ir_xs-denoise-grey", _XS.replace(train_patch_size=96, **_GREY),
+    f"GAMA-IR-XS {_GREY_TASK}, trained on CBSD432 in grey on a CPU",
 )
 
 # The shipped model used when none is named, by channel count and device kind; other channel
