@@ -10,7 +10,6 @@ GFLOP/s set against the machine's own float32 matmul rate measured in the same r
 from __future__ import annotations
 
 import copy
-import ctypes
 import datetime
 import gc
 import json
@@ -30,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .compiled import network_for
 from .device import check_precision, preferred_memory_format, resolve_device
+from .heap import heap_kept_for_reuse, release_freed_heap
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
@@ -68,22 +68,13 @@ def matmul_gflops(device: str | torch.device = "cpu", size: int = 2048, seconds:
     return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
 
 
-def _release_free_heap() -> None:
-    """Return freed heap pages to the OS (glibc), so an earlier measurement's memory, still held by
-    the allocator, does not hide the next one's rise in resident memory."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 class _ResidentPeak:
     """Samples this process's resident set size in a thread; ``peak - start`` is the rise in bytes."""
 
     def __init__(self, interval: float = 0.002) -> None:
         self.interval = interval
         gc.collect()
-        _release_free_heap()
+        release_freed_heap()
         self.start = self.peak = self._read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -199,10 +190,12 @@ def measure(
         return time.perf_counter() - started
 
     cpu_memory = _ResidentPeak() if device.type == "cpu" else nullcontext()
+    # As the engine runs the network on a CPU (runner.py): feature maps reuse freed heap memory.
+    cpu_heap = heap_kept_for_reuse() if device.type == "cpu" else nullcontext()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), autocast, cpu_memory:
+    with torch.inference_mode(), autocast, cpu_memory, cpu_heap:
         warmup_runs, warmup_time = 0, 0.0
         while warmup_runs < warmup and not (budget_s and warmup_runs >= 1 and warmup_time > budget_s / 4):
             warmup_time += run_once()

@@ -12,7 +12,6 @@ that have markers and writes the others, so the result is bit-identical to an un
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ import zarr
 
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .axes import from_canonical, to_canonical
+from .heap import reuse_freed_heap
 from .io import ImageIOError, block_regions, check_output_path
 from .normalize import Affine
 from .restore import DEFAULT_MEAN_MODE, PlaneRestorer, RestorePlan, StackAffine, make_tiling, plan_restore, plane_name
@@ -93,23 +93,6 @@ def worker_device(device: str, worker=None) -> str:
         return device
     count = torch.cuda.device_count()
     return f"cuda:{name % count}" if count > 1 else device
-
-
-def reuse_freed_heap() -> None:
-    """Let glibc keep and reuse freed memory in this process, as it does by default.
-
-    dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also freezes glibc's mmap
-    threshold at 128 KB: every feature map is then a fresh mapping that the kernel zero-fills on
-    first touch (a 1-worker restore took 1.6x as long, docs/distributed.md). This restores
-    glibc's own limits (mmap above 32 MB, trim above 64 MB); it does nothing off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 64 * 2**20)
 
 
 def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> PlaneRestorer:

@@ -12,6 +12,7 @@ import torch
 from ..model import GamaIR
 from .compiled import network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
+from .heap import heap_kept_for_reuse
 
 
 class TileTooLargeError(RuntimeError):
@@ -82,7 +83,13 @@ class ModelRunner:
         without blocking, so every batch is queued before any result is awaited: the device runs
         batch after batch while the host launches them, instead of idling through each round trip.
         The lock is released before the wait, so another thread queues its tiles behind these.
+        On the CPU the passes reuse the heap memory freed by the passes before them
+        (:func:`~.heap.heap_kept_for_reuse`).
         """
+        with heap_kept_for_reuse() if self.device.type == "cpu" else nullcontext():
+            return self._run(tiles)
+
+    def _run(self, tiles: np.ndarray) -> np.ndarray:
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
         outputs = torch.empty((len(tiles), self.config.out_channels, *tiles.shape[2:]), dtype=torch.float32)
         if self.device.type == "cuda":

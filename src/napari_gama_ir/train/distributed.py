@@ -33,7 +33,8 @@ from urllib.parse import urlparse
 import torch
 
 from ..engine.device import resolve_device
-from ..engine.distributed import CheckpointBytes, current_worker, reuse_freed_heap, worker_device
+from ..engine.distributed import CheckpointBytes, current_worker, worker_device
+from ..engine.heap import reuse_freed_heap
 from ..model import GamaIR
 from .data import TrainingData
 from .trainer import Replica, Trainer, TrainEvent, TrainResult, TrainSettings, check_batch_split
