@@ -343,9 +343,10 @@ def write_report(
     psnr = {name: value for name, value in (psnr or {}).items() if name in names}
     figure, axes = plt.subplots(1, 2 if psnr else 1, figsize=(12 if psnr else 6.5, 4.8), squeeze=False)
     by_size = axes[0][0]
+    colours = {name: f"C{index % 10}" for index, name in enumerate(names)}  # one per model in both panels
     for name in names:
         points = sorted((m["shape"][-1], m["latency_ms_median"]) for m in measurements if m["model"] == name)
-        by_size.plot(*zip(*points), marker="o", label=name)
+        by_size.plot(*zip(*points), marker="o", label=name, color=colours[name])
     by_size.set(xscale="log", yscale="log", xlabel="input side (pixels)", ylabel="median latency (ms)",
                 title="Latency against input size")
     sides = sorted({m["shape"][-1] for m in measurements})
@@ -359,7 +360,7 @@ def write_report(
         for name, (value, source) in psnr.items():
             latency = next(m["latency_ms_median"] for m in measurements
                            if m["model"] == name and m["shape"][-1] == smallest)
-            quality.scatter(latency, value)
+            quality.scatter(latency, value, color=colours[name])
             quality.annotate(f"{name}\n({source})", (latency, value), fontsize=8,
                              xytext=(4, 4), textcoords="offset points")
         quality.set(xscale="log", xlabel=f"median latency at {smallest}x{smallest} (ms)", ylabel="PSNR (dB)",
