@@ -52,6 +52,15 @@ def test_large_blocks_come_from_the_heap_only_inside():
     del inside, outside
 
 
+def test_other_devices_leave_the_heap_alone():
+    release_kept_heap()
+    before = mapped_bytes()
+    with heap_kept_for_reuse("cuda"):
+        block = big_tensor()
+        assert mapped_bytes() - before >= BIG
+    del block
+
+
 def test_freed_memory_is_kept_inside_and_returned_on_leaving():
     start = resident_bytes()
     with heap_kept_for_reuse():

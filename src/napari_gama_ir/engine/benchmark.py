@@ -190,12 +190,11 @@ def measure(
         return time.perf_counter() - started
 
     cpu_memory = _ResidentPeak() if device.type == "cpu" else nullcontext()
-    # As the engine runs the network on a CPU (runner.py): feature maps reuse freed heap memory.
-    cpu_heap = heap_kept_for_reuse() if device.type == "cpu" else nullcontext()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), autocast, cpu_memory, cpu_heap:
+    # As the engine runs the network (runner.py): on a CPU, feature maps reuse freed heap memory.
+    with torch.inference_mode(), autocast, cpu_memory, heap_kept_for_reuse(device.type):
         warmup_runs, warmup_time = 0, 0.0
         while warmup_runs < warmup and not (budget_s and warmup_runs >= 1 and warmup_time > budget_s / 4):
             warmup_time += run_once()

@@ -86,7 +86,7 @@ class ModelRunner:
         On the CPU the passes reuse the heap memory freed by the passes before them
         (:func:`~.heap.heap_kept_for_reuse`).
         """
-        with heap_kept_for_reuse() if self.device.type == "cpu" else nullcontext():
+        with heap_kept_for_reuse(self.device.type):
             return self._run(tiles)
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:

@@ -498,12 +498,11 @@ class Trainer:
         # On a CPU the network's torch threads take every core; beside a GPU the host has cores to spare.
         workers = 1 if self.device.type == "cpu" else max(1, min(4, usable_cores() - 1))
         prefetcher = BatchPrefetcher(self._batch, settings.steps, workers=workers)
-        # On a CPU each step reuses the heap memory the step before it freed (1.17x for GAMA-IR-S).
-        cpu_heap = heap_kept_for_reuse if self.device.type == "cpu" else nullcontext
         try:
             while self.step < settings.steps and not self._should_stop(time.monotonic() - session_started):
                 try:
-                    with cpu_heap():
+                    # On a CPU each step reuses the heap memory the step before freed (1.15x, GAMA-IR-S).
+                    with heap_kept_for_reuse(self.device.type):
                         loss = self._step(prefetcher)
                 except torch.OutOfMemoryError:
                     # Shrinking the batch by itself would change the run; say what to change instead.
