@@ -308,6 +308,17 @@ def test_resume_refuses_other_settings_or_data(tmp_path):
         resume_trainer(tmp_path / "nothing", data)
 
 
+def test_every_session_makes_a_step_however_short_its_time_limit(tmp_path):
+    noisy, clean = smooth_stack()
+    data = data_from_arrays(noisy, clean, axes="ZYX")
+    # A limit already spent when the loop starts (a slow start does the same to a short --minutes).
+    result = train(fresh_model(), data, TrainSettings(steps=4, batch=2, patch=16, time_limit=0.0), tmp_path)
+    assert result.stopped_early and result.steps_done == 1
+    resumed = resume_trainer(tmp_path, data)
+    list(resumed.run())
+    assert resumed.step == 2 and resumed.result().stopped_early
+
+
 def test_same_seed_same_weights(tmp_path):
     noisy, clean = smooth_stack()
     data = data_from_arrays(noisy, clean, axes="ZYX")

@@ -470,10 +470,15 @@ class Trainer:
             loss /= self.replica.world
         return float(loss.detach())
 
-    def _should_stop(self, session_seconds: float) -> bool:
-        """Stop asked for, or time limit reached, on any replica: all of them stop at the same step."""
+    def _should_stop(self, session_seconds: float, session_steps: int) -> bool:
+        """Stop asked for, or time limit reached, on any replica: all of them stop at the same step.
+
+        The time limit counts only once this session has made a step, so that every session makes
+        progress however short its limit (and however long the start took).
+        """
         limit = self.settings.time_limit
-        local = self._stop.is_set() or (limit is not None and session_seconds > limit)
+        out_of_time = limit is not None and session_steps > 0 and session_seconds > limit
+        local = self._stop.is_set() or out_of_time
         if self.replica.world == 1:
             return local
         vote = torch.tensor([float(local)], device=self.device)
@@ -495,11 +500,14 @@ class Trainer:
         self.model.train()
         session_started = time.monotonic()
         seconds_before = self.seconds
+        steps_before = self.step
         # On a CPU the network's torch threads take every core; beside a GPU the host has cores to spare.
         workers = 1 if self.device.type == "cpu" else max(1, min(4, usable_cores() - 1))
         prefetcher = BatchPrefetcher(self._batch, settings.steps, workers=workers)
         try:
-            while self.step < settings.steps and not self._should_stop(time.monotonic() - session_started):
+            while self.step < settings.steps and not self._should_stop(
+                time.monotonic() - session_started, self.step - steps_before
+            ):
                 try:
                     # On a CPU each step reuses the heap memory the step before freed (1.15x, GAMA-IR-S).
                     with heap_kept_for_reuse(self.device.type):
