@@ -56,14 +56,6 @@ def conv_kind(conv: nn.Conv2d, inputs: torch.Tensor) -> str:
     return f"{conv.kernel_size[0]}x{conv.kernel_size[1]} at {height}x{width}"
 
 
-def conv_flops(conv: nn.Conv2d, inputs: torch.Tensor) -> int:
-    batch, _, height, width = inputs.shape
-    kernel = conv.kernel_size[0] * conv.kernel_size[1]
-    out_h = (height + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
-    out_w = (width + 2 * conv.padding[1] - conv.kernel_size[1]) // conv.stride[1] + 1
-    return 2 * batch * out_h * out_w * conv.out_channels * (conv.in_channels // conv.groups) * kernel
-
-
 def bound(model: nn.Module, size: int, runs: int, peak: float) -> dict:
     """The pass and its convolutions, timed as the module docstring says, for one 1x3xsize x size input."""
     model = model.to(memory_format=torch.channels_last).eval()
@@ -98,7 +90,7 @@ def bound(model: nn.Module, size: int, runs: int, peak: float) -> dict:
             entry = kinds.setdefault(conv_kind(conv, inputs), {"count": 0, "gflop": 0.0, "in_pass_ms": 0.0,
                                                                "alone_warm_ms": 0.0, "alone_cold_ms": 0.0})
             entry["count"] += 1
-            entry["gflop"] += conv_flops(conv, inputs) / 1e9
+            entry["gflop"] += count_flops(conv, tuple(inputs.shape)) / 1e9
             entry["in_pass_ms"] += statistics.median(in_pass[conv]) * 1e3
             run_alone = functools.partial(conv, inputs)
             entry["alone_warm_ms"] += median_seconds(run_alone, runs) * 1e3
