@@ -10,7 +10,19 @@ Reports, as JSON and a short table:
 A small network (width 8 by default) keeps the run to minutes on a CPU; a small network is the hard
 case for efficiency, since the engine's fixed per-pixel work weighs more against a cheap model.
 
+Three more figures say where the time goes:
+- a timeline of the engine run (``benchmarks/engine_child.py``): for input reads, planes, network
+  calls and output writes, the seconds summed over threads and the seconds during which any thread
+  was in them, next to the span from the first read to the last write. A network covering the
+  whole span means the device is the bottleneck; gaps mean it waited for the host;
+- startup: the same command on a one-plane 64 x 64 stack (imports, loading the model, a device
+  context, the first passes), subtracted for a steady-state throughput;
+- ``--network copy``: the engine with the network's forward pass replaced by a copy of the tiles,
+  the most the host side (reading, normalising, cutting, blending, compressing, writing) can give
+  with this machine's threads, whatever the device.
+
     python benchmarks/engine_throughput.py --planes 256 --size 2048 --workdir /tmp/engine-bench
+    python benchmarks/engine_throughput.py --planes 24 --size 2048 --network copy
 """
 
 from __future__ import annotations
@@ -71,10 +83,46 @@ def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, plan
     return planes * size * size / 1e6 / elapsed
 
 
+def covered_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of ``intervals`` was running."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def summarise_timeline(timeline: dict) -> dict:
+    """Per stage (read, plane, network, forward, write): calls, seconds summed over threads, and
+    seconds during which any thread was in it, next to the span from the first read to the last
+    write; on a GPU, the share of that span during which the device ran forward passes."""
+    events = timeline["events"]
+    first = min(e[2] for e in events if e[0] == "read")
+    last = max(e[3] for e in events if e[0] == "write")
+    summary = {"seconds_before_first_read": round(first, 2), "span_seconds": round(last - first, 2)}
+    for stage in ("read", "plane", "network", "forward", "write"):
+        intervals = [(e[2], e[3]) for e in events if e[0] == stage]
+        summary[stage] = {
+            "calls": len(intervals),
+            "busy_seconds": round(sum(end - start for start, end in intervals), 2),
+            "covered_seconds": round(covered_seconds(intervals), 2),
+        }
+    summary["network_covers_span"] = round(summary["network"]["covered_seconds"] / (last - first), 3)
+    if timeline["device_busy_seconds"] is not None:
+        summary["device_busy_seconds"] = round(timeline["device_busy_seconds"], 2)
+        summary["device_busy_share_of_span"] = round(timeline["device_busy_seconds"] / (last - first), 3)
+    return summary
+
+
 def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int,
-                     path: str, device: str, precision: str) -> tuple[float, float]:
+                     path: str, device: str, precision: str, network: str,
+                     timeline: Path | None = None) -> tuple[float, float]:
     """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
-    command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", str(stack), "-o", str(output),
+    instruments = [*(["--copy-network"] if network == "copy" else []),
+                   *(["--timeline", str(timeline)] if timeline else [])]
+    command = [sys.executable, str(Path(__file__).with_name("engine_child.py")), *instruments,
+               "restore", str(stack), "-o", str(output),
                "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
                "--precision", precision, "-q",
                *([f"--{path}"] if path != "eager" else [])]
@@ -100,6 +148,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--network", choices=("model", "copy"), default="model",
+                        help="copy: replace the network's forward pass by a copy, to measure the host side alone")
     parser.add_argument("--bare-planes", type=int, default=12, help="planes' worth of tiles per bare timing")
     parser.add_argument("--workdir", default="benchmarks/output/engine")
     parser.add_argument("--keep", action="store_true", help="keep the stack for another run")
@@ -109,6 +159,7 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     stack, output = workdir / "stack.zarr", workdir / "restored.zarr"
+    small_stack = workdir / "startup.zarr"
     torch.manual_seed(0)
     if args.arch:
         model = create_model(args.arch, in_channels=1, out_channels=1, channel_meaning="grey")
@@ -124,6 +175,13 @@ def main() -> None:
         print(f"creating a {expected_shape} uint16 stack in {stack} ...", flush=True)
         make_stack(stack, args.planes, args.size, seed=0)
     shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(small_stack, ignore_errors=True)
+    make_stack(small_stack, 1, 64, seed=1)
+
+    def run_engine(source: Path, timeline: Path | None = None) -> tuple[float, float]:
+        shutil.rmtree(output, ignore_errors=True)
+        return restore_in_child(source, output, checkpoint, args.tile, args.overlap, args.path, args.device,
+                                args.precision, args.network, timeline)
 
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
@@ -131,17 +189,22 @@ def main() -> None:
         return bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.path,
                                     args.device, args.precision)
 
+    startup, _ = run_engine(small_stack)
     bare_runs = [time_bare()]
-    seconds, peak_mb = restore_in_child(stack, output, checkpoint, args.tile, args.overlap, args.path,
-                                        args.device, args.precision)
+    timeline = workdir / "timeline.json"
+    timeline.unlink(missing_ok=True)
+    seconds, peak_mb = run_engine(stack, timeline)
     bare_runs.append(time_bare())
     bare = sum(bare_runs) / len(bare_runs)
-    engine = args.planes * args.size * args.size / 1e6 / seconds
+    megapixels = args.planes * args.size * args.size / 1e6
+    engine = megapixels / seconds
+    steady = megapixels / max(seconds - startup, 1e-9)
     results = {
         "stack_shape": list(expected_shape),
         "stack_bytes_on_disk": folder_bytes(stack),
         "output_bytes_on_disk": folder_bytes(output),
         "model": {"arch": args.arch, "width": model.config.width, "parameters": sum(p.numel() for p in model.parameters())},
+        "network": args.network,
         "network_path": args.path,
         "tile": args.tile,
         "overlap": args.overlap,
@@ -149,20 +212,36 @@ def main() -> None:
         "precision": args.precision,
         "cpu_threads": torch.get_num_threads(),
         "engine_seconds": round(seconds, 1),
+        "startup_seconds": round(startup, 1),
         "engine_mpx_per_s": round(engine, 3),
+        "engine_mpx_per_s_after_startup": round(steady, 3),
         "bare_model_mpx_per_s": round(bare, 3),
         "bare_model_runs_mpx_per_s": [round(b, 3) for b in bare_runs],
         "efficiency": round(engine / bare, 3),
+        "efficiency_after_startup": round(steady / bare, 3),
         "peak_rss_mb": round(peak_mb, 1),
+        # The child writes its timeline as it exits; without it the other figures still stand.
+        "timeline": summarise_timeline(json.loads(timeline.read_text())) if timeline.exists() else None,
     }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if not args.keep:
         shutil.rmtree(stack, ignore_errors=True)
     shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(small_stack, ignore_errors=True)
     print(json.dumps(results, indent=2))
-    print(f"\nstack {results['stack_bytes_on_disk'] / 1e9:.2f} GB on disk | engine {engine:.2f} Mpx/s | "
-          f"bare model {bare:.2f} Mpx/s ({min(bare_runs):.2f}-{max(bare_runs):.2f}) | efficiency {engine / bare:.2f} | peak RSS {peak_mb:.0f} MB")
+    engine_name = "host side (network copied)" if args.network == "copy" else "engine"
+    print(f"\nstack {results['stack_bytes_on_disk'] / 1e9:.2f} GB on disk | {engine_name} {engine:.2f} Mpx/s, "
+          f"{steady:.2f} after {startup:.1f} s startup | bare model {bare:.2f} Mpx/s "
+          f"({min(bare_runs):.2f}-{max(bare_runs):.2f}) | efficiency {engine / bare:.2f} ({steady / bare:.2f} after "
+          f"startup) | peak RSS {peak_mb:.0f} MB")
+    if results["timeline"]:
+        spent = results["timeline"]
+        device = (f", the device ran passes {spent['device_busy_share_of_span']:.0%} of it"
+                  if "device_busy_seconds" in spent else "")
+        print(f"first read {spent['seconds_before_first_read']:.1f} s after the child started; from it to the last "
+              f"write {spent['span_seconds']:.1f} s, a network call running {spent['network_covers_span']:.0%} of "
+              f"it{device}")
 
 
 if __name__ == "__main__":

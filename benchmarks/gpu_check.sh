@@ -4,7 +4,8 @@
 #            cuda restore (queued pinned batches, CUDA graphs) matches the cpu one (fails fast);
 #   layout   benchmarks/gpu_layout.py: LayerNorm kernels x memory layout x precision, a profile;
 #   latency  the paper's protocol at 256-2048, fp32 and bf16, every model (docs/performance.md);
-#   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16);
+#   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16), with its
+#            timeline (device busy share, startup), then with the network replaced by a copy;
 #   graphs   latency at 256 and 512 (fp32, bf16) and the engine with CUDA graphs (--cuda-graphs);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
@@ -77,9 +78,13 @@ fi
 
 if wanted engine; then
     log "engine"
-    timeout 100 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
-        --device cuda --precision bf16 --workdir /tmp/engine-bench --json "$R/engine_gama_ir_s_bf16.json" 2>&1 \
-        | tail -2 | tee -a "$R/log.txt"
+    timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
+        --device cuda --precision bf16 --workdir /tmp/engine-bench --keep --json "$R/engine_gama_ir_s_bf16.json" 2>&1 \
+        | tail -3 | tee -a "$R/log.txt"
+    log "engine, network copied (the host side alone, with the threads used beside a GPU)"
+    timeout 60 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 2 \
+        --device cuda --precision bf16 --network copy --workdir /tmp/engine-bench --keep \
+        --json "$R/engine_host_side.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
 fi
 
 if wanted graphs; then
@@ -89,9 +94,9 @@ if wanted graphs; then
             --budget 2 --out "$R/latency_${precision}_graphs" 2>&1 | tail -14 | tee -a "$R/log.txt"
     done
     log "engine, CUDA graphs"
-    timeout 100 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
+    timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --path cuda-graphs --workdir /tmp/engine-bench \
-        --json "$R/engine_gama_ir_s_bf16_graphs.json" 2>&1 | tail -2 | tee -a "$R/log.txt"
+        --json "$R/engine_gama_ir_s_bf16_graphs.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then

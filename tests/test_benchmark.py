@@ -98,6 +98,28 @@ def test_benchmark_command_writes_table_json_and_plot(capsys, tmp_path):
     assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05  # a drawn plot, not a blank frame
 
 
+@pytest.mark.parametrize("network", ["model", "copy"])
+def test_engine_benchmark_times_the_cli_and_its_timeline(tmp_path, network):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_throughput.py"
+    command = [sys.executable, str(script), "--planes", "3", "--size", "192", "--tile", "128", "--overlap", "32",
+               "--bare-planes", "1", "--network", network, "--workdir", str(tmp_path), "--json", str(tmp_path / "e.json")]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert finished.returncode == 0, finished.stderr
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["network"] == network and report["output_bytes_on_disk"] > 0
+    assert report["startup_seconds"] > 0 and report["engine_seconds"] > 0
+    spent = report["timeline"]
+    # One read, plane, network call and write per plane (plus the read that checks the input), four tiles each.
+    assert [spent[stage]["calls"] for stage in ("read", "plane", "network", "forward", "write")] in (
+        [3, 3, 3, 12, 3], [4, 3, 3, 12, 3])
+    assert 0 <= spent["network_covers_span"] <= 1 and "device_busy_seconds" not in spent
+    if network == "model":  # a real network, however small, takes measurable time
+        assert spent["network"]["covered_seconds"] > 0
+    assert spent["plane"]["covered_seconds"] >= spent["network"]["covered_seconds"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "4"], "sizes must be at least 8"),
     (["--json", "{tmp}/missing/b.json"], "does not exist"),

@@ -10,7 +10,7 @@ import zarr
 from napari_gama_ir import restore, save_checkpoint
 from napari_gama_ir.cli import main
 from napari_gama_ir.engine.distributed import RunMismatchError, restore_distributed, start_local_cluster, worker_device
-from napari_gama_ir.engine.io import ImageIOError, open_image
+from napari_gama_ir.engine.io import OUTPUT_COMPRESSOR, ImageIOError, open_image
 
 from .conftest import make_tiny_model
 
@@ -41,6 +41,7 @@ def test_two_worker_processes_match_the_single_process_engine_bit_for_bit(client
     output = restore_distributed(array, model, tmp_path / "out.zarr", "ZYX", client=client, device="cpu", **SETTINGS)
     result = zarr.open_array(str(output), mode="r")
     assert result.chunks == (1, 40, 56) and result.attrs["axes"] == "ZYX"
+    assert result.compressors == (OUTPUT_COMPRESSOR,)
     assert np.array_equal(result[:], restore(data, model, "ZYX", device="cpu", **SETTINGS))
     assert np.array_equal(array[:], data)  # the input is untouched
     assert not (tmp_path / ".out.zarr.run").exists()

@@ -7,6 +7,7 @@ import tifffile
 import zarr
 
 from napari_gama_ir.engine.io import (
+    OUTPUT_COMPRESSOR,
     Cancelled,
     ImageIOError,
     check_output_path,
@@ -23,6 +24,19 @@ def test_zarr_round_trip_keeps_chunks_axes_and_attributes(tmp_path):
     assert source.axes == "ZYX" and source.metadata["model"] == "m"
     assert source.array.chunks == ((1, 1, 1, 1), (30,), (20,))
     assert np.array_equal(source.array.compute(), data)
+
+
+def test_zarr_output_is_blosc_lz4_compressed_and_lossless(tmp_path):
+    # Smooth values plus noise, as a restored plane: the compressor must shrink them, losing nothing.
+    rng = np.random.default_rng(0)
+    data = (np.linspace(0, 1000, 4 * 64 * 64).reshape(4, 64, 64) + rng.normal(0, 3, (4, 64, 64))).astype(np.float32)
+    write_image(da.from_array(data, chunks=(1, 64, 64)), tmp_path / "out.zarr", "ZYX")
+    written = zarr.open_array(str(tmp_path / "out.zarr"), mode="r")
+    assert written.compressors == (OUTPUT_COMPRESSOR,)
+    assert OUTPUT_COMPRESSOR.get_config() == {"id": "blosc", "cname": "lz4", "clevel": 5, "shuffle": 1, "blocksize": 0}
+    assert np.array_equal(written[:], data)
+    chunk_bytes = sum(f.stat().st_size for f in (tmp_path / "out.zarr").glob("[0-9]*"))
+    assert chunk_bytes < 0.9 * data.nbytes
 
 
 def test_ome_zarr_group_reads_its_full_resolution_and_axes(tmp_path):

@@ -32,7 +32,7 @@ import zarr
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .axes import from_canonical, to_canonical
 from .heap import reuse_freed_heap
-from .io import ImageIOError, block_regions, check_output_path
+from .io import ImageIOError, block_regions, check_output_path, create_zarr_output
 from .normalize import Affine
 from .restore import DEFAULT_MEAN_MODE, PlaneRestorer, RestorePlan, StackAffine, make_tiling, plan_restore, plane_name
 from .runner import ModelRunner
@@ -229,8 +229,7 @@ def restore_distributed(
         if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
             affine = client.submit(_stack_affine, plan, pure=False).result()
             settings["stack_affine"] = [affine.offset, affine.scale]
-        zarr.open_array(str(store), mode="w", shape=array.shape, chunks=[c[0] for c in array.chunks],
-                        dtype=plan.output_dtype, zarr_format=2)
+        create_zarr_output(store, array.shape, tuple(c[0] for c in array.chunks), plan.output_dtype)
         (run / "run.json").write_text(json.dumps({"record": record, "stack_affine": settings["stack_affine"]}))
 
     regions = block_regions(array)

@@ -23,6 +23,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.callbacks import Callback
+from numcodecs import Blosc
 
 from .axes import AxesError, parse_axes
 
@@ -212,6 +213,20 @@ class _CancelWatch(Callback):
             raise Cancelled()
 
 
+#: How output chunks are compressed: LZ4 on byte-shuffled values through Blosc, zarr-python 2's
+#: default and readable by every zarr v2 reader. On a restored 2048 x 2048 float32 plane it packs
+#: 1.34x in 6 ms where zarr 3's default Zstd packs 1.14x in 19 ms, and reads back 6x faster
+#: (docs/engine.md): compressing was most of the host's work per plane.
+OUTPUT_COMPRESSOR = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE)
+
+
+def create_zarr_output(path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, ...],
+                       dtype: np.dtype) -> zarr.Array:
+    """A new zarr v2 array for restored data, compressed with :data:`OUTPUT_COMPRESSOR`."""
+    return zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=dtype, zarr_format=2,
+                           compressor=OUTPUT_COMPRESSOR)
+
+
 def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
     """Every chunk of ``array`` as (block index, the slices it covers), in C order."""
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in array.chunks]
@@ -258,10 +273,7 @@ def write_image_steps(
         scheduler="threads", num_workers=workers
     ):
         if suffix == ".zarr":
-            target = zarr.open_array(
-                str(temporary), mode="w", shape=array.shape, chunks=[c[0] for c in array.chunks],
-                dtype=array.dtype, zarr_format=2,
-            )
+            target = create_zarr_output(temporary, array.shape, tuple(c[0] for c in array.chunks), array.dtype)
             target.attrs.update({"axes": axes, **(attrs or {})})
             yield from _store_chunks(array, target, workers, cancel)
         elif suffix in (".tif", ".tiff"):
