@@ -120,6 +120,33 @@ def test_engine_benchmark_times_the_cli_and_its_timeline(tmp_path, network):
     assert spent["plane"]["covered_seconds"] >= spent["network"]["covered_seconds"]
 
 
+def test_engine_timeline_times_forward_passes_on_the_device(monkeypatch, tmp_path):
+    # No GPU here: CUDA events are stood in for by events whose elapsed time is known.
+    import engine_child
+
+    class FakeEvent:
+        recorded = 0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            FakeEvent.recorded += 1
+            self.at = FakeEvent.recorded * 10.0  # milliseconds
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    pairs = []
+    forward = engine_child.timed_on_the_device(pairs, lambda x: x + 1)
+    assert [forward(1), forward(2)] == [2, 3] and len(pairs) == 2
+    engine_child.write_timeline(str(tmp_path / "t.json"), [["plane", "t", 0.0, 1.0]], pairs)
+    assert json.loads((tmp_path / "t.json").read_text()) == {
+        "events": [["plane", "t", 0.0, 1.0]], "device_busy_seconds": 0.02}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "4"], "sizes must be at least 8"),
     (["--json", "{tmp}/missing/b.json"], "does not exist"),

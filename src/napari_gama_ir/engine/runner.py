@@ -91,9 +91,12 @@ class ModelRunner:
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
-        outputs = torch.empty((len(tiles), self.config.out_channels, *tiles.shape[2:]), dtype=torch.float32)
-        if self.device.type == "cuda":
-            inputs, outputs = inputs.pin_memory(), outputs.pin_memory()
+        pinned = self.device.type == "cuda"
+        if pinned:
+            inputs = inputs.pin_memory()
+        # Allocated page-locked where it will be: pinning an empty tensor would copy it for nothing.
+        outputs = torch.empty((len(tiles), self.config.out_channels, *tiles.shape[2:]), dtype=torch.float32,
+                              pin_memory=pinned)
         done = None
         start = 0
         with self.lock:
