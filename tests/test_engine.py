@@ -250,3 +250,28 @@ def test_runner_threads_do_not_race():
     for t in threads:
         t.join()
     assert all(np.array_equal(r, expected) for r in results)
+
+
+class _RecordingThreads(ModelRunner):
+    """A runner that notes which thread runs each forward pass."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads = []
+
+    def _forward(self, tiles, outputs):
+        self.threads.append(threading.current_thread().name)
+        super()._forward(tiles, outputs)
+
+
+def test_cpu_passes_run_on_the_network_thread_whichever_thread_asks():
+    runner = _RecordingThreads(make_tiny_model(1), "cpu")
+    tiles = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+    from_here = runner.run(tiles)
+    from_elsewhere = {}
+    asker = threading.Thread(target=lambda: from_elsewhere.setdefault("out", runner.run(tiles)), name="asker")
+    asker.start()
+    asker.join()
+    assert np.array_equal(from_here, from_elsewhere["out"])
+    assert len(runner.threads) == 4 and all(name.startswith("gama-ir-network") for name in runner.threads)
+    assert len(set(runner.threads)) == 1

@@ -1,6 +1,10 @@
 """glibc heap settings around CPU forward passes (engine/heap.py)."""
 
 import ctypes
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -110,3 +114,36 @@ def test_settings_stay_while_any_thread_is_inside():
     seen["after all left"] = mapped_bytes() - before
     assert seen["while other inside"] < BIG <= seen["after all left"], seen
     del still_kept, after_all
+
+
+# Run in a fresh interpreter: threads with arenas of their own (some ended, some alive) come first,
+# as in a napari session that imports the plugin late.
+LATE_START = """
+import json
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+
+def allocate(_=None):
+    return float(np.ones(10_000).sum())
+
+for _ in range(3):
+    with ThreadPoolExecutor(3) as ended:
+        list(ended.map(allocate, range(6)))
+alive = ThreadPoolExecutor(4)
+list(alive.map(allocate, range(8)))
+
+from napari_gama_ir.engine.heap import allocates_from_the_main_arena, network_thread
+plain = ThreadPoolExecutor(1).submit(allocates_from_the_main_arena).result()
+chosen = network_thread().submit(allocates_from_the_main_arena).result()
+print(json.dumps({"plain": plain, "network": chosen}))
+"""
+
+
+def test_the_network_thread_allocates_from_the_main_arena_even_when_started_late():
+    environment = {name: value for name, value in os.environ.items() if name != "MALLOC_ARENA_MAX"}
+    finished = subprocess.run([sys.executable, "-c", LATE_START], capture_output=True, text=True, timeout=120,
+                              check=False, env=environment)
+    assert finished.returncode == 0, finished.stderr
+    seen = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert seen["plain"] is False  # the setup did give new threads arenas of their own
+    assert seen["network"] is True

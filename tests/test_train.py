@@ -319,6 +319,28 @@ def test_every_session_makes_a_step_however_short_its_time_limit(tmp_path):
     assert resumed.step == 2 and resumed.result().stopped_early
 
 
+def test_cpu_steps_run_on_the_network_thread_and_give_the_same_weights_from_any_thread(tmp_path, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    noisy, clean = smooth_stack()
+    data = data_from_arrays(noisy, clean, axes="ZYX")
+    settings = TrainSettings(steps=3, batch=2, patch=16, validation_fraction=0)
+    step_threads = []
+    original_step = Trainer._step
+
+    def noting_step(self, prefetcher):
+        step_threads.append(threading.current_thread().name)
+        return original_step(self, prefetcher)
+
+    monkeypatch.setattr(Trainer, "_step", noting_step)
+    here = train(fresh_model(), data, settings, tmp_path / "here")
+    with ThreadPoolExecutor(1, thread_name_prefix="caller") as elsewhere:
+        there = elsewhere.submit(train, fresh_model(), data, settings, tmp_path / "there").result()
+    assert len(step_threads) == 6 and all(name.startswith("gama-ir-network") for name in step_threads)
+    assert weights_equal(load_checkpoint(here.model_path), load_checkpoint(there.model_path))
+
+
 def test_same_seed_same_weights(tmp_path):
     noisy, clean = smooth_stack()
     data = data_from_arrays(noisy, clean, axes="ZYX")

@@ -12,7 +12,7 @@ import torch
 from ..model import GamaIR
 from .compiled import network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
-from .heap import heap_kept_for_reuse
+from .heap import heap_kept_for_reuse, network_thread
 
 
 class TileTooLargeError(RuntimeError):
@@ -83,10 +83,16 @@ class ModelRunner:
         without blocking, so every batch is queued before any result is awaited: the device runs
         batch after batch while the host launches them, instead of idling through each round trip.
         The lock is released before the wait, so another thread queues its tiles behind these.
-        On the CPU the passes reuse the heap memory freed by the passes before them
-        (:func:`~.heap.heap_kept_for_reuse`).
+        On the CPU the passes run on the process's network thread, whichever thread calls, and
+        reuse the heap memory freed by the passes before them (:func:`~.heap.network_thread`,
+        :func:`~.heap.heap_kept_for_reuse`).
         """
-        with heap_kept_for_reuse(self.device.type):
+        if self.device.type == "cpu":
+            return network_thread().submit(self._run_with_heap_kept, tiles).result()
+        return self._run(tiles)
+
+    def _run_with_heap_kept(self, tiles: np.ndarray) -> np.ndarray:
+        with heap_kept_for_reuse():
             return self._run(tiles)
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
