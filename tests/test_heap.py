@@ -132,9 +132,9 @@ for _ in range(3):
 alive = ThreadPoolExecutor(4)
 list(alive.map(allocate, range(8)))
 
-from napari_gama_ir.engine.heap import allocates_from_the_main_arena, network_thread
+from napari_gama_ir.engine.heap import allocates_from_the_main_arena, on_the_network_thread
 plain = ThreadPoolExecutor(1).submit(allocates_from_the_main_arena).result()
-chosen = network_thread().submit(allocates_from_the_main_arena).result()
+chosen = on_the_network_thread(allocates_from_the_main_arena)
 print(json.dumps({"plain": plain, "network": chosen}))
 """
 
@@ -147,3 +147,12 @@ def test_the_network_thread_allocates_from_the_main_arena_even_when_started_late
     seen = json.loads(finished.stdout.strip().splitlines()[-1])
     assert seen["plain"] is False  # the setup did give new threads arenas of their own
     assert seen["network"] is True
+
+
+def test_work_asked_from_the_network_thread_itself_runs_at_once():
+    from napari_gama_ir.engine.heap import on_the_network_thread
+
+    network = on_the_network_thread(threading.get_ident)
+    assert network != threading.get_ident()
+    # Nested: waiting for the thread's own queue would never return.
+    assert on_the_network_thread(on_the_network_thread, threading.get_ident) == network

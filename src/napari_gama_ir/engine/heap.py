@@ -9,7 +9,7 @@ memory it just had. Everything here does nothing where the C library is not glib
 glibc also gives threads other than the main one arenas of their own, whose heaps hold at most
 64 MB in one piece: there, larger blocks are fresh mappings whatever the limits say, and emptied
 heaps are unmapped. The engine's CPU forward passes therefore run on one thread that allocates
-from the main arena (:func:`network_thread`), whichever thread (dask's, napari's) asks for them.
+from the main arena (:func:`on_the_network_thread`), whichever thread (dask's, napari's) asks for them.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
@@ -75,25 +78,32 @@ def start_thread_on_the_main_arena(tries: int = 64) -> ThreadPoolExecutor:
     return chosen
 
 
-_network_threads: dict[int, ThreadPoolExecutor] = {}
+# Per process (a forked child starts its own): the network thread's executor and its thread's id.
+_network_threads: dict[int, tuple[ThreadPoolExecutor, int]] = {}
 _network_threads_lock = threading.Lock()
 
 
-def network_thread() -> ThreadPoolExecutor:
-    """The thread that runs this process's CPU forward passes (:func:`start_thread_on_the_main_arena`).
+def on_the_network_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on the thread that runs this process's CPU forward passes and training
+    steps, started on first use (:func:`start_thread_on_the_main_arena`); called from that thread
+    itself, it runs at once.
 
-    Started on first use, once per process (a forked child starts its own). On a thread with an
-    arena of its own the passes of a 512-pixel tile do not fit it: glibc maps their largest feature
-    maps afresh on every pass, whatever :func:`heap_kept_for_reuse` asks (GAMA-IR-S's 84-channel
-    maps are 88 MB; a thread arena's heaps hold 64 MB). On a dask thread with an arena of its own,
-    GAMA-IR-S ran 1.12-1.34x slower with 28-50x the page faults, and the CPU engine kept 79-80% of
-    the bare network's speed, against 95-96% with this thread (docs/performance.md).
+    On a thread with an arena of its own the passes of a 512-pixel tile do not fit it: glibc maps
+    their largest feature maps afresh on every pass, whatever :func:`heap_kept_for_reuse` asks
+    (GAMA-IR-S's 84-channel maps are 88 MB; a thread arena's heaps hold 64 MB). On a dask thread
+    with an arena of its own, GAMA-IR-S ran 1.12-1.34x slower with 28-50x the page faults, and the
+    CPU engine kept 79-80% of the bare network's speed, against 95-96% with this thread
+    (docs/performance.md).
     """
     with _network_threads_lock:
         pid = os.getpid()
         if pid not in _network_threads:
-            _network_threads[pid] = start_thread_on_the_main_arena()
-        return _network_threads[pid]
+            executor = start_thread_on_the_main_arena()
+            _network_threads[pid] = executor, executor.submit(threading.get_ident).result()
+        executor, ident = _network_threads[pid]
+    if threading.get_ident() == ident:
+        return function(*args)
+    return executor.submit(function, *args).result()
 
 
 def allocates_from_the_main_arena() -> bool | None:

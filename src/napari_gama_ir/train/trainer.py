@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..engine.device import check_precision, resolve_device, usable_cores
-from ..engine.heap import heap_kept_for_reuse, network_thread
+from ..engine.heap import heap_kept_for_reuse, on_the_network_thread
 from ..engine.normalize import NORMALIZATION_CHOICES
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .data import Normalizer, PatchSampler, TrainingData, make_planes, split_validation, validation_crops
@@ -474,10 +474,10 @@ class Trainer:
         """One step. On a CPU it runs on the network thread, whichever thread trains (napari's
         fine-tuning runs in a worker thread), and reuses the heap memory the step before freed:
         GAMA-IR-S 1.15x for the heap, and 1.2-1.4x more for a worker thread's step
-        (:func:`~napari_gama_ir.engine.heap.network_thread`)."""
+        (:func:`~napari_gama_ir.engine.heap.on_the_network_thread`)."""
         if self.device.type != "cpu":
             return self._step(prefetcher)
-        return network_thread().submit(self._step_with_heap_kept, prefetcher).result()
+        return on_the_network_thread(self._step_with_heap_kept, prefetcher)
 
     def _step_with_heap_kept(self, prefetcher: BatchPrefetcher) -> float:
         with heap_kept_for_reuse():
