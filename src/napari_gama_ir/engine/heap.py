@@ -84,9 +84,9 @@ _network_threads_lock = threading.Lock()
 
 
 def on_the_network_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` on the thread that runs this process's CPU forward passes and training
-    steps, started on first use (:func:`start_thread_on_the_main_arena`); called from that thread
-    itself, it runs at once.
+    """``function(*args)`` inside :func:`heap_kept_for_reuse`, on the thread that runs this
+    process's CPU forward passes and training steps, started on first use
+    (:func:`start_thread_on_the_main_arena`); called from that thread itself, it runs at once.
 
     On a thread with an arena of its own the passes of a 512-pixel tile do not fit it: glibc maps
     their largest feature maps afresh on every pass, whatever :func:`heap_kept_for_reuse` asks
@@ -102,8 +102,13 @@ def on_the_network_thread(function: Callable[..., T], *args: Any) -> T:
             _network_threads[pid] = executor, executor.submit(threading.get_ident).result()
         executor, ident = _network_threads[pid]
     if threading.get_ident() == ident:
+        return _with_heap_kept(function, *args)
+    return executor.submit(_with_heap_kept, function, *args).result()
+
+
+def _with_heap_kept(function: Callable[..., T], *args: Any) -> T:
+    with heap_kept_for_reuse():
         return function(*args)
-    return executor.submit(function, *args).result()
 
 
 def allocates_from_the_main_arena() -> bool | None:

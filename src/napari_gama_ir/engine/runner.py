@@ -12,7 +12,7 @@ import torch
 from ..model import GamaIR
 from .compiled import network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
-from .heap import heap_kept_for_reuse, on_the_network_thread
+from .heap import on_the_network_thread
 
 
 class TileTooLargeError(RuntimeError):
@@ -84,16 +84,11 @@ class ModelRunner:
         batch after batch while the host launches them, instead of idling through each round trip.
         The lock is released before the wait, so another thread queues its tiles behind these.
         On the CPU the passes run on the process's network thread, whichever thread calls, and
-        reuse the heap memory freed by the passes before them (:func:`~.heap.on_the_network_thread`,
-        :func:`~.heap.heap_kept_for_reuse`).
+        reuse the heap memory freed by the passes before them (:func:`~.heap.on_the_network_thread`).
         """
         if self.device.type == "cpu":
-            return on_the_network_thread(self._run_with_heap_kept, tiles)
+            return on_the_network_thread(self._run, tiles)
         return self._run(tiles)
-
-    def _run_with_heap_kept(self, tiles: np.ndarray) -> np.ndarray:
-        with heap_kept_for_reuse():
-            return self._run(tiles)
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))

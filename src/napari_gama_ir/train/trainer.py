@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..engine.device import check_precision, resolve_device, usable_cores
-from ..engine.heap import heap_kept_for_reuse, on_the_network_thread
+from ..engine.heap import on_the_network_thread
 from ..engine.normalize import NORMALIZATION_CHOICES
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .data import Normalizer, PatchSampler, TrainingData, make_planes, split_validation, validation_crops
@@ -473,15 +473,11 @@ class Trainer:
     def _run_step(self, prefetcher: BatchPrefetcher) -> float:
         """One step. On a CPU it runs on the network thread, whichever thread trains (napari's
         fine-tuning runs in a worker thread), and reuses the heap memory the step before freed:
-        GAMA-IR-S 1.15x for the heap, and 1.2-1.4x more for a worker thread's step
+        GAMA-IR-S 1.15x for the heap, and 1.2x more for a worker thread's step
         (:func:`~napari_gama_ir.engine.heap.on_the_network_thread`)."""
         if self.device.type != "cpu":
             return self._step(prefetcher)
-        return on_the_network_thread(self._step_with_heap_kept, prefetcher)
-
-    def _step_with_heap_kept(self, prefetcher: BatchPrefetcher) -> float:
-        with heap_kept_for_reuse():
-            return self._step(prefetcher)
+        return on_the_network_thread(self._step, prefetcher)
 
     def _should_stop(self, session_seconds: float, session_steps: int) -> bool:
         """Stop asked for, or time limit reached, on any replica: all of them stop at the same step.
