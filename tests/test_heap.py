@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_gama_ir.engine import heap
-from napari_gama_ir.engine.heap import heap_kept_for_reuse, release_kept_heap
+from napari_gama_ir.engine.heap import heap_kept_for_reuse, on_the_network_thread, release_kept_heap
 
 
 class MallInfo2(ctypes.Structure):
@@ -150,8 +150,6 @@ def test_the_network_thread_allocates_from_the_main_arena_even_when_started_late
 
 
 def test_work_asked_from_the_network_thread_itself_runs_at_once():
-    from napari_gama_ir.engine.heap import on_the_network_thread
-
     network = on_the_network_thread(threading.get_ident)
     assert network != threading.get_ident()
     # Nested: waiting for the thread's own queue would never return.
