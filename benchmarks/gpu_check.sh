@@ -7,6 +7,8 @@
 #   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16), with its
 #            timeline (device busy share, startup), then with the network replaced by a copy;
 #   graphs   latency at 256 and 512 (fp32, bf16) and the engine with CUDA graphs (--cuda-graphs);
+#   kernels  GPU kernels per pass of GAMA-IR-S and NAFNet-32 at 256, eager and with CUDA graphs (the
+#            profiler runs in its own processes, so it cannot slow the timed runs of other parts);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -97,6 +99,15 @@ if wanted graphs; then
     timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --path cuda-graphs --workdir /tmp/engine-bench \
         --json "$R/engine_gama_ir_s_bf16_graphs.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
+fi
+
+if wanted kernels; then
+    for graphs in "" --cuda-graphs; do
+        log "kernels per pass $graphs"
+        # shellcheck disable=SC2086  # an empty option is no word
+        timeout 90 python3 benchmarks/latency.py --device cuda --sizes 256 --models gama_ir_s nafnet_32 $graphs \
+            --warmup 5 --runs 20 --count-kernels --out "$R/kernels${graphs:+_graphs}" 2>&1 | tail -4 | tee -a "$R/log.txt"
+    done
 fi
 
 if wanted distributed; then

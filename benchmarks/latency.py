@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--max-gflop", type=float, help="skip measurements above this many GFLOP")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true", help="replay each network as a CUDA graph")
+    parser.add_argument("--count-kernels", action="store_true", help="on CUDA, count the kernels of one pass")
     parser.add_argument("--out", default="benchmarks/output/latency", help="path stem for .json, .md and .png")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the stem's JSON")
     args = parser.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
         models[name] = create_model(name) if name in GAMA_MODELS else BASELINES[name]()
     report = benchmark(
         models, args.sizes, device=args.device, precision=args.precision, warmup=args.warmup, runs=args.runs,
-        budget_s=args.budget, compile=args.compile, cuda_graphs=args.cuda_graphs, max_gflop=args.max_gflop,
+        budget_s=args.budget, compile=args.compile, cuda_graphs=args.cuda_graphs, count_kernels=args.count_kernels,
+        max_gflop=args.max_gflop,
         on_measurement=lambda m: print(f"{m.model} {m.shape[-1]}: {m.latency_ms_median:.1f} ms ({m.runs} runs)",
                                        file=sys.stderr, flush=True),
     )

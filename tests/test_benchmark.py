@@ -13,7 +13,7 @@ from torch import nn
 
 from napari_gama_ir import restore, save_checkpoint
 from napari_gama_ir.cli import main
-from napari_gama_ir.engine.benchmark import benchmark, count_flops, measure
+from napari_gama_ir.engine.benchmark import benchmark, count_flops, format_table, measure
 from napari_gama_ir.engine.compiled import CompiledNetwork, GraphedNetwork, network_for
 
 from .conftest import make_tiny_model
@@ -55,6 +55,8 @@ def test_measure_follows_the_protocol_and_reports_memory():
     assert result.flops == count_flops(model, (1, 3, 64, 64)) > 0
     assert result.achieved_gflops == pytest.approx(result.flops / (result.latency_ms_median / 1000) / 1e9)
     assert result.parameters == sum(p.numel() for p in model.parameters())
+    # On the CPU the call returns when the pass is done: issuing it is the pass.
+    assert 0 < result.issue_ms_median <= max(result.latencies_ms) and result.kernels_per_pass is None
     # One 32-channel float32 feature map at 512 x 512 is 32 MB: the resident set must rise by more.
     big = measure(model, (1, 3, 512, 512), device="cpu", warmup=1, runs=1)
     assert big.memory_kind == "process RSS rise" and big.peak_memory_mb > 32
@@ -73,6 +75,23 @@ def test_benchmark_skips_what_exceeds_the_flop_cap():
     assert [m["shape"] for m in report["measurements"]] == [[1, 1, 32, 32]]
     assert report["skipped"] == [{"model": "tiny", "shape": [1, 1, 64, 64]}]
     assert report["matmul_gflops_fp32"] > 0 and 0 < report["measurements"][0]["fraction_of_matmul_peak"]
+
+
+def test_kernel_counts_are_refused_off_cuda():
+    with pytest.raises(ValueError, match="kernel counts need a CUDA device"):
+        measure(make_tiny_model(1), (1, 1, 32, 32), device="cpu", count_kernels=True)
+
+
+def test_device_tables_show_issue_time_and_kernels():
+    row = {"model": "m", "shape": [1, 3, 256, 256], "parameters": 2e6, "gmacs": 3.0, "latency_ms_mean": 8.4,
+           "latency_ms_median": 8.1, "runs": 100, "peak_memory_mb": 90.0, "achieved_gflops": 740.0,
+           "fraction_of_matmul_peak": 0.02, "issue_ms_median": 7.9, "kernels_per_pass": 412}
+    report = {"machine": {"device": "cuda"}, "measurements": [row, {**row, "model": "n", "kernels_per_pass": None}]}
+    lines = format_table(report).splitlines()
+    assert lines[0].endswith("| issued in (ms) | kernels per pass |")
+    assert lines[2].endswith("| 2% | 7.9 | 412 |") and lines[3].endswith("| 7.9 | - |")
+    cpu_table = format_table({"machine": {"device": "cpu"}, "measurements": [{**row, "kernels_per_pass": None}]})
+    assert cpu_table.splitlines()[0].endswith("| of matmul peak |") and cpu_table.splitlines()[2].endswith("| 2% |")
 
 
 def run_cli(capsys, *argv):
@@ -151,6 +170,7 @@ def test_engine_timeline_times_forward_passes_on_the_device(monkeypatch, tmp_pat
     (["--sizes", "4"], "sizes must be at least 8"),
     (["--json", "{tmp}/missing/b.json"], "does not exist"),
     (["--models", "no_such_model"], "no_such_model"),
+    (["--device", "cpu", "--count-kernels"], "kernel counts need a CUDA device"),
 ])
 def test_benchmark_bad_input_gets_one_line(capsys, tmp_path, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

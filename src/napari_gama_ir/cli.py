@@ -468,7 +468,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     report = benchmark(
         models, args.sizes, channels=args.channels, batch=args.batch, device=args.device,
         precision=args.precision, warmup=args.warmup, runs=args.runs, budget_s=args.budget,
-        compile=args.compile, cuda_graphs=args.cuda_graphs, on_measurement=report_progress,
+        compile=args.compile, cuda_graphs=args.cuda_graphs, count_kernels=args.count_kernels,
+        on_measurement=report_progress,
     )
     machine = report["machine"]
     print(f"{machine.get('gpu') or machine['processor']} ({machine['device']}, {machine['torch_threads']} torch threads), "
@@ -583,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"time each architecture with these global blocks ({', '.join(GLOBAL_BLOCKS)})")
     bench_cmd.add_argument("--compile", action="store_true", help="run the networks through torch.compile")
     bench_cmd.add_argument("--cuda-graphs", action="store_true", help="on CUDA, replay the networks as CUDA graphs")
+    bench_cmd.add_argument("--count-kernels", action="store_true",
+                           help="on CUDA, also count the kernels of one pass with the profiler")
     bench_cmd.add_argument("--threads", type=int, help="torch CPU threads (default: every usable core)")
     bench_cmd.add_argument("--json", help="write the measurements to this JSON file")
     bench_cmd.add_argument("--plot", help="write a PNG plot of latency against size")

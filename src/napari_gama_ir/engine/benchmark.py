@@ -121,9 +121,11 @@ class Measurement:
     latency_ms_mean: float
     latency_ms_median: float
     latency_ms_min: float
+    issue_ms_median: float
     peak_memory_mb: float | None
     memory_kind: str  # "device max allocated" or "process RSS rise"
     achieved_gflops: float
+    kernels_per_pass: int | None = None
     latencies_ms: list[float] = field(repr=False, default_factory=list)
 
     @property
@@ -143,6 +145,7 @@ def measure(
     budget_s: float | None = None,
     compile: bool = False,
     cuda_graphs: bool = False,
+    count_kernels: bool = False,
 ) -> Measurement:
     """Time ``model`` on a random input of ``shape`` by the paper's protocol.
 
@@ -166,14 +169,22 @@ def measure(
     cuda_graphs : bool
         Run through :class:`~.compiled.GraphedNetwork` (CUDA only; the capture happens in the
         warm-up).
+    count_kernels : bool
+        Also count the GPU kernels (and copies) of one pass with the profiler, after the timed
+        runs (CUDA only).
 
     Returns
     -------
     Measurement
         Latencies, peak memory (device max allocated on CUDA, RSS rise on the CPU, ``None``
-        elsewhere), parameters, FLOPs and achieved GFLOP/s (FLOPs / median latency).
+        elsewhere), parameters, FLOPs and achieved GFLOP/s (FLOPs / median latency). Beside the
+        latency, ``issue_ms_median`` is how long the call took to return before the device was
+        synchronised: on a GPU the host's cost of launching the pass, which sets the latency when
+        it comes close to it (launch-bound); on the CPU the pass itself.
     """
     device = resolve_device(device)
+    if count_kernels and device.type != "cuda":
+        raise ValueError(f"kernel counts need a CUDA device, not {device.type}")
     autocast_dtype = check_precision(precision, device)
     memory_format = preferred_memory_format(device)
     flops = count_flops(model, shape)
@@ -182,10 +193,13 @@ def measure(
     inputs = torch.rand(shape, device=device).contiguous(memory_format=memory_format)
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
 
+    issue_times: list[float] = []
+
     def run_once() -> float:
         _synchronize(device)
         started = time.perf_counter()
         forward(inputs)
+        issue_times.append(time.perf_counter() - started)
         _synchronize(device)
         return time.perf_counter() - started
 
@@ -200,8 +214,10 @@ def measure(
             warmup_time += run_once()
             warmup_runs += 1
         times: list[float] = []
+        issue_times.clear()
         while len(times) < runs and not (budget_s and len(times) >= 3 and sum(times) > budget_s):
             times.append(run_once())
+        kernels = _kernels_per_pass(forward, inputs) if count_kernels else None
     if device.type == "cuda":
         peak, memory_kind = torch.cuda.max_memory_allocated(device), "device max allocated"
     elif device.type == "cpu":
@@ -213,9 +229,22 @@ def measure(
         model=name, shape=tuple(shape), parameters=sum(p.numel() for p in model.parameters()), flops=flops,
         warmup_runs=warmup_runs, runs=len(times),
         latency_ms_mean=1000 * statistics.fmean(times), latency_ms_median=1000 * median,
-        latency_ms_min=1000 * min(times), peak_memory_mb=None if peak is None else peak / 2**20,
-        memory_kind=memory_kind, achieved_gflops=flops / median / 1e9, latencies_ms=[1000 * t for t in times],
+        latency_ms_min=1000 * min(times), issue_ms_median=1000 * statistics.median(issue_times),
+        peak_memory_mb=None if peak is None else peak / 2**20,
+        memory_kind=memory_kind, achieved_gflops=flops / median / 1e9, kernels_per_pass=kernels,
+        latencies_ms=[1000 * t for t in times],
     )
+
+
+def _kernels_per_pass(forward, inputs: torch.Tensor) -> int:
+    """GPU kernels and copies of one pass, from the profiler's device activity."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        forward(inputs)
+        torch.cuda.synchronize()
+    return sum(event.device_type == torch.autograd.DeviceType.CUDA for event in profiler.events())
 
 
 def machine_description(device: str | torch.device = "auto") -> dict[str, Any]:
@@ -255,6 +284,7 @@ def benchmark(
     budget_s: float | None = None,
     compile: bool = False,
     cuda_graphs: bool = False,
+    count_kernels: bool = False,
     max_gflop: float | None = None,
     on_measurement=None,
 ) -> dict[str, Any]:
@@ -263,10 +293,13 @@ def benchmark(
     ``max_gflop`` skips (and lists under ``skipped``) the measurements whose forward pass needs
     more GFLOP than that, so the largest inputs can be timed for the fast networks alone on a slow
     device. ``on_measurement`` is called with each :class:`Measurement` as it is made (for
-    progress). Returns a JSON-ready dict: ``machine``, ``settings``, ``matmul_gflops_fp32``,
-    ``measurements`` (each with its fraction of the matmul rate) and ``skipped``.
+    progress); ``count_kernels`` is passed on to :func:`measure`. Returns a JSON-ready dict:
+    ``machine``, ``settings``, ``matmul_gflops_fp32``, ``measurements`` (each with its fraction of
+    the matmul rate) and ``skipped``.
     """
     device = resolve_device(device)
+    if count_kernels and device.type != "cuda":
+        raise ValueError(f"kernel counts need a CUDA device, not {device.type}")
     peak = matmul_gflops(device)
     measurements, skipped = [], []
     for size in sizes:
@@ -278,6 +311,7 @@ def benchmark(
             result = measure(
                 model, shape, name=name, device=device, precision=precision,
                 warmup=warmup, runs=runs, budget_s=budget_s, compile=compile, cuda_graphs=cuda_graphs,
+                count_kernels=count_kernels,
             )
             if on_measurement is not None:
                 on_measurement(result)
@@ -290,7 +324,8 @@ def benchmark(
         "machine": machine_description(device),
         "settings": {
             "precision": precision, "warmup": warmup, "runs": runs, "budget_s": budget_s, "compile": compile,
-            "cuda_graphs": cuda_graphs, "batch": batch, "channels": channels, "max_gflop": max_gflop,
+            "cuda_graphs": cuda_graphs, "count_kernels": count_kernels, "batch": batch, "channels": channels,
+            "max_gflop": max_gflop,
             "memory_format": "channels_last" if preferred_memory_format(device) == torch.channels_last else "NCHW",
         },
         "matmul_gflops_fp32": peak,
@@ -300,18 +335,34 @@ def benchmark(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The measurements as a Markdown table."""
-    lines = [
-        "| model | input | params (M) | GMACs | latency mean / median (ms) | runs | peak memory (MB) | GFLOP/s | of matmul peak |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for m in report["measurements"]:
+    """The measurements as a Markdown table.
+
+    Off the CPU two columns follow: the median time to issue a pass (``issue_ms_median``) and,
+    where counted, the device kernels per pass.
+    """
+    measurements = report["measurements"]
+    on_a_device = report["machine"]["device"] != "cpu"
+    with_kernels = any(m.get("kernels_per_pass") is not None for m in measurements)
+    header = ("| model | input | params (M) | GMACs | latency mean / median (ms) | runs | peak memory (MB) | GFLOP/s "
+              "| of matmul peak |")
+    ruler = "|---|---|---|---|---|---|---|---|---|"
+    if on_a_device:
+        header, ruler = header + " issued in (ms) |", ruler + "---|"
+    if with_kernels:
+        header, ruler = header + " kernels per pass |", ruler + "---|"
+    lines = [header, ruler]
+    for m in measurements:
         memory = "n/a" if m["peak_memory_mb"] is None else f"{m['peak_memory_mb']:.0f}"
-        lines.append(
+        line = (
             f"| {m['model']} | {'x'.join(map(str, m['shape']))} | {m['parameters'] / 1e6:.2f} | {m['gmacs']:.1f} | "
             f"{m['latency_ms_mean']:.1f} / {m['latency_ms_median']:.1f} | {m['runs']} | {memory} | "
             f"{m['achieved_gflops']:.0f} | {100 * m['fraction_of_matmul_peak']:.0f}% |"
         )
+        if on_a_device:
+            line += f" {m['issue_ms_median']:.1f} |"
+        if with_kernels:
+            line += f" {m.get('kernels_per_pass') or '-'} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
