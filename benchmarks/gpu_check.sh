@@ -9,6 +9,8 @@
 #   graphs   latency at 256 and 512 (fp32, bf16) and the engine with CUDA graphs (--cuda-graphs);
 #   kernels  GPU kernels per pass of GAMA-IR-S and NAFNet-32 at 256, eager and with CUDA graphs (the
 #            profiler runs in its own processes, so it cannot slow the timed runs of other parts);
+#   compiled latency of GAMA-IR-S and NAFNet-32 through torch.compile at 256 and 512, fp32 (compile
+#            time in the warm-up: a few minutes; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -108,6 +110,12 @@ if wanted kernels; then
         timeout 90 python3 benchmarks/latency.py --device cuda --sizes 256 --models gama_ir_s nafnet_32 $graphs \
             --warmup 5 --runs 20 --count-kernels --out "$R/kernels${graphs:+_graphs}" 2>&1 | tail -4 | tee -a "$R/log.txt"
     done
+fi
+
+if wanted compiled; then
+    log "latency fp32, torch.compile"
+    timeout 300 python3 benchmarks/latency.py --device cuda --sizes 256 512 --models gama_ir_s nafnet_32 --compile \
+        --budget 2 --out "$R/latency_fp32_compiled" 2>&1 | tail -6 | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then
