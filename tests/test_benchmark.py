@@ -86,10 +86,12 @@ def test_device_tables_show_issue_time_and_kernels():
     row = {"model": "m", "shape": [1, 3, 256, 256], "parameters": 2e6, "gmacs": 3.0, "latency_ms_mean": 8.4,
            "latency_ms_median": 8.1, "runs": 100, "peak_memory_mb": 90.0, "achieved_gflops": 740.0,
            "fraction_of_matmul_peak": 0.02, "issue_ms_median": 7.9, "kernels_per_pass": 412}
-    report = {"machine": {"device": "cuda"}, "measurements": [row, {**row, "model": "n", "kernels_per_pass": None}]}
+    older = {key: value for key, value in row.items() if key not in ("issue_ms_median", "kernels_per_pass")}
+    report = {"machine": {"device": "cuda"}, "measurements": [row, {**row, "kernels_per_pass": None}, older]}
     lines = format_table(report).splitlines()
     assert lines[0].endswith("| issued in (ms) | kernels per pass |")
     assert lines[2].endswith("| 2% | 7.9 | 412 |") and lines[3].endswith("| 7.9 | - |")
+    assert lines[4].endswith("| 2% | - | - |")
     cpu_table = format_table({"machine": {"device": "cpu"}, "measurements": [{**row, "kernels_per_pass": None}]})
     assert cpu_table.splitlines()[0].endswith("| of matmul peak |") and cpu_table.splitlines()[2].endswith("| 2% |")
 

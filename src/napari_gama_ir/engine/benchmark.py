@@ -358,8 +358,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['latency_ms_mean']:.1f} / {m['latency_ms_median']:.1f} | {m['runs']} | {memory} | "
             f"{m['achieved_gflops']:.0f} | {100 * m['fraction_of_matmul_peak']:.0f}% |"
         )
-        if on_a_device:
-            line += f" {m['issue_ms_median']:.1f} |"
+        if on_a_device:  # reports written before the issue time was measured have none
+            issued = m.get("issue_ms_median")
+            line += " - |" if issued is None else f" {issued:.1f} |"
         if with_kernels:
             line += f" {m.get('kernels_per_pass') or '-'} |"
         lines.append(line)
