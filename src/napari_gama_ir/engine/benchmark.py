@@ -183,8 +183,7 @@ def measure(
         it comes close to it (launch-bound); on the CPU the pass itself.
     """
     device = resolve_device(device)
-    if count_kernels and device.type != "cuda":
-        raise ValueError(f"kernel counts need a CUDA device, not {device.type}")
+    _check_kernel_counting(count_kernels, device)
     autocast_dtype = check_precision(precision, device)
     memory_format = preferred_memory_format(device)
     flops = count_flops(model, shape)
@@ -234,6 +233,11 @@ def measure(
         memory_kind=memory_kind, achieved_gflops=flops / median / 1e9, kernels_per_pass=kernels,
         latencies_ms=[1000 * t for t in times],
     )
+
+
+def _check_kernel_counting(count_kernels: bool, device: torch.device) -> None:
+    if count_kernels and device.type != "cuda":
+        raise ValueError(f"kernel counts need a CUDA device, not {device.type}")
 
 
 def _kernels_per_pass(forward, inputs: torch.Tensor) -> int:
@@ -298,8 +302,7 @@ def benchmark(
     the matmul rate) and ``skipped``.
     """
     device = resolve_device(device)
-    if count_kernels and device.type != "cuda":
-        raise ValueError(f"kernel counts need a CUDA device, not {device.type}")
+    _check_kernel_counting(count_kernels, device)
     peak = matmul_gflops(device)
     measurements, skipped = [], []
     for size in sizes:
