@@ -125,7 +125,7 @@ def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, ove
                "restore", str(stack), "-o", str(output),
                "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
                "--precision", precision, "-q",
-               *([f"--{path}"] if path != "eager" else [])]
+               *([f"--{path}"] if path != "eager" else ["--no-cuda-graphs"])]  # graphs are the CLI's default on CUDA
     started = time.perf_counter()
     child = subprocess.Popen(command)
     _, status, usage = os.wait4(child.pid, 0)

@@ -11,6 +11,8 @@
 #            profiler runs in its own processes, so it cannot slow the timed runs of other parts);
 #   compiled latency of GAMA-IR-S and NAFNet-32 through torch.compile at 256 and 512, fp32 (compile
 #            time in the warm-up: a few minutes; not in the default list);
+#   compiled-graphs  the same through torch.compile with inductor's CUDA graphs, at each precision
+#            of LATENCY_PRECISIONS (not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -116,6 +118,15 @@ if wanted compiled; then
     log "latency fp32, torch.compile"
     timeout 300 python3 benchmarks/latency.py --device cuda --sizes 256 512 --models gama_ir_s nafnet_32 --compile \
         --budget 2 --out "$R/latency_fp32_compiled" 2>&1 | tail -6 | tee -a "$R/log.txt"
+fi
+
+if wanted compiled-graphs; then
+    for precision in ${LATENCY_PRECISIONS:-fp32 bf16}; do
+        log "latency $precision, torch.compile with CUDA graphs"
+        timeout 300 python3 benchmarks/latency.py --device cuda --precision "$precision" --sizes 256 512 \
+            --models gama_ir_s nafnet_32 --compile --cuda-graphs --budget 2 \
+            --out "$R/latency_${precision}_compiled_graphs" 2>&1 | tail -6 | tee -a "$R/log.txt"
+    done
 fi
 
 if wanted distributed; then

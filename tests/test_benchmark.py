@@ -300,9 +300,41 @@ def test_out_of_memory_while_capturing_propagates(monkeypatch):
 
 def test_optimised_paths_are_refused_where_they_cannot_run():
     model = make_tiny_model(1)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="need a CUDA device"):
         network_for(model, torch.device("cpu"), None, compile=True, cuda_graphs=True)
     with pytest.raises(ValueError, match="need a CUDA device"):
         measure(model, (1, 1, 32, 32), device="cpu", cuda_graphs=True, warmup=1, runs=1)
     assert network_for(model, torch.device("cpu"), None) is model
+
+
+def test_graphs_are_the_default_on_cuda_only():
+    # network_for only reads the device's type, so a CUDA device can be named without a GPU.
+    model, cuda, cpu = make_tiny_model(1), torch.device("cuda"), torch.device("cpu")
+    assert isinstance(network_for(model, cuda, None, cuda_graphs=None), GraphedNetwork)
+    assert network_for(model, cuda, None, cuda_graphs=False) is model
+    assert network_for(model, cpu, None, cuda_graphs=None) is model
+    compiled = network_for(model, cuda, None, compile=True, cuda_graphs=None)
+    assert isinstance(compiled, CompiledNetwork) and not compiled.cuda_graphs  # compiling is slow enough
+    assert network_for(model, cuda, None, compile=True, cuda_graphs=True).cuda_graphs
+
+
+def test_compiled_graphs_return_copies_of_the_replayed_output(monkeypatch):
+    # Inductor's graphs overwrite their output at the next replay: the network hands out copies.
+    modes, steps = [], []
+    static_output = torch.zeros(1, 1, 32, 32)
+
+    def fake_compile(model, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return lambda x: static_output.copy_(model(x))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    model = make_tiny_model(1)
+    network = CompiledNetwork(model, cuda_graphs=True)
+    first, second = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        out_first = network(first)
+        network(second)
+        assert torch.equal(out_first, model(first)) and network.active
+    assert modes == ["reduce-overhead"] and len(steps) == 2
 

@@ -40,6 +40,7 @@ def test_restore_zarr_to_zarr_matches_the_library(capsys, tmp_path, grey_checkpo
     result = open_image(tmp_path / "out.zarr")
     assert result.array.dtype == np.uint16 and result.axes == "ZYX"
     assert result.metadata["model"] == grey_checkpoint and len(result.metadata["checkpoint_sha256"]) == 64
+    assert result.metadata["cuda_graphs"] == "auto"  # the default: graphs on CUDA only
     expected = restore(data, create_model(grey_checkpoint), "ZYX", tile=32, overlap=8, output_dtype="input")
     assert np.array_equal(result.array.compute(), expected)
 

@@ -87,7 +87,7 @@ def run_restore(args: argparse.Namespace) -> Path:
         "overlap": args.overlap,
         "mean_mode": args.mean_mode,
         "compiled": bool(args.compile),
-        "cuda_graphs": bool(args.cuda_graphs),
+        "cuda_graphs": "auto" if args.cuda_graphs is None else args.cuda_graphs,
         "source": str(args.input),
     }
     if args.scheduler or args.workers or args.resume:
@@ -408,7 +408,7 @@ def _demo_restore(args, noisy: np.ndarray, clean: np.ndarray, axes: str, noisy_p
         input=str(noisy_path), output=str(restored_path), overwrite=True, model=model,
         untrained=False, axes=axes, tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
-        output_dtype="input", quiet=args.quiet, compile=False, cuda_graphs=False, scheduler=None, workers=None,
+        output_dtype="input", quiet=args.quiet, compile=False, cuda_graphs=None, scheduler=None, workers=None,
         resume=False,
     )
     run_restore(restore_args)
@@ -510,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--resume", action="store_true", help="continue an interrupted run into the same output, skipping finished chunks")
     restore_cmd.add_argument("--compile", action="store_true",
                              help="run the network through torch.compile (faster once compiled; checked against eager, falls back on failure)")
-    restore_cmd.add_argument("--cuda-graphs", action="store_true",
-                             help="on CUDA, replay the network as CUDA graphs (one launch per batch; checked against eager, falls back on failure)")
+    restore_cmd.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                             help="replay the network as CUDA graphs, one launch per batch (default: on CUDA, unless "
+                                  "--compile; checked against eager, falls back on failure)")
     add_engine_options(restore_cmd)
 
     train_cmd = commands.add_parser(
@@ -583,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--global-blocks", nargs="+", choices=GLOBAL_BLOCKS, metavar="BLOCK",
                            help=f"time each architecture with these global blocks ({', '.join(GLOBAL_BLOCKS)})")
     bench_cmd.add_argument("--compile", action="store_true", help="run the networks through torch.compile")
-    bench_cmd.add_argument("--cuda-graphs", action="store_true", help="on CUDA, replay the networks as CUDA graphs")
+    bench_cmd.add_argument("--cuda-graphs", action="store_true",
+                           help="on CUDA, replay the networks as CUDA graphs (with --compile, inductor's)")
     bench_cmd.add_argument("--count-kernels", action="store_true",
                            help="on CUDA, also count the kernels of one pass with the profiler")
     bench_cmd.add_argument("--threads", type=int, help="torch CPU threads (default: every usable core)")

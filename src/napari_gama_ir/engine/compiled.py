@@ -1,7 +1,8 @@
 """Optional faster inference paths, each checked against eager and never fatal.
 
-- :class:`CompiledNetwork`: ``torch.compile`` (inductor, weights frozen), on any device.
-- :class:`GraphedNetwork`: CUDA graphs, one captured pass per input shape, on CUDA.
+- :class:`CompiledNetwork`: ``torch.compile`` (inductor, weights frozen), on any device; on CUDA
+  optionally with inductor's own CUDA graphs (``mode="reduce-overhead"``).
+- :class:`GraphedNetwork`: CUDA graphs of the eager network, one captured pass per input shape, on CUDA.
 """
 
 from __future__ import annotations
@@ -76,22 +77,30 @@ class CompiledNetwork(CheckedNetwork):
     Freezing lets inductor treat the weights as constants: it pre-packs convolution weights and
     fuses the elementwise work of LayerNorm, SimpleGate, GAMA and the scaled residuals into few
     passes over memory. How much that buys depends on the network and the machine
-    (docs/performance.md has the figures measured on a CPU). Each new input shape is compiled once
-    (tens of seconds on a CPU).
+    (docs/performance.md has the figures measured). Each new input shape is compiled once (tens of
+    seconds on a CPU).
+
+    With ``cuda_graphs=True`` inductor also replays each compiled pass as a CUDA graph: the fused
+    kernels without one Python launch each (on an H200 a compiled GAMA-IR-S pass at 256 x 256 took
+    as long to issue as to run). A replay overwrites the previous output, so a copy is returned.
     """
 
     what = "torch.compile"
 
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None, cuda_graphs: bool = False) -> None:
         super().__init__(model, autocast_dtype)
+        self.cuda_graphs = cuda_graphs
         # dynamic=False: the engine's tiles share one shape, for which static code is fastest.
-        self._compiled = torch.compile(model, dynamic=False)
+        self._compiled = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
 
     def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch(freezing=True):
-            return self._compiled(inputs)
+            if not self.cuda_graphs:
+                return self._compiled(inputs)
+            torch.compiler.cudagraph_mark_step_begin()  # no output of an earlier call is still in use
+            return self._compiled(inputs).clone()
 
 
 # Eager passes on a side stream before a capture: CUDA requires it, and it lets cuDNN pick its
@@ -156,15 +165,19 @@ class GraphedNetwork(CheckedNetwork):
 
 def network_for(
     model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None, compile: bool = False,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = False,
 ) -> nn.Module | CheckedNetwork:
-    """``model`` itself, or wrapped in the optimised path asked for (at most one; graphs on CUDA only)."""
-    if compile and cuda_graphs:
-        raise ValueError("choose torch.compile or CUDA graphs, not both")
+    """``model`` itself, or wrapped in the optimised path asked for (graphs on CUDA only).
+
+    ``cuda_graphs=None`` chooses: graphs of the eager network on CUDA, none elsewhere, and none
+    with ``compile`` unless asked (capturing compiled passes adds to the compile time).
+    """
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda" and not compile
     if cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
     if compile:
-        return CompiledNetwork(model, autocast_dtype)
+        return CompiledNetwork(model, autocast_dtype, cuda_graphs)
     if cuda_graphs:
         return GraphedNetwork(model, autocast_dtype)
     return model

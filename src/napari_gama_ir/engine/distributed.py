@@ -160,7 +160,7 @@ def restore_distributed(
     normalization: dict[str, Any] | None = None,
     output_dtype: str | np.dtype = "float32",
     compile: bool = False,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
     attrs: dict[str, Any] | None = None,
     source: str | None = None,
     on_chunk: Callable[[int, int], None] | None = None,

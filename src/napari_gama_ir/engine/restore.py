@@ -232,7 +232,7 @@ def restore(
     output_dtype: str | np.dtype = "float32",
     on_plane: Callable[[int], None] | None = None,
     compile: bool = False,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
 ):
     """Restore an image or stack with a GAMA-IR network, plane by plane and tile by tile.
 
@@ -273,10 +273,11 @@ def restore(
         seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
         shape's first output is checked against the eager network; any failure falls back to
         eager with a warning.
-    cuda_graphs : bool
+    cuda_graphs : bool or None
         On CUDA, replay the network as a CUDA graph captured once per tile batch shape (one
-        launch per batch instead of hundreds), checked and falling back like ``compile``. Not
-        with ``compile``.
+        launch per batch instead of hundreds), checked and falling back like ``compile``. The
+        default ``None`` does so on CUDA unless ``compile`` is set; ``True`` with ``compile``
+        uses inductor's graphs of the compiled network. ``False`` runs the eager network.
 
     Returns
     -------

@@ -27,8 +27,9 @@ class ModelRunner:
     oversubscribing it. When the device runs out of memory the batch is halved and retried; a
     tile that fails on its own raises :class:`TileTooLargeError` so the caller can shrink tiles.
     ``compile=True`` runs the network through :class:`~.compiled.CompiledNetwork` (torch.compile),
-    ``cuda_graphs=True`` through :class:`~.compiled.GraphedNetwork` (CUDA only); both are checked
-    against eager and fall back to eager on any failure.
+    ``cuda_graphs=True`` replays it as CUDA graphs (:class:`~.compiled.GraphedNetwork`, or inductor's
+    with ``compile``; CUDA only), and the default ``None`` uses graphs on CUDA without ``compile``;
+    every path is checked against eager and falls back to eager on any failure.
     """
 
     def __init__(
@@ -40,7 +41,7 @@ class ModelRunner:
         threads: int | None = None,
         mean_mode: str = "global",
         compile: bool = False,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if batch is not None and batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
