@@ -6,7 +6,9 @@
 out), which leaves the host side alone. ``--timeline PATH`` records, per thread, when each input
 read, plane, network call (``run``, lock wait and device wait included), forward pass (``_forward``,
 under the lock; on a GPU only its queuing) and output write began and ended, in seconds since this
-process started. On a GPU it also times each forward pass on the device with CUDA events. It writes
+script started, and two steps of the startup: ``imports`` (from 0 until the CLI is imported) and
+``runner`` (building the :class:`ModelRunner`: the model copied to its device, which on a GPU creates
+the CUDA context). On a GPU it also times each forward pass on the device with CUDA events. It writes
 ``{"events": [[stage, thread, start, end], ...], "device_busy_seconds": float or null}`` to PATH as
 JSON when the process exits.
 """
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> int:
     from napari_gama_ir.engine.restore import PlaneRestorer
     from napari_gama_ir.engine.runner import ModelRunner
 
+    events = None
     if argv[:1] == ["--copy-network"]:
         ModelRunner._forward = lambda self, tiles, outputs: outputs.copy_(tiles, non_blocking=True)
         argv = argv[1:]
@@ -81,12 +84,16 @@ def main(argv: list[str]) -> int:
         zarr.Array.__getitem__ = record_into(events, "read", zarr.Array.__getitem__)
         zarr.Array.__setitem__ = record_into(events, "write", zarr.Array.__setitem__)
         PlaneRestorer.__call__ = record_into(events, "plane", PlaneRestorer.__call__)
+        ModelRunner.__init__ = record_into(events, "runner", ModelRunner.__init__)
         ModelRunner.run = record_into(events, "network", ModelRunner.run)
         forward = record_into(events, "forward", ModelRunner._forward)
         ModelRunner._forward = timed_on_the_device(device_pairs, forward) if torch.cuda.is_available() else forward
         atexit.register(write_timeline, path, events, device_pairs)
 
     from napari_gama_ir.cli import main as cli_main
+
+    if events is not None:
+        events.append(["imports", threading.current_thread().name, 0.0, time.perf_counter() - STARTED])
 
     return cli_main(argv)
 

@@ -44,6 +44,14 @@ from napari_gama_ir.engine import ModelRunner
 from napari_gama_ir.engine.tiling import plan_tiles
 from napari_gama_ir.model import GamaIR, GamaIRConfig, create_model, save_checkpoint
 
+# The CLI options of each way to run the network (CUDA graphs are the CLI's default on CUDA).
+PATH_OPTIONS = {
+    "eager": ["--no-cuda-graphs"],
+    "compile": ["--compile"],
+    "cuda-graphs": ["--cuda-graphs"],
+    "compiled-graphs": ["--compile", "--cuda-graphs"],
+}
+
 
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -65,8 +73,8 @@ def make_stack(path: Path, planes: int, size: int, seed: int) -> None:
 def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int, path: str,
                          device: str, precision: str) -> float:
     """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
-    runner = ModelRunner(model, device, precision=precision, compile=path == "compile",
-                         cuda_graphs=path == "cuda-graphs")
+    runner = ModelRunner(model, device, precision=precision, compile=path in ("compile", "compiled-graphs"),
+                         cuda_graphs=path in ("cuda-graphs", "compiled-graphs"))
     tiles = plan_tiles(size, size, tile, overlap, model.config.size_multiple)
     shapes = {}
     for t in tiles:
@@ -96,11 +104,16 @@ def covered_seconds(intervals: list[tuple[float, float]]) -> float:
 def summarise_timeline(timeline: dict) -> dict:
     """Per stage (read, plane, network, forward, write): calls, seconds summed over threads, and
     seconds during which any thread was in it, next to the span from the first read to the last
-    write; on a GPU, the share of that span during which the device ran forward passes."""
+    write; when the imports and the runner were done; on a GPU, the share of that span during which
+    the device ran forward passes."""
     events = timeline["events"]
     first = min(e[2] for e in events if e[0] == "read")
     last = max(e[3] for e in events if e[0] == "write")
     summary = {"seconds_before_first_read": round(first, 2), "span_seconds": round(last - first, 2)}
+    # Where the time before the first read went: the imports, then the runner (model to its device).
+    for stage in ("imports", "runner"):
+        ends = [e[3] for e in events if e[0] == stage]
+        summary[f"{stage}_done_at_seconds"] = round(min(ends), 2) if ends else None
     for stage in ("read", "plane", "network", "forward", "write"):
         intervals = [(e[2], e[3]) for e in events if e[0] == stage]
         summary[stage] = {
@@ -124,8 +137,7 @@ def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, ove
     command = [sys.executable, str(Path(__file__).with_name("engine_child.py")), *instruments,
                "restore", str(stack), "-o", str(output),
                "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
-               "--precision", precision, "-q",
-               *([f"--{path}"] if path != "eager" else ["--no-cuda-graphs"])]  # graphs are the CLI's default on CUDA
+               "--precision", precision, "-q", *PATH_OPTIONS[path]]
     started = time.perf_counter()
     child = subprocess.Popen(command)
     _, status, usage = os.wait4(child.pid, 0)
@@ -141,7 +153,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--arch", help="a registered architecture (grey, random weights) instead of --width")
-    parser.add_argument("--path", choices=("eager", "compile", "cuda-graphs"), default="eager",
+    parser.add_argument("--path", choices=tuple(PATH_OPTIONS), default="eager",
                         help="how the network runs, in the engine and the bare timing alike (compile or capture time "
                              "included in the engine's)")
     parser.add_argument("--device", default="cpu")
@@ -239,7 +251,9 @@ def main() -> None:
         spent = results["timeline"]
         device = (f", the device ran passes {spent['device_busy_share_of_span']:.0%} of it"
                   if "device_busy_seconds" in spent else "")
-        print(f"first read {spent['seconds_before_first_read']:.1f} s after the child started; from it to the last "
+        steps = ", ".join(f"{stage} done at {spent[f'{stage}_done_at_seconds']:.1f} s" for stage in ("imports", "runner")
+                          if spent[f"{stage}_done_at_seconds"] is not None)
+        print(f"first read {spent['seconds_before_first_read']:.1f} s after the child started ({steps}); from it to the last "
               f"write {spent['span_seconds']:.1f} s, a network call running {spent['network_covers_span']:.0%} of "
               f"it{device}")
 

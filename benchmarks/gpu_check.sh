@@ -13,6 +13,8 @@
 #            time in the warm-up: a few minutes; not in the default list);
 #   compiled-graphs  the same through torch.compile with inductor's CUDA graphs, at each precision
 #            of LATENCY_PRECISIONS (not in the default list);
+#   engine-compiled  the engine part's stack through torch.compile with inductor's CUDA graphs (bf16;
+#            a compilation per tile batch shape, in the child and in the bare timing; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -127,6 +129,13 @@ if wanted compiled-graphs; then
             --models gama_ir_s nafnet_32 --compile --cuda-graphs --budget 2 \
             --out "$R/latency_${precision}_compiled_graphs" 2>&1 | tail -6 | tee -a "$R/log.txt"
     done
+fi
+
+if wanted engine-compiled; then
+    log "engine, torch.compile with CUDA graphs"
+    timeout 300 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
+        --device cuda --precision bf16 --path compiled-graphs --workdir /tmp/engine-bench --keep \
+        --json "$R/engine_gama_ir_s_bf16_compiled_graphs.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then
