@@ -251,11 +251,11 @@ def main() -> None:
         spent = results["timeline"]
         device = (f", the device ran passes {spent['device_busy_share_of_span']:.0%} of it"
                   if "device_busy_seconds" in spent else "")
-        steps = ", ".join(f"{stage} done at {spent[f'{stage}_done_at_seconds']:.1f} s" for stage in ("imports", "runner")
-                          if spent[f"{stage}_done_at_seconds"] is not None)
-        print(f"first read {spent['seconds_before_first_read']:.1f} s after the child started ({steps}); from it to the last "
-              f"write {spent['span_seconds']:.1f} s, a network call running {spent['network_covers_span']:.0%} of "
-              f"it{device}")
+        done_at = {stage: spent[f"{stage}_done_at_seconds"] for stage in ("imports", "runner")}
+        steps = ", ".join(f"{stage} done at {at:.1f} s" for stage, at in done_at.items() if at is not None)
+        print(f"first read {spent['seconds_before_first_read']:.1f} s after the child started ({steps}); from it "
+              f"to the last write {spent['span_seconds']:.1f} s, a network call running "
+              f"{spent['network_covers_span']:.0%} of it{device}")
 
 
 if __name__ == "__main__":

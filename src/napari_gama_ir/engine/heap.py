@@ -158,11 +158,11 @@ def heap_kept_for_reuse(device_type: str = "cpu") -> Iterator[None]:
     inputs ran 1.3-1.4x faster on the project's 2-core CPU (docs/performance.md). The heap fragments
     in exchange: on 1024 x 1024 inputs GAMA-IR-S ran 1.7-1.9x faster, and the process's resident set
     rose by 3.5-3.9 GB during the passes instead of 1.6 GB; the engine's 512-pixel tiles keep the
-    extra small. Threads may enter
-    together. :data:`IDLE_BEFORE_RELEASE_S` after the last one leaves, unless one enters again,
-    :func:`release_kept_heap` sets glibc's limits back, so the process, idle, holds no more memory
-    than it would have and frees what napari or NumPy release as usual. For a ``device_type``
-    other than ``"cpu"`` the network's memory is the device's, and nothing is changed.
+    extra small. Threads may enter together. :data:`IDLE_BEFORE_RELEASE_S` after the last one
+    leaves, unless one enters again, :func:`release_kept_heap` sets glibc's limits back, so the
+    process, idle, holds no more memory than it would have and frees what napari or NumPy release
+    as usual. For a ``device_type`` other than ``"cpu"`` the network's memory is the device's, and
+    nothing is changed.
     """
     global _kept_users, _kept_active, _release_timer
     libc = _glibc()
