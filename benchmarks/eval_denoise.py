@@ -77,12 +77,15 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="first N images of each set (quick checks only)")
     parser.add_argument("--workers", type=int, default=2, help="processes for BM3D (default 2)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="the network's CPU precision")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the network through torch.compile (compiled once per image shape; time included)")
     parser.add_argument("--json", help="write every figure here")
     args = parser.parse_args()
 
     model = create_model(args.model, pretrained=True)
     axes = "YXC" if args.colour else "YX"
-    results: dict = {"model": args.model, "precision": args.precision, "protocol": __doc__.split("\n\n")[1], "sets": {}}
+    results: dict = {"model": args.model, "precision": args.precision, "compiled": args.compile,
+                     "protocol": __doc__.split("\n\n")[1], "sets": {}}
     sets = [(folder, load_set(folder, args.colour)[: args.limit]) for folder in map(Path, args.sets)]
     # BM3D is single-threaded and slow: all its jobs go to worker processes first, one per core,
     # and run while the network restores the same noisy images here.
@@ -101,7 +104,7 @@ def main() -> None:
                 figures["noisy"].append(scores(clean, noisy))
                 started = time.perf_counter()
                 restored = restore((noisy / 255.0).astype(np.float32), model, axes, tile=None, device="cpu",
-                                   precision=args.precision)
+                                   precision=args.precision, compile=args.compile)
                 seconds["model"] += time.perf_counter() - started
                 figures["model"].append(scores(clean, restored.astype(np.float64) * 255.0))
             for index in range(len(images)) if bm3d_jobs else ():

@@ -238,6 +238,46 @@ def test_out_of_memory_in_the_compiled_network_propagates(monkeypatch):
     assert network.active  # the engine shrinks the batch or tile and tries again
 
 
+
+def test_repeated_compiled_restores_compile_once(monkeypatch):
+    # Compiling takes tens of seconds, so restore keeps the last compiled runner for calls with equal
+    # weights and settings; any change to either builds (and compiles) a new one.
+    from napari_gama_ir.engine import runner as runner_module
+
+    compiled_models = []
+
+    def counting_compile(model, **kwargs):
+        compiled_models.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(runner_module, "_kept_compiled", None)
+    model = make_tiny_model(1)
+    with torch.no_grad():  # residual branches on, so that every weight changes the output
+        for module in model.modules():
+            if hasattr(module, "spatial_scale"):
+                module.spatial_scale.fill_(0.5)
+                module.ffn_scale.fill_(0.5)
+    image = np.random.default_rng(0).random((40, 56), dtype=np.float32)
+    first = restore(image, model, "YX", tile=None, device="cpu", compile=True)
+    again = restore(image, model, "YX", tile=None, device="cpu", compile=True)
+    assert len(compiled_models) == 1 and np.array_equal(first, again)
+    assert np.allclose(first, restore(image, model, "YX", tile=None, device="cpu"), atol=1e-5)
+
+    model.intro.weight.data.mul_(1.5)  # an edit through .data leaves the version counter alone
+    edited = restore(image, model, "YX", tile=None, device="cpu", compile=True)
+    assert len(compiled_models) == 2 and not np.allclose(edited, first, atol=1e-3)
+    assert np.allclose(edited, restore(image, model, "YX", tile=None, device="cpu"), atol=1e-5)
+    restore(image, model, "YX", tile=None, device="cpu", compile=True, mean_mode="local")
+    assert len(compiled_models) == 3  # other settings
+    # An equal network loaded anew, as a name or checkpoint gives on every call, reuses it.
+    copy = make_tiny_model(1)
+    copy.load_state_dict(model.state_dict())
+    restore(image, copy, "YX", tile=None, device="cpu", compile=True, mean_mode="local")
+    assert len(compiled_models) == 3
+    # Eager runners cost milliseconds and are never kept.
+    assert runner_module.runner_for(model, device="cpu") is not runner_module.runner_for(model, device="cpu")
+
 # -- the CUDA-graph path (no GPU here: the capture is stood in for, the bookkeeping is real) ----
 
 class _FakeCapture:

@@ -24,7 +24,7 @@ from .axes import (
 )
 from .device import host_threads
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
-from .runner import ModelRunner, TileTooLargeError
+from .runner import ModelRunner, TileTooLargeError, runner_for
 from .tiling import plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
@@ -272,7 +272,8 @@ def restore(
         Run the network through ``torch.compile`` with frozen weights. Compiling takes tens of
         seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
         shape's first output is checked against the eager network; any failure falls back to
-        eager with a warning.
+        eager with a warning. The compiled network is kept for the next call with equal weights
+        and settings, which then compiles nothing (one compiled network is kept at a time).
     cuda_graphs : bool or None
         On CUDA, replay the network as a CUDA graph captured once per tile batch shape (one
         launch per batch instead of hundreds), checked and falling back like ``compile``. The
@@ -297,7 +298,7 @@ def restore(
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
     # Only now that the input is known to fit: copy the network onto its device.
-    runner = ModelRunner(
+    runner = runner_for(
         model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile,
         cuda_graphs=cuda_graphs,
     )
