@@ -16,7 +16,9 @@ Three more figures say where the time goes:
   was in them, next to the span from the first read to the last write. A network covering the
   whole span means the device is the bottleneck; gaps mean it waited for the host;
 - startup: the same command on a one-plane 64 x 64 stack (imports, loading the model, a device
-  context, the first passes), subtracted for a steady-state throughput;
+  context, the first passes), subtracted for a steady-state throughput. With a compiled path that
+  run compiles its own 64 x 64 shape, not the stack's tile shapes, so the throughput after startup
+  still holds the stack's compilations: read the timeline's forward passes instead;
 - ``--network copy``: the engine with the network's forward pass replaced by a copy of the tiles,
   the most the host side (reading, normalising, cutting, blending, compressing, writing) can give
   with this machine's threads, whatever the device.
