@@ -238,7 +238,6 @@ def test_out_of_memory_in_the_compiled_network_propagates(monkeypatch):
     assert network.active  # the engine shrinks the batch or tile and tries again
 
 
-
 def test_repeated_compiled_restores_compile_once(monkeypatch):
     # Compiling takes tens of seconds, so restore keeps the last compiled runner for calls with equal
     # weights and settings; any change to either builds (and compiles) a new one.
@@ -277,6 +276,7 @@ def test_repeated_compiled_restores_compile_once(monkeypatch):
     assert len(compiled_models) == 3
     # Eager runners cost milliseconds and are never kept.
     assert runner_module.runner_for(model, device="cpu") is not runner_module.runner_for(model, device="cpu")
+
 
 # -- the CUDA-graph path (no GPU here: the capture is stood in for, the bookkeeping is real) ----
 
