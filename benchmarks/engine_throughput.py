@@ -18,7 +18,11 @@ Three more figures say where the time goes:
 - startup: the same command on a one-plane 64 x 64 stack (imports, loading the model, a device
   context, the first passes), subtracted for a steady-state throughput. With a compiled path that
   run compiles its own 64 x 64 shape, not the stack's tile shapes, so the throughput after startup
-  still holds the stack's compilations: read the timeline's forward passes instead;
+  still holds the stack's compilations: read the timeline's forward passes instead. Any fallback
+  of an optimised path to eager (its warning, in the engine or the bare timing) is reported, since
+  the figures then measure the eager network;
+- the forward passes' median and slowest durations: a compilation or graph capture shows as a
+  shape's slow first pass, the median is the steady pass;
 - ``--network copy``: the engine with the network's forward pass replaced by a copy of the tiles,
   the most the host side (reading, normalising, cutting, blending, compressing, writing) can give
   with this machine's threads, whatever the device.
@@ -35,7 +39,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +129,11 @@ def summarise_timeline(timeline: dict) -> dict:
             "busy_seconds": round(sum(end - start for start, end in intervals), 2),
             "covered_seconds": round(covered_seconds(intervals), 2),
         }
+    # A compilation or graph capture makes its shape's first pass slow: the median is the steady pass.
+    passes = sorted(end - start for stage, _, start, end in events if stage == "forward")
+    if passes:
+        summary["forward"]["median_seconds"] = round(passes[len(passes) // 2], 6)
+        summary["forward"]["slowest_seconds"] = [round(seconds, 6) for seconds in passes[:-4:-1]]
     summary["network_covers_span"] = round(summary["network"]["covered_seconds"] / (last - first), 3)
     if timeline["device_busy_seconds"] is not None:
         summary["device_busy_seconds"] = round(timeline["device_busy_seconds"], 2)
@@ -132,21 +143,27 @@ def summarise_timeline(timeline: dict) -> dict:
 
 def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int,
                      path: str, device: str, precision: str, network: str,
-                     timeline: Path | None = None) -> tuple[float, float]:
-    """Run the CLI's restore in a child; return wall seconds and its peak RSS in MB."""
+                     timeline: Path | None = None) -> tuple[float, float, list[str]]:
+    """Run the CLI's restore in a child; return wall seconds, its peak RSS in MB, and the warnings
+    of an optimised path that fell back to eager (its stderr is echoed here as well)."""
     instruments = [*(["--copy-network"] if network == "copy" else []),
                    *(["--timeline", str(timeline)] if timeline else [])]
     command = [sys.executable, str(Path(__file__).with_name("engine_child.py")), *instruments,
                "restore", str(stack), "-o", str(output),
                "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
                "--precision", precision, "-q", *PATH_OPTIONS[path]]
-    started = time.perf_counter()
-    child = subprocess.Popen(command)
-    _, status, usage = os.wait4(child.pid, 0)
-    elapsed = time.perf_counter() - started
+    with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a long stderr cannot block the child
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stderr=errors)
+        _, status, usage = os.wait4(child.pid, 0)
+        elapsed = time.perf_counter() - started
+        errors.seek(0)
+        stderr = errors.read()
+    sys.stderr.write(stderr)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"restore failed with status {os.waitstatus_to_exitcode(status)}")
-    return elapsed, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    fallbacks = [line.strip() for line in stderr.splitlines() if "running the network eagerly" in line]
+    return elapsed, usage.ru_maxrss / 1024, fallbacks  # ru_maxrss is in KiB on Linux
 
 
 def main() -> None:
@@ -192,7 +209,7 @@ def main() -> None:
     shutil.rmtree(small_stack, ignore_errors=True)
     make_stack(small_stack, 1, 64, seed=1)
 
-    def run_engine(source: Path, timeline: Path | None = None) -> tuple[float, float]:
+    def run_engine(source: Path, timeline: Path | None = None) -> tuple[float, float, list[str]]:
         shutil.rmtree(output, ignore_errors=True)
         return restore_in_child(source, output, checkpoint, args.tile, args.overlap, args.path, args.device,
                                 args.precision, args.network, timeline)
@@ -200,14 +217,21 @@ def main() -> None:
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
     def time_bare() -> float:
-        return bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.path,
-                                    args.device, args.precision)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rate = bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.path,
+                                        args.device, args.precision)
+        fallbacks.extend(f"bare timing: {w.message}" for w in caught if "running the network eagerly" in str(w.message))
+        return rate
 
-    startup, _ = run_engine(small_stack)
+    fallbacks = []  # warnings of an optimised path that fell back to eager, which it then measures
+    startup, _, startup_fallbacks = run_engine(small_stack)
+    fallbacks += startup_fallbacks
     bare_runs = [time_bare()]
     timeline = workdir / "timeline.json"
     timeline.unlink(missing_ok=True)
-    seconds, peak_mb = run_engine(stack, timeline)
+    seconds, peak_mb, engine_fallbacks = run_engine(stack, timeline)
+    fallbacks += engine_fallbacks
     bare_runs.append(time_bare())
     bare = sum(bare_runs) / len(bare_runs)
     megapixels = args.planes * args.size * args.size / 1e6
@@ -234,6 +258,7 @@ def main() -> None:
         "efficiency": round(engine / bare, 3),
         "efficiency_after_startup": round(steady / bare, 3),
         "peak_rss_mb": round(peak_mb, 1),
+        "fallbacks_to_eager": fallbacks,
         # The child writes its timeline as it exits; without it the other figures still stand.
         "timeline": summarise_timeline(json.loads(timeline.read_text())) if timeline.exists() else None,
     }
@@ -249,6 +274,8 @@ def main() -> None:
           f"{steady:.2f} after {startup:.1f} s startup | bare model {bare:.2f} Mpx/s "
           f"({min(bare_runs):.2f}-{max(bare_runs):.2f}) | efficiency {engine / bare:.2f} ({steady / bare:.2f} after "
           f"startup) | peak RSS {peak_mb:.0f} MB")
+    for warning in results["fallbacks_to_eager"]:
+        print(f"FELL BACK TO EAGER: {warning}")
     if results["timeline"]:
         spent = results["timeline"]
         device = (f", the device ran passes {spent['device_busy_share_of_span']:.0%} of it"
@@ -258,6 +285,10 @@ def main() -> None:
         print(f"first read {spent['seconds_before_first_read']:.1f} s after the child started ({steps}); from it "
               f"to the last write {spent['span_seconds']:.1f} s, a network call running "
               f"{spent['network_covers_span']:.0%} of it{device}")
+        if "median_seconds" in spent["forward"]:
+            slowest = ", ".join(f"{seconds:.2f}" for seconds in spent["forward"]["slowest_seconds"])
+            print(f"forward passes: median {spent['forward']['median_seconds'] * 1e3:.1f} ms, slowest {slowest} s "
+                  "(a compilation or capture is a shape's first pass)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 # The GPU work of one device call (device tool); name the parts to run, in this order by default:
 #   smoke    the package imports, a GAMA-IR-S training step runs in bf16 on cuda, and the engine's
 #            cuda restore (queued pinned batches, CUDA graphs) matches the cpu one (fails fast);
+#   smoke-compiled  the same check through torch.compile with CUDA graphs, any fallback to eager an
+#            error (compiles a few shapes: minutes; not in the default list);
 #   layout   benchmarks/gpu_layout.py: LayerNorm kernels x memory layout x precision, a profile;
 #   latency  the paper's protocol at 256-2048, fp32 and bf16, every model (docs/performance.md);
 #   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16), with its
@@ -11,9 +13,9 @@
 #            profiler runs in its own processes, so it cannot slow the timed runs of other parts);
 #   compiled latency of GAMA-IR-S and NAFNet-32 through torch.compile at 256 and 512, fp32 (compile
 #            time in the warm-up: a few minutes; not in the default list);
-#   compiled-graphs  the same through torch.compile with inductor's CUDA graphs, at each precision
+#   compiled-graphs  the same through torch.compile with CUDA graphs, at each precision
 #            of LATENCY_PRECISIONS (not in the default list);
-#   engine-compiled  the engine part's stack through torch.compile with inductor's CUDA graphs (bf16;
+#   engine-compiled  the engine part's stack through torch.compile with CUDA graphs (bf16;
 #            a compilation per tile batch shape, in the child and in the bare timing; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
@@ -68,6 +70,25 @@ for graphs in (False, True):
 EOF
 fi
 
+if wanted smoke-compiled; then
+    log "smoke-compiled"
+    # The engine runs its network from worker threads, where torch 2.11 refused inductor's own CUDA graphs.
+    timeout 300 python3 - <<'EOF' 2>&1 | tee -a "$R/log.txt" || exit 1
+import warnings
+import numpy as np, torch
+from napari_gama_ir import create_model, restore
+warnings.filterwarnings("error", message=".*running the network eagerly")
+torch.backends.cudnn.allow_tf32 = False
+stack = np.random.default_rng(0).random((3, 1100, 1100), dtype=np.float32)
+model = create_model("gama_ir_xs-denoise-grey", pretrained=True)
+cpu = np.asarray(restore(stack, model, "ZYX", tile=256, device="cpu"))
+cuda = np.asarray(restore(stack, model, "ZYX", tile=256, device="cuda", batch=4, compile=True, cuda_graphs=True))
+error = float(np.abs(cuda - cpu).max())
+print(f"smoke-compiled: engine on cuda (compiled, CUDA graphs) against cpu, largest difference {error:.2e}")
+assert error < 1e-3, error
+EOF
+fi
+
 if wanted layout; then
     log "layout"
     timeout 150 python3 benchmarks/gpu_layout.py --size 512 --json "$R/gpu_layout.json" \
@@ -88,11 +109,11 @@ if wanted engine; then
     log "engine"
     timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --workdir /tmp/engine-bench --keep --json "$R/engine_gama_ir_s_bf16.json" 2>&1 \
-        | tail -3 | tee -a "$R/log.txt"
+        | sed -n '/^stack /,$p' | tee -a "$R/log.txt"
     log "engine, network copied (the host side alone, with the threads used beside a GPU)"
     timeout 60 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 2 \
         --device cuda --precision bf16 --network copy --workdir /tmp/engine-bench --keep \
-        --json "$R/engine_host_side.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
+        --json "$R/engine_host_side.json" 2>&1 | sed -n '/^stack /,$p' | tee -a "$R/log.txt"
 fi
 
 if wanted graphs; then
@@ -104,7 +125,7 @@ if wanted graphs; then
     log "engine, CUDA graphs"
     timeout 120 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --path cuda-graphs --workdir /tmp/engine-bench \
-        --json "$R/engine_gama_ir_s_bf16_graphs.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
+        --json "$R/engine_gama_ir_s_bf16_graphs.json" 2>&1 | sed -n '/^stack /,$p' | tee -a "$R/log.txt"
 fi
 
 if wanted kernels; then
@@ -135,7 +156,7 @@ if wanted engine-compiled; then
     log "engine, torch.compile with CUDA graphs"
     timeout 300 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --path compiled-graphs --workdir /tmp/engine-bench --keep \
-        --json "$R/engine_gama_ir_s_bf16_compiled_graphs.json" 2>&1 | tail -3 | tee -a "$R/log.txt"
+        --json "$R/engine_gama_ir_s_bf16_compiled_graphs.json" 2>&1 | sed -n '/^stack /,$p' | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then

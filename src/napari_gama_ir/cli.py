@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"time each architecture with these global blocks ({', '.join(GLOBAL_BLOCKS)})")
     bench_cmd.add_argument("--compile", action="store_true", help="run the networks through torch.compile")
     bench_cmd.add_argument("--cuda-graphs", action="store_true",
-                           help="on CUDA, replay the networks as CUDA graphs (with --compile, inductor's)")
+                           help="on CUDA, replay the networks as CUDA graphs (with --compile, the compiled ones)")
     bench_cmd.add_argument("--count-kernels", action="store_true",
                            help="on CUDA, also count the kernels of one pass with the profiler")
     bench_cmd.add_argument("--threads", type=int, help="torch CPU threads (default: every usable core)")

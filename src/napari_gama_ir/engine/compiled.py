@@ -1,8 +1,9 @@
 """Optional faster inference paths, each checked against eager and never fatal.
 
 - :class:`CompiledNetwork`: ``torch.compile`` (inductor, weights frozen), on any device; on CUDA
-  optionally with inductor's own CUDA graphs (``mode="reduce-overhead"``).
+  optionally replayed as CUDA graphs.
 - :class:`GraphedNetwork`: CUDA graphs of the eager network, one captured pass per input shape, on CUDA.
+- :class:`CudaGraphs`: the capture and replay that both use.
 """
 
 from __future__ import annotations
@@ -80,9 +81,12 @@ class CompiledNetwork(CheckedNetwork):
     (docs/performance.md has the figures measured). Each new input shape is compiled once (tens of
     seconds on a CPU).
 
-    With ``cuda_graphs=True`` inductor also replays each compiled pass as a CUDA graph: the fused
-    kernels without one Python launch each (on an H200 a compiled GAMA-IR-S pass at 256 x 256 took
-    as long to issue as to run). A replay overwrites the previous output, so a copy is returned.
+    With ``cuda_graphs=True`` each compiled pass is also captured as a CUDA graph and replayed
+    (:class:`CudaGraphs`): the fused kernels without one Python launch each (on an H200 a compiled
+    GAMA-IR-S pass at 256 x 256 took as long to issue as to run). The capture is ours, not
+    inductor's ``mode="reduce-overhead"``: inductor keeps its graph trees per thread, and until
+    after torch 2.11 they failed in threads Python started (pytorch/pytorch#123177), which is where
+    the engine runs its network; our graphs replay from any thread.
     """
 
     what = "torch.compile"
@@ -91,25 +95,24 @@ class CompiledNetwork(CheckedNetwork):
         super().__init__(model, autocast_dtype)
         self.cuda_graphs = cuda_graphs
         # dynamic=False: the engine's tiles share one shape, for which static code is fastest.
-        self._compiled = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
+        self._compiled = torch.compile(model, dynamic=False)
+        self._graphs = CudaGraphs(self._compiled, autocast_dtype) if cuda_graphs else None
 
     def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
+        # Compilation happens at the first call of each shape (for graphs, in the capture's warm-up).
         with inductor_config.patch(freezing=True):
-            if not self.cuda_graphs:
-                return self._compiled(inputs)
-            torch.compiler.cudagraph_mark_step_begin()  # no output of an earlier call is still in use
-            return self._compiled(inputs).clone()
+            return self._graphs(inputs) if self._graphs is not None else self._compiled(inputs)
 
 
-# Eager passes on a side stream before a capture: CUDA requires it, and it lets cuDNN pick its
-# algorithms and the allocator reach its steady state outside the graph.
+# Passes on a side stream before a capture: CUDA requires it, and it lets cuDNN pick its
+# algorithms, a compiled network compile, and the allocator reach its steady state outside the graph.
 GRAPH_WARMUP_PASSES = 3
 
 
-class GraphedNetwork(CheckedNetwork):
-    """Runs a network on CUDA by replaying a CUDA graph, captured once per input shape.
+class CudaGraphs:
+    """Replays ``function`` (a network, eager or compiled) as CUDA graphs, one captured per input shape.
 
     An eager pass of GAMA-IR-S is hundreds of small kernels, each launched from Python: at the
     engine's batches of a few tiles the GPU waits on the launches, and on the GIL that the engine's
@@ -120,14 +123,13 @@ class GraphedNetwork(CheckedNetwork):
     capture with its weight-cast cache off, as CUDA graphs require.
     """
 
-    what = "CUDA graphs"
-
-    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
-        super().__init__(model, autocast_dtype)
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor], autocast_dtype: torch.dtype | None = None):
+        self.function = function
+        self.autocast_dtype = autocast_dtype
         self._replays: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._pool = None
 
-    def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         key = (tuple(inputs.shape), inputs.stride(), inputs.dtype)
         replay = self._replays.get(key)
         if replay is None:
@@ -146,14 +148,14 @@ class GraphedNetwork(CheckedNetwork):
         side.wait_stream(torch.cuda.current_stream(inputs.device))
         with torch.cuda.stream(side), self._autocast():
             for _ in range(GRAPH_WARMUP_PASSES):
-                self.model(static_input)
+                self.function(static_input)
         torch.cuda.current_stream(inputs.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (a napari preview, say) may use the device meanwhile.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"), self._autocast():
-            static_output = self.model(static_input)
+            static_output = self.function(static_input)
 
         def replay(new_inputs: torch.Tensor) -> torch.Tensor:
             static_input.copy_(new_inputs)
@@ -161,6 +163,19 @@ class GraphedNetwork(CheckedNetwork):
             return static_output.clone()
 
         return replay
+
+
+class GraphedNetwork(CheckedNetwork):
+    """Runs the eager network on CUDA as CUDA graphs (:class:`CudaGraphs`), checked against eager."""
+
+    what = "CUDA graphs"
+
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, autocast_dtype)
+        self._graphs = CudaGraphs(model, autocast_dtype)
+
+    def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self._graphs(inputs)
 
 
 def network_for(

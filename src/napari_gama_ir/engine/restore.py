@@ -278,7 +278,7 @@ def restore(
         On CUDA, replay the network as a CUDA graph captured once per tile batch shape (one
         launch per batch instead of hundreds), checked and falling back like ``compile``. The
         default ``None`` does so on CUDA unless ``compile`` is set; ``True`` with ``compile``
-        uses inductor's graphs of the compiled network. ``False`` runs the eager network.
+        captures the compiled network instead. ``False`` runs the eager network.
 
     Returns
     -------
