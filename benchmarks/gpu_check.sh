@@ -72,7 +72,8 @@ fi
 
 if wanted smoke-compiled; then
     log "smoke-compiled"
-    # The engine runs its network from worker threads, where torch 2.11 refused inductor's own CUDA graphs.
+    # The engine runs its network from worker threads, where inductor's own CUDA graphs failed before
+    # pytorch/pytorch#123177 was fixed; the compiled path now captures its graphs itself.
     timeout 300 python3 - <<'EOF' 2>&1 | tee -a "$R/log.txt" || exit 1
 import warnings
 import numpy as np, torch

@@ -168,7 +168,8 @@ def measure(
         Run through :class:`~.compiled.CompiledNetwork` (compilation happens in the warm-up).
     cuda_graphs : bool
         Replay the network as CUDA graphs (CUDA only; the capture happens in the warm-up):
-        :class:`~.compiled.GraphedNetwork`, or with ``compile`` graphs of the compiled network. The paper's protocol is eager, so neither is the default here.
+        :class:`~.compiled.GraphedNetwork`, or with ``compile`` graphs of the compiled network.
+        The paper's protocol is eager, so neither is the default here.
     count_kernels : bool
         Also count the GPU kernels (and copies) of one pass with the profiler, after the timed
         runs (CUDA only).

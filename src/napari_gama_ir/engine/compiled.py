@@ -84,9 +84,9 @@ class CompiledNetwork(CheckedNetwork):
     With ``cuda_graphs=True`` each compiled pass is also captured as a CUDA graph and replayed
     (:class:`CudaGraphs`): the fused kernels without one Python launch each (on an H200 a compiled
     GAMA-IR-S pass at 256 x 256 took as long to issue as to run). The capture is ours, not
-    inductor's ``mode="reduce-overhead"``: inductor keeps its graph trees per thread, and until
-    after torch 2.11 they failed in threads Python started (pytorch/pytorch#123177), which is where
-    the engine runs its network; our graphs replay from any thread.
+    inductor's ``mode="reduce-overhead"``: inductor keeps its graph trees per thread, and before the
+    fix of pytorch/pytorch#123177 (which torch 2.13 has) they failed in threads Python started,
+    which is where the engine runs its network; our graphs replay from any thread.
     """
 
     what = "torch.compile"

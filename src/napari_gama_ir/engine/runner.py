@@ -27,9 +27,9 @@ class ModelRunner:
     oversubscribing it. When the device runs out of memory the batch is halved and retried; a
     tile that fails on its own raises :class:`TileTooLargeError` so the caller can shrink tiles.
     ``compile=True`` runs the network through :class:`~.compiled.CompiledNetwork` (torch.compile),
-    ``cuda_graphs=True`` replays it as CUDA graphs (:class:`~.compiled.GraphedNetwork`, or the compiled
-    network's with ``compile``; CUDA only), and the default ``None`` uses graphs on CUDA without ``compile``;
-    every path is checked against eager and falls back to eager on any failure.
+    ``cuda_graphs=True`` replays it as CUDA graphs (:class:`~.compiled.GraphedNetwork`, or graphs of
+    the compiled network with ``compile``; CUDA only), and the default ``None`` uses graphs on CUDA
+    without ``compile``; every path is checked against eager and falls back to eager on any failure.
     """
 
     def __init__(
