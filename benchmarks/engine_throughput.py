@@ -52,6 +52,9 @@ from napari_gama_ir.engine import ModelRunner
 from napari_gama_ir.engine.tiling import plan_tiles
 from napari_gama_ir.model import GamaIR, GamaIRConfig, create_model, save_checkpoint
 
+# How an optimised path's warning ends when it falls back to eager (engine.compiled.CheckedNetwork).
+FALLBACK_WARNING = "running the network eagerly"
+
 # The CLI options of each way to run the network (CUDA graphs are the CLI's default on CUDA).
 PATH_OPTIONS = {
     "eager": ["--no-cuda-graphs"],
@@ -162,7 +165,7 @@ def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, ove
     sys.stderr.write(stderr)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"restore failed with status {os.waitstatus_to_exitcode(status)}")
-    fallbacks = [line.strip() for line in stderr.splitlines() if "running the network eagerly" in line]
+    fallbacks = [line.strip() for line in stderr.splitlines() if FALLBACK_WARNING in line]
     return elapsed, usage.ru_maxrss / 1024, fallbacks  # ru_maxrss is in KiB on Linux
 
 
@@ -214,6 +217,8 @@ def main() -> None:
         return restore_in_child(source, output, checkpoint, args.tile, args.overlap, args.path, args.device,
                                 args.precision, args.network, timeline)
 
+    fallbacks = []  # warnings of an optimised path that fell back to eager, which it then measures
+
     # The bare timing varies by several percent between runs on a shared machine: take it before
     # and after the engine run and compare with the mean.
     def time_bare() -> float:
@@ -221,10 +226,9 @@ def main() -> None:
             warnings.simplefilter("always")
             rate = bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.path,
                                         args.device, args.precision)
-        fallbacks.extend(f"bare timing: {w.message}" for w in caught if "running the network eagerly" in str(w.message))
+        fallbacks.extend(f"bare timing: {w.message}" for w in caught if FALLBACK_WARNING in str(w.message))
         return rate
 
-    fallbacks = []  # warnings of an optimised path that fell back to eager, which it then measures
     startup, _, startup_fallbacks = run_engine(small_stack)
     fallbacks += startup_fallbacks
     bare_runs = [time_bare()]

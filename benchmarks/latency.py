@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--max-gflop", type=float, help="skip measurements above this many GFLOP")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay each network as a CUDA graph (with --compile, inductor's)")
+                        help="replay each network as a CUDA graph (with --compile, the compiled one)")
     parser.add_argument("--count-kernels", action="store_true", help="on CUDA, count the kernels of one pass")
     parser.add_argument("--out", default="benchmarks/output/latency", help="path stem for .json, .md and .png")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the stem's JSON")

@@ -365,7 +365,7 @@ def test_graphs_are_the_default_on_cuda_only():
 
 def test_compiled_graphs_capture_the_compiled_network(monkeypatch):
     # The compiled passes are captured by our CudaGraphs, not inductor's reduce-overhead mode, whose
-    # graphs torch 2.11 refuses in the threads the engine runs the network from.
+    # graph trees failed in Python-started threads (where the engine runs the network) before a torch fix.
     capture = _FakeCapture().install(monkeypatch)
     modes, compiled_calls = [], []
 
