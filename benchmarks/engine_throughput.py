@@ -49,7 +49,7 @@ import torch
 import zarr
 
 from napari_gama_ir.engine import ModelRunner
-from napari_gama_ir.engine.tiling import plan_tiles
+from napari_gama_ir.engine.tiling import group_by_run_shape, plan_tiles
 from napari_gama_ir.model import GamaIR, GamaIRConfig, create_model, save_checkpoint
 
 # How an optimised path's warning ends when it falls back to eager (engine.compiled.CheckedNetwork).
@@ -86,12 +86,10 @@ def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, plan
     """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
     runner = ModelRunner(model, device, precision=precision, compile=path in ("compile", "compiled-graphs"),
                          cuda_graphs=path in ("cuda-graphs", "compiled-graphs"))
-    tiles = plan_tiles(size, size, tile, overlap, model.config.size_multiple)
-    shapes = {}
-    for t in tiles:
-        shapes[t.shape] = shapes.get(t.shape, 0) + 1
+    multiple = model.config.size_multiple
+    groups = group_by_run_shape(plan_tiles(size, size, tile, overlap, multiple), multiple)
     rng = np.random.default_rng(0)
-    batches = {shape: rng.random((count, 1) + shape, dtype=np.float32) for shape, count in shapes.items()}
+    batches = {shape: rng.random((len(group), 1) + shape, dtype=np.float32) for shape, group in groups.items()}
     for batch in batches.values():  # warm-up (and compilation or graph capture)
         runner.run(batch)
     started = time.perf_counter()

@@ -55,6 +55,30 @@ def test_tiled_plane_is_the_weighted_mean_of_its_tiles():
     assert np.abs(restore_plane(plane, runner, plan) - total / weight_sum).max() < 1e-5
 
 
+class _ShapeRecordingRunner(ModelRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shapes = []
+
+    def run(self, tiles):
+        self.shapes.append(tiles.shape)
+        return super().run(tiles)
+
+
+def test_a_plane_runs_as_one_batch_shape_with_its_edge_tiles_padded():
+    # 150 x 230 in 64-px tiles leaves edge tiles a few pixels short in both directions; padded as
+    # the network pads, they join the full tiles in one batch shape (one compilation, one graph).
+    model = make_tiny_model(1)
+    multiple = model.config.size_multiple
+    tiles = plan_tiles(150, 230, 64, 24, multiple)
+    assert len({t.shape for t in tiles}) == 4
+    plane = np.random.default_rng(2).random((1, 150, 230), dtype=np.float32)
+    runner = _ShapeRecordingRunner(model, "cpu", batch=4)
+    restore_plane(plane, runner, TilingPlan(tile=64, overlap=24, margin=6))
+    assert runner.shapes == [(len(tiles), 1, 64, 64)]
+    # test_tiled_plane_is_the_weighted_mean_of_its_tiles checks the values against unpadded tiles.
+
+
 def test_whole_plane_equals_the_network():
     model = make_tiny_model(1)
     image = np.random.default_rng(0).random((50, 70), dtype=np.float32)

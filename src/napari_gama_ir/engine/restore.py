@@ -11,8 +11,10 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import torch
 
 from ..model import GamaIR, create_model
+from ..model.layers import pad_to_multiple
 from .axes import (
     ChannelMismatchError,
     PlaneLayout,
@@ -25,7 +27,7 @@ from .axes import (
 from .device import host_threads
 from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError, runner_for
-from .tiling import plan_tiles, tile_weights
+from .tiling import group_by_run_shape, plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
 DEFAULT_MEAN_MODE = "global"
@@ -71,8 +73,9 @@ def restore_plane(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) ->
 
     Tiles sit on a grid aligned to the network's down-sampling; each tile's output is weighted by
     a smooth ramp that vanishes at its inner edges, and the weighted sum is divided by the summed
-    weights, so there are no seams. If a single tile does not fit in device memory, the tile side
-    is halved and the plane restored again.
+    weights, so there are no seams. Edge tiles, up to ``2**levels - 1`` pixels shorter, are padded
+    here as the network would pad them, so all of a plane's tiles run as one batch shape. If a
+    single tile does not fit in device memory, the tile side is halved and the plane restored again.
     """
     height, width = plane.shape[-2:]
     if tiling.tile is None or (height <= tiling.tile and width <= tiling.tile):
@@ -91,21 +94,26 @@ def restore_plane(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) ->
 def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -> np.ndarray:
     channels, height, width = plane.shape
     out_channels = runner.config.out_channels
-    tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, runner.config.size_multiple)
-    by_shape: dict[tuple[int, int], list] = {}
-    for tile in tiles:
-        by_shape.setdefault(tile.shape, []).append(tile)
+    multiple = runner.config.size_multiple
+    tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, multiple)
     result = np.zeros((out_channels, height, width), np.float32)
     weight_sum = np.zeros((height, width), np.float32)
-    for group in by_shape.values():
-        batch = np.stack([plane[:, t.rows, t.cols] for t in group])
+    for group in group_by_run_shape(tiles, multiple).values():
+        batch = np.stack([_pad_as_the_network(plane[:, t.rows, t.cols], multiple) for t in group])
         restored = runner.run(batch)
         for tile, out in zip(group, restored):
+            rows, cols = tile.shape
             weights = tile_weights(tile, height, width, tiling.overlap, tiling.margin)
-            result[:, tile.rows, tile.cols] += out * weights
+            result[:, tile.rows, tile.cols] += out[:, :rows, :cols] * weights
             weight_sum[tile.rows, tile.cols] += weights
     result /= weight_sum
     return result
+
+
+def _pad_as_the_network(tile: np.ndarray, multiple: int) -> np.ndarray:
+    """``tile`` (C, h, w) padded exactly as the network pads its input, so the network computes the
+    same output for it; only the engine, not the network, now crops the padding off."""
+    return pad_to_multiple(torch.from_numpy(tile), multiple).numpy()
 
 
 class StackAffine:

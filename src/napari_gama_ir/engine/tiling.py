@@ -44,6 +44,25 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) 
     ]
 
 
+def run_shape(tile: Tile, multiple: int) -> tuple[int, int]:
+    """The shape the network runs ``tile`` at: each side rounded up to a multiple of ``multiple``,
+    as the network pads its input."""
+    return (-(-tile.shape[0] // multiple) * multiple, -(-tile.shape[1] // multiple) * multiple)
+
+
+def group_by_run_shape(tiles: list[Tile], multiple: int) -> dict[tuple[int, int], list[Tile]]:
+    """``tiles`` grouped by :func:`run_shape`, in their order.
+
+    A grid's edge tiles are up to ``multiple - 1`` pixels shorter than the others, so padded they
+    share the others' shape: a plane then makes one batch shape instead of up to four, which is
+    one compilation or CUDA graph capture instead of four, and fuller batches.
+    """
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for tile in tiles:
+        groups.setdefault(run_shape(tile, multiple), []).append(tile)
+    return groups
+
+
 def edge_ramp(length: int, overlap: int, margin: int, taper_start: bool, taper_end: bool) -> np.ndarray:
     """1-D blending weights of one tile side.
 
