@@ -82,20 +82,21 @@ def make_stack(path: Path, planes: int, size: int, seed: int) -> None:
 
 
 def bare_model_mpx_per_s(model: GamaIR, size: int, tile: int, overlap: int, planes: int, path: str,
-                         device: str, precision: str) -> float:
+                         device: str, precision: str, batch: int | None) -> float:
     """Forward passes only, on the tiles the engine cuts from ``planes`` planes."""
-    runner = ModelRunner(model, device, precision=precision, compile=path in ("compile", "compiled-graphs"),
+    runner = ModelRunner(model, device, precision=precision, batch=batch,
+                         compile=path in ("compile", "compiled-graphs"),
                          cuda_graphs=path in ("cuda-graphs", "compiled-graphs"))
     multiple = model.config.size_multiple
     groups = group_by_run_shape(plan_tiles(size, size, tile, overlap, multiple), multiple)
     rng = np.random.default_rng(0)
-    batches = {shape: rng.random((len(group), 1) + shape, dtype=np.float32) for shape, group in groups.items()}
-    for batch in batches.values():  # warm-up (and compilation or graph capture)
-        runner.run(batch)
+    plane_tiles = [rng.random((len(group), 1) + shape, dtype=np.float32) for shape, group in groups.items()]
+    for tiles in plane_tiles:  # warm-up (and compilation or graph capture)
+        runner.run(tiles)
     started = time.perf_counter()
     for _ in range(planes):
-        for batch in batches.values():
-            runner.run(batch)
+        for tiles in plane_tiles:
+            runner.run(tiles)
     elapsed = time.perf_counter() - started
     return planes * size * size / 1e6 / elapsed
 
@@ -143,7 +144,7 @@ def summarise_timeline(timeline: dict) -> dict:
 
 
 def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, overlap: int,
-                     path: str, device: str, precision: str, network: str,
+                     path: str, device: str, precision: str, batch: int | None, network: str,
                      timeline: Path | None = None) -> tuple[float, float, list[str]]:
     """Run the CLI's restore in a child; return wall seconds, its peak RSS in MB, and the warnings
     of an optimised path that fell back to eager (its stderr is echoed here as well)."""
@@ -152,7 +153,7 @@ def restore_in_child(stack: Path, output: Path, checkpoint: Path, tile: int, ove
     command = [sys.executable, str(Path(__file__).with_name("engine_child.py")), *instruments,
                "restore", str(stack), "-o", str(output),
                "--model", str(checkpoint), "--tile", str(tile), "--overlap", str(overlap), "--device", device,
-               "--precision", precision, "-q", *PATH_OPTIONS[path]]
+               "--precision", precision, *(["--batch", str(batch)] if batch else []), "-q", *PATH_OPTIONS[path]]
     with tempfile.TemporaryFile("w+") as errors:  # a file, not a pipe: a long stderr cannot block the child
         started = time.perf_counter()
         child = subprocess.Popen(command, stderr=errors)
@@ -180,6 +181,7 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--batch", type=int, help="tiles per forward pass (the engine's default: 1 on CPU, 4 on GPU)")
     parser.add_argument("--network", choices=("model", "copy"), default="model",
                         help="copy: replace the network's forward pass by a copy, to measure the host side alone")
     parser.add_argument("--bare-planes", type=int, default=12, help="planes' worth of tiles per bare timing")
@@ -213,7 +215,7 @@ def main() -> None:
     def run_engine(source: Path, timeline: Path | None = None) -> tuple[float, float, list[str]]:
         shutil.rmtree(output, ignore_errors=True)
         return restore_in_child(source, output, checkpoint, args.tile, args.overlap, args.path, args.device,
-                                args.precision, args.network, timeline)
+                                args.precision, args.batch, args.network, timeline)
 
     fallbacks = []  # warnings of an optimised path that fell back to eager, which it then measures
 
@@ -223,7 +225,7 @@ def main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             rate = bare_model_mpx_per_s(model, args.size, args.tile, args.overlap, args.bare_planes, args.path,
-                                        args.device, args.precision)
+                                        args.device, args.precision, args.batch)
         fallbacks.extend(f"bare timing: {w.message}" for w in caught if FALLBACK_WARNING in str(w.message))
         return rate
 
@@ -250,6 +252,7 @@ def main() -> None:
         "overlap": args.overlap,
         "device": args.device,
         "precision": args.precision,
+        "batch": args.batch,
         "cpu_threads": torch.get_num_threads(),
         "engine_seconds": round(seconds, 1),
         "startup_seconds": round(startup, 1),

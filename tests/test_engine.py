@@ -249,6 +249,20 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
     assert runner.batch == 1
 
 
+class _BatchRecordingRunner(ModelRunner):
+    def _forward(self, tiles, outputs):
+        self.batches = [*getattr(self, "batches", []), len(tiles)]
+        super()._forward(tiles, outputs)
+
+
+@pytest.mark.parametrize("count, batches", [(9, [3, 3, 3]), (25, [4, 4, 4, 4, 4, 4, 1]), (3, [3]), (1, [1])])
+def test_tiles_run_in_the_fewest_batches_of_equal_size_where_they_divide(count, batches):
+    runner = _BatchRecordingRunner(make_tiny_model(1), "cpu", batch=4)
+    tiles = np.random.default_rng(0).random((count, 1, 32, 32), dtype=np.float32)
+    assert runner.run(tiles).shape == (count, 1, 32, 32)
+    assert runner.batches == batches
+
+
 def test_runner_matches_the_plain_eager_network():
     # The runner's CPU path (channels_last, inference mode) must match plain NCHW eager output.
     model = make_tiny_model(3)

@@ -92,7 +92,7 @@ def restore_plane(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) ->
 
 
 def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -> np.ndarray:
-    channels, height, width = plane.shape
+    height, width = plane.shape[1:]
     out_channels = runner.config.out_channels
     multiple = runner.config.size_multiple
     tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, multiple)
@@ -267,7 +267,8 @@ def restore(
     precision : {"fp32", "fp16", "bf16"}
         Autocast precision; fp16 needs a GPU.
     batch : int, optional
-        Tiles per forward pass; defaults to 1 on the CPU and 4 on a GPU. Halved automatically
+        Most tiles per forward pass; defaults to 1 on the CPU and 4 on a GPU. A plane's tiles run
+        in as few passes as that allows, of equal size where they divide. Halved automatically
         when the device runs out of memory.
     normalization : dict, optional
         Overrides the model's intensity normalisation (see ``GamaIRConfig.normalization``).

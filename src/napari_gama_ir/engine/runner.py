@@ -86,24 +86,30 @@ class ModelRunner:
         The lock is released before the wait, so another thread queues its tiles behind these.
         On the CPU the passes run on the process's network thread, whichever thread calls, and
         reuse the heap memory freed by the passes before them (:func:`~.heap.on_the_network_thread`).
+
+        The tiles run in as few batches as ``batch`` allows, of equal size where the count divides
+        (9 tiles in batches of up to 4 run as 3 x 3, not 4 + 4 + 1): each batch size is a shape to
+        capture as a CUDA graph or to compile (tens of seconds), so fewer sizes, with no more passes.
         """
         if self.device.type == "cpu":
             return on_the_network_thread(self._run, tiles)
         return self._run(tiles)
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
+        count = len(tiles)
+        size = -(-count // -(-count // self.batch))  # the tiles over the fewest batches, rounded up
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
         pinned = self.device.type == "cuda"
         if pinned:
             inputs = inputs.pin_memory()
         # Allocated page-locked where it will be: pinning an empty tensor would copy it for nothing.
-        outputs = torch.empty((len(tiles), self.config.out_channels, *tiles.shape[2:]), dtype=torch.float32,
+        outputs = torch.empty((count, self.config.out_channels, *tiles.shape[2:]), dtype=torch.float32,
                               pin_memory=pinned)
         done = None
         start = 0
         with self.lock:
-            while start < len(tiles):
-                stop = min(start + self.batch, len(tiles))
+            while start < count:
+                stop = min(start + size, count)
                 try:
                     self._forward(inputs[start:stop], outputs[start:stop])
                 except (torch.OutOfMemoryError, RuntimeError) as error:
@@ -111,11 +117,11 @@ class ModelRunner:
                         raise
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                    if self.batch == 1:
+                    if size == 1:
                         raise TileTooLargeError(
                             f"one {tiles.shape[-2]}x{tiles.shape[-1]} tile does not fit in {self.device} memory"
                         ) from None
-                    self.batch = max(1, self.batch // 2)
+                    self.batch = size = max(1, size // 2)
                     continue
                 start = stop
             if self.device.type == "cuda":
