@@ -55,14 +55,12 @@ def test_tiled_plane_is_the_weighted_mean_of_its_tiles():
     assert np.abs(restore_plane(plane, runner, plan) - total / weight_sum).max() < 1e-5
 
 
-class _ShapeRecordingRunner(ModelRunner):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.shapes = []
+class _PassRecordingRunner(ModelRunner):
+    """Records the shape of every forward pass."""
 
-    def run(self, tiles):
-        self.shapes.append(tiles.shape)
-        return super().run(tiles)
+    def _forward(self, tiles, outputs):
+        self.passes = [*getattr(self, "passes", []), tuple(tiles.shape)]
+        super()._forward(tiles, outputs)
 
 
 def test_a_plane_runs_as_one_batch_shape_with_its_edge_tiles_padded():
@@ -73,9 +71,9 @@ def test_a_plane_runs_as_one_batch_shape_with_its_edge_tiles_padded():
     tiles = plan_tiles(150, 230, 64, 24, multiple)
     assert len({t.shape for t in tiles}) == 4
     plane = np.random.default_rng(2).random((1, 150, 230), dtype=np.float32)
-    runner = _ShapeRecordingRunner(model, "cpu", batch=4)
+    runner = _PassRecordingRunner(model, "cpu", batch=len(tiles))
     restore_plane(plane, runner, TilingPlan(tile=64, overlap=24, margin=6))
-    assert runner.shapes == [(len(tiles), 1, 64, 64)]
+    assert runner.passes == [(len(tiles), 1, 64, 64)]
     # test_tiled_plane_is_the_weighted_mean_of_its_tiles checks the values against unpadded tiles.
 
 
@@ -249,18 +247,12 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
     assert runner.batch == 1
 
 
-class _BatchRecordingRunner(ModelRunner):
-    def _forward(self, tiles, outputs):
-        self.batches = [*getattr(self, "batches", []), len(tiles)]
-        super()._forward(tiles, outputs)
-
-
 @pytest.mark.parametrize("count, batches", [(9, [3, 3, 3]), (25, [4, 4, 4, 4, 4, 4, 1]), (3, [3]), (1, [1])])
 def test_tiles_run_in_the_fewest_batches_of_equal_size_where_they_divide(count, batches):
-    runner = _BatchRecordingRunner(make_tiny_model(1), "cpu", batch=4)
+    runner = _PassRecordingRunner(make_tiny_model(1), "cpu", batch=4)
     tiles = np.random.default_rng(0).random((count, 1, 32, 32), dtype=np.float32)
     assert runner.run(tiles).shape == (count, 1, 32, 32)
-    assert runner.batches == batches
+    assert [shape[0] for shape in runner.passes] == batches
 
 
 def test_runner_matches_the_plain_eager_network():

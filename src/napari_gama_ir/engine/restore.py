@@ -111,8 +111,8 @@ def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -
 
 
 def _pad_as_the_network(tile: np.ndarray, multiple: int) -> np.ndarray:
-    """``tile`` (C, h, w) padded exactly as the network pads its input, so the network computes the
-    same output for it; only the engine, not the network, now crops the padding off."""
+    """``tile`` (C, h, w) padded exactly as the network pads its input: the network's output for it
+    is the same, with the padding for the engine to crop off."""
     return pad_to_multiple(torch.from_numpy(tile), multiple).numpy()
 
 
