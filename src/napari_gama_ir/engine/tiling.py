@@ -44,14 +44,9 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int) 
     ]
 
 
-def run_shape(tile: Tile, multiple: int) -> tuple[int, int]:
-    """The shape the network runs ``tile`` at: each side rounded up to a multiple of ``multiple``,
-    as the network pads its input."""
-    return (-(-tile.shape[0] // multiple) * multiple, -(-tile.shape[1] // multiple) * multiple)
-
-
 def group_by_run_shape(tiles: list[Tile], multiple: int) -> dict[tuple[int, int], list[Tile]]:
-    """``tiles`` grouped by :func:`run_shape`, in their order.
+    """``tiles`` grouped, in their order, by the shape the network runs them at: each side rounded
+    up to a multiple of ``multiple``, as the network pads its input.
 
     A grid's edge tiles are up to ``multiple - 1`` pixels shorter than the others, so padded they
     share the others' shape: a plane then makes one batch shape instead of up to four, which is
@@ -59,7 +54,8 @@ def group_by_run_shape(tiles: list[Tile], multiple: int) -> dict[tuple[int, int]
     """
     groups: dict[tuple[int, int], list[Tile]] = {}
     for tile in tiles:
-        groups.setdefault(run_shape(tile, multiple), []).append(tile)
+        rows, cols = tile.shape
+        groups.setdefault((-(-rows // multiple) * multiple, -(-cols // multiple) * multiple), []).append(tile)
     return groups
 
 
