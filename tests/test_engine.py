@@ -9,6 +9,7 @@ import zarr
 from napari_gama_ir import restore
 from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, NonFiniteInputError
 from napari_gama_ir.engine.restore import TilingPlan, restore_plane
+from napari_gama_ir.engine.runner import batch_size
 from napari_gama_ir.engine.tiling import plan_tiles, tile_starts, tile_weights
 
 from .conftest import make_tiny_model
@@ -253,6 +254,29 @@ def test_tiles_run_in_the_fewest_batches_of_equal_size_where_they_divide(count, 
     tiles = np.random.default_rng(0).random((count, 1, 32, 32), dtype=np.float32)
     assert runner.run(tiles).shape == (count, 1, 32, 32)
     assert [shape[0] for shape in runner.passes] == batches
+
+
+@pytest.mark.parametrize("count, stretched", [(25, 5), (9, 3), (10, 5), (14, 7), (18, 6), (16, 4), (49, 7),
+                                              (81, 3), (11, 4), (121, 4), (1, 1), (2, 2)])
+def test_a_default_batch_stretches_to_a_divisor_of_the_tile_count(count, stretched):
+    # A GPU's default of 4: the even split where it divides, else the largest divisor from 2 to 8, else the even split.
+    assert batch_size(count, 4, stretch=True) == stretched
+    assert batch_size(count, 4) == -(-count // -(-count // 4))  # a batch the user gave is never exceeded
+    assert batch_size(count, 1, stretch=True) == 1  # the CPU's default
+
+
+def test_a_runner_stretches_only_a_default_batch_and_stops_after_running_out_of_memory():
+    tiles = np.random.default_rng(0).random((25, 1, 32, 32), dtype=np.float32)
+    given = _PassRecordingRunner(make_tiny_model(1), "cpu", batch=4)
+    default = _PassRecordingRunner(make_tiny_model(1), "cpu")
+    default.batch = 4  # a GPU runner's default, on the CPU
+    given.run(tiles), default.run(tiles)
+    assert [shape[0] for shape in given.passes] == [4] * 6 + [1]
+    assert [shape[0] for shape in default.passes] == [5] * 5
+    short_of_memory = _OutOfMemoryAboveBatch(make_tiny_model(1), "cpu")
+    short_of_memory.batch = 4
+    assert np.allclose(short_of_memory.run(tiles), default.run(tiles), atol=1e-6)
+    assert (short_of_memory.batch, short_of_memory.batch_stretches) == (1, False)
 
 
 def test_runner_matches_the_plain_eager_network():

@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE, help=f"GAMA averaging (default {DEFAULT_MEAN_MODE})")
     restore_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                              help="autocast precision; fp16 needs a GPU, bf16 pays on GPUs and on CPUs with AVX512-BF16")
-    restore_cmd.add_argument("--batch", type=int, help="most tiles per forward pass (default 1 on CPU, 4 on GPU)")
+    restore_cmd.add_argument("--batch", type=int, help="most tiles per forward pass (default 1 on CPU; on GPU 4, or up to 8 where that gives batches of one size)")
     restore_cmd.add_argument("--output-dtype", default="float32", help="float32 (default), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")

@@ -268,7 +268,8 @@ def restore(
         Autocast precision; fp16 needs a GPU.
     batch : int, optional
         Most tiles per forward pass; defaults to 1 on the CPU and 4 on a GPU. A plane's tiles run
-        in as few passes as that allows, of equal size where they divide. Halved automatically
+        in as few passes as that allows, of equal size where they divide; the GPU's default goes
+        up to 8 where that makes every batch one size (25 tiles as 5 x 5). Halved automatically
         when the device runs out of memory.
     normalization : dict, optional
         Overrides the model's intensity normalisation (see ``GamaIRConfig.normalization``).

@@ -55,6 +55,8 @@ class ModelRunner:
         self.network = network_for(self.model, self.device, self.autocast_dtype, compile, cuda_graphs)
         # Batching helps a GPU; on the CPU one tile already keeps every core busy.
         self.batch = batch or (1 if self.device.type == "cpu" else 4)
+        # A default batch may stretch to split a plane's tiles evenly; a given one is a limit.
+        self.batch_stretches = batch is None
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             wanted = threads or usable_cores()
@@ -87,9 +89,8 @@ class ModelRunner:
         On the CPU the passes run on the process's network thread, whichever thread calls, and
         reuse the heap memory freed by the passes before them (:func:`~.heap.on_the_network_thread`).
 
-        The tiles run in as few batches as ``batch`` allows, of equal size where the count divides
-        (9 tiles in batches of up to 4 run as 3 x 3, not 4 + 4 + 1): each batch size is a shape to
-        capture as a CUDA graph or to compile (tens of seconds), so fewer sizes, with no more passes.
+        The tiles run in batches of one size where that can be done (:func:`batch_size`): each batch
+        size is a shape to capture as a CUDA graph or to compile (tens of seconds).
         """
         if self.device.type == "cpu":
             return on_the_network_thread(self._run, tiles)
@@ -97,7 +98,7 @@ class ModelRunner:
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
         count = len(tiles)
-        size = -(-count // -(-count // self.batch))  # the tiles over the fewest batches, rounded up
+        size = batch_size(count, self.batch, self.batch_stretches)
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
         pinned = self.device.type == "cuda"
         if pinned:
@@ -122,6 +123,7 @@ class ModelRunner:
                             f"one {tiles.shape[-2]}x{tiles.shape[-1]} tile does not fit in {self.device} memory"
                         ) from None
                     self.batch = size = max(1, size // 2)
+                    self.batch_stretches = False  # the device's memory sets the limit now
                     continue
                 start = stop
             if self.device.type == "cuda":
@@ -130,6 +132,23 @@ class ModelRunner:
         if done is not None:
             done.synchronize()
         return outputs.numpy()
+
+
+def batch_size(count: int, most: int, stretch: bool = False) -> int:
+    """Tiles per forward pass for ``count`` tiles in batches of up to ``most``.
+
+    As few batches as ``most`` allows, of equal size where ``count`` divides: 9 tiles in batches of
+    up to 4 run as 3 x 3, not 4 + 4 + 1. Where that leaves a smaller last batch and ``stretch`` is
+    set (``most`` is a default, not the user's limit), the largest divisor of ``count`` between half
+    and twice ``most`` is taken instead: the 25 tiles of a 2048 x 2048 plane run as 5 x 5 rather
+    than 6 x 4 + 1, one batch shape instead of two.
+    """
+    even = -(-count // -(-count // most))  # the tiles over the fewest batches, rounded up
+    if stretch and count % even:
+        divisors = [size for size in range(-(-most // 2), 2 * most + 1) if count % size == 0]
+        if divisors:
+            return divisors[-1]
+    return even
 
 
 # The last compiled runner, kept for the next call: its settings, a CPU copy of the weights it was
