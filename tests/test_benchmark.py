@@ -13,7 +13,7 @@ from torch import nn
 
 from napari_gama_ir import restore, save_checkpoint
 from napari_gama_ir.cli import main
-from napari_gama_ir.engine.benchmark import benchmark, count_flops, format_table, measure
+from napari_gama_ir.engine.benchmark import benchmark, count_flops, describe_processor, format_table, measure
 from napari_gama_ir.engine.compiled import CompiledNetwork, CudaGraphs, GraphedNetwork, network_for
 
 from .conftest import make_tiny_model
@@ -75,6 +75,11 @@ def test_benchmark_skips_what_exceeds_the_flop_cap():
     assert [m["shape"] for m in report["measurements"]] == [[1, 1, 32, 32]]
     assert report["skipped"] == [{"model": "tiny", "shape": [1, 1, 64, 64]}]
     assert report["matmul_gflops_fp32"] > 0 and 0 < report["measurements"][0]["fraction_of_matmul_peak"]
+    # The same matrix product through the convolution library, and each network's share of it.
+    measured = report["measurements"][0]
+    assert report["conv_gemm_gflops_fp32"] > 0
+    assert measured["fraction_of_conv_gemm"] == pytest.approx(measured["achieved_gflops"] / report["conv_gemm_gflops_fp32"])
+    assert format_table(report).splitlines()[0].endswith("| of matmul peak | of 1x1-conv GEMM |")
 
 
 def test_kernel_counts_are_refused_off_cuda():
@@ -94,6 +99,9 @@ def test_device_tables_show_issue_time_and_kernels():
     assert lines[4].endswith("| 2% | - | - |")
     cpu_table = format_table({"machine": {"device": "cpu"}, "measurements": [{**row, "kernels_per_pass": None}]})
     assert cpu_table.splitlines()[0].endswith("| of matmul peak |") and cpu_table.splitlines()[2].endswith("| 2% |")
+    with_conv_gemm = {"machine": {"device": "cuda"}, "conv_gemm_gflops_fp32": 1e4,
+                      "measurements": [{**row, "fraction_of_conv_gemm": 0.074}]}
+    assert format_table(with_conv_gemm).splitlines()[2].endswith("| 2% | 7% | 7.9 | 412 |")
 
 
 def run_cli(capsys, *argv):
@@ -117,6 +125,16 @@ def test_benchmark_command_writes_table_json_and_plot(capsys, tmp_path):
 
     pixels = matplotlib.image.imread(tmp_path / "b.png")
     assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05  # a drawn plot, not a blank frame
+
+
+def test_the_processor_is_named_with_its_family_model_and_vector_extensions():
+    # Two processors of one machine kind may both call themselves "AMD EPYC"; their numbers differ.
+    first = ("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\n"
+             "flags\t\t: fpu avx2 avx512f avx512_bf16 sse\n")
+    second = "processor\t: 1\nmodel name\t: Other\ncpu family\t: 1\nmodel\t\t: 9\nflags\t\t: amx_bf16\n"
+    assert describe_processor(first + "\n" + second) == "AMD EPYC (family 26, model 2; avx2, avx512f, avx512_bf16)"
+    assert describe_processor("model name\t: Some CPU\nflags\t: sse2\n") == "Some CPU"
+    assert describe_processor("processor\t: 0\nBogoMIPS\t: 50.00\n") is None  # no name (some ARM kernels)
 
 
 @pytest.mark.parametrize("network", ["model", "copy"])

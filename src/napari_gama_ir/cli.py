@@ -475,7 +475,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print(f"{machine.get('gpu') or machine['processor']} ({machine['device']}, {machine['torch_threads']} torch threads), "
           f"torch {machine['torch']}, {args.precision}{', compiled' if args.compile else ''}"
           f"{', CUDA graphs' if args.cuda_graphs else ''}; "
-          f"float32 matmul {report['matmul_gflops_fp32']:.0f} GFLOP/s")
+          f"float32 matmul {report['matmul_gflops_fp32']:.0f} GFLOP/s, "
+          f"as a 1x1 convolution {report['conv_gemm_gflops_fp32']:.0f} GFLOP/s")
     print(format_table(report))
     write_report(report, args.json, args.plot)
 

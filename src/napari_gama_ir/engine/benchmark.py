@@ -53,19 +53,44 @@ def _synchronize(device: torch.device) -> None:
 
 
 def matmul_gflops(device: str | torch.device = "cpu", size: int = 2048, seconds: float = 2.0) -> float:
-    """The device's float32 matrix-multiply rate in GFLOP/s: the practical peak for convolutions."""
+    """The device's float32 matrix-multiply rate in GFLOP/s (``torch.matmul``, square matrices):
+    the issue's practical peak for convolutions."""
     device = resolve_device(device)
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
+    return _rate(lambda: a @ b, 2 * size**3, device, seconds)
+
+
+def conv_gemm_gflops(device: str | torch.device = "cpu", size: int = 2048, seconds: float = 2.0) -> float:
+    """The rate in GFLOP/s of :func:`matmul_gflops`'s product run as a 1x1 convolution (``size``
+    channels in and out over ``size`` pixels, in the memory layout the engine uses on ``device``).
+
+    That is the convolution library's own matrix product (oneDNN on a CPU), the one the networks'
+    convolutions use. On AMD processors ``torch.matmul`` goes through MKL, which ran at half
+    oneDNN's rate on the project's Zen 5 CPU (208 against 438 GFLOP/s), so the matmul rate is a
+    reference there, not a ceiling.
+    """
+    device = resolve_device(device)
+    memory_format = preferred_memory_format(device)
+    rows = 2 ** (size.bit_length() // 2)  # a near-square image of about ``size`` pixels
+    image = torch.randn(1, size, rows, size // rows, device=device).contiguous(memory_format=memory_format)
+    weight = torch.randn(size, size, 1, 1, device=device).contiguous(memory_format=memory_format)
+    flops = 2 * size * size * rows * (size // rows)
+    with torch.inference_mode():
+        return _rate(lambda: torch.nn.functional.conv2d(image, weight), flops, device, seconds)
+
+
+def _rate(function, flops: int, device: torch.device, seconds: float) -> float:
+    """GFLOP/s of ``function`` (``flops`` per call): 3 warm-up calls, then calls for ``seconds``."""
     for _ in range(3):
-        a @ b
+        function()
     _synchronize(device)
     runs, started = 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - started < seconds:
-        a @ b
+        function()
         runs += 1
         _synchronize(device)
-    return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
+    return flops * runs / (time.perf_counter() - started) / 1e9
 
 
 class _ResidentPeak:
@@ -258,8 +283,7 @@ def machine_description(device: str | torch.device = "auto") -> dict[str, Any]:
     processor = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-        processor = names[0] if names else processor
+            processor = describe_processor(cpuinfo.read()) or processor
     except OSError:
         pass
     description = {
@@ -274,6 +298,36 @@ def machine_description(device: str | torch.device = "auto") -> dict[str, Any]:
     if device.type == "cuda":
         description["gpu"] = torch.cuda.get_device_name(device)
     return description
+
+
+# The instruction sets that decide how fast oneDNN's float32 and bfloat16 convolutions can be.
+VECTOR_EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def describe_processor(cpuinfo: str) -> str | None:
+    """The first processor of a ``/proc/cpuinfo`` text: its name, family and model numbers, and
+    which of :data:`VECTOR_EXTENSIONS` it has, e.g. ``"AMD EPYC (family 26, model 2; avx2,
+    avx512f, avx512_bf16)"``.
+
+    Virtual machines may report a bare name ("AMD EPYC") for quite different processors; the family
+    and model numbers tell them apart (25 is AMD's Zen 3 and Zen 4, 26 Zen 5).
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the end of the first processor's block
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return None
+    identity = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model")) if key in fields]
+    flags = set(fields.get("flags", "").split())
+    extensions = [extension for extension in VECTOR_EXTENSIONS if extension in flags]
+    details = "; ".join(part for part in (", ".join(identity), ", ".join(extensions)) if part)
+    return f"{name} ({details})" if details else name
 
 
 def benchmark(
@@ -293,18 +347,20 @@ def benchmark(
     max_gflop: float | None = None,
     on_measurement=None,
 ) -> dict[str, Any]:
-    """Measure every model at every size in one run, with the machine's matmul rate beside them.
+    """Measure every model at every size in one run, with the machine's matmul rate and its
+    convolutions' matrix-product rate (:func:`conv_gemm_gflops`) beside them.
 
     ``max_gflop`` skips (and lists under ``skipped``) the measurements whose forward pass needs
     more GFLOP than that, so the largest inputs can be timed for the fast networks alone on a slow
     device. ``on_measurement`` is called with each :class:`Measurement` as it is made (for
     progress); ``count_kernels`` is passed on to :func:`measure`. Returns a JSON-ready dict:
-    ``machine``, ``settings``, ``matmul_gflops_fp32``, ``measurements`` (each with its fraction of
-    the matmul rate) and ``skipped``.
+    ``machine``, ``settings``, ``matmul_gflops_fp32``, ``conv_gemm_gflops_fp32``, ``measurements``
+    (each with its fraction of both rates) and ``skipped``.
     """
     device = resolve_device(device)
     _check_kernel_counting(count_kernels, device)
     peak = matmul_gflops(device)
+    conv_gemm = conv_gemm_gflops(device)
     measurements, skipped = [], []
     for size in sizes:
         for name, model in models.items():
@@ -323,6 +379,7 @@ def benchmark(
             record["shape"] = list(result.shape)  # as it reads back from JSON
             record["gmacs"] = result.gmacs
             record["fraction_of_matmul_peak"] = result.achieved_gflops / peak
+            record["fraction_of_conv_gemm"] = result.achieved_gflops / conv_gemm
             measurements.append(record)
     return {
         "machine": machine_description(device),
@@ -333,6 +390,7 @@ def benchmark(
             "memory_format": "channels_last" if preferred_memory_format(device) == torch.channels_last else "NCHW",
         },
         "matmul_gflops_fp32": peak,
+        "conv_gemm_gflops_fp32": conv_gemm,
         "measurements": measurements,
         "skipped": skipped,
     }
@@ -341,15 +399,19 @@ def benchmark(
 def format_table(report: dict[str, Any]) -> str:
     """The measurements as a Markdown table.
 
-    Off the CPU two columns follow: the median time to issue a pass (``issue_ms_median``) and,
-    where counted, the device kernels per pass.
+    The share of the 1x1-convolution matrix-product rate follows the matmul share in reports that
+    measured it. Off the CPU two columns follow: the median time to issue a pass
+    (``issue_ms_median``) and, where counted, the device kernels per pass.
     """
     measurements = report["measurements"]
     on_a_device = report["machine"]["device"] != "cpu"
+    with_conv_gemm = "conv_gemm_gflops_fp32" in report
     with_kernels = any(m.get("kernels_per_pass") is not None for m in measurements)
     header = ("| model | input | params (M) | GMACs | latency mean / median (ms) | runs | peak memory (MB) | GFLOP/s "
               "| of matmul peak |")
     ruler = "|---|---|---|---|---|---|---|---|---|"
+    if with_conv_gemm:
+        header, ruler = header + " of 1x1-conv GEMM |", ruler + "---|"
     if on_a_device:
         header, ruler = header + " issued in (ms) |", ruler + "---|"
     if with_kernels:
@@ -362,6 +424,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{m['latency_ms_mean']:.1f} / {m['latency_ms_median']:.1f} | {m['runs']} | {memory} | "
             f"{m['achieved_gflops']:.0f} | {100 * m['fraction_of_matmul_peak']:.0f}% |"
         )
+        if with_conv_gemm:
+            line += f" {100 * m['fraction_of_conv_gemm']:.0f}% |"
         if on_a_device:  # reports written before the issue time was measured have none
             issued = m.get("issue_ms_median")
             line += " - |" if issued is None else f" {issued:.1f} |"
@@ -421,6 +485,10 @@ def write_report(
         quality.set(xscale="log", xlabel=f"median latency at {smallest}x{smallest} (ms)", ylabel="PSNR (dB)",
                     title=f"Quality against latency ({psnr_task})" if psnr_task else "Quality against latency")
         quality.margins(x=0.35, y=0.15)  # room for the labels
+        # Plain numbers at 1, 2 and 5 per decade: matplotlib's own minor labels overlap on short ranges.
+        quality.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        quality.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        quality.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         quality.grid(True, alpha=0.3)
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['processor']}, {machine['torch_threads']} threads"
