@@ -26,6 +26,13 @@ def test_gama_block_matches_the_papers_definition():
     expected = x + c_map + h_map + w_map
     with torch.no_grad():
         assert torch.allclose(block(x), expected, atol=1e-6)
+        # channels_last in, as the engine runs on a CPU: the maps added follow that layout (the fast
+        # kernel for the broadcast adds), and so does the output.
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        assert all(m.is_contiguous(memory_format=torch.channels_last) for m in block.processed_means(x_last))
+        out_last = block(x_last)
+        assert out_last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out_last, expected, atol=1e-6)
     assert block(x).shape == x.shape
 
 
