@@ -87,8 +87,8 @@ class GamaBlock(nn.Module):
         self.local_window = local_window
 
     def processed_means(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three averaged maps after their 7x7 convs, shaped to broadcast against ``x`` and,
-        when ``x`` is channels_last, laid out channels_last too."""
+        """The three averaged maps after their 7x7 convs, shaped to broadcast against ``x`` and, for
+        a channels_last ``x`` with global means, laid out channels_last too."""
         over_channels = self.conv_channel(global_mean(x, 1))  # B,1,H,W
         # Mean over H: planes C x W, one per row position (a single one when global).
         over_height = _conv_on_plane(
