@@ -65,10 +65,12 @@ def conv_gemm_gflops(device: str | torch.device = "cpu", size: int = 2048, secon
     """The rate in GFLOP/s of :func:`matmul_gflops`'s product run as a 1x1 convolution (``size``
     channels in and out over ``size`` pixels, in the memory layout the engine uses on ``device``).
 
-    That is the convolution library's own matrix product (oneDNN on a CPU), the one the networks'
-    convolutions use. On AMD processors ``torch.matmul`` goes through MKL, which ran at half
-    oneDNN's rate on the project's Zen 5 CPU (208 against 438 GFLOP/s), so the matmul rate is a
-    reference there, not a ceiling.
+    That is the convolution library's own matrix product (oneDNN on a CPU, cuDNN on CUDA), the one
+    the networks' convolutions use. On AMD processors ``torch.matmul`` goes through MKL, which ran
+    at half oneDNN's rate on the project's Zen 5 CPU (208 against 438 GFLOP/s), so the matmul rate
+    is a reference there, not a ceiling. On CUDA, cuDNN uses TF32 for float32 convolutions unless
+    ``torch.backends.cudnn.allow_tf32`` is off (torch's default is on), as it does for the
+    networks' convolutions, while ``torch.matmul`` stays in float32 by default.
     """
     device = resolve_device(device)
     memory_format = preferred_memory_format(device)
