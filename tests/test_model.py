@@ -5,6 +5,7 @@ from napari_gama_ir import create_model, list_models
 from napari_gama_ir.model import GamaBlock, GamaIR, GamaIRConfig
 from napari_gama_ir.model.gama import window_mean
 from napari_gama_ir.model.layers import LayerNorm2d, layer_norm_by_passes
+from napari_gama_ir.model.network import Upsample
 
 from .conftest import make_tiny_model, tiny_config
 
@@ -90,6 +91,24 @@ def test_layer_norm_by_passes_matches_the_fused_kernel_with_gradients(dtype):
     assert torch.allclose(passes, fused, atol=1e-5)
     for expected, t in zip(expected_grads, (x, norm.weight, norm.bias)):
         assert torch.allclose(t.grad.float(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_on_the_cpu_is_the_1x1_conv_and_pixel_shuffle_with_gradients(channels_last):
+    """The CPU runs the up-sampling as one transposed convolution; it must be the paper's two steps."""
+    torch.manual_seed(0)
+    up = Upsample(6)
+    x = torch.randn(2, 6, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    expected = torch.nn.functional.pixel_shuffle(torch.nn.functional.conv2d(x, up[0].weight), 2)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, up[0].weight))
+    out = up(x)
+    assert out.shape == (2, 3, 10, 14)
+    assert torch.allclose(out, expected, atol=1e-6)
+    for grad, expected_grad in zip(torch.autograd.grad(out.square().sum(), (x, up[0].weight)), expected_grads):
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
 
 
 def test_window_mean_is_global_for_long_windows_and_local_otherwise():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from napari_gama_ir.model.layers import LayerNorm2d, SimpleGate, pad_to_multiple
-from napari_gama_ir.model.network import encode_decode
+from napari_gama_ir.model.network import Upsample, encode_decode
 
 
 class NAFBlock(nn.Module):
@@ -41,7 +41,8 @@ class NAFBlock(nn.Module):
 
 class NAFNet(nn.Module):
     """UNet of NAFBlocks: 2x2 stride-2 conv down-sampling, 1x1 conv + pixel-shuffle up-sampling,
-    additive skips and a global residual."""
+    additive skips and a global residual. The up-sampling is GAMA-IR's (same layers), so that both
+    networks run it the same way, as they share LayerNorm2d and SimpleGate."""
 
     def __init__(self, channels: int = 3, width: int = 32, encoder_blocks=(2, 2, 4, 8), middle_blocks: int = 12,
                  decoder_blocks=(2, 2, 2, 2)) -> None:
@@ -55,7 +56,7 @@ class NAFNet(nn.Module):
             chan *= 2
         self.middle = nn.Sequential(*(NAFBlock(chan) for _ in range(middle_blocks)))
         for count in decoder_blocks:
-            self.ups.append(nn.Sequential(nn.Conv2d(chan, 2 * chan, 1, bias=False), nn.PixelShuffle(2)))
+            self.ups.append(Upsample(chan))
             chan //= 2
             self.decoders.append(nn.Sequential(*(NAFBlock(chan) for _ in range(count))))
         self.ending = nn.Conv2d(width, channels, 3, padding=1)

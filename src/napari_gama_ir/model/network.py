@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import GamaIRConfig
@@ -53,10 +54,26 @@ class Downsample(nn.Sequential):
 
 
 class Upsample(nn.Sequential):
-    """1x1 conv C -> 2C, then pixel-shuffle to C/2 channels at double resolution (section 4)."""
+    """1x1 conv C -> 2C, then pixel-shuffle to C/2 channels at double resolution (section 4).
+
+    On the CPU the two steps run as one transposed convolution (2x2 kernel, stride 2) with the 1x1
+    conv's weights rearranged: the same sums, but the convolution library writes the upsampled
+    features out in full. Under torch.compile a separate pixel shuffle is not written out: inductor
+    recomputes it, gathering element by element, in every kernel that reads those features, which
+    made compiled GAMA-IR-S passes 1.1-1.3x slower on a CPU (docs/performance.md). Other devices
+    keep the two steps, as measured there.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__(nn.Conv2d(channels, channels * 2, 1, bias=False), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
+        weight = self[0].weight  # (2C, C, 1, 1); pixel shuffle sends channel 4c + 2i + j to channel c, offset (i, j)
+        channels = weight.shape[1]
+        transposed = weight.view(channels // 2, 2, 2, channels).permute(3, 0, 1, 2)  # (C, C/2, 2, 2)
+        return F.conv_transpose2d(x, transposed, stride=2)
 
 
 def encode_decode(net: nn.Module, features: torch.Tensor) -> torch.Tensor:
