@@ -60,8 +60,9 @@ class Upsample(nn.Sequential):
     conv's weights rearranged: the same sums, but the convolution library writes the upsampled
     features out in full. Under torch.compile a separate pixel shuffle is not written out: inductor
     recomputes it, gathering element by element, in every kernel that reads those features, which
-    made compiled GAMA-IR-S passes 1.1-1.3x slower on a CPU (docs/performance.md). Other devices
-    keep the two steps, as measured there.
+    made compiled GAMA-IR-S passes up to 1.3x slower on a CPU; eager passes take about as long
+    either way (docs/performance.md). Other devices keep the two steps, with which their figures
+    were measured.
     """
 
     def __init__(self, channels: int) -> None:
