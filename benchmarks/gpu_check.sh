@@ -15,6 +15,10 @@
 #            time in the warm-up: a few minutes; not in the default list);
 #   compiled-graphs  the same through torch.compile with CUDA graphs, at each precision
 #            of LATENCY_PRECISIONS (not in the default list);
+#   upsample the decoders' up-sampling as 1x1 conv + pixel shuffle (what a GPU runs) against one
+#            transposed convolution (what the CPU runs): eager bf16 at 256 and 512 for GAMA-IR-S and
+#            NAFNet-32, alternating, twice; then GAMA-IR-S through torch.compile with CUDA graphs
+#            (four compilations; not in the default list);
 #   engine-compiled  the engine part's stack through torch.compile with CUDA graphs (bf16;
 #            a compilation per tile batch shape, in the child and in the bare timing; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
@@ -150,6 +154,23 @@ if wanted compiled-graphs; then
         timeout 300 python3 benchmarks/latency.py --device cuda --precision "$precision" --sizes 256 512 \
             --models gama_ir_s nafnet_32 --compile --cuda-graphs --budget 2 \
             --out "$R/latency_${precision}_compiled_graphs" 2>&1 | tail -6 | tee -a "$R/log.txt"
+    done
+fi
+
+if wanted upsample; then
+    for round in 1 2; do
+        for variant in shuffle transposed; do
+            log "up-sampling: $variant, eager bf16, round $round"
+            timeout 90 python3 benchmarks/latency.py --device cuda --precision bf16 --sizes 256 512 \
+                --models gama_ir_s nafnet_32 --upsample "$variant" --budget 2 \
+                --out "$R/upsample_${variant}_bf16_$round" 2>&1 | tail -4 | tee -a "$R/log.txt"
+        done
+    done
+    for variant in shuffle transposed; do
+        log "up-sampling: $variant, GAMA-IR-S bf16, torch.compile with CUDA graphs"
+        timeout 240 python3 benchmarks/latency.py --device cuda --precision bf16 --sizes 256 512 --models gama_ir_s \
+            --compile --cuda-graphs --upsample "$variant" --budget 2 \
+            --out "$R/upsample_${variant}_bf16_compiled_graphs" 2>&1 | tail -2 | tee -a "$R/log.txt"
     done
 fi
 

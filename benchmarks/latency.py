@@ -6,6 +6,7 @@ not depend on them.
 
     python benchmarks/latency.py --sizes 256 512 1024 2048 --budget 30 --max-gflop 2200 --out docs/benchmarks/cpu
     python benchmarks/latency.py --device cuda --precision fp16 --compile --out docs/benchmarks/h100_fp16
+    python benchmarks/latency.py --device cuda --upsample transposed --models gama_ir_s nafnet_32 --sizes 256 512
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from baselines import BASELINES
 
 from napari_gama_ir import create_model
 from napari_gama_ir.engine.benchmark import benchmark, format_table, write_report
+from napari_gama_ir.model.network import Upsample
 
 GAMA_MODELS = ("gama_ir_xs", "gama_ir_s", "gama_ir_l")
 # Colour Gaussian denoising, CBSD68 at sigma 25. Paper figures are for the authors' trained
@@ -32,6 +35,9 @@ PSNR_CBSD68_SIGMA25 = {
     "gama_ir_l": (31.79, "paper, Table 4"),
     "dncnn": (31.24, "paper, Table 4"),
 }
+# The decoders' up-sampling (GAMA-IR's and NAFNet's), forced one way on every device; the package
+# runs it transposed on the CPU and as conv + pixel shuffle elsewhere.
+UPSAMPLING = {"shuffle": nn.Sequential.forward, "transposed": Upsample.transposed}
 
 
 def main() -> None:
@@ -47,6 +53,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay each network as a CUDA graph (with --compile, the compiled one)")
+    parser.add_argument("--upsample", choices=UPSAMPLING,
+                        help="run every decoder's up-sampling this way (default: as the package does on the device)")
     parser.add_argument("--count-kernels", action="store_true", help="on CUDA, count the kernels of one pass")
     parser.add_argument("--out", default="benchmarks/output/latency", help="path stem for .json, .md and .png")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot and table from the stem's JSON")
@@ -58,6 +66,8 @@ def main() -> None:
         write_report(report, None, stem.with_suffix(".png"), psnr=PSNR_CBSD68_SIGMA25, psnr_task="CBSD68, sigma 25")
         return
 
+    if args.upsample:
+        Upsample.forward = UPSAMPLING[args.upsample]
     models = {}
     for name in args.models:
         torch.manual_seed(0)
@@ -69,6 +79,7 @@ def main() -> None:
         on_measurement=lambda m: print(f"{m.model} {m.shape[-1]}: {m.latency_ms_median:.1f} ms ({m.runs} runs)",
                                        file=sys.stderr, flush=True),
     )
+    report["upsample"] = args.upsample or "as the package does"
     stem.parent.mkdir(parents=True, exist_ok=True)
     table = format_table(report)
     stem.with_suffix(".md").write_text(table + "\n")
