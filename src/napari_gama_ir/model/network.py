@@ -72,7 +72,7 @@ class Upsample(nn.Sequential):
         return self.transposed(x) if x.device.type == "cpu" else super().forward(x)
 
     def transposed(self, x: torch.Tensor) -> torch.Tensor:
-        """Both steps as one transposed convolution; on any device (the benchmarks time it on GPUs)."""
+        """Both steps as one transposed convolution, on any device (`latency.py --upsample` forces it off the CPU)."""
         weight = self[0].weight  # (2C, C, 1, 1); pixel shuffle sends channel 4c + 2i + j to channel c, offset (i, j)
         channels = weight.shape[1]
         transposed = weight.view(channels // 2, 2, 2, channels).permute(3, 0, 1, 2)  # (C, C/2, 2, 2)
