@@ -192,7 +192,10 @@ def test_engine_timeline_times_forward_passes_on_the_device(monkeypatch, tmp_pat
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--sizes", "4"], "sizes must be at least 8"),
+    (["--sizes", "256", "4"], "--sizes must be at least 8, got 4"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--budget", "0"], "--budget must be more than 0, got 0.0"),
     (["--json", "{tmp}/missing/b.json"], "does not exist"),
     (["--models", "no_such_model"], "no_such_model"),
     (["--device", "cpu", "--count-kernels"], "kernel counts need a CUDA device"),

@@ -67,6 +67,10 @@ BAD_INPUTS = {
     "no shipped weights": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "gama_ir_s"], "no pretrained weights"),
     "CUDA graphs off CUDA": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--device", "cpu", "--cuda-graphs"],
                              "CUDA graphs need a CUDA device"),
+    # 0 read as "not given" once, and restored without a cluster.
+    "no workers": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--workers", "0"], "--workers must be at least 1, got 0"),
+    "no threads per worker": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--workers", "2", "--threads-per-worker", "-1"],
+                              "--threads-per-worker must be at least 1, got -1"),
 }
 
 

@@ -49,6 +49,14 @@ def test_train_register_and_evaluate(capsys, tmp_path, fluorescence):
     assert scores["mean"]["psnr"] == pytest.approx(float(lines[-1].split()[2]), abs=0.01)
 
 
+def test_evaluate_checks_the_report_folder_before_restoring(capsys, tmp_path, fluorescence):
+    noisy, clean = fluorescence
+    code, out, err = run_cli(capsys, "evaluate", "--model", save_checkpoint(make_tiny_model(1), tmp_path / "tiny"), "--noisy", noisy,
+                             "--clean", clean, "--json", tmp_path / "missing" / "scores.json")
+    assert code == 2 and out == ""  # no table: nothing was restored
+    assert err.strip() == f"napari-gama-ir: error: the folder of {tmp_path / 'missing' / 'scores.json'} does not exist"
+
+
 def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
     noisy, _ = fluorescence
     run = tmp_path / "n2v"
@@ -76,6 +84,9 @@ BAD_TRAINING = {
     "existing run": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/done"], "holds a training run already"),
     "bad model name": (["--noisy", "{noisy}", "--clean", "{clean}", "--register", "a/b"], "model name 'a/b' must be"),
     "no data": ([], "give --noisy"),
+    # --minutes 0 once trained without a limit, and a negative one stopped after a step.
+    "no minutes": (["--noisy", "{noisy}", "--clean", "{clean}", "--minutes", "0"], "--minutes must be more than 0, got 0.0"),
+    "no workers": (["--noisy", "{noisy}", "--clean", "{clean}", "--workers", "0"], "--workers must be at least 1, got 0"),
 }
 
 

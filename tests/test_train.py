@@ -1,6 +1,7 @@
 """Training: data, patch sampling, masking, schedule, checkpoints, exact resume, fine-tuning."""
 
 import json
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -19,6 +20,7 @@ from napari_gama_ir.train import (
     data_from_paths,
     grey_from_colour,
     learning_rate_at,
+    psnr,
     resume_trainer,
     starting_model,
     train,
@@ -419,3 +421,11 @@ def test_normalisation_of_a_new_network_follows_the_choice_or_the_dtype():
     assert default_normalization(np.uint8, "percentile-stack") == {**percentiles, "scope": "stack"}
     with pytest.raises(ValueError, match="normalization must be one of"):
         default_normalization(np.uint8, "percentile")
+
+
+def test_psnr_of_equal_images_is_infinite_without_a_warning():
+    image = np.random.default_rng(0).random((8, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a training run on pairs that match printed numpy's divide warning
+        assert psnr(image, image) == np.inf
+    assert psnr(image, image + 0.1) == pytest.approx(20.0)

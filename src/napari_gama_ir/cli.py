@@ -44,6 +44,24 @@ class UsageError(ValueError):
     """A problem with what the user asked for; reported as one line."""
 
 
+def _check_minimum(args: argparse.Namespace, minimum: float, *options: str, exclusive: bool = False) -> None:
+    """Raise :class:`UsageError` for the first of ``options`` given below ``minimum`` (or at it, if
+    ``exclusive``); options not given (None) pass, and a list option is checked value by value."""
+    for option in options:
+        values = getattr(args, option, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and (value <= minimum if exclusive else value < minimum):
+                bound = f"more than {minimum}" if exclusive else f"at least {minimum}"
+                raise UsageError(f"--{option.replace('_', '-')} must be {bound}, got {value}")
+
+
+def _check_report_folders(*paths: str | None) -> None:
+    """Fail before minutes of work, not after, when a report's folder is missing."""
+    for path in paths:
+        if path and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"the folder of {path} does not exist")
+
+
 def load_model(name: str, untrained: bool = False, in_channels: int | None = None) -> GamaIR:
     """A registry name (shipped weights), a user model name, or a checkpoint path.
 
@@ -68,6 +86,7 @@ def _untrained_banner() -> str:
 
 def run_restore(args: argparse.Namespace) -> Path:
     """Everything ``restore`` does, shared with ``demo``: open, check, restore lazily, write."""
+    _check_minimum(args, 1, "workers", "threads_per_worker")
     source = open_image(args.input)
     output = check_output_path(args.output, [args.input], args.overwrite)
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
@@ -231,6 +250,8 @@ def run_train(args: argparse.Namespace) -> None:
     """Train or fine-tune a network on the user's images; Ctrl-C stops with a resumable checkpoint."""
     from .train import Trainer, default_normalization, resume_point, starting_model
 
+    _check_minimum(args, 1, "workers", "threads_per_worker")
+    _check_minimum(args, 0, "minutes", exclusive=True)
     if args.register:
         check_user_model_name(args.register)  # before hours of training, not after
     data = _training_data(args)
@@ -327,6 +348,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     if args.noisy is None or args.clean is None:
         raise UsageError("evaluate needs --noisy and --clean")
+    _check_report_folders(args.json)
     data = data_from_paths(args.noisy, args.clean, axes=args.axes)
     args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type)
     model = load_model(args.model)
@@ -446,17 +468,17 @@ def run_benchmark(args: argparse.Namespace) -> None:
     """Latency, memory and FLOPs of GAMA-IR networks by the paper's protocol; table, JSON and plot."""
     from .engine.benchmark import benchmark, format_table, write_report
 
-    if min(args.sizes) < 8 or args.runs < 1 or args.warmup < 0 or args.channels < 1 or args.batch < 1:
-        raise UsageError("sizes must be at least 8, runs, channels and batch at least 1, warmup at least 0")
-    for path in (args.json, args.plot):  # fail before minutes of measuring, not after
-        if path and not Path(path).resolve().parent.is_dir():
-            raise UsageError(f"the folder of {path} does not exist")
+    _check_minimum(args, 8, "sizes")
+    _check_minimum(args, 1, "runs", "channels", "batch", "threads")
+    _check_minimum(args, 0, "warmup")
+    _check_minimum(args, 0, "budget", exclusive=True)
+    _check_report_folders(args.json, args.plot)
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = _benchmark_networks(args.models, args.channels, args.global_blocks)
 

@@ -9,7 +9,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 def psnr(reference: np.ndarray, image: np.ndarray, data_range: float = 1.0) -> float:
     """Peak signal-to-noise ratio in dB of ``image`` against ``reference`` (same shape)."""
     reference, image = np.asarray(reference, np.float64), np.asarray(image, np.float64)
-    return float(peak_signal_noise_ratio(reference, image, data_range=data_range))
+    with np.errstate(divide="ignore"):  # equal images: infinite PSNR, not a warning
+        return float(peak_signal_noise_ratio(reference, image, data_range=data_range))
 
 
 def ssim(reference: np.ndarray, image: np.ndarray, data_range: float = 1.0) -> float:
