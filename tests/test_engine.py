@@ -210,6 +210,18 @@ def test_bad_axes_and_channels_are_refused():
         restore(image, grey, "YX", device="cpu", precision="fp16")
 
 
+@pytest.mark.parametrize("image, message", [
+    (np.ones((20, 30), bool), "holds bool values"),
+    (np.ones((20, 30), np.complex64), "holds complex64 values"),
+    (np.full((20, 30), "a"), "holds <U1 values"),
+    (da.zeros((0, 30), chunks=(1, 30)), r"has no pixels \(shape \(0, 30\)\)"),
+])
+def test_images_without_intensities_are_refused_before_any_work(image, message):
+    # They ended in numpy's own errors (a traceback from the CLI), an empty one in an IndexError.
+    with pytest.raises(ValueError, match=message):
+        restore(image, make_tiny_model(1), "YX")
+
+
 def test_bf16_on_the_cpu_runs_the_network_in_bfloat16_and_returns_float32():
     model = make_tiny_model(1)
     image = np.random.default_rng(0).random((40, 56), dtype=np.float32)

@@ -151,6 +151,10 @@ def test_prefetched_batches_come_in_step_order_and_equal_in_line_ones():
 def test_mismatched_pairs_are_refused_with_the_reason(tmp_path):
     with pytest.raises(TrainingDataError, match=r"differ in shape: \(4, 32, 32\) vs \(4, 32, 30\)"):
         data_from_arrays(np.zeros((4, 32, 32)), np.zeros((4, 32, 30)), axes="ZYX")
+    with pytest.raises(TrainingDataError, match=r"stack \(clean\) holds bool values"):
+        data_from_arrays(np.zeros((4, 32, 32)), np.zeros((4, 32, 32), bool), axes="ZYX", name="stack")
+    with pytest.raises(TrainingDataError, match=r"has no pixels \(shape \(0, 32, 32\)\)"):
+        data_from_arrays(np.zeros((0, 32, 32)), axes="ZYX")
     import imageio.v3 as iio
 
     (tmp_path / "noisy").mkdir()

@@ -25,6 +25,17 @@ class Affine:
         return values * np.float32(self.scale) + np.float32(self.offset)
 
 
+def check_pixels(array: Any, what: str, error: type[ValueError] = ValueError) -> None:
+    """Raise ``error`` unless ``array`` (anything with ``dtype`` and ``shape``) holds integer or
+    real pixel values, and at least one of them: booleans, complex numbers, strings and empty
+    arrays have no intensities to normalise."""
+    dtype = np.dtype(array.dtype)
+    if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise error(f"{what} holds {dtype} values; images must hold integers or real numbers")
+    if 0 in array.shape:
+        raise error(f"{what} has no pixels (shape {tuple(array.shape)})")
+
+
 def dtype_range_affine(dtype: np.dtype) -> Affine:
     """Integers map their full range to [0, 1]; floats are taken as already in [0, 1]."""
     dtype = np.dtype(dtype)

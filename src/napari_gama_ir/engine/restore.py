@@ -25,7 +25,7 @@ from .axes import (
     to_canonical,
 )
 from .device import host_threads
-from .normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
+from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError, runner_for
 from .tiling import group_by_run_shape, plan_tiles, tile_weights
 
@@ -217,6 +217,7 @@ def plan_restore(
     if config.in_channels != config.out_channels:
         raise ChannelMismatchError("the engine restores with models whose input and output channels agree")
     array, lazy = _as_dask(image)
+    check_pixels(array, "the image")
     axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
     normalization = check_normalization(normalization or config.normalization)
     target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
 from ..engine.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, is_zarr_store, open_image
-from ..engine.normalize import Affine, check_normalization, dtype_range_affine, percentile_affine
+from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
 FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES
@@ -66,6 +66,10 @@ class TrainingData:
     def __post_init__(self) -> None:
         if not self.pairs:
             raise TrainingDataError("no training images")
+        for pair in self.pairs:
+            for version in ("noisy", "clean"):
+                if getattr(pair, version) is not None:
+                    check_pixels(getattr(pair, version), f"{pair.name} ({version})", TrainingDataError)
         kinds = {(p.noisy is not None, p.clean is not None) for p in self.pairs}
         if len(kinds) != 1 or (False, False) in kinds:
             raise TrainingDataError("every training image needs the same versions (noisy, clean or both)")
