@@ -53,6 +53,25 @@ def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
     assert open_image(tmp_path / "out.tif").array.shape == (2, 24, 24)
 
 
+def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
+    # The default float32 output cannot go into a PNG: it failed after the restoration, with a traceback for RGB.
+    import imageio.v3 as iio
+
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "models" / "rgb")
+    pictures = {"grey": (np.zeros((24, 32), np.uint8), grey_checkpoint), "rgb": (np.zeros((24, 32, 3), np.uint8), rgb)}
+    for name, (picture, checkpoint) in pictures.items():
+        iio.imwrite(tmp_path / f"{name}.png", picture + 100)
+        code, out, err = run_cli(capsys, "restore", tmp_path / f"{name}.png", "-o", tmp_path / f"{name}-out.png",
+                                 "--model", checkpoint, "-q")
+        assert code == 0, err
+        restored = iio.imread(tmp_path / f"{name}-out.png")
+        assert restored.dtype == np.uint8 and restored.shape == picture.shape
+    code, out, err = run_cli(capsys, "restore", tmp_path / "grey.png", "-o", tmp_path / "float.png",
+                             "--model", grey_checkpoint, "--output-dtype", "float32")
+    assert code == 2 and "a PNG holds 8-bit integers (16-bit for grey pictures), not float32" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "float.png").exists()
+
+
 BAD_INPUTS = {
     "missing file": (["restore", "{tmp}/nope.tif", "-o", "{tmp}/o.zarr"], "no such file"),
     "unknown format": (["restore", "{tmp}/notes.txt", "-o", "{tmp}/o.zarr"], "unknown image format"),
@@ -65,6 +84,8 @@ BAD_INPUTS = {
     "tile too small": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--tile", "8"], "smaller than this network's minimum"),
     "unknown model": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "nope"], "unknown model 'nope'"),
     "no shipped weights": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "gama_ir_s"], "no pretrained weights"),
+    "unknown output dtype": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--output-dtype", "int3"],
+                             "unknown output dtype 'int3'"),
     "CUDA graphs off CUDA": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--device", "cpu", "--cuda-graphs"],
                              "CUDA graphs need a CUDA device"),
     # 0 read as "not given" once, and restored without a cluster.

@@ -72,6 +72,26 @@ def test_tiff_and_png_writers_round_trip(tmp_path):
     assert np.array_equal(open_image(tmp_path / "one.png").array.compute(), rgb[0])
 
 
+def test_png_takes_one_8_bit_picture_or_a_16_bit_grey_one(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 60000, (1, 20, 30, 1), dtype=np.uint16)
+    write_image(grey, tmp_path / "grey.png", "ZYXC")  # axes of length 1 are dropped
+    assert np.array_equal(open_image(tmp_path / "grey.png").array.compute(), grey[0, ..., 0])
+
+
+@pytest.mark.parametrize("name, data, axes, message", [
+    ("x.png", np.zeros((2, 20, 30), np.uint8), "ZYX", r"a PNG holds one picture .* not axes ZYX of shape \(2, 20, 30\)"),
+    ("x.png", np.zeros((3, 20, 30), np.uint8), "CYX", "not axes CYX"),
+    ("x.png", np.zeros((20, 30), np.float32), "YX", "a PNG holds 8-bit integers .* not float32"),
+    ("x.png", np.zeros((20, 30, 3), np.uint16), "YXC", "not uint16"),
+    ("x.tif", np.zeros((20, 30, 2), np.uint8), "YXZ", "TIFF output needs axes ending in YX or YXC"),
+])
+def test_formats_refuse_what_they_cannot_hold_before_computing(tmp_path, name, data, axes, message):
+    lazy = da.from_array(data).map_blocks(lambda block: 1 / 0, dtype=data.dtype)  # computing it would fail
+    with pytest.raises(ImageIOError, match=message):
+        write_image(lazy, tmp_path / name, axes)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_npy_round_trip_and_memory_map(tmp_path):
     data = np.random.default_rng(0).random((3, 10, 12), dtype=np.float32)
     write_image(data, tmp_path / "a.npy", "ZYX")

@@ -18,7 +18,7 @@ from . import __version__
 from .engine import restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.device import host_threads, resolve_device
-from .engine.io import check_output_path, open_image, write_image
+from .engine.io import check_output_format, check_output_path, open_image, write_image
 from .engine.normalize import NORMALIZATION_CHOICES
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from .model import (
@@ -89,6 +89,8 @@ def run_restore(args: argparse.Namespace) -> Path:
     _check_minimum(args, 1, "workers", "threads_per_worker")
     source = open_image(args.input)
     output = check_output_path(args.output, [args.input], args.overwrite)
+    if args.output_dtype is None:  # a PNG holds integers only: keep the input's
+        args.output_dtype = "input" if output.suffix.lower() == ".png" else "float32"
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
     channels = source.array.shape[axes.index("C")] if "C" in axes else 1
     if args.untrained:
@@ -117,9 +119,10 @@ def run_restore(args: argparse.Namespace) -> Path:
     restored = restore(  # lazy: checks the settings, computes nothing yet
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch,
-        output_dtype="input" if args.output_dtype == "input" else args.output_dtype,
+        output_dtype=args.output_dtype,
         on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs,
     )
+    check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
     progress.start()
     try:
         write_image(
@@ -524,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                              help="autocast precision; fp16 needs a GPU, bf16 pays on GPUs and on CPUs with AVX512-BF16")
     restore_cmd.add_argument("--batch", type=int, help="most tiles per forward pass (default 1 on CPU; on GPU 4, or up to 8 where that gives batches of one size)")
-    restore_cmd.add_argument("--output-dtype", default="float32", help="float32 (default), input, or a numpy dtype")
+    restore_cmd.add_argument("--output-dtype", help="float32 (the default; for .png output, input), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="restore on an existing cluster, e.g. tcp://host:8786")

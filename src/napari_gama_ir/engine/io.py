@@ -172,6 +172,37 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
     return output
 
 
+def png_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) -> tuple[int, ...]:
+    """The shape in which an image of ``shape``, ``axes`` and ``dtype`` goes into a PNG.
+
+    A PNG holds one picture, grey (``YX``) or with 2-4 channels last (``YXC``), of 8-bit integers,
+    or a grey one of 16-bit integers; other axes of length 1, a single channel included, are
+    dropped. Anything else raises :class:`ImageIOError`, before any pixel is computed.
+    """
+    kept = [(a, n) for a, n in zip(axes, shape) if a in "YX" or n != 1]
+    picture_axes = "".join(a for a, _ in kept)
+    if picture_axes != "YX" and not (picture_axes == "YXC" and kept[-1][1] <= 4):
+        raise ImageIOError(
+            f"{output}: a PNG holds one picture (axes YX, or YXC with 2-4 channels), not axes {axes} of shape "
+            f"{tuple(shape)}; write .tif, .zarr or .npy"
+        )
+    dtype = np.dtype(dtype)
+    if dtype != np.uint8 and not (dtype == np.uint16 and picture_axes == "YX"):
+        raise ImageIOError(
+            f"{output}: a PNG holds 8-bit integers (16-bit for grey pictures), not {dtype}; write .tif, .zarr or .npy"
+        )
+    return tuple(n for _, n in kept)
+
+
+def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes: str, dtype: np.dtype) -> None:
+    """Refuse, before any pixel is computed, an image that ``output``'s format cannot hold."""
+    suffix = _suffix(Path(output))
+    if suffix in TIFF_SUFFIXES and not axes.endswith(("YX", "YXC")):
+        raise ImageIOError(f"{output}: TIFF output needs axes ending in YX or YXC, got {axes!r}")
+    if suffix == ".png":
+        png_shape(Path(output), shape, axes, dtype)
+
+
 @contextmanager
 def _atomic_path(output: Path, overwrite: bool):
     """Yield a temporary sibling path; move it onto ``output`` only if the block succeeds."""
@@ -268,6 +299,7 @@ def write_image_steps(
     output = Path(output)
     suffix = _suffix(output)
     array = array if isinstance(array, da.Array) else da.from_array(np.asarray(array))
+    check_output_format(output, array.shape, axes, array.dtype)
     watch = _CancelWatch(cancel) if cancel is not None else nullcontext()
     with _atomic_path(output, overwrite) as temporary, watch, dask.config.set(
         scheduler="threads", num_workers=workers
@@ -285,7 +317,8 @@ def write_image_steps(
         else:
             import imageio.v3 as iio
 
-            iio.imwrite(temporary, np.asarray(array.compute()), extension=suffix)
+            picture = np.asarray(array.compute()).reshape(png_shape(output, array.shape, axes, array.dtype))
+            iio.imwrite(temporary, picture, extension=suffix)
             yield 1, 1
 
 
@@ -331,8 +364,6 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> Iterator
     """Write a BigTIFF page by page; each page is computed just before it is written."""
     import tifffile
 
-    if not (axes.endswith("YX") or axes.endswith("YXC")):
-        raise ImageIOError(f"TIFF output needs axes ending in YX or YXC, got {axes!r}")
     page_ndim = 3 if axes.endswith("C") else 2
     pages = array.reshape((-1,) + array.shape[-page_ndim:])
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)

@@ -220,7 +220,10 @@ def plan_restore(
     check_pixels(array, "the image")
     axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
     normalization = check_normalization(normalization or config.normalization)
-    target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
+    try:
+        target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
+    except TypeError:
+        raise ValueError(f"unknown output dtype {output_dtype!r}; use float32, input or a numpy dtype") from None
     tiling = make_tiling(model, tile, overlap, mean_mode)
     layout = plane_layout(axes, array.shape, config.in_channels)
     return RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling)
