@@ -72,6 +72,19 @@ def test_tiff_and_png_writers_round_trip(tmp_path):
     assert np.array_equal(open_image(tmp_path / "one.png").array.compute(), rgb[0])
 
 
+def test_pictures_open_with_their_axes_and_broken_ones_in_one_line(tmp_path):
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "grey_alpha.png", np.zeros((20, 30, 2), np.uint8))
+    iio.imwrite(tmp_path / "grey.png", np.zeros((20, 30), np.uint8))
+    # (20, 30, 2) was guessed as 20 planes of 30 x 2 pixels.
+    assert open_image(tmp_path / "grey_alpha.png").axes == "YXC" and open_image(tmp_path / "grey.png").axes == "YX"
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG, then nothing")
+    with pytest.raises(ImageIOError, match="broken.png: not a readable picture") as error:
+        open_image(tmp_path / "broken.png")
+    assert "\n" not in str(error.value)
+
+
 def test_png_takes_one_8_bit_picture_or_a_16_bit_grey_one(tmp_path):
     grey = np.random.default_rng(0).integers(0, 60000, (1, 20, 30, 1), dtype=np.uint16)
     write_image(grey, tmp_path / "grey.png", "ZYXC")  # axes of length 1 are dropped

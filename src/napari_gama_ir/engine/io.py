@@ -146,8 +146,10 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         try:
             array = np.asarray(iio.imread(path))
         except Exception as error:  # imageio raises plugin-specific errors
-            raise ImageIOError(f"{path}: not a readable picture ({error})") from None
-        return ImageSource(da.from_array(array, chunks=array.shape), None, path)
+            reason = str(error).partition("\n")[0]  # some explain over several lines
+            raise ImageIOError(f"{path}: not a readable picture ({reason})") from None
+        # A picture's third axis is its colours (grey + alpha too), never a stack.
+        return ImageSource(da.from_array(array, chunks=array.shape), {2: "YX", 3: "YXC"}.get(array.ndim), path)
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 
