@@ -204,8 +204,11 @@ def test_noise_models():
     assert photon.sigma == (0.0, 55.0)
     noisy = NoiseModel("poisson-gaussian", sigma=(0, 0), photons=(100, 100))(clean, rng)
     assert abs(np.var(noisy) - 0.5 / 100) < 0.001  # Poisson: variance = mean / photons
-    with pytest.raises(ValueError, match="LOW-HIGH"):
-        NoiseModel.parse("gaussian:loud")
+    assert NoiseModel.parse("gaussian:25") == NoiseModel("gaussian", sigma=(25, 25))
+    assert NoiseModel.parse("poisson-gaussian:50").photons == (50.0, 50.0)
+    for text in ("gaussian:loud", "gaussian:1-2-3"):
+        with pytest.raises(ValueError, match="LOW-HIGH or one LEVEL"):
+            NoiseModel.parse(text)
     with pytest.raises(ValueError, match="noise must be one of"):
         NoiseModel.parse("speckle")
 
@@ -425,6 +428,16 @@ def test_normalisation_of_a_new_network_follows_the_choice_or_the_dtype():
     assert default_normalization(np.uint8, "percentile-stack") == {**percentiles, "scope": "stack"}
     with pytest.raises(ValueError, match="normalization must be one of"):
         default_normalization(np.uint8, "percentile")
+
+
+def test_nan_in_the_training_data_is_named_not_blamed_on_the_learning_rate(tmp_path):
+    # It surfaced as "the loss became nan at step 1; try a lower learning rate or fp32".
+    noisy, clean = smooth_stack()
+    noisy = noisy.astype(np.float32)
+    noisy[1, 10, 10] = np.nan
+    data = data_from_arrays(noisy, clean, axes="ZYX", name="scope")
+    with pytest.raises(TrainingDataError, match=r"scope \(noisy, plane 1\) contains NaN or Inf values"):
+        train(fresh_model(), data, TrainSettings(steps=3, patch=16, batch=2, validation_fraction=0), tmp_path)
 
 
 def test_psnr_of_equal_images_is_infinite_without_a_warning():

@@ -403,13 +403,13 @@ class PatchSampler:
         window = (slice(None), slice(top, top + self.patch), slice(left, left + self.patch))
         whole = self._cache.get((plane_index, which))
         if whole is None and self._cached_bytes + array.nbytes <= self.cache_bytes:
-            whole = np.asarray(array.compute(scheduler="synchronous"))
+            whole = _finite(np.asarray(array.compute(scheduler="synchronous")), plane, which)  # read anyway
             with self._cache_lock:
                 if (plane_index, which) not in self._cache:
                     self._cache[(plane_index, which)] = whole
                     self._cached_bytes += whole.nbytes
         raw = whole[window] if whole is not None else np.asarray(array[window].compute(scheduler="synchronous"))
-        return self.normalizer.affine(plane).forward(raw)
+        return _finite(self.normalizer.affine(plane).forward(raw), plane, which)
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """``size`` patches as float32 (N, C, p, p): ``"noisy"`` and/or ``"clean"``, equally augmented."""
@@ -425,6 +425,13 @@ class PatchSampler:
                     patch = _augment(self._cut(region.plane, which, top, left), rotation, flip)
                     out.setdefault(which, []).append(patch)
         return {which: np.ascontiguousarray(np.stack(patches)) for which, patches in out.items()}
+
+
+def _finite(values: np.ndarray, plane: Plane, which: str) -> np.ndarray:
+    """``values``, unless they hold NaN or Inf: one would turn the loss into NaN at once."""
+    if not np.isfinite(values).all():
+        raise TrainingDataError(f"{plane.source} ({which}, plane {plane.index}) contains NaN or Inf values")
+    return values
 
 
 def validation_crops(
@@ -452,6 +459,6 @@ def validation_crops(
             array = getattr(plane, which)
             if array is not None:
                 raw = np.asarray(array[:, top:bottom, left:right].compute(scheduler="synchronous"))
-                crop[which] = normalizer.affine(plane).forward(raw)
+                crop[which] = _finite(normalizer.affine(plane).forward(raw), plane, which)
         crops.append(crop)
     return crops

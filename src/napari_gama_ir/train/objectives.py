@@ -60,14 +60,18 @@ class NoiseModel:
 
     @classmethod
     def parse(cls, text: str) -> NoiseModel:
-        """``"gaussian"``, ``"gaussian:0-55"``, ``"poisson-gaussian:5-200"`` or ``"mixed"``."""
+        """``"gaussian"``, ``"gaussian:0-55"``, ``"gaussian:25"`` (one level), ``"poisson-gaussian:5-200"``
+        or ``"mixed"``."""
         kind, _, levels = text.partition(":")
         if not levels:
             return cls(kind)
         try:
-            low, high = (float(v) for v in levels.split("-"))
+            values = [float(v) for v in levels.split("-")]
+            low, high = values if len(values) == 2 else values * 2  # one value: a fixed level
         except ValueError:
-            raise ValueError(f"noise levels must read LOW-HIGH, e.g. gaussian:0-55, got {text!r}") from None
+            raise ValueError(
+                f"noise levels must read LOW-HIGH or one LEVEL, e.g. gaussian:0-55 or gaussian:25, got {text!r}"
+            ) from None
         return cls(kind, sigma=(low, high)) if kind == "gaussian" else cls(kind, photons=(low, high))
 
     def to_dict(self) -> dict[str, Any]:
