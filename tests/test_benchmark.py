@@ -237,7 +237,7 @@ def _wrong_output(model, x):
 
 
 def _out_of_memory(model, x):
-    raise torch.OutOfMemoryError("CUDA out of memory")
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
 
 @pytest.mark.parametrize("behaviour, reason", [(_raise_runtime, "cc not found"), (_wrong_output, "differs from eager")])
@@ -256,7 +256,7 @@ def test_compile_failures_fall_back_to_eager_with_a_warning(monkeypatch, behavio
 def test_out_of_memory_in_the_compiled_network_propagates(monkeypatch):
     monkeypatch.setattr(torch, "compile", _FakeCompiled(_out_of_memory))
     network = CompiledNetwork(make_tiny_model(1))
-    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
         network(torch.rand(1, 1, 32, 32))
     assert network.active  # the engine shrinks the batch or tile and tries again
 
@@ -359,7 +359,7 @@ def test_graph_failures_fall_back_to_eager_with_a_warning(monkeypatch, behaviour
 def test_out_of_memory_while_capturing_propagates(monkeypatch):
     _FakeCapture(_out_of_memory).install(monkeypatch)
     network = GraphedNetwork(make_tiny_model(1))
-    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+    with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
         network(torch.rand(1, 1, 32, 32))
     assert network.active
 

@@ -246,7 +246,7 @@ class _OutOfMemoryAboveBatch(ModelRunner):
 
     def _forward(self, tiles, outputs):
         if len(tiles) > 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         super()._forward(tiles, outputs)
 
 

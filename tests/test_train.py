@@ -411,7 +411,7 @@ def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
     trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), TrainSettings(steps=3, patch=16), tmp_path)
 
     def out_of_memory(prefetcher):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(trainer, "_step", out_of_memory)
     with pytest.raises(TrainingMemoryError, match="a batch of 8 patches of 16 pixels does not fit in cpu memory"):

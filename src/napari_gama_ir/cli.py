@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .engine import restore
 from .engine.axes import guess_axes, parse_axes
-from .engine.device import host_threads, resolve_device
+from .engine.device import host_threads, is_out_of_memory, resolve_device
 from .engine.io import check_output_format, check_output_path, open_image, write_image
 from .engine.normalize import NORMALIZATION_CHOICES
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
@@ -636,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError:
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
         print(f"{PROG}: error: out of device memory; use smaller tiles, batch or patch", file=sys.stderr)
         return 2
     except (ValueError, KeyError, OSError, ArithmeticError) as error:

@@ -61,7 +61,8 @@ def host_threads(device: torch.device) -> int:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is a device running out of memory (CUDA, MPS or a CPU allocation)."""
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError from torch 2.4 on; 2.3 has only this name.
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def preferred_memory_format(device: torch.device) -> torch.memory_format:

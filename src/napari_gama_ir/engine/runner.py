@@ -113,7 +113,7 @@ class ModelRunner:
                 stop = min(start + size, count)
                 try:
                     self._forward(inputs[start:stop], outputs[start:stop])
-                except (torch.OutOfMemoryError, RuntimeError) as error:
+                except RuntimeError as error:  # torch's out-of-memory errors are RuntimeErrors
                     if not is_out_of_memory(error):
                         raise
                     if self.device.type == "cuda":

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..engine.device import check_precision, resolve_device, usable_cores
+from ..engine.device import check_precision, is_out_of_memory, resolve_device, usable_cores
 from ..engine.heap import on_the_network_thread
 from ..engine.normalize import NORMALIZATION_CHOICES
 from ..model import GamaIR, load_checkpoint, save_checkpoint
@@ -519,7 +519,9 @@ class Trainer:
             ):
                 try:
                     loss = self._run_step(prefetcher)
-                except torch.OutOfMemoryError:
+                except RuntimeError as error:
+                    if not is_out_of_memory(error):
+                        raise
                     # Shrinking the batch by itself would change the run; say what to change instead.
                     raise TrainingMemoryError(
                         f"a batch of {settings.batch} patches of {settings.patch} pixels does not fit in {self.device} "
