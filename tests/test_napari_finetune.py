@@ -9,7 +9,7 @@ napari = pytest.importorskip("napari", reason="the napari extra is not installed
 
 from napari_gama_ir import create_model  # noqa: E402
 from napari_gama_ir._napari.finetune_widget import NEW, SELF_SUPERVISED, FineTuneWidget, runs_dir  # noqa: E402
-from napari_gama_ir._napari.restore_widget import RestoreWidget  # noqa: E402
+from napari_gama_ir._napari.restore_widget import CHECKPOINT_FILE, RestoreWidget  # noqa: E402
 
 from .test_train import smooth_stack  # noqa: E402
 
@@ -67,6 +67,41 @@ def test_train_plot_cancel_resume_and_register(make_napari_viewer, qtbot):
     model = create_model("tuned")
     assert model.config.metadata["training"]["step"] == 40
     assert "tuned" in restore_widget.model.choices  # offered at once by the Restore widget
+
+
+def test_closing_the_viewer_stops_training_previews_and_model_updates(make_napari_viewer, qtbot, tmp_path):
+    # napari deletes dock widgets with their viewer without a closeEvent. The Restore widget stayed
+    # subscribed to new models, and the next registration failed on its deleted model list.
+    from napari_gama_ir import save_checkpoint
+    from napari_gama_ir._napari.model_events import model_events
+
+    from .conftest import make_tiny_model
+
+    viewer = make_napari_viewer()
+    noisy, clean = smooth_stack(planes=6, size=48)
+    viewer.add_image(noisy, name="noisy")
+    viewer.add_image(clean, name="clean")
+    restore_widget = open_widget(viewer, "Restore")
+    restore_widget.model.value = CHECKPOINT_FILE
+    restore_widget.checkpoint.value = save_checkpoint(make_tiny_model(1), tmp_path / "tiny")
+    planes = restore_widget.preview().data
+    widget = open_widget(viewer, "Fine-tune")
+    widget.noisy.value, widget.clean.value = "noisy", "clean"
+    widget.steps.value, widget.batch.value, widget.patch.value = 100000, 2, 32
+    widget.name.value = "closed"
+    worker = widget.start()
+    qtbot.waitUntil(lambda: len(widget.plot.steps) >= 2, timeout=30000)
+    deleted = []
+    for dock_widget in (restore_widget, widget):
+        dock_widget.destroyed.connect(lambda: deleted.append(True))
+    viewer.close()
+    qtbot.waitUntil(lambda: len(deleted) == 2, timeout=10000)
+    # napari quits its workers as the window closes: the steps made were lost without a checkpoint.
+    state = runs_dir() / "closed" / "checkpoint" / "training.json"
+    qtbot.waitUntil(lambda: not worker.is_running and state.is_file(), timeout=30000)
+    assert 2 <= json.loads(state.read_text())["step"] < 100000
+    assert planes.closed
+    model_events.registered.emit("another")  # raised EmitLoopError from the deleted model list
 
 
 def test_self_supervised_choice_and_bad_settings(make_napari_viewer, monkeypatch):

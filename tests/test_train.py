@@ -279,6 +279,19 @@ def test_short_training_lowers_the_loss_and_beats_the_noisy_input(tmp_path):
     assert load_checkpoint(result.model_path).config.in_channels == 1
 
 
+def test_a_run_its_caller_stops_iterating_keeps_its_steps(tmp_path):
+    # The napari widget's worker can be dropped mid-run; the steps made were lost without a checkpoint.
+    noisy, clean = smooth_stack()
+    settings = TrainSettings(steps=10, batch=2, patch=16, checkpoint_every=100)
+    trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), settings, tmp_path)
+    steps = trainer.run()
+    for event in steps:
+        if event.step == 4:
+            break
+    steps.close()
+    assert resume_trainer(tmp_path, data_from_arrays(noisy, clean, axes="ZYX")).step == 4
+
+
 @pytest.mark.parametrize("objective", ["supervised", "noise2void", "neighbor2neighbor"])
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, objective):
     noisy, clean = smooth_stack()

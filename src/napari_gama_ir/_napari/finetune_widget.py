@@ -141,6 +141,7 @@ class FineTuneWidget(QWidget):
         self.worker = None
         self.trainer: Trainer | None = None
         self._cancel_requested = False
+        self.destroyed.connect(lambda: self._release())
 
         self.noisy.changed.connect(self._guess_axes)
         self.clean.changed.connect(self._show_method)
@@ -259,7 +260,17 @@ class FineTuneWidget(QWidget):
         self.trainer = make_trainer()  # in the worker: reading percentiles may take a while
         if self._cancel_requested:  # Cancel was pressed while the data was being prepared
             self.trainer.stop()
-        yield from self.trainer.run()
+        steps = self.trainer.run()
+        for event in steps:
+            worker = self.worker
+            if worker is not None and worker.abort_requested:
+                # napari quits its workers as its window closes, and a quit worker never resumes this
+                # generator: stop here instead, so that the trainer writes the step's checkpoint.
+                self.trainer.stop()
+                for _ in steps:
+                    pass
+                break
+            yield event
         return self.trainer.result()
 
     # -- while running -------------------------------------------------------------------------
@@ -283,12 +294,23 @@ class FineTuneWidget(QWidget):
 
     def cancel(self, _=None) -> None:
         """Stop after the current step; the checkpoint written then lets Resume continue."""
+        self._stop_training()
+        self.status.value = "stopping after this step..."
+
+    def _stop_training(self) -> None:
         self._cancel_requested = True
         if self.trainer is not None:
             self.trainer.stop()
         if self.worker is not None and self.worker.is_paused:
             self.worker.resume()
-        self.status.value = "stopping after this step..."
+
+    def _release(self) -> None:
+        """Deleted with its viewer (napari sends no closeEvent then): stop the training after this
+        step, with its checkpoint, and stop reporting to widgets that no longer exist."""
+        if self.worker is not None:
+            for signal in ("yielded", "returned", "errored", "paused", "finished"):
+                getattr(self.worker, signal).disconnect()
+        self._stop_training()
 
     def _finished(self, result, name: str) -> None:
         self.plot.refresh(force=True)

@@ -137,6 +137,11 @@ class BackgroundPlanes:
         with self._condition:
             return self._condition.wait_for(lambda: not self._wanted and self._busy is None, timeout) or False
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has stopped the background thread."""
+        return self._closed
+
     def close(self) -> None:
         with self._condition:
             self._closed = True

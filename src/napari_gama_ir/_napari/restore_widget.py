@@ -80,6 +80,8 @@ class RestoreWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         model_events.registered.connect(self._refresh_models)
+        # Closing the viewer deletes this widget without a closeEvent: let go then too.
+        self.destroyed.connect(lambda: self._release())
         self._show_checkpoint()
         self._guess_axes()
 
@@ -238,7 +240,13 @@ class RestoreWidget(QWidget):
     def _fail(self, error: BaseException) -> None:
         report_error(self.status, error)
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+    def _release(self) -> None:
+        """Stop the previews' thread and stop listening for new models (a deleted model list
+        made the Fine-tune widget's registration fail)."""
+        model_events.registered.disconnect(self._refresh_models)
         for planes in self.previews:
             planes.close()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        self._release()
         super().closeEvent(event)

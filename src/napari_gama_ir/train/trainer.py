@@ -513,6 +513,7 @@ class Trainer:
         # On a CPU the network's torch threads take every core; beside a GPU the host has cores to spare.
         workers = 1 if self.device.type == "cpu" else max(1, min(4, usable_cores() - 1))
         prefetcher = BatchPrefetcher(self._batch, settings.steps, workers=workers)
+        closed_by_caller = False
         try:
             while self.step < settings.steps and not self._should_stop(
                 time.monotonic() - session_started, self.step - steps_before
@@ -541,9 +542,16 @@ class Trainer:
                     self.save_checkpoint()
                     event.checkpoint = True
                 yield event
+        except GeneratorExit:
+            closed_by_caller = True
+            raise
         finally:
             prefetcher.close()
             self.model.eval()
+            if closed_by_caller and main and self.step < settings.steps:
+                # The caller stopped iterating after a step (napari quits its workers when its window
+                # closes): keep that step, as a stop would.
+                self.save_checkpoint()
         if not main:
             return
         if self.step < settings.steps:  # stopped early: keep everything needed to resume
