@@ -7,10 +7,12 @@ import pytest
 
 napari = pytest.importorskip("napari", reason="the napari extra is not installed")
 
-from napari_gama_ir import create_model  # noqa: E402
+from napari_gama_ir import create_model, save_checkpoint  # noqa: E402
 from napari_gama_ir._napari.finetune_widget import NEW, SELF_SUPERVISED, FineTuneWidget, runs_dir  # noqa: E402
+from napari_gama_ir._napari.model_events import model_events  # noqa: E402
 from napari_gama_ir._napari.restore_widget import CHECKPOINT_FILE, RestoreWidget  # noqa: E402
 
+from .conftest import make_tiny_model  # noqa: E402
 from .test_train import smooth_stack  # noqa: E402
 
 
@@ -72,11 +74,6 @@ def test_train_plot_cancel_resume_and_register(make_napari_viewer, qtbot):
 def test_closing_the_viewer_stops_training_previews_and_model_updates(make_napari_viewer, qtbot, tmp_path):
     # napari deletes dock widgets with their viewer without a closeEvent. The Restore widget stayed
     # subscribed to new models, and the next registration failed on its deleted model list.
-    from napari_gama_ir import save_checkpoint
-    from napari_gama_ir._napari.model_events import model_events
-
-    from .conftest import make_tiny_model
-
     viewer = make_napari_viewer()
     noisy, clean = smooth_stack(planes=6, size=48)
     viewer.add_image(noisy, name="noisy")

@@ -91,7 +91,9 @@ def test_preview_computes_only_the_planes_displayed(make_napari_viewer, qtbot, g
     # preview), and the preview restored exactly those, once each.
     shown = sorted({first, 0, 7, 1500})
     assert sorted(set(computed)) == shown
-    assert sorted(layer.data.computed) == [(z,) for z in shown]
+    # napari asks the new layer for the plane it opened on only if the view has not moved on by then
+    # (in one CI run it had): that plane may be missing, no other.
+    assert {(0,), (7,), (1500,)} <= set(layer.data.computed) <= {(z,) for z in shown}
 
 
 def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):

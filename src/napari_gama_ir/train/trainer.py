@@ -549,8 +549,8 @@ class Trainer:
             prefetcher.close()
             self.model.eval()
             if closed_by_caller and main and self.step < settings.steps:
-                # The caller stopped iterating after a step (napari quits its workers when its window
-                # closes): keep that step, as a stop would.
+                # The caller closed the run after a step (or dropped it, and it was collected):
+                # keep that step, as a stop would.
                 self.save_checkpoint()
         if not main:
             return
