@@ -29,8 +29,7 @@ PROBE_STEPS, PROBE_SKIPPED = 60, 20
 
 def probe_rate(args: argparse.Namespace) -> float:
     """Training steps per second of these settings on this device (validation and checkpoints aside)."""
-    data = data_from_paths(None, args.clean)
-    data = data.to_grey() if args.grey else data
+    data = data_from_paths(None, args.clean, grey=args.grey)
     normalization = default_normalization(data.dtype, args.normalization)
     settings = TrainSettings(
         steps=PROBE_STEPS, batch=args.batch, patch=args.patch, noise=args.noise, precision=args.precision,

@@ -177,6 +177,27 @@ def test_grey_conversion_uses_luminance():
     assert np.allclose(grey.pairs[0].clean.compute(), 0.7154, atol=1e-6)
 
 
+def test_a_folder_mixing_grey_and_colour_images_trains_grey(tmp_path):
+    import pickle
+
+    import imageio.v3 as iio
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[..., 1] = 255
+    iio.imwrite(tmp_path / "a.png", np.full((32, 32), 51, np.uint8))
+    iio.imwrite(tmp_path / "b.png", rgb)
+    iio.imwrite(tmp_path / "c.png", np.zeros((32, 32), np.uint8))
+    with pytest.raises(TrainingDataError, match=r"channel counts: 1 \(a\.png\), 3 \(b\.png\); convert .* \(--grey\)"):
+        data_from_paths(clean=tmp_path)
+    data = data_from_paths(clean=tmp_path, grey=True)
+    assert data.channels == 1 and [p.axes for p in data.pairs] == ["YX"] * 3
+    assert data.sources["converted_to_grey"] and data.reopen["grey"]
+    assert np.allclose(data.pairs[1].clean.compute(), 0.7154, atol=1e-6)  # colour: luminance in [0, 1]
+    assert data.pairs[0].clean.dtype == np.uint8  # grey images are left as they are
+    copy = pickle.loads(pickle.dumps(data))  # a dask worker reopens them the same way
+    assert copy.channels == 1 and np.array_equal(copy.pairs[1].clean.compute(), data.pairs[1].clean.compute())
+
+
 
 def test_data_from_files_travels_as_the_way_to_reopen_it(tmp_path):
     import pickle

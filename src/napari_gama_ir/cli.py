@@ -236,8 +236,7 @@ def _training_data(args: argparse.Namespace):
 
     if args.noisy is None and args.clean is None:
         raise UsageError("give --noisy (and --clean for supervised training)")
-    data = data_from_paths(args.noisy, args.clean, axes=args.axes)
-    return data.to_grey() if getattr(args, "grey", False) else data
+    return data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
 
 
 def _train_settings(args: argparse.Namespace):

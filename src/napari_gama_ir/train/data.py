@@ -73,9 +73,12 @@ class TrainingData:
         kinds = {(p.noisy is not None, p.clean is not None) for p in self.pairs}
         if len(kinds) != 1 or (False, False) in kinds:
             raise TrainingDataError("every training image needs the same versions (noisy, clean or both)")
-        counts = {self.channels_of(p) for p in self.pairs}
-        if len(counts) != 1:
-            raise TrainingDataError(f"training images have different channel counts: {sorted(counts)}")
+        examples = {self.channels_of(p): p.name for p in reversed(self.pairs)}  # the first image of each count
+        if len(examples) != 1:
+            found = ", ".join(f"{count} ({name})" for count, name in sorted(examples.items()))
+            raise TrainingDataError(
+                f"training images have different channel counts: {found}; convert colour images to grey (--grey)"
+            )
 
     @property
     def has_noisy(self) -> bool:
@@ -100,26 +103,11 @@ class TrainingData:
         return (first.noisy if first.noisy is not None else first.clean).dtype
 
     def to_grey(self) -> TrainingData:
-        """The same images with RGB channels combined into luminance, lazily, in [0, 1] floats."""
+        """The same images with RGB channels combined into luminance (see :func:`grey_pair`)."""
         if self.channels == 1:
             return self
-        if self.channels != 3:
-            raise TrainingDataError(f"only RGB (3-channel) images can be converted to grey, not {self.channels}")
-        pairs = []
-        for pair in self.pairs:
-            axis = pair.axes.index("C")
-            shape = [3 if i == axis else 1 for i in range(len(pair.axes))]
-            greys = []
-            for array in (pair.noisy, pair.clean):
-                if array is not None:
-                    # Scale integers to [0, 1] first: the float result is read as [0, 1] data.
-                    scale = dtype_range_affine(array.dtype).scale
-                    weights = np.array(LUMINANCE, np.float32).reshape(shape) / np.float32(scale)
-                    array = (array.astype(np.float32) * weights).sum(axis=axis)
-                greys.append(array)
-            pairs.append(ImagePair(pair.name, pair.axes.replace("C", ""), *greys))
         reopen = None if self.reopen is None else {**self.reopen, "grey": True}
-        return TrainingData(pairs, {**self.sources, "converted_to_grey": True}, reopen)
+        return TrainingData([grey_pair(p) for p in self.pairs], {**self.sources, "converted_to_grey": True}, reopen)
 
     def __reduce_ex__(self, protocol):
         if self.reopen is None:
@@ -137,6 +125,29 @@ class TrainingData:
             "has_noisy": self.has_noisy,
             "has_clean": self.has_clean,
         }
+
+
+def grey_pair(pair: ImagePair) -> ImagePair:
+    """``pair`` with its RGB channels combined into luminance, lazily, in [0, 1] floats.
+
+    Grey pairs are returned as they are, so that a mix of grey and colour images becomes all grey.
+    """
+    channels = TrainingData.channels_of(pair)
+    if channels == 1:
+        return pair
+    if channels != 3:
+        raise TrainingDataError(f"{pair.name}: only RGB (3-channel) images can be converted to grey, not {channels}")
+    axis = pair.axes.index("C")
+    shape = [3 if i == axis else 1 for i in range(len(pair.axes))]
+    greys = []
+    for array in (pair.noisy, pair.clean):
+        if array is not None:
+            # Scale integers to [0, 1] first: the float result is read as [0, 1] data.
+            scale = dtype_range_affine(array.dtype).scale
+            weights = np.array(LUMINANCE, np.float32).reshape(shape) / np.float32(scale)
+            array = (array.astype(np.float32) * weights).sum(axis=axis)
+        greys.append(array)
+    return ImagePair(pair.name, pair.axes.replace("C", ""), *greys)
 
 
 def _lazy(array: Any) -> da.Array:
@@ -187,11 +198,16 @@ def _folder_images(folder: Path) -> dict[str, Path]:
 
 
 def data_from_paths(
-    noisy: str | os.PathLike | None = None, clean: str | os.PathLike | None = None, axes: str | None = None
+    noisy: str | os.PathLike | None = None,
+    clean: str | os.PathLike | None = None,
+    axes: str | None = None,
+    grey: bool = False,
 ) -> TrainingData:
     """Training data from two folders of images (matched by file name) or two image files/stores.
 
-    Files and stores (zarr, TIFF, .npy, pictures) are opened lazily and never written.
+    Files and stores (zarr, TIFF, .npy, pictures) are opened lazily and never written. Axes are
+    ``axes`` when given, else what each file says, else guessed. ``grey`` converts RGB images to
+    grey (:func:`grey_pair`), so that a folder may mix grey and colour images.
     """
     given = [None if p is None else Path(p) for p in (noisy, clean)]
     present = [p for p in given if p is not None]
@@ -203,18 +219,27 @@ def data_from_paths(
     folders = [p.is_dir() and not is_zarr_store(p) for p in present]
     if any(folders) != all(folders):
         raise TrainingDataError("noisy and clean must both be folders or both be images")
-    if not all(folders):
+    if all(folders):
+        pairs = _folder_pairs(given, axes)
+    else:
         sources = [None if p is None else open_image(p) for p in given]
         arrays = [None if s is None else s.array for s in sources]
         file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
-        data = data_from_arrays(*arrays, axes=axes or file_axes, name=present[0].name)
-        data.sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
-        data.reopen = {"noisy": noisy, "clean": clean, "axes": axes}
-        return data
-    listings = [None if p is None else _folder_images(p) for p in given]
+        pairs = data_from_arrays(*arrays, axes=axes or file_axes, name=present[0].name).pairs
+    sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
+    if grey and any(TrainingData.channels_of(p) != 1 for p in pairs):
+        pairs = [grey_pair(p) for p in pairs]
+        sources["converted_to_grey"] = True
+    return TrainingData(pairs, sources, {"noisy": noisy, "clean": clean, "axes": axes, "grey": grey})
+
+
+def _folder_pairs(folders: list[Path | None], axes: str | None) -> list[ImagePair]:
+    """One pair per file name in the given folders (noisy, clean), which must hold the same names."""
+    listings = [None if p is None else _folder_images(p) for p in folders]
     names = sorted(next(entry for entry in listings if entry is not None))
     if not names:
-        raise TrainingDataError(f"{present[0]}: no images found ({', '.join(FOLDER_SUFFIXES)})")
+        folder = next(p for p in folders if p is not None)
+        raise TrainingDataError(f"{folder}: no images found ({', '.join(FOLDER_SUFFIXES)})")
     if all(entry is not None for entry in listings):
         unmatched = sorted(set(listings[0]) ^ set(listings[1]))
         if unmatched:
@@ -224,18 +249,18 @@ def data_from_paths(
             )
     pairs = []
     for image_name in names:
-        arrays = [None if entry is None else open_image(entry[image_name]).array for entry in listings]
+        sources = [None if entry is None else open_image(entry[image_name]) for entry in listings]
+        arrays = [None if s is None else s.array for s in sources]
         _check_same_shape(image_name, *arrays)
         shape = next(a for a in arrays if a is not None).shape
-        image_axes = parse_axes(axes, len(shape)) if axes else guess_axes(shape)
+        file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
+        image_axes = parse_axes(axes or file_axes, len(shape)) if axes or file_axes else guess_axes(shape)
         pairs.append(ImagePair(image_name, image_axes, *arrays))
-    sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
-    return TrainingData(pairs, sources, {"noisy": noisy, "clean": clean, "axes": axes})
+    return pairs
 
 
 def _reopen_training_data(recipe: dict[str, Any]) -> TrainingData:
-    data = data_from_paths(recipe["noisy"], recipe["clean"], recipe["axes"])
-    return data.to_grey() if recipe.get("grey") else data
+    return data_from_paths(recipe["noisy"], recipe["clean"], recipe["axes"], grey=recipe.get("grey", False))
 
 
 # -- planes, normalisation and the validation split ---------------------------------------------
