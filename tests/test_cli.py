@@ -167,3 +167,20 @@ def test_demo_restores_and_reports_psnr(capsys, tmp_path):
     psnr_line = [line for line in out.splitlines() if "PSNR" in line]
     code, again, _ = run_cli(capsys, "demo", "-o", tmp_path / "demo2", "-q", "--tile", 128)
     assert psnr_line == [line for line in again.splitlines() if "PSNR" in line]  # reproducible
+
+
+def test_warnings_show_as_one_line(capsys, monkeypatch):
+    import warnings
+
+    from napari_gama_ir import cli
+
+    def warn(args):
+        warnings.warn("out of device memory; retrying with tiles of 256 pixels", RuntimeWarning, stacklevel=1)
+        warnings.warn("first line\nsecond line", UserWarning, stacklevel=1)
+
+    monkeypatch.setattr(cli, "run_models", warn)
+    code, out, err = run_cli(capsys, "models")
+    assert code == 0 and err.splitlines() == [
+        "napari-gama-ir: warning: out of device memory; retrying with tiles of 256 pixels",
+        "napari-gama-ir: warning: first line",
+    ]

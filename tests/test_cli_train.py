@@ -57,6 +57,18 @@ def test_evaluate_checks_the_report_folder_before_restoring(capsys, tmp_path, fl
     assert err.strip() == f"napari-gama-ir: error: the folder of {tmp_path / 'missing' / 'scores.json'} does not exist"
 
 
+def test_evaluate_writes_strict_json_when_a_psnr_is_infinite(capsys, tmp_path, fluorescence):
+    _, clean = fluorescence
+    code, out, err = run_cli(capsys, "evaluate", "--model", save_checkpoint(make_tiny_model(1), tmp_path / "tiny"),
+                             "--noisy", clean, "--clean", clean, "-q", "--json", tmp_path / "scores.json")
+    assert code == 0, err
+    assert out.splitlines()[-1].split()[1] == "inf"  # the table says it
+    text = (tmp_path / "scores.json").read_text()
+    scores = json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+    assert scores["mean"]["psnr_noisy"] is None and all(row["psnr_noisy"] is None for row in scores["images"])
+    assert scores["mean"]["ssim_noisy"] == 1.0 and isinstance(scores["mean"]["psnr"], float)
+
+
 def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
     noisy, _ = fluorescence
     run = tmp_path / "n2v"

@@ -237,8 +237,10 @@ def test_nan_and_inf_are_reported_with_the_plane():
     model = make_tiny_model(1)
     stack = np.zeros((3, 20, 20), np.float32)
     stack[2, 5, 5] = np.nan
-    with pytest.raises(NonFiniteInputError, match="plane Z=2"):
+    with pytest.raises(NonFiniteInputError, match="values in plane Z=2$"):
         restore(stack, model, "ZYX", tile=None)
+    with pytest.raises(NonFiniteInputError, match="values in the image$"):
+        restore(stack[2], model, "YX", tile=None)
 
 
 class _OutOfMemoryAboveBatch(ModelRunner):

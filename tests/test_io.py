@@ -63,6 +63,16 @@ def test_tiff_is_read_through_a_zarr_store(tmp_path):
     assert np.array_equal(source.array[3].compute(), data[3])
 
 
+def test_a_tiff_of_several_series_reads_the_first_and_says_so(tmp_path):
+    first = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write(first)
+        tif.write(np.zeros((2, 5, 6), np.float32))
+    with pytest.warns(UserWarning, match=r"two\.tif holds 2 image series; reading only the first \(3 x 4, axes YX\)"):
+        source = open_image(tmp_path / "two.tif")
+    assert source.axes == "YX" and np.array_equal(source.array.compute(), first)
+
+
 def test_tiff_and_png_writers_round_trip(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (2, 20, 30, 3), dtype=np.uint8)
     write_image(rgb, tmp_path / "rgb.tif", "ZYXC")

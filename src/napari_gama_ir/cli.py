@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shutil
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -381,8 +383,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
             f"{row['ssim_noisy']:10.4f}  {row['ssim']:13.4f}"
         )
     if args.json:
-        record = {"model": str(args.model), "noisy": str(args.noisy), "clean": str(args.clean), "images": rows, "mean": means}
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        # JSON has no infinity, the PSNR of identical images: those figures are written as null.
+        figures = [{k: v if isinstance(v, str) or math.isfinite(v) else None for k, v in r.items()} for r in rows]
+        mean = {k: v if math.isfinite(v) else None for k, v in means.items()}
+        record = {"model": str(args.model), "noisy": str(args.noisy), "clean": str(args.clean), "images": figures,
+                  "mean": mean}
+        Path(args.json).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
 
 
 def run_models(args: argparse.Namespace) -> None:
@@ -624,6 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, like errors, written above any progress bar."""
+    from tqdm import tqdm
+
+    first_line = str(message).partition("\n")[0]
+    tqdm.write(f"{PROG}: warning: {first_line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
@@ -631,7 +645,9 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": run_benchmark,
     }
     try:
-        handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            handlers[args.command](args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
@@ -94,6 +95,13 @@ def _open_tiff(path: Path) -> ImageSource:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
+            others = len(tif.series) - 1
+        if others:  # e.g. several positions of one acquisition, or a thumbnail
+            shape = " x ".join(map(str, series.shape))
+            warnings.warn(
+                f"{path.name} holds {others + 1} image series; reading only the first ({shape}, axes {axes})",
+                UserWarning, stacklevel=3,
+            )
         store = tifffile.imread(path, aszarr=True, series=0, level=0)  # full resolution of a pyramid
         array = da.from_zarr(zarr.open(store, mode="r"))
     except (OSError, tifffile.TiffFileError, IndexError) as error:

@@ -167,15 +167,15 @@ class PlaneRestorer:
 
     def __call__(self, plane: np.ndarray, where: str = "the image") -> np.ndarray:
         if not np.isfinite(plane).all():
-            raise NonFiniteInputError(f"input contains NaN or Inf values (plane {where})")
+            raise NonFiniteInputError(f"input contains NaN or Inf values in {where}")
         affine = self.affine(plane)
         restored = affine.inverse(restore_plane(affine.forward(plane), self.runner, self.tiling))
         return _cast_output(restored, self.output_dtype)
 
 
 def plane_name(iterated: str, index: tuple[int, ...]) -> str:
-    """``"Z=3, T=0"`` for the plane at ``index`` along the iterated axes, ``"the image"`` for none."""
-    return ", ".join(f"{a}={i}" for a, i in zip(iterated, index)) or "the image"
+    """``"plane Z=3, T=0"`` for the plane at ``index`` along the iterated axes, ``"the image"`` for none."""
+    return "plane " + ", ".join(f"{a}={i}" for a, i in zip(iterated, index)) if iterated else "the image"
 
 
 def _as_dask(image: Any) -> tuple[da.Array, bool]:
