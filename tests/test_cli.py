@@ -72,6 +72,27 @@ def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "float.png").exists()
 
 
+def test_restore_rgba_png_keeps_its_opacity(capsys, tmp_path):
+    import imageio.v3 as iio
+    import zarr
+
+    from napari_gama_ir import restore
+
+    rgba = np.random.default_rng(0).integers(0, 256, (24, 32, 4), dtype=np.uint8)
+    iio.imwrite(tmp_path / "cut-out.png", rgba)
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
+    code, out, err = run_cli(capsys, "restore", tmp_path / "cut-out.png", "-o", tmp_path / "out.png", "--model", rgb, "-q")
+    assert code == 0, err
+    restored = iio.imread(tmp_path / "out.png")
+    assert np.array_equal(restored[..., 3], rgba[..., 3])
+    assert np.array_equal(restored[..., :3], restore(rgba[..., :3], make_tiny_model(3), "YXC", output_dtype="input"))
+    code, out, err = run_cli(capsys, "restore", tmp_path / "cut-out.png", "-o", tmp_path / "out.zarr", "-q")
+    assert code == 0, err  # the default model is the colour one, not the grey one for four channels
+    assert zarr.open(tmp_path / "out.zarr", mode="r").attrs["model"] == "gama_ir_xs-denoise-rgb"
+    code, out, err = run_cli(capsys, "restore", tmp_path / "cut-out.png", "-o", tmp_path / "c.zarr", "--workers", 1)
+    assert code == 2 and "has an alpha channel, which restoring on a cluster does not handle" in err
+
+
 BAD_INPUTS = {
     "missing file": (["restore", "{tmp}/nope.tif", "-o", "{tmp}/o.zarr"], "no such file"),
     "unknown format": (["restore", "{tmp}/notes.txt", "-o", "{tmp}/o.zarr"], "unknown image format"),

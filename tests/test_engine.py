@@ -343,3 +343,19 @@ def test_cpu_passes_run_on_the_network_thread_whichever_thread_asks():
     assert np.array_equal(from_here, from_elsewhere["out"])
     assert len(runner.threads) == 4 and all(name.startswith("gama-ir-network") for name in runner.threads)
     assert len(set(runner.threads)) == 1
+
+
+def test_alpha_is_passed_through_and_the_colours_restored():
+    model = make_tiny_model(3)
+    rgba = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 4), dtype=np.uint8)
+    restored = restore(rgba, model, "ZYXC", tile=None, alpha=True)
+    assert restored.shape == rgba.shape and restored.dtype == np.float32
+    assert np.array_equal(restored[..., :3], restore(rgba[..., :3], model, "ZYXC", tile=None))
+    assert np.array_equal(restored[..., 3], rgba[..., 3].astype(np.float32))
+    lazy = restore(da.from_array(rgba, chunks=(1, 40, 48, 4)), model, "ZYXC", tile=None, alpha=True, output_dtype="input")
+    assert lazy.chunks == ((1, 1), (40,), (48,), (4,))  # a plane's colours and opacity in one chunk
+    assert np.array_equal(lazy[..., 3].compute(), rgba[..., 3])
+    with pytest.raises(ChannelMismatchError, match="the model expects 3 channels but the image's C axis has 4"):
+        restore(rgba, model, "ZYXC")  # without alpha, four channels do not fit an RGB network
+    with pytest.raises(ChannelMismatchError, match="an alpha channel needs a C axis of 2 or more channels"):
+        restore(rgba[..., 0], make_tiny_model(1), "ZYX", alpha=True)

@@ -95,6 +95,20 @@ def test_pictures_open_with_their_axes_and_broken_ones_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_alpha_channels_are_recognised(tmp_path):
+    import imageio.v3 as iio
+
+    pixels = np.zeros((20, 30, 4), np.uint8)
+    iio.imwrite(tmp_path / "rgba.png", pixels)
+    iio.imwrite(tmp_path / "grey_alpha.png", pixels[..., :2])
+    iio.imwrite(tmp_path / "rgb.png", pixels[..., :3])
+    tifffile.imwrite(tmp_path / "rgba.tif", pixels)  # tifffile marks a fourth sample as alpha
+    tifffile.imwrite(tmp_path / "rgbx.tif", pixels, photometric="rgb", extrasamples=["unspecified"])
+    found = {name: open_image(tmp_path / name).alpha for name in
+             ("rgba.png", "grey_alpha.png", "rgb.png", "rgba.tif", "rgbx.tif")}
+    assert found == {"rgba.png": True, "grey_alpha.png": True, "rgb.png": False, "rgba.tif": True, "rgbx.tif": False}
+
+
 def test_png_takes_one_8_bit_picture_or_a_16_bit_grey_one(tmp_path):
     grey = np.random.default_rng(0).integers(0, 60000, (1, 20, 30, 1), dtype=np.uint16)
     write_image(grey, tmp_path / "grey.png", "ZYXC")  # axes of length 1 are dropped

@@ -179,3 +179,28 @@ def test_choosing_a_layer_picks_the_shipped_model_for_its_channels(make_napari_v
     widget.model.value = CHECKPOINT_FILE  # the user's own choice is kept
     widget.image.value = "fluorescence"
     assert widget.model.value == CHECKPOINT_FILE
+
+
+def test_rgba_layers_restore_their_colours_and_keep_their_opacity(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    rgba = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 4), dtype=np.uint8)
+    viewer.add_image(rgba, name="cut-out", rgb=True)
+    widget = open_widget(viewer)
+    assert widget.axes.value == "ZYXC" and widget.model.value == "gama_ir_xs-denoise-rgb"  # for RGB, not 4 channels
+    use_checkpoint(widget, save_checkpoint(make_tiny_model(3), tmp_path / "rgb"))
+    widget.tile.value = 0
+    expected = restore(rgba[..., :3], make_tiny_model(3), "ZYXC", tile=None, output_dtype="input")
+
+    preview = widget.preview()
+    planes = preview.data
+    planes.wait()
+    qtbot.waitUntil(lambda: planes.is_ready((0,)), timeout=10000)
+    assert planes.computed == [(0,)]  # one plane, all four channels at once: not a plane per channel
+    assert preview.rgb and np.array_equal(planes[0][..., :3], expected[0])
+    assert np.array_equal(planes[0][..., 3], rgba[0, ..., 3])
+
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    result = viewer.layers["cut-out restored"]
+    assert result.rgb and result.data.dtype == np.uint8 and result.metadata["gama_ir"]["alpha_passed_through"]
+    assert np.array_equal(result.data[..., :3], expected) and np.array_equal(result.data[..., 3], rgba[..., 3])

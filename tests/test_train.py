@@ -199,6 +199,28 @@ def test_a_folder_mixing_grey_and_colour_images_trains_grey(tmp_path):
 
 
 
+def test_images_from_files_keep_their_axes_and_leave_out_alpha(tmp_path):
+    import imageio.v3 as iio
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    grey_alpha = rng.integers(0, 256, (32, 32, 2), dtype=np.uint8)
+    for folder in ("noisy", "clean"):
+        (tmp_path / folder).mkdir()
+        iio.imwrite(tmp_path / folder / "rgba.png", rgba)
+    data = data_from_paths(tmp_path / "noisy", tmp_path / "clean")
+    assert data.channels == 3 and np.array_equal(data.pairs[0].noisy.compute(), rgba[..., :3])
+    iio.imwrite(tmp_path / "grey_alpha.png", grey_alpha)  # would be guessed as 32 planes of 32 x 2
+    data = data_from_paths(clean=tmp_path / "grey_alpha.png")
+    assert data.channels == 1 and data.pairs[0].axes == "YXC"
+    assert np.array_equal(data.pairs[0].clean.compute()[..., 0], grey_alpha[..., 0])
+    (tmp_path / "stacks").mkdir()
+    tifffile.imwrite(tmp_path / "stacks" / "cells.tif", rng.random((4, 32, 32), dtype=np.float32), metadata={"axes": "CYX"})
+    data = data_from_paths(clean=tmp_path / "stacks")
+    assert data.pairs[0].axes == "CYX" and data.channels == 4  # the file's axes, not a guessed ZYX
+
+
 def test_data_from_files_travels_as_the_way_to_reopen_it(tmp_path):
     import pickle
 

@@ -94,7 +94,8 @@ def run_restore(args: argparse.Namespace) -> Path:
     if args.output_dtype is None:  # a PNG holds integers only: keep the input's
         args.output_dtype = "input" if output.suffix.lower() == ".png" else "float32"
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
-    channels = source.array.shape[axes.index("C")] if "C" in axes else 1
+    alpha = source.alpha and axes.endswith("C")  # opacity is passed through, not restored
+    channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
     if args.untrained:
         print(_untrained_banner(), file=sys.stderr)
     args.model = args.model or (
@@ -114,6 +115,8 @@ def run_restore(args: argparse.Namespace) -> Path:
         "source": str(args.input),
     }
     if args.scheduler or args.workers or args.resume:
+        if alpha:
+            raise UsageError(f"{args.input} has an alpha channel, which restoring on a cluster does not handle")
         return _restore_on_cluster(args, source.array, model, output, axes, provenance)
     planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
     height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
@@ -122,7 +125,7 @@ def run_restore(args: argparse.Namespace) -> Path:
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch,
         output_dtype=args.output_dtype,
-        on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs, alpha=alpha,
     )
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
     progress.start()

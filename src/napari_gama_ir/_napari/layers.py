@@ -30,6 +30,11 @@ def axes_guess(layer) -> str:
         return ""
 
 
+def has_alpha(layer, axes: str) -> bool:
+    """Whether the layer is RGBA: napari shows its last channel as opacity, so it is not restored."""
+    return bool(layer.rgb) and axes.endswith("C") and layer_data(layer).shape[-1] == 4
+
+
 def report_error(status, error: BaseException) -> None:
     """Show ``error`` as one sentence in the widget's status line and as a napari notification."""
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)

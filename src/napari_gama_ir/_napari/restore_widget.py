@@ -22,7 +22,7 @@ from ..engine.device import resolve_device
 from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
-from .layers import axes_guess, find_layer, image_layer_names, layer_data, report_error
+from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, report_error
 from .model_events import model_events
 from .preview import BackgroundPlanes
 
@@ -109,7 +109,8 @@ class RestoreWidget(QWidget):
         self.axes.value = axes_guess(layer)
         if self.model.value in shipped_model_names():
             axes, shape = self.axes.value, layer_data(layer).shape
-            channels = shape[axes.index("C")] if "C" in axes and len(axes) == len(shape) else 1
+            fits = "C" in axes and len(axes) == len(shape)
+            channels = shape[axes.index("C")] - has_alpha(layer, axes) if fits else 1
             with contextlib.suppress(ValueError):
                 self.model.value = default_model_name(channels, resolve_device(self.device.value).type)
 
@@ -131,16 +132,17 @@ class RestoreWidget(QWidget):
             model_name, model = self.model.value, create_model(self.model.value, pretrained=True)
         data = layer_data(layer)
         axes = parse_axes(self.axes.value, data.ndim)
+        alpha = has_alpha(layer, axes)
         source = data if isinstance(data, da.Array) else da.from_array(data, chunks=data.shape)
         restored = restore(
             source, model, axes, tile=self.tile.value or None, overlap=self.overlap.value,
             mean_mode=self.mean_mode.value, device=self.device.value, precision=self.precision.value,
-            output_dtype="input" if layer.rgb else "float32",
+            output_dtype="input" if layer.rgb else "float32", alpha=alpha,
         )
         provenance = {
             "model": model_name, "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
             "tile": self.tile.value, "overlap": self.overlap.value, "mean_mode": self.mean_mode.value,
-            "axes": axes, "napari_gama_ir_version": __version__,
+            "axes": axes, "alpha_passed_through": alpha, "napari_gama_ir_version": __version__,
         }
         return layer, restored, axes, model, provenance
 
@@ -158,7 +160,8 @@ class RestoreWidget(QWidget):
             layer, restored, axes, model, provenance = self._prepare()
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
-        fed = "C" in axes and restored.shape[axes.index("C")] == model.config.in_channels
+        colours = restored.shape[axes.index("C")] - provenance["alpha_passed_through"] if "C" in axes else 1
+        fed = "C" in axes and colours == model.config.in_channels
         plane_axes = tuple(i for i, a in enumerate(axes) if a in "YX" or (a == "C" and fed))
         planes = BackgroundPlanes(restored, plane_axes)
         result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")

@@ -46,12 +46,17 @@ class Cancelled(Exception):
 
 @dataclass
 class ImageSource:
-    """A lazily opened image: the array, its axes when the file says them, and file metadata."""
+    """A lazily opened image: the array, its axes when the file says them, and file metadata.
+
+    ``alpha`` says that the last channel of the ``C`` axis is opacity (RGBA or grey and alpha
+    pictures, TIFFs whose extra sample is alpha).
+    """
 
     array: da.Array
     axes: str | None
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    alpha: bool = False
 
 
 def _suffix(path: Path) -> str:
@@ -96,6 +101,8 @@ def _open_tiff(path: Path) -> ImageSource:
             series = tif.series[0]
             axes = series.axes
             others = len(tif.series) - 1
+            # EXTRASAMPLE 1 and 2: associated and unassociated alpha, stored after the colours.
+            alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
         if others:  # e.g. several positions of one acquisition, or a thumbnail
             shape = " x ".join(map(str, series.shape))
             warnings.warn(
@@ -112,7 +119,7 @@ def _open_tiff(path: Path) -> ImageSource:
         axes = parse_axes(axes, array.ndim)
     except AxesError:
         axes = None
-    return ImageSource(array, axes, path)
+    return ImageSource(array, axes, path, alpha=alpha and axes is not None and axes.endswith("C"))
 
 
 def is_zarr_store(path: Path) -> bool:
@@ -157,7 +164,9 @@ def open_image(path: str | os.PathLike) -> ImageSource:
             reason = str(error).partition("\n")[0]  # some explain over several lines
             raise ImageIOError(f"{path}: not a readable picture ({reason})") from None
         # A picture's third axis is its colours (grey + alpha too), never a stack.
-        return ImageSource(da.from_array(array, chunks=array.shape), {2: "YX", 3: "YXC"}.get(array.ndim), path)
+        axes = {2: "YX", 3: "YXC"}.get(array.ndim)
+        alpha = axes == "YXC" and array.shape[-1] in (2, 4)
+        return ImageSource(da.from_array(array, chunks=array.shape), axes, path, alpha=alpha)
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 

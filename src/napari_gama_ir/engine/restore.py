@@ -199,6 +199,7 @@ class RestorePlan:
     normalization: dict[str, Any]
     output_dtype: np.dtype
     tiling: TilingPlan
+    alpha: da.Array | None = None  # the input's opacity channel, passed through; ``array`` is without it
 
     def canonical_planes(self) -> da.Array:
         """The input as ``(*iterated, C, Y, X)`` with one chunk per plane."""
@@ -208,7 +209,7 @@ class RestorePlan:
 
 def plan_restore(
     image: Any, model: GamaIR, axes: str | None, tile: int | None, overlap: int, mean_mode: str,
-    normalization: dict[str, Any] | None, output_dtype: str | np.dtype,
+    normalization: dict[str, Any] | None, output_dtype: str | np.dtype, alpha: bool = False,
 ) -> RestorePlan:
     """Check everything :func:`restore` is asked before any work is done (see its parameters)."""
     if mean_mode not in MEAN_MODES:
@@ -219,6 +220,7 @@ def plan_restore(
     array, lazy = _as_dask(image)
     check_pixels(array, "the image")
     axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
+    array, opacity = split_alpha(array, axes) if alpha else (array, None)
     normalization = check_normalization(normalization or config.normalization)
     try:
         target_dtype = array.dtype if str(output_dtype) == "input" else np.dtype(output_dtype)
@@ -226,7 +228,18 @@ def plan_restore(
         raise ValueError(f"unknown output dtype {output_dtype!r}; use float32, input or a numpy dtype") from None
     tiling = make_tiling(model, tile, overlap, mean_mode)
     layout = plane_layout(axes, array.shape, config.in_channels)
-    return RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling)
+    return RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling, opacity)
+
+
+def split_alpha(array: da.Array, axes: str) -> tuple[da.Array, da.Array]:
+    """The colour (or grey) channels of an image whose last ``C`` channel is opacity, and that channel."""
+    if "C" not in axes or array.shape[axes.index("C")] < 2:
+        raise ChannelMismatchError(f"an alpha channel needs a C axis of 2 or more channels, not axes {axes!r} "
+                                   f"of shape {tuple(array.shape)}")
+    channel = axes.index("C")
+    count = array.shape[channel]
+    before = (slice(None),) * channel
+    return array[(*before, slice(0, count - 1))], array[(*before, slice(count - 1, count))]
 
 
 def restore(
@@ -245,6 +258,7 @@ def restore(
     on_plane: Callable[[int], None] | None = None,
     compile: bool = False,
     cuda_graphs: bool | None = None,
+    alpha: bool = False,
 ):
     """Restore an image or stack with a GAMA-IR network, plane by plane and tile by tile.
 
@@ -293,6 +307,10 @@ def restore(
         launch per batch instead of hundreds), checked and falling back like ``compile``. The
         default ``None`` does so on CUDA unless ``compile`` is set; ``True`` with ``compile``
         captures the compiled network instead. ``False`` runs the eager network.
+    alpha : bool
+        The last channel of the ``C`` axis is opacity (RGBA, or grey and alpha, as in pictures and
+        napari's RGBA layers): it is passed through unchanged, cast to ``output_dtype``, and the
+        network restores the other channels (so an RGB network takes RGBA images).
 
     Returns
     -------
@@ -309,7 +327,7 @@ def restore(
     """
     if isinstance(model, str):
         model = create_model(model, pretrained=True)
-    plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype)
+    plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
     # Only now that the input is known to fit: copy the network onto its device.
     runner = runner_for(
@@ -333,6 +351,11 @@ def restore(
         restore_block, dtype=target_dtype, meta=np.empty((0,) * canonical.ndim, target_dtype)
     )
     result = from_canonical(restored, plan.layout)
+    if plan.alpha is not None:
+        channel = plan.axes.index("C")
+        opacity = plan.alpha.map_blocks(_cast_output, target_dtype, dtype=target_dtype)
+        # One chunk along C, as without alpha: a plane's colour and opacity are read together.
+        result = da.concatenate([result, opacity], axis=channel).rechunk({channel: -1})
     if plan.lazy:
         return result
     with dask.config.set(scheduler="threads", num_workers=host_threads(runner.device)):

@@ -20,8 +20,9 @@ import dask.array as da
 import numpy as np
 
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
-from ..engine.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, is_zarr_store, open_image
+from ..engine.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, ImageSource, is_zarr_store, open_image
 from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
+from ..engine.restore import split_alpha
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
 FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES
@@ -223,9 +224,7 @@ def data_from_paths(
         pairs = _folder_pairs(given, axes)
     else:
         sources = [None if p is None else open_image(p) for p in given]
-        arrays = [None if s is None else s.array for s in sources]
-        file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
-        pairs = data_from_arrays(*arrays, axes=axes or file_axes, name=present[0].name).pairs
+        pairs = [_file_pair(present[0].name, sources, axes)]
     sources = {"noisy": str(given[0]) if given[0] else None, "clean": str(given[1]) if given[1] else None}
     if grey and any(TrainingData.channels_of(p) != 1 for p in pairs):
         pairs = [grey_pair(p) for p in pairs]
@@ -247,16 +246,27 @@ def _folder_pairs(folders: list[Path | None], axes: str | None) -> list[ImagePai
                 f"{len(unmatched)} image(s) have no counterpart of the same name in the other folder "
                 f"(e.g. {unmatched[0]})"
             )
-    pairs = []
-    for image_name in names:
-        sources = [None if entry is None else open_image(entry[image_name]) for entry in listings]
-        arrays = [None if s is None else s.array for s in sources]
-        _check_same_shape(image_name, *arrays)
-        shape = next(a for a in arrays if a is not None).shape
-        file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
-        image_axes = parse_axes(axes or file_axes, len(shape)) if axes or file_axes else guess_axes(shape)
-        pairs.append(ImagePair(image_name, image_axes, *arrays))
-    return pairs
+    return [
+        _file_pair(name, [None if entry is None else open_image(entry[name]) for entry in listings], axes)
+        for name in names
+    ]
+
+
+def _file_pair(name: str, sources: list[ImageSource | None], axes: str | None) -> ImagePair:
+    """The pair of opened files (noisy, clean), with ``axes``, else the files', else guessed ones.
+
+    An alpha channel is left out: opacity is not restored, so it is not trained on either.
+    """
+    arrays = [None if s is None else s.array for s in sources]
+    _check_same_shape(name, *arrays)
+    shape = next(a for a in arrays if a is not None).shape
+    file_axes = next((s.axes for s in sources if s is not None and s.axes), None)
+    axes = parse_axes(axes or file_axes, len(shape)) if axes or file_axes else guess_axes(shape)
+    arrays = [
+        split_alpha(s.array, axes)[0] if s is not None and s.alpha and axes.endswith("C") else a
+        for s, a in zip(sources, arrays)
+    ]
+    return ImagePair(name, axes, *arrays)
 
 
 def _reopen_training_data(recipe: dict[str, Any]) -> TrainingData:
