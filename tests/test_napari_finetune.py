@@ -121,3 +121,15 @@ def test_self_supervised_choice_and_bad_settings(make_napari_viewer, monkeypatch
     widget.name.value = "bad/name"
     assert widget.start() is None
     assert "model name 'bad/name' must be" in shown[-1] and len(shown) == 3
+
+
+def test_rgba_layers_train_on_their_colours(make_napari_viewer):
+    viewer = make_napari_viewer()
+    rgba = np.random.default_rng(0).integers(0, 256, (48, 48, 4), dtype=np.uint8)
+    viewer.add_image(rgba, name="noisy", rgb=True)
+    viewer.add_image(rgba.copy(), name="clean", rgb=True)
+    widget = open_widget(viewer, "Fine-tune")
+    widget.noisy.value, widget.clean.value = "noisy", "clean"
+    data = widget._data()
+    assert data.channels == 3 and data.pairs[0].axes == "YXC"  # the opacity channel is left out
+    assert np.array_equal(data.pairs[0].noisy.compute(), rgba[..., :3])

@@ -27,7 +27,7 @@ from ..model import (
 )
 from ..train import Trainer, TrainSettings, data_from_arrays, default_normalization, resume_trainer, starting_model
 from ..train.trainer import CHECKPOINT_DIR, STATE_FILE
-from .layers import axes_guess, find_layer, image_layer_names, layer_data, report_error
+from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, report_error
 from .model_events import model_events
 
 if TYPE_CHECKING:
@@ -189,9 +189,9 @@ class FineTuneWidget(QWidget):
         clean_layer = None if self.clean.value == SELF_SUPERVISED else find_layer(self.viewer, self.clean.value)
         if clean_layer is not None and clean_layer.name == noisy_layer.name:  # napari hands out proxies: compare names
             raise ValueError("the clean layer must be another layer than the noisy one")
-        noisy = layer_data(noisy_layer)
-        axes = parse_axes(self.axes.value, noisy.ndim)
-        clean = None if clean_layer is None else layer_data(clean_layer)
+        axes = parse_axes(self.axes.value, layer_data(noisy_layer).ndim)
+        noisy = _colours(noisy_layer, axes)
+        clean = None if clean_layer is None else _colours(clean_layer, axes)
         return data_from_arrays(noisy, clean, axes=axes, name=noisy_layer.name)
 
     def _settings(self) -> TrainSettings:
@@ -340,3 +340,9 @@ class FineTuneWidget(QWidget):
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         self.cancel()
         super().closeEvent(event)
+
+
+def _colours(layer, axes: str):
+    """The layer's data without the opacity channel of an RGBA layer, which is not trained on (a view)."""
+    data = layer_data(layer)
+    return data[..., :-1] if has_alpha(layer, axes) else data
