@@ -208,16 +208,18 @@ def test_pyramidal_tiff_opens_at_full_resolution(tmp_path):
     assert source.axes == "YX" and np.array_equal(source.array.compute(), data)
 
 
-def test_write_steps_report_progress_and_closing_early_leaves_nothing(tmp_path):
-    data = da.zeros((10, 8, 8), chunks=(1, 8, 8), dtype=np.float32)
-    steps = list(write_image_steps(data, tmp_path / "out.zarr", "ZYX", workers=2))
+@pytest.mark.parametrize("suffix", [".zarr", ".npy"])
+def test_write_steps_report_progress_and_closing_early_leaves_nothing(tmp_path, suffix):
+    # .npy was computed whole, in memory, before a byte was written.
+    data = da.arange(10 * 8 * 8, dtype=np.float32, chunks=64).reshape(10, 8, 8)
+    steps = list(write_image_steps(data, tmp_path / f"out{suffix}", "ZYX", workers=2))
     done = [d for d, _ in steps]
     assert done == sorted(set(done)) and done[-1] == 10 and {t for _, t in steps} == {10}
-    assert open_image(tmp_path / "out.zarr").array.shape == (10, 8, 8)
-    partial = write_image_steps(data, tmp_path / "other.zarr", "ZYX", workers=2)
+    assert np.array_equal(open_image(tmp_path / f"out{suffix}").array.compute(), data.compute())
+    partial = write_image_steps(data, tmp_path / f"other{suffix}", "ZYX", workers=2)
     next(partial)
     partial.close()  # e.g. a cancelled GUI worker
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{suffix}"]
 
 
 def test_a_slow_chunk_does_not_hold_up_the_others(tmp_path):

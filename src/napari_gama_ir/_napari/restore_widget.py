@@ -38,6 +38,19 @@ def model_choices() -> list[str]:
     return shipped_model_names() + user_model_names() + [CHECKPOINT_FILE]
 
 
+def _check_fits_in_memory(nbytes: int) -> None:
+    """Refuse an in-memory result larger than half the memory free now: filling it would end,
+    perhaps hours later, with napari killed for want of memory and the work lost."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if nbytes > available // 2:
+        raise ValueError(
+            f"the restored image would take {nbytes / 1e9:.1f} GB of memory, and {available / 1e9:.1f} GB is free; "
+            "restore it to a zarr store"
+        )
+
+
 class RestoreWidget(QWidget):
     """Restore an image layer: lazily as you browse (Preview) or all planes in the background."""
 
@@ -186,6 +199,8 @@ class RestoreWidget(QWidget):
             target = str(self.output.value) if self.destination.value == TO_ZARR else None
             if target is not None:
                 check_output_path(target, [layer.source.path or ""], overwrite=False)
+            else:
+                _check_fits_in_memory(restored.nbytes)
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
         provenance = {**provenance, "mode": "restore all", "output": target}

@@ -330,9 +330,12 @@ def write_image_steps(
         elif suffix in (".tif", ".tiff"):
             yield from _write_tiff(array, temporary, axes, attrs or {})
         elif suffix == ".npy":
-            with open(temporary, "wb") as handle:  # a file handle: np.save adds no suffix
-                np.save(handle, array.compute())
-            yield 1, 1
+            target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
+            try:
+                yield from _store_chunks(array, target, workers, cancel)
+                target.flush()
+            finally:
+                del target  # unmapped before the file is renamed or removed
         else:
             import imageio.v3 as iio
 
@@ -342,7 +345,7 @@ def write_image_steps(
 
 
 def _store_chunks(
-    array: da.Array, target: zarr.Array, workers: int, cancel: threading.Event | None
+    array: da.Array, target: zarr.Array | np.memmap, workers: int, cancel: threading.Event | None
 ) -> Iterator[tuple[int, int]]:
     """Compute and write every chunk of ``array`` into ``target``, ``workers`` chunks at a time.
 
