@@ -53,6 +53,17 @@ def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
     assert open_image(tmp_path / "out.tif").array.shape == (2, 24, 24)
 
 
+def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):
+    # Outputs had no pixel size: a restored stack opened at 1 x 1 x 1 beside its calibrated input.
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint16), imagej=True, resolution=(10, 10),
+                     metadata={"spacing": 0.3, "unit": "um", "axes": "ZYX"})
+    expected = {"Z": (0.3, "micrometer"), "Y": (0.1, "micrometer"), "X": (0.1, "micrometer")}
+    for name in ("out.zarr", "out.tif"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / name, "--model", grey_checkpoint, "-q")
+        assert code == 0, err
+        assert open_image(tmp_path / name).pixel_size == expected
+
+
 def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
     # The default float32 output cannot go into a PNG: it failed after the restoration, with a traceback for RGB.
     import imageio.v3 as iio

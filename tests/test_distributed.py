@@ -50,6 +50,27 @@ def test_two_worker_processes_match_the_single_process_engine_bit_for_bit(client
     assert sorted(added) in ([1, 1], [0, 1])
 
 
+@pytest.mark.parametrize("name", ["stack.tif", "stack.npy"])
+def test_tiff_and_npy_inputs_travel_to_the_workers_as_their_paths(client, stack, tmp_path, name):
+    # A TIFF store could not be pickled (it holds a lock): every cluster run from a TIFF failed.
+    # A .npy memory map travelled as all of its bytes.
+    import pickle
+
+    import tifffile
+
+    _, data = stack
+    if name.endswith(".tif"):
+        tifffile.imwrite(tmp_path / name, data, metadata={"axes": "ZYX"})
+    else:
+        np.save(tmp_path / name, data)
+    source = open_image(tmp_path / name)
+    assert len(pickle.dumps(source.array)) < data.nbytes / 10
+    model = make_tiny_model(1)
+    output = restore_distributed(source.array, model, tmp_path / "out.zarr", "ZYX", client=client, device="cpu",
+                                 **SETTINGS)
+    assert np.array_equal(zarr.open_array(str(output), mode="r")[:], restore(data, model, "ZYX", device="cpu", **SETTINGS))
+
+
 def test_an_interrupted_run_resumes_to_the_identical_result(client, stack, tmp_path):
     array, data = stack
     model = make_tiny_model(1)

@@ -55,6 +55,43 @@ def test_ome_zarr_group_reads_its_full_resolution_and_axes(tmp_path):
     assert np.array_equal(source.array.compute(), data)
 
 
+def test_pixel_sizes_are_read_from_ome_zarr_ome_tiff_imagej_and_resolution_tags(tmp_path):
+    micrometres = {"X": (0.2, "micrometer"), "Y": (0.2, "micrometer"), "Z": (0.5, "micrometer")}
+    stack = np.zeros((3, 16, 20), np.uint16)
+    group = zarr.open_group(str(tmp_path / "cells.ome.zarr"), mode="w")
+    group.create_array("0", shape=stack.shape, dtype=stack.dtype)
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "z", "type": "space", "unit": "micrometer"}, {"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [0.25, 0.1, 0.1]}]}],
+        "coordinateTransformations": [{"type": "scale", "scale": [2.0, 2.0, 2.0]}],  # applies on top
+    }]}
+    tifffile.imwrite(tmp_path / "imagej.tif", stack, imagej=True, resolution=(5, 5),
+                     metadata={"spacing": 0.5, "unit": "micron", "axes": "ZYX", "finterval": 2})  # no T axis: no T size
+    tifffile.imwrite(tmp_path / "cells.ome.tif", stack, photometric="minisblack", metadata={
+        "axes": "ZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 0.5, "PhysicalSizeXUnit": "µm"})
+    tifffile.imwrite(tmp_path / "scan.tif", stack, resolution=(100, 100), resolutionunit="CENTIMETER",
+                     photometric="minisblack", metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="minisblack", metadata={"axes": "ZYX"})
+    found = {name: open_image(tmp_path / name).pixel_size
+             for name in ("cells.ome.zarr", "imagej.tif", "cells.ome.tif", "scan.tif", "plain.tif")}
+    assert found["cells.ome.zarr"] == micrometres
+    assert found["imagej.tif"] == found["cells.ome.tif"] == micrometres
+    assert found["scan.tif"] == {"X": (0.01, "centimeter"), "Y": (0.01, "centimeter")}
+    assert found["plain.tif"] == {}
+
+
+def test_outputs_keep_the_pixel_sizes_given_in_their_attributes(tmp_path):
+    sizes = {"Z": [0.5, "micrometer"], "Y": [0.2, "micrometer"], "X": [0.2, "micrometer"]}
+    data = np.zeros((2, 8, 10), np.float32)
+    for name in ("out.zarr", "out.tif"):
+        write_image(data, tmp_path / name, "ZYX", attrs={"pixel_size": sizes})
+        assert open_image(tmp_path / name).pixel_size == {axis: tuple(entry) for axis, entry in sizes.items()}
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:  # what Fiji and other readers see: pixels per cm
+        assert tif.pages[0].resolutionunit == tifffile.RESUNIT.CENTIMETER
+        assert tif.pages[0].resolution == pytest.approx((50000, 50000))
+
+
 def test_tiff_is_read_through_a_zarr_store(tmp_path):
     data = np.random.default_rng(0).integers(0, 60000, (5, 32, 40), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "stack.tif", data, metadata={"axes": "ZYX"})

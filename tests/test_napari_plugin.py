@@ -12,6 +12,7 @@ napari = pytest.importorskip("napari", reason="the napari extra is not installed
 
 from napari_gama_ir import restore, save_checkpoint  # noqa: E402
 from napari_gama_ir._napari.restore_widget import CHECKPOINT_FILE, RestoreWidget  # noqa: E402
+from napari_gama_ir.engine.io import open_image  # noqa: E402
 
 from .conftest import make_tiny_model  # noqa: E402
 
@@ -99,7 +100,7 @@ def test_preview_computes_only_the_planes_displayed(make_napari_viewer, qtbot, g
 def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):
     viewer = make_napari_viewer()
     data = np.random.default_rng(0).random((3, 40, 40), dtype=np.float32)
-    viewer.add_image(data, name="noisy")
+    viewer.add_image(data, name="noisy", scale=(0.5, 0.2, 0.2), units="um")
     widget = open_widget(viewer)
     use_checkpoint(widget, grey_checkpoint)
     widget.tile.value = 0
@@ -107,14 +108,17 @@ def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_check
 
     with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
         pass
-    assert np.allclose(viewer.layers["noisy restored"].data, expected, atol=1e-6)
+    result = viewer.layers["noisy restored"]
+    assert np.allclose(result.data, expected, atol=1e-6)
+    assert tuple(result.scale) == (0.5, 0.2, 0.2) and [str(u) for u in result.units] == ["micrometer"] * 3
 
     widget.destination.value = "zarr store"
     widget.output.value = tmp_path / "out.zarr"
     with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
         pass
-    assert (tmp_path / "out.zarr").is_dir()
     assert np.allclose(np.asarray(viewer.layers[-1].data), expected, atol=1e-6)
+    assert open_image(tmp_path / "out.zarr").pixel_size == {  # the store keeps the layer's calibration
+        "Z": (0.5, "micrometer"), "Y": (0.2, "micrometer"), "X": (0.2, "micrometer")}
 
 
 def test_cancel_leaves_no_output(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):

@@ -19,6 +19,8 @@ import torch
 from . import __version__
 from .engine import restore
 from .engine.axes import guess_axes, parse_axes
+from .engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
+from .engine.calibration import to_attribute
 from .engine.device import host_threads, is_out_of_memory, resolve_device
 from .engine.io import check_output_format, check_output_path, open_image, write_image
 from .engine.normalize import NORMALIZATION_CHOICES
@@ -114,6 +116,9 @@ def run_restore(args: argparse.Namespace) -> Path:
         "cuda_graphs": "auto" if args.cuda_graphs is None else args.cuda_graphs,
         "source": str(args.input),
     }
+    pixel_size = {axis: entry for axis, entry in source.pixel_size.items() if axis in axes}
+    if pixel_size:  # the output keeps the input's calibration
+        provenance[PIXEL_SIZE_ATTRIBUTE] = to_attribute(pixel_size)
     if args.scheduler or args.workers or args.resume:
         if alpha:
             raise UsageError(f"{args.input} has an alpha channel, which restoring on a cluster does not handle")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from napari.utils.notifications import show_error
 
 from ..engine.axes import guess_axes
+from ..engine.calibration import PixelSizes, unit_name
 
 
 def image_layer_names(viewer) -> list[str]:
@@ -33,6 +34,17 @@ def axes_guess(layer) -> str:
 def has_alpha(layer, axes: str) -> bool:
     """Whether the layer is RGBA: napari shows its last channel as opacity, so it is not restored."""
     return bool(layer.rgb) and axes.endswith("C") and layer_data(layer).shape[-1] == 4
+
+
+def layer_pixel_size(layer, axes: str) -> PixelSizes:
+    """The layer's scale and units along ``axes`` where they say more than 1 pixel (napari's
+    dimensions leave out an RGB layer's channels)."""
+    dims = axes[:-1] if layer.rgb else axes
+    sizes = {}
+    for axis, size, unit in zip(dims, layer.scale, layer.units):
+        if axis != "C" and (size != 1 or unit_name(str(unit))):
+            sizes[axis] = (float(size), unit_name(str(unit)))
+    return sizes
 
 
 def report_error(status, error: BaseException) -> None:

@@ -18,11 +18,13 @@ from superqt.utils import ensure_main_thread
 from .. import __version__
 from ..engine import restore
 from ..engine.axes import parse_axes
+from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
+from ..engine.calibration import to_attribute
 from ..engine.device import resolve_device
 from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
-from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, report_error
+from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, layer_pixel_size, report_error
 from .model_events import model_events
 from .preview import BackgroundPlanes
 
@@ -157,12 +159,16 @@ class RestoreWidget(QWidget):
             "tile": self.tile.value, "overlap": self.overlap.value, "mean_mode": self.mean_mode.value,
             "axes": axes, "alpha_passed_through": alpha, "napari_gama_ir_version": __version__,
         }
+        pixel_size = layer_pixel_size(layer, axes)
+        if pixel_size:  # a zarr output keeps the layer's calibration
+            provenance[PIXEL_SIZE_ATTRIBUTE] = to_attribute(pixel_size)
         return layer, restored, axes, model, provenance
 
     def _add_result(self, data, layer, provenance: dict, suffix: str):
         return self.viewer.add_image(
             data, name=f"{layer.name} {suffix}", rgb=layer.rgb, contrast_limits=layer.contrast_limits,
             colormap=layer.colormap if not layer.rgb else None, scale=layer.scale, translate=layer.translate,
+            units=layer.units,
             metadata={**layer.metadata, "gama_ir": provenance},
         )
 

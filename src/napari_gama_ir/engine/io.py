@@ -27,6 +27,8 @@ from dask.callbacks import Callback
 from numcodecs import Blosc
 
 from .axes import AxesError, parse_axes
+from .calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
+from .calibration import PixelSizes, from_attribute, from_ome_multiscale, from_tiff, tiff_resolution
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
@@ -49,7 +51,8 @@ class ImageSource:
     """A lazily opened image: the array, its axes when the file says them, and file metadata.
 
     ``alpha`` says that the last channel of the ``C`` axis is opacity (RGBA or grey and alpha
-    pictures, TIFFs whose extra sample is alpha).
+    pictures, TIFFs whose extra sample is alpha); ``pixel_size`` gives the physical size of a
+    pixel along the axes the file calibrates (see :mod:`.calibration`).
     """
 
     array: da.Array
@@ -57,6 +60,7 @@ class ImageSource:
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     alpha: bool = False
+    pixel_size: PixelSizes = field(default_factory=dict)
 
 
 def _suffix(path: Path) -> str:
@@ -79,18 +83,62 @@ def _open_zarr(path: Path) -> ImageSource:
         raise ImageIOError(f"{path}: not a readable zarr store ({error})") from None
     if isinstance(node, zarr.Array):
         axes = node.attrs.get("axes")
-        return ImageSource(da.from_zarr(node), axes if isinstance(axes, str) else None, path, dict(node.attrs))
+        axes = axes if isinstance(axes, str) else None
+        pixel_size = from_attribute(node.attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
+        return ImageSource(da.from_zarr(node), axes, path, dict(node.attrs), pixel_size=pixel_size)
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if multiscales:  # OME-Zarr: the first (full-resolution) dataset of the first multiscale
         first = multiscales[0]
         names = [a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])]
         array = node[first["datasets"][0]["path"]]
-        return ImageSource(da.from_zarr(array), _axes_from_names(names) if names else None, path, attrs)
+        axes = _axes_from_names(names) if names else None
+        pixel_size = from_ome_multiscale(first, axes if axes and len(axes) == array.ndim else None)
+        return ImageSource(da.from_zarr(array), axes, path, attrs, pixel_size=pixel_size)
     arrays = [name for name, item in node.members() if isinstance(item, zarr.Array)]
     if len(arrays) != 1:
         raise ImageIOError(f"{path}: zarr group with {len(arrays)} arrays and no OME-Zarr metadata; open one array")
     return _open_zarr(path / arrays[0])
+
+
+class _ReopenableFile:
+    """A TIFF's or ``.npy`` file's pixels as an array that dask slices lazily, and that travels to
+    other processes (dask workers) as its path: an open TIFF store holds a lock, which cannot
+    travel, and a memory map would travel as all of its bytes.
+
+    TIFFs are read through tifffile's zarr store (the full resolution of the first series),
+    ``.npy`` files through a read-only memory map.
+    """
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.path, self.kind = path, kind
+        self._lock = threading.Lock()
+        self._pixels = None
+        pixels = self._opened()
+        self.shape, self.dtype, self.ndim = pixels.shape, pixels.dtype, pixels.ndim
+        self.chunks = getattr(pixels, "chunks", None)  # the TIFF store's: strips or tiles
+
+    def _opened(self):
+        with self._lock:
+            if self._pixels is None:
+                if self.kind == "npy":
+                    self._pixels = np.load(self.path, mmap_mode="r", allow_pickle=False)
+                else:
+                    import tifffile
+
+                    store = tifffile.imread(self.path, aszarr=True, series=0, level=0)  # a pyramid's full resolution
+                    self._pixels = zarr.open(store, mode="r")
+            return self._pixels
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self._opened()[key])
+
+    def __reduce__(self):
+        return _ReopenableFile, (self.path, self.kind)
+
+    def __dask_tokenize__(self):
+        stat = self.path.stat()
+        return str(self.path.resolve()), self.kind, stat.st_mtime_ns, stat.st_size
 
 
 def _open_tiff(path: Path) -> ImageSource:
@@ -103,14 +151,15 @@ def _open_tiff(path: Path) -> ImageSource:
             others = len(tif.series) - 1
             # EXTRASAMPLE 1 and 2: associated and unassociated alpha, stored after the colours.
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
+            pixel_size = from_tiff(tif, axes)
         if others:  # e.g. several positions of one acquisition, or a thumbnail
             shape = " x ".join(map(str, series.shape))
             warnings.warn(
                 f"{path.name} holds {others + 1} image series; reading only the first ({shape}, axes {axes})",
                 UserWarning, stacklevel=3,
             )
-        store = tifffile.imread(path, aszarr=True, series=0, level=0)  # full resolution of a pyramid
-        array = da.from_zarr(zarr.open(store, mode="r"))
+        pixels = _ReopenableFile(path, "tiff")
+        array = da.from_array(pixels, chunks=pixels.chunks)
     except (OSError, tifffile.TiffFileError, IndexError) as error:
         raise ImageIOError(f"{path}: not a readable TIFF ({error})") from None
     if "C" not in axes:
@@ -119,7 +168,8 @@ def _open_tiff(path: Path) -> ImageSource:
         axes = parse_axes(axes, array.ndim)
     except AxesError:
         axes = None
-    return ImageSource(array, axes, path, alpha=alpha and axes is not None and axes.endswith("C"))
+    alpha = alpha and axes is not None and axes.endswith("C")
+    return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {})
 
 
 def is_zarr_store(path: Path) -> bool:
@@ -150,11 +200,11 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         return _open_tiff(path)
     if suffix in NUMPY_SUFFIXES:
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            pixels = _ReopenableFile(path, "npy")
         except (OSError, ValueError) as error:
             raise ImageIOError(f"{path}: not a readable .npy file ({error})") from None
-        chunks = (1,) * (array.ndim - 2) + array.shape[-2:] if array.ndim > 2 else array.shape
-        return ImageSource(da.from_array(array, chunks=chunks), None, path)
+        chunks = (1,) * (pixels.ndim - 2) + pixels.shape[-2:] if pixels.ndim > 2 else pixels.shape
+        return ImageSource(da.from_array(pixels, chunks=chunks), None, path)
     if suffix in PICTURE_SUFFIXES:
         import imageio.v3 as iio
 
@@ -397,5 +447,6 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> Iterator
         bigtiff=True,
         photometric="rgb" if rgb else "minisblack",
         metadata={"axes": axes.replace("C", "S") if rgb else axes, **attrs},
+        **tiff_resolution(from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)),
     )
     yield pages.shape[0], pages.shape[0]
