@@ -71,6 +71,20 @@ def test_tiff_and_npy_inputs_travel_to_the_workers_as_their_paths(client, stack,
     assert np.array_equal(zarr.open_array(str(output), mode="r")[:], restore(data, model, "ZYX", device="cpu", **SETTINGS))
 
 
+def test_ome_zarr_output_on_a_cluster(client, stack, tmp_path):
+    array, data = stack
+    model = make_tiny_model(1)
+    sizes = {"Z": [0.5, "micrometer"]}
+    output = restore_distributed(array, model, tmp_path / "out.ome.zarr", "ZYX", client=client, device="cpu",
+                                 attrs={"pixel_size": sizes}, **SETTINGS)
+    result = open_image(output)
+    assert result.axes == "ZYX" and result.pixel_size == {"Z": (0.5, "micrometer")}
+    assert zarr.open_group(str(output), mode="r").attrs["multiscales"][0]["datasets"][0]["path"] == "0"
+    assert np.array_equal(result.array.compute(), restore(data, model, "ZYX", device="cpu", **SETTINGS))
+    with pytest.raises(ImageIOError, match="OME-Zarr images have axes in the order"):
+        restore_distributed(array, model, tmp_path / "bad.ome.zarr", "YXZ", client=client)
+
+
 def test_an_interrupted_run_resumes_to_the_identical_result(client, stack, tmp_path):
     array, data = stack
     model = make_tiny_model(1)

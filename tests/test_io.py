@@ -92,6 +92,27 @@ def test_outputs_keep_the_pixel_sizes_given_in_their_attributes(tmp_path):
         assert tif.pages[0].resolution == pytest.approx((50000, 50000))
 
 
+def test_ome_zarr_output_says_its_axes_and_pixel_sizes(tmp_path):
+    data = np.random.default_rng(0).random((2, 3, 8, 10), dtype=np.float32)
+    sizes = {"T": [2.0, "second"], "Y": [0.2, "micrometer"], "X": [0.2, "micrometer"]}
+    write_image(da.from_array(data, chunks=(1, 3, 8, 10)), tmp_path / "out.ome.zarr", "TCYX",
+                attrs={"pixel_size": sizes, "model": "m"})
+    group = zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r")
+    [multiscale] = group.attrs["multiscales"]
+    assert multiscale["version"] == "0.4" and multiscale["axes"] == [
+        {"name": "t", "type": "time", "unit": "second"}, {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    assert multiscale["datasets"] == [{"path": "0", "coordinateTransformations": [
+        {"type": "scale", "scale": [2.0, 1.0, 0.2, 0.2]}]}]
+    assert group["0"].chunks == (1, 3, 8, 10) and group.attrs["model"] == "m"
+    source = open_image(tmp_path / "out.ome.zarr")
+    assert source.axes == "TCYX" and np.array_equal(source.array.compute(), data)
+    assert source.pixel_size == {axis: tuple(entry) for axis, entry in sizes.items()}
+    with pytest.raises(ImageIOError, match=r"order T, C, Z, Y, X .* not 'YXC'; write .zarr"):
+        write_image(data[0].transpose(1, 2, 0), tmp_path / "rgb.ome.zarr", "YXC")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr"]
+
+
 def test_tiff_is_read_through_a_zarr_store(tmp_path):
     data = np.random.default_rng(0).integers(0, 60000, (5, 32, 40), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "stack.tif", data, metadata={"axes": "ZYX"})

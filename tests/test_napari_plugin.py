@@ -163,12 +163,11 @@ def test_napari_builtins_open_our_outputs(make_napari_viewer, tmp_path):
     from napari_gama_ir.engine.io import write_image
 
     data = np.random.default_rng(0).random((3, 32, 40), dtype=np.float32)
-    write_image(data, tmp_path / "out.zarr", "ZYX")
-    write_image(data, tmp_path / "out.tif", "ZYX")
     viewer = make_napari_viewer()
-    for name in ("out.zarr", "out.tif"):
+    for name in ("out.zarr", "out.tif", "out.ome.zarr"):
+        write_image(data, tmp_path / name, "ZYX")
         [layer] = viewer.open(tmp_path / name, plugin="napari")
-        assert np.allclose(np.asarray(layer.data), data)
+        assert np.allclose(np.asarray(layer.data[0] if layer.multiscale else layer.data), data)
 
 
 def test_choosing_a_layer_picks_the_shipped_model_for_its_channels(make_napari_viewer):

@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
     restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg or .npy")
-    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .tif, .png or .npy")
+    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .png or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")

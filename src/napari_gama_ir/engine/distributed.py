@@ -32,7 +32,16 @@ import zarr
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .axes import from_canonical, to_canonical
 from .heap import reuse_freed_heap
-from .io import ImageIOError, block_regions, check_output_path, create_zarr_output
+from .io import (
+    ImageIOError,
+    block_regions,
+    check_ome_axes,
+    check_output_path,
+    create_ome_zarr_output,
+    create_zarr_output,
+    is_ome_zarr_output,
+    set_output_attrs,
+)
 from .normalize import Affine
 from .restore import DEFAULT_MEAN_MODE, PlaneRestorer, RestorePlan, StackAffine, make_tiling, plan_restore, plane_name
 from .runner import ModelRunner
@@ -199,6 +208,9 @@ def restore_distributed(
     if output.suffix != ".zarr":
         raise ImageIOError(f"{output}: distributed restoration writes zarr stores only (a .zarr output)")
     plan: RestorePlan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype)
+    ome = is_ome_zarr_output(output)
+    if ome:
+        check_ome_axes(output, plan.axes)
     check_output_path(output, [source] if source else [], overwrite)
     array = plan.array.rechunk(_plane_chunks(plan))
     checkpoint = CheckpointBytes.from_model(model)
@@ -215,6 +227,7 @@ def restore_distributed(
         "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile", "cuda_graphs")},
     }))
     store, done = run / "data.zarr", run / "done"
+    pixels = store / "0" if ome else store  # the array the workers write into
     if run.exists() and (overwrite or not resume):
         if not overwrite:
             raise ImageIOError(f"{output}: an interrupted run exists ({run}); resume it or overwrite it")
@@ -229,7 +242,11 @@ def restore_distributed(
         if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
             affine = client.submit(_stack_affine, plan, pure=False).result()
             settings["stack_affine"] = [affine.offset, affine.scale]
-        create_zarr_output(store, array.shape, tuple(c[0] for c in array.chunks), plan.output_dtype)
+        chunks = tuple(c[0] for c in array.chunks)
+        if ome:
+            create_ome_zarr_output(store, array.shape, chunks, plan.output_dtype, plan.axes)
+        else:
+            create_zarr_output(store, array.shape, chunks, plan.output_dtype)
         (run / "run.json").write_text(json.dumps({"record": record, "stack_affine": settings["stack_affine"]}))
 
     regions = block_regions(array)
@@ -243,7 +260,7 @@ def restore_distributed(
         restore_chunk = dask.delayed(_restore_chunk, pure=False)
         tasks = client.compute([  # each task reads its input block on the worker, as a dependency
             restore_chunk(array.blocks[index], index, region, plan.layout, shared_checkpoint, settings,
-                          str(store), str(done / str(flat[index])))
+                          str(pixels), str(done / str(flat[index])))
             for index, region in missing
         ])
         try:
@@ -255,8 +272,7 @@ def restore_distributed(
         except BaseException:
             client.cancel(tasks)
             raise
-    target = zarr.open_array(str(store), mode="r+")
-    target.attrs.update({"axes": plan.axes, **(attrs or {})})
+    set_output_attrs(store, plan.axes, attrs or {}, ome)
     if output.exists():  # check_output_path allowed it: overwrite
         shutil.rmtree(output)
     os.replace(store, output)

@@ -35,7 +35,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
-WRITABLE = (".zarr", ".tif", ".tiff", ".png", ".npy")
+WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".png", ".npy")
+OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 
 
 class ImageIOError(ValueError):
@@ -266,6 +267,8 @@ def png_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) 
 def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes: str, dtype: np.dtype) -> None:
     """Refuse, before any pixel is computed, an image that ``output``'s format cannot hold."""
     suffix = _suffix(Path(output))
+    if is_ome_zarr_output(output):
+        check_ome_axes(output, axes)
     if suffix in TIFF_SUFFIXES and not axes.endswith(("YX", "YXC")):
         raise ImageIOError(f"{output}: TIFF output needs axes ending in YX or YXC, got {axes!r}")
     if suffix == ".png":
@@ -327,6 +330,51 @@ def create_zarr_output(path: str | os.PathLike, shape: tuple[int, ...], chunks: 
                            compressor=OUTPUT_COMPRESSOR)
 
 
+def is_ome_zarr_output(output: str | os.PathLike) -> bool:
+    """Whether ``output`` names an OME-Zarr image (``.ome.zarr``) rather than a plain zarr array."""
+    return _suffix(Path(output)) == ".ome.zarr"
+
+
+def check_ome_axes(output: str | os.PathLike, axes: str) -> None:
+    """Refuse axes that an OME-Zarr (0.4) image cannot have: T, C, then 2 or 3 of Z, Y, X, in that order."""
+    order = "".join(a for a in "TCZYX" if a in axes)
+    if axes != order:
+        raise ImageIOError(
+            f"{output}: OME-Zarr images have axes in the order T, C, Z, Y, X (some may be missing), "
+            f"not {axes!r}; write .zarr, .tif or .npy"
+        )
+
+
+def create_ome_zarr_output(path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, ...],
+                           dtype: np.dtype, axes: str) -> zarr.Array:
+    """A new OME-Zarr 0.4 image (a zarr v2 group) of one resolution level, the array ``"0"``, whose
+    metadata says its axes and the pixel sizes in :data:`PIXEL_SIZE_ATTRIBUTE` of its attributes
+    (set them with :func:`set_output_attrs`)."""
+    check_ome_axes(path, axes)
+    zarr.open_group(str(path), mode="w", zarr_format=2)
+    return create_zarr_output(Path(path) / "0", shape, chunks, dtype)
+
+
+def set_output_attrs(path: str | os.PathLike, axes: str, attrs: dict[str, Any], ome: bool) -> None:
+    """Write ``attrs`` (provenance, pixel sizes) into a zarr output; an OME-Zarr's also as its metadata."""
+    if not ome:
+        zarr.open_array(str(path), mode="r+").attrs.update({"axes": axes, **attrs})
+        return
+    sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
+    ome_axes = []
+    for axis in axes:
+        entry = {"name": axis.lower(), "type": OME_AXIS_TYPES[axis]}
+        if sizes.get(axis, (1.0, None))[1]:
+            entry["unit"] = sizes[axis][1]
+        ome_axes.append(entry)
+    scale = [sizes.get(axis, (1.0, None))[0] for axis in axes]
+    multiscale = {
+        "version": "0.4", "axes": ome_axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+    }
+    zarr.open_group(str(path), mode="r+").attrs.update({"multiscales": [multiscale], **attrs})
+
+
 def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
     """Every chunk of ``array`` as (block index, the slices it covers), in C order."""
     offsets = [np.concatenate([[0], np.cumsum(c)]) for c in array.chunks]
@@ -373,9 +421,13 @@ def write_image_steps(
     with _atomic_path(output, overwrite) as temporary, watch, dask.config.set(
         scheduler="threads", num_workers=workers
     ):
-        if suffix == ".zarr":
-            target = create_zarr_output(temporary, array.shape, tuple(c[0] for c in array.chunks), array.dtype)
-            target.attrs.update({"axes": axes, **(attrs or {})})
+        if suffix in (".zarr", ".ome.zarr"):
+            chunks = tuple(c[0] for c in array.chunks)
+            if is_ome_zarr_output(output):
+                target = create_ome_zarr_output(temporary, array.shape, chunks, array.dtype, axes)
+            else:
+                target = create_zarr_output(temporary, array.shape, chunks, array.dtype)
+            set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
             yield from _store_chunks(array, target, workers, cancel)
         elif suffix in (".tif", ".tiff"):
             yield from _write_tiff(array, temporary, axes, attrs or {})
