@@ -221,3 +221,16 @@ def test_restore_all_refuses_a_layer_too_large_for_memory(make_napari_viewer, gr
     monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=16 * 10**9))
     assert widget.restore_all() is None and widget.worker is None  # nothing started
     assert "would take 419.4 GB of memory, and 16.0 GB is free; restore it to a zarr store" in shown[-1]
+
+
+def test_restore_all_checks_the_output_format_before_starting(make_napari_viewer, tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="photo", rgb=True)
+    widget = open_widget(viewer)
+    use_checkpoint(widget, save_checkpoint(make_tiny_model(3), tmp_path / "rgb"))
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "photo.ome.zarr"
+    assert widget.restore_all() is None and widget.worker is None
+    assert "OME-Zarr images have axes in the order T, C, Z, Y, X" in shown[-1]

@@ -21,7 +21,7 @@ from ..engine.axes import parse_axes
 from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from ..engine.calibration import to_attribute
 from ..engine.device import resolve_device
-from ..engine.io import Cancelled, block_regions, check_output_path, write_image_steps
+from ..engine.io import Cancelled, block_regions, check_output_format, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
 from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, layer_pixel_size, report_error
@@ -205,6 +205,7 @@ class RestoreWidget(QWidget):
             target = str(self.output.value) if self.destination.value == TO_ZARR else None
             if target is not None:
                 check_output_path(target, [layer.source.path or ""], overwrite=False)
+                check_output_format(target, restored.shape, axes, restored.dtype)
             else:
                 _check_fits_in_memory(restored.nbytes)
         except (ValueError, KeyError, OSError) as error:
