@@ -270,6 +270,25 @@ def test_tiles_run_in_the_fewest_batches_of_equal_size_where_they_divide(count, 
     assert [shape[0] for shape in runner.passes] == batches
 
 
+def test_a_huge_plane_runs_its_tiles_in_bounded_runs_of_whole_batches(monkeypatch):
+    # All of a plane's tiles, and their outputs, were held at once: three times a gigapixel plane.
+    import importlib
+
+    engine = importlib.import_module("napari_gama_ir.engine.restore")  # the module, not the function
+
+    image = np.random.default_rng(0).random((1, 200, 200), dtype=np.float32)
+    plan = TilingPlan(tile=48, overlap=16, margin=4)  # 36 tiles, run at 48 x 48
+    reference = restore_plane(image, ModelRunner(make_tiny_model(1), "cpu", batch=3), plan)
+    monkeypatch.setattr(engine, "RUN_PIXELS", 10 * 48 * 48)
+    runner = _PassRecordingRunner(make_tiny_model(1), "cpu", batch=3)
+    calls = []
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda tiles: calls.append(len(tiles)) or run(tiles))
+    assert np.array_equal(restore_plane(image, runner, plan), reference)
+    assert calls == [9, 9, 9, 9]  # at most 10 tiles' pixels a run, in whole batches of 3
+    assert {shape[0] for shape in runner.passes} == {3}
+
+
 @pytest.mark.parametrize("count, stretched", [(25, 5), (9, 3), (10, 5), (14, 7), (18, 6), (16, 4), (49, 7),
                                               (81, 3), (11, 4), (121, 4), (1, 1), (2, 2)])
 def test_a_default_batch_stretches_to_a_divisor_of_the_tile_count(count, stretched):
@@ -359,3 +378,27 @@ def test_alpha_is_passed_through_and_the_colours_restored():
         restore(rgba, model, "ZYXC")  # without alpha, four channels do not fit an RGB network
     with pytest.raises(ChannelMismatchError, match="an alpha channel needs a C axis of 2 or more channels"):
         restore(rgba[..., 0], make_tiny_model(1), "ZYX", alpha=True)
+
+
+def test_in_memory_images_are_not_copied(tmp_path):
+    # dask's from_array copies anything with a copy method: a napari layer restored or trained on
+    # took its size again, and a .npy input was read whole into memory when opened.
+    import tracemalloc
+
+    from napari_gama_ir.engine.arrays import as_dask
+    from napari_gama_ir.engine.io import open_image
+    from napari_gama_ir.train import data_from_arrays
+
+    image = np.zeros((16, 512, 512), np.float32)  # 16 MB, 1 MB a plane
+    np.save(tmp_path / "stack.npy", image)
+    da.zeros((2, 2)).compute()  # dask's first computation allocates caches of its own (12 MB)
+    tracemalloc.start()
+    lazy, was_lazy = as_dask(image)
+    data = data_from_arrays(image, image, axes="ZYX")
+    source = open_image(tmp_path / "stack.npy")
+    planes = [a[3].compute(scheduler="synchronous") for a in (lazy, data.pairs[0].noisy, source.array)]
+    allocated = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert allocated < image.nbytes / 4 and not was_lazy  # a few planes' worth, not the stack
+    assert all(plane.shape == (512, 512) for plane in planes)
+    assert as_dask(source.array)[0] is source.array

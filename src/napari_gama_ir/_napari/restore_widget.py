@@ -17,6 +17,7 @@ from superqt.utils import ensure_main_thread
 
 from .. import __version__
 from ..engine import restore
+from ..engine.arrays import as_dask
 from ..engine.axes import parse_axes
 from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from ..engine.calibration import to_attribute
@@ -148,7 +149,7 @@ class RestoreWidget(QWidget):
         data = layer_data(layer)
         axes = parse_axes(self.axes.value, data.ndim)
         alpha = has_alpha(layer, axes)
-        source = data if isinstance(data, da.Array) else da.from_array(data, chunks=data.shape)
+        source, _ = as_dask(data)  # lazy, so that the result is too: Preview computes planes on demand
         restored = restore(
             source, model, axes, tile=self.tile.value or None, overlap=self.overlap.value,
             mean_mode=self.mean_mode.value, device=self.device.value, precision=self.precision.value,

@@ -26,6 +26,7 @@ import zarr
 from dask.callbacks import Callback
 from numcodecs import Blosc
 
+from .arrays import as_dask
 from .axes import AxesError, parse_axes
 from .calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from .calibration import PixelSizes, from_attribute, from_ome_multiscale, from_tiff, tiff_resolution
@@ -217,7 +218,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         # A picture's third axis is its colours (grey + alpha too), never a stack.
         axes = {2: "YX", 3: "YXC"}.get(array.ndim)
         alpha = axes == "YXC" and array.shape[-1] in (2, 4)
-        return ImageSource(da.from_array(array, chunks=array.shape), axes, path, alpha=alpha)
+        return ImageSource(as_dask(array)[0], axes, path, alpha=alpha)
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 
@@ -415,7 +416,7 @@ def write_image_steps(
     """
     output = Path(output)
     suffix = _suffix(output)
-    array = array if isinstance(array, da.Array) else da.from_array(np.asarray(array))
+    array, _ = as_dask(array)
     check_output_format(output, array.shape, axes, array.dtype)
     watch = _CancelWatch(cancel) if cancel is not None else nullcontext()
     with _atomic_path(output, overwrite) as temporary, watch, dask.config.set(

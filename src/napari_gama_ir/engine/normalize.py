@@ -19,10 +19,17 @@ class Affine:
     scale: float
 
     def forward(self, raw: np.ndarray) -> np.ndarray:
-        return ((raw.astype(np.float32) - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32)
+        """A new float32 array (computed in it: planes can be gigapixels)."""
+        values = raw.astype(np.float32)
+        values -= np.float32(self.offset)
+        values /= np.float32(self.scale)
+        return values
 
-    def inverse(self, values: np.ndarray) -> np.ndarray:
-        return values * np.float32(self.scale) + np.float32(self.offset)
+    def inverse(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Back to raw units, into ``out`` if given (``values`` itself, to save the memory)."""
+        out = np.multiply(values, np.float32(self.scale), out=out)
+        out += np.float32(self.offset)
+        return out
 
 
 def check_pixels(array: Any, what: str, error: type[ValueError] = ValueError) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from ..model import GamaIR, create_model
 from ..model.layers import pad_to_multiple
+from .arrays import as_dask
 from .axes import (
     ChannelMismatchError,
     PlaneLayout,
@@ -26,10 +27,13 @@ from .axes import (
 )
 from .device import host_threads
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
-from .runner import ModelRunner, TileTooLargeError, runner_for
-from .tiling import group_by_run_shape, plan_tiles, tile_weights
+from .runner import ModelRunner, TileTooLargeError, batch_size, runner_for
+from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
+# Tile pixels queued in one call of the runner (2**25: 128 tiles of 512 x 512 on a plane of up to
+# about 5000 x 5000 pixels, which runs whole): bounds the memory that huge planes take.
+RUN_PIXELS = 2**25
 DEFAULT_MEAN_MODE = "global"
 
 
@@ -98,16 +102,29 @@ def _restore_tiled(plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan) -
     tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, multiple)
     result = np.zeros((out_channels, height, width), np.float32)
     weight_sum = np.zeros((height, width), np.float32)
-    for group in group_by_run_shape(tiles, multiple).values():
-        batch = np.stack([_pad_as_the_network(plane[:, t.rows, t.cols], multiple) for t in group])
-        restored = runner.run(batch)
-        for tile, out in zip(group, restored):
-            rows, cols = tile.shape
-            weights = tile_weights(tile, height, width, tiling.overlap, tiling.margin)
-            result[:, tile.rows, tile.cols] += out[:, :rows, :cols] * weights
-            weight_sum[tile.rows, tile.cols] += weights
+    for run_shape, group in group_by_run_shape(tiles, multiple).items():
+        for part in _runs_of_bounded_size(group, run_shape, runner):
+            batch = np.stack([_pad_as_the_network(plane[:, t.rows, t.cols], multiple) for t in part])
+            restored = runner.run(batch)
+            for tile, out in zip(part, restored):
+                rows, cols = tile.shape
+                weights = tile_weights(tile, height, width, tiling.overlap, tiling.margin)
+                result[:, tile.rows, tile.cols] += out[:, :rows, :cols] * weights
+                weight_sum[tile.rows, tile.cols] += weights
     result /= weight_sum
     return result
+
+
+def _runs_of_bounded_size(group: list[Tile], run_shape: tuple[int, int], runner: ModelRunner) -> list[list[Tile]]:
+    """``group`` (tiles run at ``run_shape``) cut into runs of at most :data:`RUN_PIXELS` tile pixels.
+
+    A run's tiles and their outputs are held at once (on a GPU all of its batches are queued
+    before the first is awaited); unbounded, a gigapixel plane held them all, three times the
+    plane's size. Runs are whole numbers of the runner's batch, so its batches keep one size.
+    """
+    size = batch_size(len(group), runner.batch, runner.batch_stretches)
+    per_run = max(1, RUN_PIXELS // (run_shape[0] * run_shape[1] * size)) * size
+    return [group[start:start + per_run] for start in range(0, len(group), per_run)]
 
 
 def _pad_as_the_network(tile: np.ndarray, multiple: int) -> np.ndarray:
@@ -135,10 +152,13 @@ class StackAffine:
             return self._affine
 
 
-def _cast_output(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _cast_output(values: np.ndarray, dtype: np.dtype, overwrite: bool = False) -> np.ndarray:
+    """``values`` as ``dtype``, integers rounded and clipped to its range; ``overwrite`` rounds in
+    ``values`` itself (a buffer of the caller's) instead of in new arrays."""
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
-        return np.clip(np.rint(values), info.min, info.max).astype(dtype)
+        rounded = np.rint(values, out=values if overwrite else None)
+        return np.clip(rounded, info.min, info.max, out=rounded).astype(dtype)
     return values.astype(dtype, copy=False)
 
 
@@ -169,23 +189,14 @@ class PlaneRestorer:
         if not np.isfinite(plane).all():
             raise NonFiniteInputError(f"input contains NaN or Inf values in {where}")
         affine = self.affine(plane)
-        restored = affine.inverse(restore_plane(affine.forward(plane), self.runner, self.tiling))
-        return _cast_output(restored, self.output_dtype)
+        restored = restore_plane(affine.forward(plane), self.runner, self.tiling)
+        # In place: a plane's every copy costs its size again, and planes can be gigapixels.
+        return _cast_output(affine.inverse(restored, out=restored), self.output_dtype, overwrite=True)
 
 
 def plane_name(iterated: str, index: tuple[int, ...]) -> str:
     """``"plane Z=3, T=0"`` for the plane at ``index`` along the iterated axes, ``"the image"`` for none."""
     return "plane " + ", ".join(f"{a}={i}" for a, i in zip(iterated, index)) if iterated else "the image"
-
-
-def _as_dask(image: Any) -> tuple[da.Array, bool]:
-    """The image as a dask array, and whether the caller gave a lazy array (dask or zarr)."""
-    if isinstance(image, da.Array):
-        return image, True
-    if hasattr(image, "chunks") and hasattr(image, "shape") and hasattr(image, "dtype"):
-        return da.from_array(image, chunks=image.chunks), True  # zarr and h5py-like arrays
-    array = np.asarray(image)
-    return da.from_array(array, chunks=array.shape), False
 
 
 @dataclass(frozen=True)
@@ -217,7 +228,7 @@ def plan_restore(
     config = model.config
     if config.in_channels != config.out_channels:
         raise ChannelMismatchError("the engine restores with models whose input and output channels agree")
-    array, lazy = _as_dask(image)
+    array, lazy = as_dask(image)
     check_pixels(array, "the image")
     axes = parse_axes(axes, array.ndim) if axes else guess_axes(array.shape)
     array, opacity = split_alpha(array, axes) if alpha else (array, None)

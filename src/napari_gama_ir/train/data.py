@@ -19,6 +19,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from ..engine.arrays import as_dask
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
 from ..engine.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, ImageSource, is_zarr_store, open_image
 from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
@@ -151,16 +152,6 @@ def grey_pair(pair: ImagePair) -> ImagePair:
     return ImagePair(pair.name, pair.axes.replace("C", ""), *greys)
 
 
-def _lazy(array: Any) -> da.Array:
-    if isinstance(array, da.Array):
-        return array
-    if hasattr(array, "chunks") and hasattr(array, "dtype"):
-        return da.from_array(array, chunks=array.chunks)
-    array = np.asarray(array)
-    # One chunk: slicing a patch out of an in-memory array is a numpy view, so nothing is copied.
-    return da.from_array(array, chunks=array.shape)
-
-
 def _check_same_shape(name: str, noisy: da.Array | None, clean: da.Array | None) -> None:
     if noisy is not None and clean is not None and noisy.shape != clean.shape:
         raise TrainingDataError(
@@ -184,7 +175,7 @@ def data_from_arrays(
     rgb : bool, optional
         Whether a last axis of 3 or 4 holds colours, when guessing the axes.
     """
-    arrays = [None if a is None else _lazy(a) for a in (noisy, clean)]
+    arrays = [None if a is None else as_dask(a)[0] for a in (noisy, clean)]
     present = [a for a in arrays if a is not None]
     if not present:
         raise TrainingDataError("give noisy images, clean images, or both")
