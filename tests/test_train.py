@@ -7,6 +7,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from napari_gama_ir import load_checkpoint, save_checkpoint
 from napari_gama_ir.model import GamaIR
@@ -216,9 +217,16 @@ def test_images_from_files_keep_their_axes_and_leave_out_alpha(tmp_path):
     assert data.channels == 1 and data.pairs[0].axes == "YXC"
     assert np.array_equal(data.pairs[0].clean.compute()[..., 0], grey_alpha[..., 0])
     (tmp_path / "stacks").mkdir()
-    tifffile.imwrite(tmp_path / "stacks" / "cells.tif", rng.random((4, 32, 32), dtype=np.float32), metadata={"axes": "CYX"})
+    cells = rng.random((4, 32, 32), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "stacks" / "cells.tif", cells, metadata={"axes": "CYX"})
     data = data_from_paths(clean=tmp_path / "stacks")
     assert data.pairs[0].axes == "CYX" and data.channels == 4  # the file's axes, not a guessed ZYX
+    (tmp_path / "arrays").mkdir()  # folders of .npy files and zarr stores were "no images found"
+    np.save(tmp_path / "arrays" / "a.npy", cells)
+    zarr.open_array(str(tmp_path / "arrays" / "b.zarr"), mode="w", shape=cells.shape, dtype=cells.dtype)[:] = cells
+    data = data_from_paths(clean=tmp_path / "arrays", axes="ZYX")
+    assert [p.name for p in data.pairs] == ["a.npy", "b.zarr"]
+    assert all(np.array_equal(p.clean.compute(), cells) for p in data.pairs)
 
 
 def test_data_from_files_travels_as_the_way_to_reopen_it(tmp_path):

@@ -21,12 +21,20 @@ import numpy as np
 
 from ..engine.arrays import as_dask
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
-from ..engine.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, ImageSource, is_zarr_store, open_image
+from ..engine.io import (
+    NUMPY_SUFFIXES,
+    PICTURE_SUFFIXES,
+    TIFF_SUFFIXES,
+    ZARR_SUFFIXES,
+    ImageSource,
+    is_zarr_store,
+    open_image,
+)
 from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from ..engine.restore import split_alpha
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
-FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES
+FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES + ZARR_SUFFIXES
 # Planes the patch sampler keeps in memory once read (CBSD432 in RGB takes 0.2 GB).
 PLANE_CACHE_BYTES = 2 << 30
 
