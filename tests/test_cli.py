@@ -113,6 +113,7 @@ BAD_INPUTS = {
     "output under a file": (["restore", "{stack}", "-o", "{tmp}/notes.txt/o.zarr"], "is not a folder"),
     "missing output folder": (["restore", "{stack}", "-o", "{tmp}/nowhere/o.zarr"], "does not exist"),
     "output is input": (["restore", "{stack}", "-o", "{stack}", "--overwrite"], "must not be the input"),
+    "output in input": (["restore", "{stack}", "-o", "{stack}/restored.zarr"], "must not be inside the input"),
     "tile too small": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--tile", "8"], "smaller than this network's minimum"),
     "unknown model": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "nope"], "unknown model 'nope'"),
     "no shipped weights": (["restore", "{stack}", "-o", "{tmp}/o.zarr", "--model", "gama_ir_s"], "no pretrained weights"),
