@@ -64,6 +64,50 @@ def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):
         assert open_image(tmp_path / name).pixel_size == expected
 
 
+@pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio, trying broken.png
+def test_restore_a_folder_of_images(capsys, tmp_path):
+    import imageio.v3 as iio
+
+    from napari_gama_ir import create_model, restore
+
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 256, (32, 40), dtype=np.uint8), rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    cells = rng.random((2, 32, 40), dtype=np.float32)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    iio.imwrite(photos / "grey.png", grey)
+    iio.imwrite(photos / "rgb.bmp", rgb)
+    np.save(photos / "cells.npy", cells)
+    (photos / "notes.txt").write_text("not an image")
+    code, out, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q")
+    assert code == 0, err
+    assert err.strip() == f"restored 3 images into {tmp_path / 'restored'}"
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["cells.npy", "grey.png", "rgb.png"]
+    # Each with the shipped model for its channels, as one image given alone.
+    colour = create_model("gama_ir_xs-denoise-rgb", pretrained=True)
+    assert np.array_equal(iio.imread(tmp_path / "restored" / "rgb.png"), restore(rgb, colour, "YXC", output_dtype="input"))
+    grey_model = create_model("gama_ir_xs-denoise-grey", pretrained=True)
+    assert np.array_equal(np.load(tmp_path / "restored" / "cells.npy"), restore(cells, grey_model, "ZYX"))
+
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()}
+    iio.imwrite(photos / "rgb.png", rgb)  # would land on rgb.bmp's output
+    (photos / "broken.png").write_bytes(b"not a picture")
+    for argv, message in [
+        ([], "broken.png: not a readable picture"),
+        (["--overwrite"], "broken.png: not a readable picture"),
+        (["-o", photos], "the output folder must not be the input folder"),
+        (["--workers", "2"], "a folder is restored on this machine"),
+    ]:
+        code, out, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q", *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    (photos / "broken.png").unlink()
+    code, out, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q", "--overwrite")
+    assert code == 2 and "rgb.bmp and rgb.png would both be restored into rgb.png" in err
+    code, out, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q")
+    assert code == 2 and "cells.npy: already exists" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before  # nothing written
+
+
 def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
     # The default float32 output cannot go into a PNG: it failed after the restoration, with a traceback for RGB.
     import imageio.v3 as iio

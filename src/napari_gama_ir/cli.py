@@ -22,7 +22,18 @@ from .engine.axes import guess_axes, parse_axes
 from .engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from .engine.calibration import to_attribute
 from .engine.device import host_threads, is_out_of_memory, resolve_device
-from .engine.io import check_output_format, check_output_path, open_image, write_image
+from .engine.io import (
+    READABLE,
+    TIFF_SUFFIXES,
+    WRITABLE,
+    check_output_format,
+    check_output_path,
+    folder_images,
+    image_suffix,
+    is_zarr_store,
+    open_image,
+    write_image,
+)
 from .engine.normalize import NORMALIZATION_CHOICES
 from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from .model import (
@@ -89,24 +100,34 @@ def _untrained_banner() -> str:
 
 
 def run_restore(args: argparse.Namespace) -> Path:
-    """Everything ``restore`` does, shared with ``demo``: open, check, restore lazily, write."""
+    """Everything ``restore`` does, shared with ``demo``: open, check, restore lazily, write.
+
+    A folder of images (not a zarr store) is restored image by image into the ``--output`` folder.
+    """
     _check_minimum(args, 1, "workers", "threads_per_worker")
+    if Path(args.input).is_dir() and not is_zarr_store(Path(args.input)):
+        return _restore_folder(args)
     source = open_image(args.input)
     output = check_output_path(args.output, [args.input], args.overwrite)
-    if args.output_dtype is None:  # a PNG holds integers only: keep the input's
-        args.output_dtype = "input" if output.suffix.lower() == ".png" else "float32"
+    return _restore_image(args, source, output)
+
+
+def _restore_image(args: argparse.Namespace, source, output: Path, label: str = "restoring") -> Path:
+    """Restore the opened image ``source`` into ``output`` (checked already), as ``args`` say."""
+    # A PNG holds integers only: keep the input's.
+    output_dtype = args.output_dtype or ("input" if output.suffix.lower() == ".png" else "float32")
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
     alpha = source.alpha and axes.endswith("C")  # opacity is passed through, not restored
     channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
     if args.untrained:
         print(_untrained_banner(), file=sys.stderr)
-    args.model = args.model or (
+    model_name = args.model or (
         UNTRAINED_ARCHITECTURE if args.untrained else default_model_name(channels, resolve_device(args.device).type)
     )
-    model = load_model(args.model, args.untrained, channels)
+    model = load_model(model_name, args.untrained, channels)
     provenance = {
         "napari_gama_ir_version": __version__,
-        "model": str(args.model),
+        "model": str(model_name),
         "untrained": bool(args.untrained),
         "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
         "tile": args.tile,
@@ -114,22 +135,21 @@ def run_restore(args: argparse.Namespace) -> Path:
         "mean_mode": args.mean_mode,
         "compiled": bool(args.compile),
         "cuda_graphs": "auto" if args.cuda_graphs is None else args.cuda_graphs,
-        "source": str(args.input),
+        "source": str(source.path),
     }
     pixel_size = {axis: entry for axis, entry in source.pixel_size.items() if axis in axes}
     if pixel_size:  # the output keeps the input's calibration
         provenance[PIXEL_SIZE_ATTRIBUTE] = to_attribute(pixel_size)
     if args.scheduler or args.workers or args.resume:
         if alpha:
-            raise UsageError(f"{args.input} has an alpha channel, which restoring on a cluster does not handle")
-        return _restore_on_cluster(args, source.array, model, output, axes, provenance)
+            raise UsageError(f"{source.path} has an alpha channel, which restoring on a cluster does not handle")
+        return _restore_on_cluster(args, source, model, output, axes, provenance, output_dtype)
     planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
     height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
-    progress = _Progress(planes, height * width, args.quiet)
+    progress = _Progress(planes, height * width, args.quiet, label)
     restored = restore(  # lazy: checks the settings, computes nothing yet
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
-        device=args.device, precision=args.precision, batch=args.batch,
-        output_dtype=args.output_dtype,
+        device=args.device, precision=args.precision, batch=args.batch, output_dtype=output_dtype,
         on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs, alpha=alpha,
     )
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
@@ -142,6 +162,53 @@ def run_restore(args: argparse.Namespace) -> Path:
     finally:
         progress.close()
     return output
+
+
+def _restore_folder(args: argparse.Namespace) -> Path:
+    """Every image of the folder ``args.input`` into the folder ``args.output``, under its own name.
+
+    Outputs keep the input's format where it can be written (pictures that cannot become PNG,
+    TIFF variants plain TIFF). Every input is opened, and every output checked, before the first
+    image is restored; an error stops the run there, with the images before it complete.
+    """
+    folder, target = Path(args.input), Path(args.output)
+    if args.scheduler or args.workers or args.resume:
+        raise UsageError("a folder is restored on this machine; --scheduler, --workers and --resume take one image")
+    paths = folder_images(folder)
+    if not paths:
+        raise UsageError(f"{folder}: no images found ({', '.join(READABLE)})")
+    if target.resolve() == folder.resolve():
+        raise UsageError(f"{target}: the output folder must not be the input folder")
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target}: not a folder (restoring a folder writes a folder)")
+    if not target.resolve().parent.is_dir():
+        raise UsageError(f"{target}: folder {target.resolve().parent} does not exist")
+    sources = [open_image(path) for path in paths.values()]
+    outputs = [target / _output_name(path) for path in paths.values()]
+    first_with = {}
+    for output, name in zip(outputs, paths):
+        if output in first_with:
+            raise UsageError(f"{first_with[output]} and {name} would both be restored into {output.name}")
+        first_with[output] = name
+        if output.exists() and not args.overwrite:
+            raise UsageError(f"{output}: already exists (pass --overwrite to replace it)")
+    target.mkdir(exist_ok=True)
+    for done, (source, output) in enumerate(zip(sources, outputs)):
+        try:
+            check_output_path(output, [source.path], args.overwrite)
+            _restore_image(args, source, output, label=f"{done + 1}/{len(sources)} {source.path.name}")
+        except (ValueError, OSError) as error:
+            raise UsageError(f"{error} ({done} of {len(sources)} images restored before it)") from None
+    print(f"restored {len(sources)} images into {target}", file=sys.stderr)
+    return target
+
+
+def _output_name(path: Path) -> str:
+    """``path``'s name with a suffix that can be written: its own, else PNG for pictures, TIFF for TIFFs."""
+    suffix = image_suffix(path)
+    if suffix not in WRITABLE:
+        suffix = ".tif" if suffix in TIFF_SUFFIXES else ".png"
+    return path.name[: len(path.name) - len(image_suffix(path))] + suffix
 
 
 @contextlib.contextmanager
@@ -168,7 +235,9 @@ def _cluster(args: argparse.Namespace, options: str):
             cluster.close()
 
 
-def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, provenance: dict) -> Path:
+def _restore_on_cluster(
+    args, source, model: GamaIR, output: Path, axes: str, provenance: dict, output_dtype: str
+) -> Path:
     """``restore`` on dask.distributed: an existing scheduler, or a local cluster of worker processes."""
     from tqdm import tqdm
 
@@ -187,10 +256,10 @@ def _restore_on_cluster(args, array, model: GamaIR, output: Path, axes: str, pro
     try:
         with _cluster(args, "--scheduler, --workers and --resume") as client:
             restore_distributed(
-                array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
+                source.array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
                 tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
-                precision=args.precision, batch=args.batch, output_dtype=args.output_dtype, compile=args.compile,
-                cuda_graphs=args.cuda_graphs, attrs=provenance, source=str(Path(args.input).resolve()),
+                precision=args.precision, batch=args.batch, output_dtype=output_dtype, compile=args.compile,
+                cuda_graphs=args.cuda_graphs, attrs=provenance, source=str(source.path.resolve()),
                 on_chunk=on_chunk,
             )
     except KeyboardInterrupt:
@@ -209,15 +278,15 @@ class _Progress:
     by an empty bar.
     """
 
-    def __init__(self, planes: int, plane_pixels: int, quiet: bool) -> None:
-        self._planes, self._plane_pixels, self._quiet = planes, plane_pixels, quiet
+    def __init__(self, planes: int, plane_pixels: int, quiet: bool, label: str = "restoring") -> None:
+        self._planes, self._plane_pixels, self._quiet, self._label = planes, plane_pixels, quiet, label
         self._done, self._lock, self._bar = 0, threading.Lock(), None
 
     def start(self) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=self._planes * self._plane_pixels / 1e6, unit="Mpx", disable=self._quiet, desc="restoring",
+            total=self._planes * self._plane_pixels / 1e6, unit="Mpx", disable=self._quiet, desc=self._label,
             bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
         )
 
@@ -531,7 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
-    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg or .npy")
+    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg or .npy; or a "
+                             "folder of them, restored into the --output folder")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .png or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")

@@ -65,7 +65,8 @@ class ImageSource:
     pixel_size: PixelSizes = field(default_factory=dict)
 
 
-def _suffix(path: Path) -> str:
+def image_suffix(path: Path) -> str:
+    """The format suffix of ``path``, compound ones whole (``.ome.tif``), lower-case."""
     name = path.name.lower()
     for suffix in sorted(READABLE + WRITABLE, key=len, reverse=True):
         if name.endswith(suffix):
@@ -174,9 +175,14 @@ def _open_tiff(path: Path) -> ImageSource:
     return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {})
 
 
+def folder_images(folder: Path) -> dict[str, Path]:
+    """The images of ``folder`` (files and zarr stores it holds directly, of a readable format), by name."""
+    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(READABLE)}
+
+
 def is_zarr_store(path: Path) -> bool:
     """Whether ``path`` names a zarr store (by suffix, or a folder with zarr metadata)."""
-    return _suffix(path) in ZARR_SUFFIXES or (
+    return image_suffix(path) in ZARR_SUFFIXES or (
         path.is_dir() and any((path / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
     )
 
@@ -195,7 +201,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     path = Path(path)
     if not path.exists():
         raise ImageIOError(f"{path}: no such file or folder")
-    suffix = _suffix(path)
+    suffix = image_suffix(path)
     if is_zarr_store(path):
         return _open_zarr(path)
     if suffix in TIFF_SUFFIXES:
@@ -226,7 +232,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike], overwrite: bool) -> Path:
     """Refuse outputs that would clobber an input, exist already, or cannot be written."""
     output = Path(output)
-    if _suffix(output) not in WRITABLE:
+    if image_suffix(output) not in WRITABLE:
         raise ImageIOError(f"{output}: cannot write this format (use one of {', '.join(WRITABLE)})")
     for source in inputs:
         if output.resolve() == Path(source).resolve():
@@ -269,7 +275,7 @@ def png_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) 
 
 def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes: str, dtype: np.dtype) -> None:
     """Refuse, before any pixel is computed, an image that ``output``'s format cannot hold."""
-    suffix = _suffix(Path(output))
+    suffix = image_suffix(Path(output))
     if is_ome_zarr_output(output):
         check_ome_axes(output, axes)
     if suffix in TIFF_SUFFIXES and not axes.endswith(("YX", "YXC")):
@@ -335,7 +341,7 @@ def create_zarr_output(path: str | os.PathLike, shape: tuple[int, ...], chunks: 
 
 def is_ome_zarr_output(output: str | os.PathLike) -> bool:
     """Whether ``output`` names an OME-Zarr image (``.ome.zarr``) rather than a plain zarr array."""
-    return _suffix(Path(output)) == ".ome.zarr"
+    return image_suffix(Path(output)) == ".ome.zarr"
 
 
 def check_ome_axes(output: str | os.PathLike, axes: str) -> None:
@@ -417,7 +423,7 @@ def write_image_steps(
     error removes the partial output: the output appears under its name only after the last step.
     """
     output = Path(output)
-    suffix = _suffix(output)
+    suffix = image_suffix(output)
     array, _ = as_dask(array)
     check_output_format(output, array.shape, axes, array.dtype)
     watch = _CancelWatch(cancel) if cancel is not None else nullcontext()

@@ -21,20 +21,11 @@ import numpy as np
 
 from ..engine.arrays import as_dask
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
-from ..engine.io import (
-    NUMPY_SUFFIXES,
-    PICTURE_SUFFIXES,
-    TIFF_SUFFIXES,
-    ZARR_SUFFIXES,
-    ImageSource,
-    is_zarr_store,
-    open_image,
-)
+from ..engine.io import READABLE, ImageSource, folder_images, is_zarr_store, open_image
 from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from ..engine.restore import split_alpha
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
-FOLDER_SUFFIXES = PICTURE_SUFFIXES + TIFF_SUFFIXES + NUMPY_SUFFIXES + ZARR_SUFFIXES
 # Planes the patch sampler keeps in memory once read (CBSD432 in RGB takes 0.2 GB).
 PLANE_CACHE_BYTES = 2 << 30
 
@@ -193,10 +184,6 @@ def data_from_arrays(
     return TrainingData([ImagePair(name, axes, *arrays)], {"source": name})
 
 
-def _folder_images(folder: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(FOLDER_SUFFIXES)}
-
-
 def data_from_paths(
     noisy: str | os.PathLike | None = None,
     clean: str | os.PathLike | None = None,
@@ -233,11 +220,11 @@ def data_from_paths(
 
 def _folder_pairs(folders: list[Path | None], axes: str | None) -> list[ImagePair]:
     """One pair per file name in the given folders (noisy, clean), which must hold the same names."""
-    listings = [None if p is None else _folder_images(p) for p in folders]
+    listings = [None if p is None else folder_images(p) for p in folders]
     names = sorted(next(entry for entry in listings if entry is not None))
     if not names:
         folder = next(p for p in folders if p is not None)
-        raise TrainingDataError(f"{folder}: no images found ({', '.join(FOLDER_SUFFIXES)})")
+        raise TrainingDataError(f"{folder}: no images found ({', '.join(READABLE)})")
     if all(entry is not None for entry in listings):
         unmatched = sorted(set(listings[0]) ^ set(listings[1]))
         if unmatched:
