@@ -105,6 +105,8 @@ def run_restore(args: argparse.Namespace) -> Path:
     A folder of images (not a zarr store) is restored image by image into the ``--output`` folder.
     """
     _check_minimum(args, 1, "workers", "threads_per_worker")
+    if args.untrained:
+        print(_untrained_banner(), file=sys.stderr)
     if Path(args.input).is_dir() and not is_zarr_store(Path(args.input)):
         return _restore_folder(args)
     source = open_image(args.input)
@@ -119,8 +121,6 @@ def _restore_image(args: argparse.Namespace, source, output: Path, label: str = 
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
     alpha = source.alpha and axes.endswith("C")  # opacity is passed through, not restored
     channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
-    if args.untrained:
-        print(_untrained_banner(), file=sys.stderr)
     model_name = args.model or (
         UNTRAINED_ARCHITECTURE if args.untrained else default_model_name(channels, resolve_device(args.device).type)
     )
@@ -167,8 +167,8 @@ def _restore_image(args: argparse.Namespace, source, output: Path, label: str = 
 def _restore_folder(args: argparse.Namespace) -> Path:
     """Every image of the folder ``args.input`` into the folder ``args.output``, under its own name.
 
-    Outputs keep the input's format where it can be written (pictures that cannot become PNG,
-    TIFF variants plain TIFF). Every input is opened, and every output checked, before the first
+    Outputs keep the input's format where it can be written; other pictures (JPEG, BMP) become
+    PNG, OME-TIFF plain TIFF. Every input is opened, and every output checked, before the first
     image is restored; an error stops the run there, with the images before it complete.
     """
     folder, target = Path(args.input), Path(args.output)
@@ -206,9 +206,10 @@ def _restore_folder(args: argparse.Namespace) -> Path:
 def _output_name(path: Path) -> str:
     """``path``'s name with a suffix that can be written: its own, else PNG for pictures, TIFF for TIFFs."""
     suffix = image_suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)]
     if suffix not in WRITABLE:
         suffix = ".tif" if suffix in TIFF_SUFFIXES else ".png"
-    return path.name[: len(path.name) - len(image_suffix(path))] + suffix
+    return stem + suffix
 
 
 @contextlib.contextmanager
