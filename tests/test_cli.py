@@ -58,7 +58,7 @@ def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint16), imagej=True, resolution=(10, 10),
                      metadata={"spacing": 0.3, "unit": "um", "axes": "ZYX"})
     expected = {"Z": (0.3, "micrometer"), "Y": (0.1, "micrometer"), "X": (0.1, "micrometer")}
-    for name in ("out.zarr", "out.tif"):
+    for name in ("out.zarr", "out.tif", "out.ome.tif", "out.ome.zarr"):
         code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / name, "--model", grey_checkpoint, "-q")
         assert code == 0, err
         assert open_image(tmp_path / name).pixel_size == expected

@@ -113,6 +113,26 @@ def test_ome_zarr_output_says_its_axes_and_pixel_sizes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr"]
 
 
+def test_ome_tiff_output_holds_the_pixel_sizes_and_attributes_in_its_ome_xml(tmp_path):
+    import json
+
+    data = np.random.default_rng(0).random((2, 3, 8, 10), dtype=np.float32)
+    sizes = {"T": [2.0, "second"], "Y": [0.2, "micrometer"], "X": [0.2, "micrometer"]}
+    write_image(data, tmp_path / "out.ome.tif", "TCYX", attrs={"pixel_size": sizes, "model": "m"})
+    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tif:
+        image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        assert tif.is_ome and tif.series[0].axes == "TCYX"
+    assert json.loads(image["Description"])["model"] == "m"
+    assert {key: image["Pixels"][key] for key in ("PhysicalSizeX", "PhysicalSizeXUnit", "TimeIncrement",
+                                                  "TimeIncrementUnit")} == {
+        "PhysicalSizeX": 0.2, "PhysicalSizeXUnit": "µm", "TimeIncrement": 2.0, "TimeIncrementUnit": "s"}
+    source = open_image(tmp_path / "out.ome.tif")
+    assert source.axes == "TCYX" and np.array_equal(source.array.compute(), data)
+    assert source.pixel_size == {axis: tuple(entry) for axis, entry in sizes.items()}
+    with pytest.raises(ImageIOError, match="OME-TIFF axes are T, C, Z, Y and X, not 'QYX'"):
+        write_image(data[0], tmp_path / "q.ome.tif", "QYX")
+
+
 def test_tiff_is_read_through_a_zarr_store(tmp_path):
     data = np.random.default_rng(0).integers(0, 60000, (5, 32, 40), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "stack.tif", data, metadata={"axes": "ZYX"})

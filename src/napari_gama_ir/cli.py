@@ -24,7 +24,6 @@ from .engine.calibration import to_attribute
 from .engine.device import host_threads, is_out_of_memory, resolve_device
 from .engine.io import (
     READABLE,
-    TIFF_SUFFIXES,
     WRITABLE,
     check_output_format,
     check_output_path,
@@ -168,7 +167,7 @@ def _restore_folder(args: argparse.Namespace) -> Path:
     """Every image of the folder ``args.input`` into the folder ``args.output``, under its own name.
 
     Outputs keep the input's format where it can be written; other pictures (JPEG, BMP) become
-    PNG, OME-TIFF plain TIFF. Every input is opened, and every output checked, before the first
+    PNG. Every input is opened, and every output checked, before the first
     image is restored; an error stops the run there, with the images before it complete.
     """
     folder, target = Path(args.input), Path(args.output)
@@ -204,12 +203,9 @@ def _restore_folder(args: argparse.Namespace) -> Path:
 
 
 def _output_name(path: Path) -> str:
-    """``path``'s name with a suffix that can be written: its own, else PNG for pictures, TIFF for TIFFs."""
+    """``path``'s name with a suffix that can be written: its own, else PNG (JPEG and BMP pictures)."""
     suffix = image_suffix(path)
-    stem = path.name[: len(path.name) - len(suffix)]
-    if suffix not in WRITABLE:
-        suffix = ".tif" if suffix in TIFF_SUFFIXES else ".png"
-    return stem + suffix
+    return path.name if suffix in WRITABLE else path.name[: len(path.name) - len(suffix)] + ".png"
 
 
 @contextlib.contextmanager
@@ -603,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
     restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg or .npy; or a "
                              "folder of them, restored into the --output folder")
-    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .png or .npy")
+    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")

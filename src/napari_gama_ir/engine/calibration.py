@@ -22,6 +22,11 @@ _UNIT_NAMES = {
     "s": "second", "sec": "second", "ms": "millisecond", "min": "minute", "h": "hour",
 }
 _CENTIMETERS = {"nanometer": 1e-7, "micrometer": 1e-4, "millimeter": 0.1, "centimeter": 1.0, "meter": 100.0}
+# OME-XML's symbols (UnitsLength, UnitsTime) for the units above.
+_OME_SYMBOLS = {
+    "nanometer": "nm", "micrometer": "µm", "millimeter": "mm", "centimeter": "cm", "meter": "m", "inch": "in",
+    "second": "s", "millisecond": "ms", "minute": "min", "hour": "h",
+}
 
 
 def unit_name(unit: Any) -> str | None:
@@ -140,3 +145,17 @@ def tiff_resolution(sizes: PixelSizes) -> dict[str, Any]:
         per = _CENTIMETERS[x_unit]
         return {"resolution": (1.0 / (x * per), 1.0 / (y * per)), "resolutionunit": "CENTIMETER"}
     return {}
+
+
+def ome_tiff_metadata(sizes: PixelSizes) -> dict[str, Any]:
+    """``tifffile`` OME metadata for the sizes whose unit OME-XML can name (it reads a size without
+    a unit as micrometres or seconds, so those are left out)."""
+    metadata: dict[str, Any] = {}
+    for axis, (size, unit) in sizes.items():
+        symbol = _OME_SYMBOLS.get(unit or "")
+        if symbol is None:
+            continue
+        key = "TimeIncrement" if axis == "T" else f"PhysicalSize{axis}" if axis in "XYZ" else None
+        if key is not None and (axis == "T") == (unit in ("second", "millisecond", "minute", "hour")):
+            metadata[key], metadata[f"{key}Unit"] = size, symbol
+    return metadata

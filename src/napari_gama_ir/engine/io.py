@@ -8,6 +8,7 @@ cancelled run never leaves an output that looks complete.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -29,14 +30,22 @@ from numcodecs import Blosc
 from .arrays import as_dask
 from .axes import AxesError, parse_axes
 from .calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
-from .calibration import PixelSizes, from_attribute, from_ome_multiscale, from_tiff, tiff_resolution
+from .calibration import (
+    PixelSizes,
+    from_attribute,
+    from_ome_multiscale,
+    from_tiff,
+    ome_tiff_metadata,
+    tiff_resolution,
+)
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
-WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".png", ".npy")
+WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
+OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 
 
@@ -280,6 +289,8 @@ def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes:
         check_ome_axes(output, axes)
     if suffix in TIFF_SUFFIXES and not axes.endswith(("YX", "YXC")):
         raise ImageIOError(f"{output}: TIFF output needs axes ending in YX or YXC, got {axes!r}")
+    if suffix in OME_TIFF_SUFFIXES and not set(axes) <= set("TCZYX"):
+        raise ImageIOError(f"{output}: OME-TIFF axes are T, C, Z, Y and X, not {axes!r}; write .tif, .zarr or .npy")
     if suffix == ".png":
         png_shape(Path(output), shape, axes, dtype)
 
@@ -438,8 +449,8 @@ def write_image_steps(
                 target = create_zarr_output(temporary, array.shape, chunks, array.dtype)
             set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
             yield from _store_chunks(array, target, workers, cancel)
-        elif suffix in (".tif", ".tiff"):
-            yield from _write_tiff(array, temporary, axes, attrs or {})
+        elif suffix in TIFF_SUFFIXES:
+            yield from _write_tiff(array, temporary, axes, attrs or {}, ome=suffix in OME_TIFF_SUFFIXES)
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
@@ -493,13 +504,23 @@ def _store_chunks(
                 future.cancel()
 
 
-def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> Iterator[tuple[int, int]]:
-    """Write a BigTIFF page by page; each page is computed just before it is written."""
+def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) -> Iterator[tuple[int, int]]:
+    """Write a BigTIFF page by page; each page is computed just before it is written.
+
+    ``attrs`` go into the description as JSON; an OME-TIFF's description is its OME-XML, which
+    then holds the pixel sizes, and ``attrs`` as the image's description.
+    """
     import tifffile
 
     page_ndim = 3 if axes.endswith("C") else 2
     pages = array.reshape((-1,) + array.shape[-page_ndim:])
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
+    sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
+    metadata = {"axes": axes.replace("C", "S") if rgb else axes}
+    if ome:
+        metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
+    else:
+        metadata.update(attrs)
     tifffile.imwrite(
         path,
         data=(pages[index].compute() for index in range(pages.shape[0])),
@@ -507,7 +528,8 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict) -> Iterator
         dtype=array.dtype,
         bigtiff=True,
         photometric="rgb" if rgb else "minisblack",
-        metadata={"axes": axes.replace("C", "S") if rgb else axes, **attrs},
-        **tiff_resolution(from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)),
+        metadata=metadata,
+        ome=ome,
+        **tiff_resolution(sizes),
     )
     yield pages.shape[0], pages.shape[0]
