@@ -1,9 +1,9 @@
 """Physical pixel sizes (calibration), carried from an input file to its restored output.
 
 Read from OME-Zarr scale transforms, OME-TIFF and ImageJ TIFF metadata, TIFF resolution tags and
-this package's own outputs; written into the output's attributes (zarr) or description (TIFF), and
-into a TIFF's resolution tags, so that a restored stack keeps its input's voxel size in napari,
-Fiji and later runs of this package.
+this package's own outputs; written into the output's attributes (zarr), OME metadata (OME-Zarr,
+OME-TIFF) or description (TIFF), and into a TIFF's resolution tags, so that a restored stack keeps
+its input's voxel size in napari, Fiji and later runs of this package.
 """
 
 from __future__ import annotations
