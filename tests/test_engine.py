@@ -402,3 +402,27 @@ def test_in_memory_images_are_not_copied(tmp_path):
     assert allocated < image.nbytes / 4 and not was_lazy  # a few planes' worth, not the stack
     assert all(plane.shape == (512, 512) for plane in planes)
     assert as_dask(source.array)[0] is source.array
+
+
+def test_a_plane_too_large_for_memory_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    # A 200000 x 200000 plane was read, then the process was killed for want of memory.
+    import importlib
+
+    from napari_gama_ir.cli import main
+    from napari_gama_ir.engine.restore import PlaneTooLargeError, planes_that_fit
+
+    engine = importlib.import_module("napari_gama_ir.engine.restore")
+    huge = zarr.open_array(str(tmp_path / "huge.zarr"), mode="w", shape=(2, 200_000, 200_000), chunks=(1, 4096, 4096),
+                           dtype="uint16", fill_value=0)
+    model = make_tiny_model(1)
+    monkeypatch.setattr(engine, "available_memory", lambda: 24 * 10**9)
+    with pytest.raises(PlaneTooLargeError, match=r"one plane takes about 721\.1 GB of memory, and 24\.0 GB is"):
+        restore(huge, model, "ZYX")  # 18 bytes a pixel from uint16 to float32, and 1 GiB beside
+    assert main(["restore", str(tmp_path / "huge.zarr"), "-o", str(tmp_path / "out.zarr"), "--untrained", "-q"]) == 2
+    assert "planes this large need a machine with more memory" in capsys.readouterr().err
+    assert not any(p.name.startswith(".out.zarr") for p in tmp_path.iterdir())  # nothing started
+    # Where two planes do not fit but one does, one runs at a time; the system may not say at all.
+    monkeypatch.setattr(engine, "available_memory", lambda: engine.RESERVED_BYTES + 3 * 10**9)
+    assert planes_that_fit(2 * 10**9, 2) == 1 and planes_that_fit(10**9, 2) == 2
+    monkeypatch.setattr(engine, "available_memory", lambda: None)
+    assert planes_that_fit(10**15, 2) == 2

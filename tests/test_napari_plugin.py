@@ -210,15 +210,13 @@ def test_rgba_layers_restore_their_colours_and_keep_their_opacity(make_napari_vi
 
 
 def test_restore_all_refuses_a_layer_too_large_for_memory(make_napari_viewer, grey_checkpoint, monkeypatch):
-    from types import SimpleNamespace
-
     shown = []
     monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
     viewer = make_napari_viewer()
     viewer.add_image(da.zeros((100_000, 1024, 1024), chunks=(1, 1024, 1024), dtype=np.uint16), name="huge")
     widget = open_widget(viewer)
     use_checkpoint(widget, grey_checkpoint)
-    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=16 * 10**9))
+    monkeypatch.setattr("napari_gama_ir._napari.restore_widget.available_memory", lambda: 16 * 10**9)
     assert widget.restore_all() is None and widget.worker is None  # nothing started
     assert "would take 419.4 GB of memory, and 16.0 GB is free; restore it to a zarr store" in shown[-1]
 

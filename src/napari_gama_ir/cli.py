@@ -34,7 +34,7 @@ from .engine.io import (
     write_image,
 )
 from .engine.normalize import NORMALIZATION_CHOICES
-from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
+from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, plan_restore, planes_that_fit
 from .model import (
     CheckpointError,
     GamaIR,
@@ -152,12 +152,13 @@ def _restore_image(args: argparse.Namespace, source, output: Path, label: str = 
         on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs, alpha=alpha,
     )
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
+    # As many planes at once as the host's threads, or as fit in memory where planes are huge.
+    plan = plan_restore(source.array, model, axes, args.tile or None, args.overlap, args.mean_mode, None,
+                        output_dtype, alpha)
+    workers = planes_that_fit(plan.plane_bytes(model.config.out_channels), host_threads(resolve_device(args.device)))
     progress.start()
     try:
-        write_image(
-            restored, output, axes, overwrite=args.overwrite, attrs=provenance,
-            workers=host_threads(resolve_device(args.device)),
-        )
+        write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers)
     finally:
         progress.close()
     return output

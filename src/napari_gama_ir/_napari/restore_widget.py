@@ -21,7 +21,7 @@ from ..engine.arrays import as_dask
 from ..engine.axes import parse_axes
 from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from ..engine.calibration import to_attribute
-from ..engine.device import resolve_device
+from ..engine.device import available_memory, resolve_device
 from ..engine.io import Cancelled, block_regions, check_output_format, check_output_path, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
@@ -44,10 +44,8 @@ def model_choices() -> list[str]:
 def _check_fits_in_memory(nbytes: int) -> None:
     """Refuse an in-memory result larger than half the memory free now: filling it would end,
     perhaps hours later, with napari killed for want of memory and the work lost."""
-    import psutil
-
-    available = psutil.virtual_memory().available
-    if nbytes > available // 2:
+    available = available_memory()
+    if available is not None and nbytes > available // 2:
         raise ValueError(
             f"the restored image would take {nbytes / 1e9:.1f} GB of memory, and {available / 1e9:.1f} GB is free; "
             "restore it to a zarr store"

@@ -69,3 +69,20 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on the CPU, where oneDNN runs 1x1 convs without reordering every tensor; NCHW
     elsewhere (on GPUs the gain depends on precision and card)."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give now without swapping (Linux's ``MemAvailable``, else
+    psutil's figure where it is installed), or ``None`` where neither says."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)

@@ -25,7 +25,7 @@ from .axes import (
     plane_layout,
     to_canonical,
 )
-from .device import host_threads
+from .device import available_memory, host_threads, resolve_device
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from .runner import ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
@@ -39,6 +39,36 @@ DEFAULT_MEAN_MODE = "global"
 
 class NonFiniteInputError(ValueError):
     """The input holds NaN or infinite values."""
+
+
+class PlaneTooLargeError(ValueError):
+    """One plane needs more memory to restore than the machine has available."""
+
+
+# Memory beside the planes: torch, the network's activations on a tile, a run of tiles.
+RESERVED_BYTES = 2**30
+
+
+def planes_that_fit(plane_bytes: int, most: int) -> int:
+    """How many planes of ``plane_bytes`` (:meth:`RestorePlan.plane_bytes`), up to ``most``, can be
+    restored at once in the memory available now; all of them where the system does not say.
+
+    Raises
+    ------
+    PlaneTooLargeError
+        When not even one fits: restoring it would end with the process killed for want of memory,
+        perhaps minutes later, instead of this error now.
+    """
+    available = available_memory()
+    if available is None:
+        return most
+    fitting = (available - RESERVED_BYTES) // plane_bytes
+    if fitting < 1:
+        raise PlaneTooLargeError(
+            f"restoring one plane takes about {(plane_bytes + RESERVED_BYTES) / 1e9:.1f} GB of memory, and "
+            f"{available / 1e9:.1f} GB is available; planes this large need a machine with more memory"
+        )
+    return int(min(most, fitting))
 
 
 @dataclass(frozen=True)
@@ -228,6 +258,17 @@ class RestorePlan:
     tiling: TilingPlan
     alpha: da.Array | None = None  # the input's opacity channel, passed through; ``array`` is without it
 
+    def plane_bytes(self, out_channels: int) -> int:
+        """Memory that restoring one plane takes: its input, the blended sum and the weights
+        (float32), the output and dask's assembled copy of it (12-15 bytes a pixel for uint16 grey,
+        as measured in docs/performance.md, "Memory of very large planes")."""
+        shape = dict(zip(self.axes, self.array.shape))
+        channels_in = shape["C"] if self.layout.feed_channels else 1
+        channels_out = out_channels if self.layout.feed_channels else 1
+        per_pixel = (channels_in * self.array.dtype.itemsize + 4 * channels_out + 4
+                     + 2 * channels_out * self.output_dtype.itemsize)
+        return shape["Y"] * shape["X"] * per_pixel
+
     def canonical_planes(self) -> da.Array:
         """The input as ``(*iterated, C, Y, X)`` with one chunk per plane."""
         canonical = to_canonical(self.array, self.layout)
@@ -356,6 +397,9 @@ def restore(
         model = create_model(model, pretrained=True)
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
+    # A lazy result's reader decides how many planes run at once (planes_that_fit); here, one must.
+    threads = host_threads(resolve_device(device))
+    workers = planes_that_fit(plan.plane_bytes(model.config.out_channels), 1 if plan.lazy else threads)
     # Only now that the input is known to fit: copy the network onto its device.
     runner = runner_for(
         model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile,
@@ -385,5 +429,5 @@ def restore(
         result = da.concatenate([result, opacity], axis=channel).rechunk({channel: -1})
     if plan.lazy:
         return result
-    with dask.config.set(scheduler="threads", num_workers=host_threads(runner.device)):
+    with dask.config.set(scheduler="threads", num_workers=workers):
         return result.compute()
