@@ -426,3 +426,35 @@ def test_a_plane_too_large_for_memory_is_refused_before_any_work(monkeypatch, tm
     assert planes_that_fit(2 * 10**9, 2) == 1 and planes_that_fit(10**9, 2) == 2
     monkeypatch.setattr(engine, "available_memory", lambda: None)
     assert planes_that_fit(10**15, 2) == 2
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_cgroup_memory_limit_lowers_the_memory_available(tmp_path, version):
+    # In a container or a SLURM job the machine's MemAvailable overstates what the job may use.
+    from napari_gama_ir.engine.device import cgroup_memory_room
+
+    gib = 2**30
+    if version == "v2":
+        (tmp_path / "proc").write_text("0::/job_42\n")
+        folder = tmp_path / "job_42"
+        names, inactive = ("memory.max", "memory.current"), "inactive_file"
+    else:
+        (tmp_path / "proc").write_text("9:cpu:/\n4:memory:/job_42\n")
+        folder = tmp_path / "memory" / "job_42"
+        names, inactive = ("memory.limit_in_bytes", "memory.usage_in_bytes"), "total_inactive_file"
+    folder.mkdir(parents=True)
+    (folder / names[0]).write_text(f"{16 * gib}\n")
+    (folder / names[1]).write_text(f"{10 * gib}\n")
+    (folder / "memory.stat").write_text(f"anon {6 * gib}\n{inactive} {3 * gib}\n")
+    assert cgroup_memory_room(tmp_path, tmp_path / "proc") == 9 * gib  # 16 - (10 - 3 reclaimable)
+    (folder / names[0]).write_text("max\n" if version == "v2" else f"{2**63 - 4096}\n")
+    assert cgroup_memory_room(tmp_path, tmp_path / "proc") is None  # no limit
+    assert cgroup_memory_room(tmp_path, tmp_path / "missing") is None
+
+
+def test_available_memory_is_the_smaller_of_the_machine_and_the_cgroup(monkeypatch):
+    from napari_gama_ir.engine import device
+
+    machine = device.available_memory()
+    monkeypatch.setattr(device, "cgroup_memory_room", lambda: 10**6)
+    assert device.available_memory() == (10**6 if machine is None else min(machine, 10**6))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -72,17 +73,52 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory the system can give now without swapping (Linux's ``MemAvailable``, else
-    psutil's figure where it is installed), or ``None`` where neither says."""
+    """Bytes of memory this process can have now without swapping or being killed, or ``None``
+    where the system does not say: Linux's ``MemAvailable`` (else psutil's figure where it is
+    installed), lowered to the room left under a cgroup memory limit (a container, a SLURM job)."""
+    system = None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    system = int(line.split()[1]) * 1024
     except OSError:
-        pass
+        try:
+            import psutil
+        except ImportError:
+            return None
+        system = int(psutil.virtual_memory().available)
+    known = [figure for figure in (system, cgroup_memory_room()) if figure is not None]
+    return min(known) if known else None
+
+
+def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2 or v1), ``None`` without a limit.
+
+    The cgroup's usage counts the page cache; its inactive file pages, which the kernel reclaims
+    first, are left out of it, as container runtimes do.
+    """
     try:
-        import psutil
-    except ImportError:
+        lines = membership.read_text().splitlines()
+    except OSError:
         return None
-    return int(psutil.virtual_memory().available)
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            files, inactive_key = ("memory.max", "memory.current"), "inactive_file"
+            folders = [root / path.lstrip("/"), root]
+        elif "memory" in controllers.split(","):  # v1
+            files, inactive_key = ("memory.limit_in_bytes", "memory.usage_in_bytes"), "total_inactive_file"
+            folders = [root / "memory" / path.lstrip("/"), root / "memory"]
+        else:
+            continue
+        for folder in folders:  # inside a cgroup namespace the process's own cgroup is the root
+            try:
+                limit_text, usage_text = ((folder / name).read_text().strip() for name in files)
+                stat = dict(entry.split() for entry in (folder / "memory.stat").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if limit_text == "max" or int(limit_text) >= 2**60:  # v1 writes "no limit" as a huge number
+                return None
+            return max(0, int(limit_text) - (int(usage_text) - int(stat.get(inactive_key, 0))))
+    return None
