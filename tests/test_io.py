@@ -252,6 +252,34 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_partial_outputs_of_killed_runs_are_removed_by_the_next_write(tmp_path):
+    # A killed run cannot clean up: its hidden partial store stayed, perhaps most of a stack's size.
+    import subprocess
+    import sys
+
+    from napari_gama_ir.engine import io
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "killed": f".out.zarr.partial-{io._HOST}-{ended.stdout.strip()}",
+            "running": f".out.zarr.partial-{io._HOST}-{running.pid}",
+            "other host": ".out.zarr.partial-elsewhere-1",
+            "other output": f".other.zarr.partial-{io._HOST}-{ended.stdout.strip()}",
+        }
+        for name in names.values():
+            (tmp_path / name).mkdir()
+        with pytest.warns(UserWarning, match=r"removing \.out\.zarr\.partial-.*, left by a run that ended"):
+            write_image(np.zeros((2, 8, 8), np.float32), tmp_path / "out.zarr", "ZYX")
+    finally:
+        running.kill()
+        running.wait()
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"out.zarr", names["running"], names["other host"], names["other output"]}
+
+
 def test_overwrite_replaces_only_after_success(tmp_path):
     target = tmp_path / "out.zarr"
     write_image(np.ones((2, 8, 8), np.float32), target, "ZYX")

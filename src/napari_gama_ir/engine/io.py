@@ -8,9 +8,11 @@ cancelled run never leaves an output that looks complete.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -298,7 +300,8 @@ def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes:
 @contextmanager
 def _atomic_path(output: Path, overwrite: bool):
     """Yield a temporary sibling path; move it onto ``output`` only if the block succeeds."""
-    temporary = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    _remove_abandoned_partials(output)
+    temporary = output.with_name(f".{output.name}.partial-{_HOST}-{os.getpid()}")
     _remove(temporary)
     try:
         yield temporary
@@ -315,6 +318,34 @@ def _atomic_path(output: Path, overwrite: bool):
         _remove(old)
     else:
         os.replace(temporary, output)
+
+
+_HOST = socket.gethostname().replace("-", "_")  # the partial outputs' names split at "-"
+
+
+def _remove_abandoned_partials(output: Path) -> None:
+    """Remove the partial outputs that runs on this host left when they were killed (a killed run
+    cannot clean up, and a partial zarr store may hold most of a stack's size).
+
+    Only partials of processes that no longer run on this host are removed; those of other hosts
+    (a shared file system) are left alone.
+    """
+    for partial in output.parent.glob(f".{glob.escape(output.name)}.partial-{glob.escape(_HOST)}-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and not _is_running(int(pid)):
+            warnings.warn(f"removing {partial.name}, left by a run that ended before finishing", UserWarning,
+                          stacklevel=4)
+            _remove(partial)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
