@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -11,6 +12,7 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +115,11 @@ def run_restore(args: argparse.Namespace) -> Path:
     return _restore_image(args, source, output)
 
 
-def _restore_image(args: argparse.Namespace, source, output: Path, label: str = "restoring") -> Path:
-    """Restore the opened image ``source`` into ``output`` (checked already), as ``args`` say."""
+def _restore_image(
+    args: argparse.Namespace, source, output: Path, label: str = "restoring", load: Callable = load_model
+) -> Path:
+    """Restore the opened image ``source`` into ``output`` (checked already), as ``args`` say;
+    ``load`` gives the network (:func:`load_model`, or a cache of it for many images)."""
     # A PNG holds integers only: keep the input's.
     output_dtype = args.output_dtype or ("input" if output.suffix.lower() == ".png" else "float32")
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
@@ -123,7 +128,7 @@ def _restore_image(args: argparse.Namespace, source, output: Path, label: str = 
     model_name = args.model or (
         UNTRAINED_ARCHITECTURE if args.untrained else default_model_name(channels, resolve_device(args.device).type)
     )
-    model = load_model(model_name, args.untrained, channels)
+    model = load(model_name, args.untrained, channels)
     provenance = {
         "napari_gama_ir_version": __version__,
         "model": str(model_name),
@@ -193,10 +198,11 @@ def _restore_folder(args: argparse.Namespace) -> Path:
         if output.exists() and not args.overwrite:
             raise UsageError(f"{output}: already exists (pass --overwrite to replace it)")
     target.mkdir(exist_ok=True)
+    load = functools.cache(load_model)  # read and checked (SHA-256) once per model, not once per image
     for done, (source, output) in enumerate(zip(sources, outputs)):
         try:
             check_output_path(output, [source.path], args.overwrite)
-            _restore_image(args, source, output, label=f"{done + 1}/{len(sources)} {source.path.name}")
+            _restore_image(args, source, output, label=f"{done + 1}/{len(sources)} {source.path.name}", load=load)
         except (ValueError, OSError) as error:
             raise UsageError(f"{error} ({done} of {len(sources)} images restored before it)") from None
     print(f"restored {len(sources)} images into {target}", file=sys.stderr)
