@@ -45,6 +45,24 @@ def test_restore_zarr_to_zarr_matches_the_library(capsys, tmp_path, grey_checkpo
     assert np.array_equal(result.array.compute(), expected)
 
 
+def test_restore_in_blocks_writes_block_chunks_and_tiles_equal_to_whole_planes(capsys, tmp_path, grey_checkpoint):
+    # A gigapixel plane is restored, and its TIFF written, a block at a time; here, blocks of 64.
+    data = (np.random.default_rng(1).random((2, 150, 130)) * 60000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", data, metadata={"axes": "ZYX"}, tile=(32, 32))
+    common = ["--model", grey_checkpoint, "--tile", 32, "--overlap", 8, "--output-dtype", "input", "-q"]
+    for name, block in (("whole.zarr", []), ("blocks.zarr", ["--block", 64]), ("blocks.tif", ["--block", 64])):
+        code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / name, *common, *block)
+        assert code == 0, err
+    whole = zarr.open_array(str(tmp_path / "whole.zarr"))
+    blocks = zarr.open_array(str(tmp_path / "blocks.zarr"))
+    assert whole.chunks == (1, 150, 130) and blocks.chunks == (1, 64, 64)
+    assert np.array_equal(blocks[:], whole[:]) and np.array_equal(tifffile.imread(tmp_path / "blocks.tif"), whole[:])
+    with tifffile.TiffFile(tmp_path / "blocks.tif") as tif:
+        assert tif.pages[0].is_tiled and (tif.pages[0].tilelength, tif.pages[0].tilewidth) == (64, 64)
+    code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "bad.zarr", *common, "--block", 16)
+    assert code == 2 and err.count("\n") == 1 and "block must be at least the tile side (32)" in err
+
+
 def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint8), metadata={"axes": "ZYX"})
     code, out, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "out.tif", "--model", grey_checkpoint)

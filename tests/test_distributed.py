@@ -50,6 +50,19 @@ def test_two_worker_processes_match_the_single_process_engine_bit_for_bit(client
     assert sorted(added) in ([1, 1], [0, 1])
 
 
+@pytest.mark.parametrize("scope", ["image", "stack"])
+def test_planes_spread_over_the_workers_in_blocks_match_the_single_process_engine(client, tmp_path, scope):
+    # One huge plane was one task: one worker restored it while the others waited, if it fitted at all.
+    data = (np.random.default_rng(2).random((2, 3, 90, 100)) * 60000).astype(np.uint16)
+    model = make_tiny_model(1)
+    settings = dict(SETTINGS, normalization={"method": "percentile", "scope": scope})
+    output = restore_distributed(data, model, tmp_path / "out.zarr", "ZCYX", client=client, device="cpu", block=48,
+                                 **settings)
+    result = zarr.open_array(str(output), mode="r")
+    assert result.chunks == (1, 1, 48, 48)  # a one-channel network: each channel is a plane
+    assert np.array_equal(result[:], restore(data, model, "ZCYX", device="cpu", **settings))
+
+
 @pytest.mark.parametrize("name", ["stack.tif", "stack.npy"])
 def test_tiff_and_npy_inputs_travel_to_the_workers_as_their_paths(client, stack, tmp_path, name):
     # A TIFF store could not be pickled (it holds a lock): every cluster run from a TIFF failed.

@@ -404,28 +404,96 @@ def test_in_memory_images_are_not_copied(tmp_path):
     assert as_dask(source.array)[0] is source.array
 
 
-def test_a_plane_too_large_for_memory_is_refused_before_any_work(monkeypatch, tmp_path, capsys):
+def test_a_plane_too_large_for_memory_is_restored_in_blocks_or_refused_before_any_work(
+    monkeypatch, tmp_path, capsys
+):
     # A 200000 x 200000 plane was read, then the process was killed for want of memory.
     import importlib
 
     from napari_gama_ir.cli import main
-    from napari_gama_ir.engine.restore import PlaneTooLargeError, planes_that_fit
+    from napari_gama_ir.engine.restore import PlaneTooLargeError, chunks_that_fit
 
     engine = importlib.import_module("napari_gama_ir.engine.restore")
     huge = zarr.open_array(str(tmp_path / "huge.zarr"), mode="w", shape=(2, 200_000, 200_000), chunks=(1, 4096, 4096),
                            dtype="uint16", fill_value=0)
     model = make_tiny_model(1)
     monkeypatch.setattr(engine, "available_memory", lambda: 24 * 10**9)
-    with pytest.raises(PlaneTooLargeError, match=r"one plane takes about 721\.1 GB of memory, and 24\.0 GB is"):
-        restore(huge, model, "ZYX")  # 18 bytes a pixel from uint16 to float32, and 1 GiB beside
+    lazy = restore(huge, model, "ZYX")  # in the largest blocks that fit: nothing computed yet
+    assert lazy.shape == huge.shape and lazy.chunks[1][:2] == (16384, 16384) and lazy.chunks[1][-1] == 200_000 % 16384
+    with pytest.raises(PlaneTooLargeError, match=r"one block of it, takes about 721\.1 GB of memory, and 24\.0 GB is"):
+        restore(huge, model, "ZYX", tile=None)  # whole planes: 18 bytes a pixel from uint16 to float32, 1 GiB beside
+    # Where not even a block of 1024 x 1024 (with the tiles around it) fits, nothing starts.
+    monkeypatch.setattr(engine, "available_memory", lambda: engine.RESERVED_BYTES + 10**7)
+    with pytest.raises(PlaneTooLargeError, match=r"takes about 1\.1 GB of memory, and 1\.1 GB is available"):
+        restore(huge, model, "ZYX")
     assert main(["restore", str(tmp_path / "huge.zarr"), "-o", str(tmp_path / "out.zarr"), "--untrained", "-q"]) == 2
-    assert "planes this large need a machine with more memory" in capsys.readouterr().err
+    assert "this needs a machine with more memory" in capsys.readouterr().err
     assert not any(p.name.startswith(".out.zarr") for p in tmp_path.iterdir())  # nothing started
-    # Where two planes do not fit but one does, one runs at a time; the system may not say at all.
+    # Where two chunks do not fit but one does, one runs at a time; the system may not say at all.
     monkeypatch.setattr(engine, "available_memory", lambda: engine.RESERVED_BYTES + 3 * 10**9)
-    assert planes_that_fit(2 * 10**9, 2) == 1 and planes_that_fit(10**9, 2) == 2
+    assert chunks_that_fit(2 * 10**9, 2) == 1 and chunks_that_fit(10**9, 2) == 2
     monkeypatch.setattr(engine, "available_memory", lambda: None)
-    assert planes_that_fit(10**15, 2) == 2
+    assert chunks_that_fit(10**15, 2) == 2
+
+
+@pytest.mark.parametrize("normalization", [
+    {"method": "range"},
+    {"method": "percentile", "scope": "image"},
+    {"method": "percentile", "scope": "stack"},
+])
+def test_planes_restored_in_blocks_equal_planes_restored_whole(normalization):
+    # Blocks (and the last, short ones) sum the same tiles of the plane's grid in the same order.
+    rng = np.random.default_rng(3)
+    stack = (rng.random((2, 203, 250)) * 4000).astype(np.uint16)
+    model = make_tiny_model(1)
+    settings = {"tile": 48, "overlap": 16, "normalization": normalization, "output_dtype": "input"}
+    whole = restore(stack, model, "ZYX", **settings)
+    pixels = []
+    blocks = restore(da.from_array(stack, chunks=(1, 64, 64)), model, "ZYX", block=80, on_plane=pixels.append,
+                     **settings)
+    assert blocks.chunks == ((1, 1), (80, 80, 43), (80, 80, 80, 10))
+    assert np.array_equal(blocks.compute(), whole) and whole.dtype == np.uint16
+    assert sorted(pixels) == sorted([80 * 80] * 12 + [80 * 10] * 4 + [43 * 80] * 6 + [43 * 10] * 2)
+    # Colour with opacity, channels last: the blocks keep the channels, and the opacity passes through.
+    rgba = rng.random((150, 170, 4)).astype(np.float32)
+    colour = make_tiny_model(3)
+    whole = restore(rgba, colour, "YXC", tile=48, overlap=16, alpha=True)
+    blocks = restore(rgba, colour, "YXC", tile=48, overlap=16, alpha=True, block=64)
+    assert np.array_equal(blocks, whole) and np.array_equal(blocks[..., 3], rgba[..., 3])
+
+
+def test_blocks_are_checked_and_report_bad_pixels_by_plane():
+    model = make_tiny_model(1)
+    image = np.zeros((2, 100, 100), np.float32)
+    with pytest.raises(ValueError, match="block must be at least the tile side"):
+        restore(image, model, "ZYX", tile=64, overlap=16, block=32)
+    with pytest.raises(ValueError, match="needs tiles"):
+        restore(image, model, "ZYX", tile=None, block=64)
+    image[1, 90, 5] = np.nan
+    with pytest.raises(NonFiniteInputError, match="in plane Z=1"):
+        restore(image, model, "ZYX", tile=32, overlap=8, block=48)
+
+
+def test_a_plane_restored_in_blocks_holds_a_block_not_the_plane(tmp_path):
+    # What the engine allocates with numpy for a 2048 x 2048 plane, whole and in blocks of 512.
+    import tracemalloc
+
+    from napari_gama_ir.engine.io import write_image
+
+    plane = zarr.open_array(str(tmp_path / "plane.zarr"), mode="w", shape=(2048, 2048), chunks=(512, 512),
+                            dtype="uint16")
+    plane[:] = np.random.default_rng(0).integers(0, 4000, (2048, 2048), dtype=np.uint16)
+    model = make_tiny_model(1)
+    peaks = {}
+    for block in (None, 512):
+        restored = restore(plane, model, "YX", tile=128, overlap=32, block=block, output_dtype="input")
+        tracemalloc.start()
+        write_image(restored, tmp_path / f"{block}.zarr", "YX", workers=1)
+        peaks[block] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert np.array_equal(zarr.open_array(str(tmp_path / "512.zarr"))[:], zarr.open_array(str(tmp_path / "None.zarr"))[:])
+    assert peaks[None] > 2048 * 2048 * 12  # the plane's float32 sum, weights and output, and more
+    assert peaks[512] < peaks[None] / 4
 
 
 @pytest.mark.parametrize("version", ["v2", "v1"])

@@ -36,7 +36,7 @@ from .engine.io import (
     write_image,
 )
 from .engine.normalize import NORMALIZATION_CHOICES
-from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, plan_restore, planes_that_fit
+from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, chunks_that_fit, plan_restore
 from .model import (
     CheckpointError,
     GamaIR,
@@ -155,12 +155,13 @@ def _restore_image(
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch, output_dtype=output_dtype,
         on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs, alpha=alpha,
+        block=args.block,
     )
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
     # As many planes at once as the host's threads, or as fit in memory where planes are huge.
     plan = plan_restore(source.array, model, axes, args.tile or None, args.overlap, args.mean_mode, None,
-                        output_dtype, alpha)
-    workers = planes_that_fit(plan.plane_bytes(model.config.out_channels), host_threads(resolve_device(args.device)))
+                        output_dtype, alpha, args.block)
+    workers = chunks_that_fit(plan.chunk_bytes(model.config.out_channels), host_threads(resolve_device(args.device)))
     progress.start()
     try:
         write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers)
@@ -263,7 +264,7 @@ def _restore_on_cluster(
                 source.array, model, output, axes, client=client, resume=args.resume, overwrite=args.overwrite,
                 tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode, device=args.device,
                 precision=args.precision, batch=args.batch, output_dtype=output_dtype, compile=args.compile,
-                cuda_graphs=args.cuda_graphs, attrs=provenance, source=str(source.path.resolve()),
+                cuda_graphs=args.cuda_graphs, block=args.block, attrs=provenance, source=str(source.path.resolve()),
                 on_chunk=on_chunk,
             )
     except KeyboardInterrupt:
@@ -520,7 +521,7 @@ def _demo_restore(args, noisy: np.ndarray, clean: np.ndarray, axes: str, noisy_p
         untrained=False, axes=axes, tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
         output_dtype="input", quiet=args.quiet, compile=False, cuda_graphs=None, scheduler=None, workers=None,
-        resume=False,
+        resume=False, block=None,
     )
     run_restore(restore_args)
     restored = open_image(restored_path).array.compute()
@@ -614,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                              help="autocast precision; fp16 needs a GPU, bf16 pays on GPUs and on CPUs with AVX512-BF16")
     restore_cmd.add_argument("--batch", type=int, help="most tiles per forward pass (default 1 on CPU; on GPU 4, or up to 8 where that gives batches of one size)")
+    restore_cmd.add_argument("--block", type=int, help="restore each plane in square blocks of this side, so that memory "
+                             "follows the block (default: whole planes where one fits in memory, else the largest blocks that do)")
     restore_cmd.add_argument("--output-dtype", help="float32 (the default; for .png output, input), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")

@@ -42,8 +42,18 @@ from .io import (
     is_ome_zarr_output,
     set_output_attrs,
 )
-from .normalize import Affine
-from .restore import DEFAULT_MEAN_MODE, PlaneRestorer, RestorePlan, StackAffine, make_tiling, plan_restore, plane_name
+from .normalize import Affine, percentile_affine
+from .restore import (
+    DEFAULT_MEAN_MODE,
+    PlaneRestorer,
+    RestorePlan,
+    StackAffine,
+    Window,
+    make_tiling,
+    percentile_sample,
+    plan_restore,
+    plane_name,
+)
 from .runner import ModelRunner
 
 
@@ -130,16 +140,18 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
         return _restorers[key]
 
 
-def _restore_chunk(block: np.ndarray, index: tuple[int, ...], region: tuple[slice, ...], layout, checkpoint,
-                   settings: dict[str, Any], store: str, marker: str) -> int:
-    """Restore one input block (one plane in the input's axes), write it to ``store`` and mark it done."""
+def _restore_chunk(block: np.ndarray, index: tuple[int, ...], region: tuple[slice, ...], window: Window | None,
+                   affine: Affine | None, layout, checkpoint, settings: dict[str, Any], store: str, marker: str) -> int:
+    """Restore one input block (one plane in the input's axes, or with ``window`` a block of one
+    with the tiles around it), write it to ``region`` of ``store`` and mark it done."""
     restorer = worker_restorer(checkpoint, settings)
     canonical = to_canonical(block, layout)
     where = plane_name(layout.iterated, tuple(index[layout.axes.index(a)] for a in layout.iterated))
-    restored = restorer(canonical.reshape(canonical.shape[-3:]), where).reshape(canonical.shape)
+    restored = restorer(canonical.reshape(canonical.shape[-3:]), where, window, affine)
+    restored = restored.reshape(canonical.shape[:-2] + restored.shape[-2:])
     zarr.open_array(store, mode="r+")[region] = from_canonical(restored, layout)
     Path(marker).touch()  # after the chunk: a marker always means a complete chunk
-    return int(block.size)
+    return int(restored.size)
 
 
 # -- on the client ------------------------------------------------------------------------------
@@ -170,6 +182,7 @@ def restore_distributed(
     output_dtype: str | np.dtype = "float32",
     compile: bool = False,
     cuda_graphs: bool | None = None,
+    block: int | None = None,
     attrs: dict[str, Any] | None = None,
     source: str | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
@@ -183,7 +196,7 @@ def restore_distributed(
     model : GamaIR
         The network; it reaches the workers as checkpoint bytes, sent once.
     output : path
-        A ``.zarr`` folder, written chunk by chunk by the workers (one chunk per plane).
+        A ``.zarr`` folder, written chunk by chunk by the workers (one chunk per plane, or per block).
     client : distributed.Client
         The cluster to run on.
     resume : bool
@@ -195,6 +208,10 @@ def restore_distributed(
         Where the input came from (a path), recorded with the run so that ``resume`` can tell.
     on_chunk : callable, optional
         Called with ``(chunks done, chunks in all)`` as chunks finish, and once at the start.
+    block : int, optional
+        As for :func:`~napari_gama_ir.restore`: each task restores a block of a plane, so that one
+        huge plane spreads over the workers. By default, blocks where a plane does not fit in the
+        memory of the machine that calls this.
     Other parameters are those of :func:`~napari_gama_ir.restore`.
 
     Returns
@@ -207,12 +224,13 @@ def restore_distributed(
     output = Path(output)
     if output.suffix != ".zarr":
         raise ImageIOError(f"{output}: distributed restoration writes zarr stores only (a .zarr output)")
-    plan: RestorePlan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype)
+    plan: RestorePlan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype,
+                                     block=block)
     ome = is_ome_zarr_output(output)
     if ome:
         check_ome_axes(output, plan.axes)
     check_output_path(output, [source] if source else [], overwrite)
-    array = plan.array.rechunk(_plane_chunks(plan))
+    array = plan.array.rechunk(_output_chunks(plan))
     checkpoint = CheckpointBytes.from_model(model)
     settings = {
         "device": device, "precision": precision, "batch": batch, "mean_mode": mean_mode, "compile": compile,
@@ -223,7 +241,7 @@ def restore_distributed(
     # What must not change between a run and its resumption (device, batch and the optimised path may).
     record = json.loads(json.dumps({
         "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,
-        "dtype": str(plan.array.dtype),
+        "dtype": str(plan.array.dtype), "block": plan.block,
         "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile", "cuda_graphs")},
     }))
     store, done = run / "data.zarr", run / "done"
@@ -258,11 +276,13 @@ def restore_distributed(
     if missing:
         shared_checkpoint = client.scatter(checkpoint, broadcast=True, hash=False)
         restore_chunk = dask.delayed(_restore_chunk, pure=False)
-        tasks = client.compute([  # each task reads its input block on the worker, as a dependency
-            restore_chunk(array.blocks[index], index, region, plan.layout, shared_checkpoint, settings,
-                          str(pixels), str(done / str(flat[index])))
-            for index, region in missing
-        ])
+        affines = _plane_affines(plan) if plan.block is not None else None
+        work = []
+        for index, region in missing:  # each task reads its input on the worker, as a dependency
+            source, window = _chunk_input(plan, array, index, region)
+            work.append(restore_chunk(source, index, region, window, affines(region) if affines else None,
+                                      plan.layout, shared_checkpoint, settings, str(pixels), str(done / str(flat[index]))))
+        tasks = client.compute(work)
         try:
             for future in as_completed(tasks):
                 future.result()  # raises the worker's error here
@@ -280,10 +300,49 @@ def restore_distributed(
     return output
 
 
-def _plane_chunks(plan: RestorePlan) -> tuple[int, ...]:
-    """Chunks of the input, in its own axes, holding one plane (one chunk of the canonical view)."""
+def _output_chunks(plan: RestorePlan) -> tuple[int, ...]:
+    """Chunks of the input and output, in the input's axes, holding one plane (one chunk of the
+    canonical view), or one block of one."""
     planar = set("YX") | ({"C"} if plan.layout.feed_channels else set())
-    return tuple(n if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape))
+    return tuple(
+        (plan.block if plan.block and a in "YX" else n) if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape)
+    )
+
+
+def _chunk_input(plan: RestorePlan, array, index: tuple[int, ...], region: tuple[slice, ...]):
+    """What the task of the chunk at ``index`` (covering ``region``) reads, lazily, and its window:
+    the chunk itself where planes are whole; a block's core and the tiles around it otherwise."""
+    if plan.block is None:
+        return array.blocks[index], None
+    height, width = (plan.array.shape[plan.axes.index(a)] for a in "YX")
+    reach = plan.tiling.tile
+    around = tuple(
+        slice(max(0, span.start - reach), min(length, span.stop + reach)) if axis in "YX" else span
+        for axis, span, length in zip(plan.axes, region, plan.array.shape)
+    )
+    rows, cols = (around[plan.axes.index(a)] for a in "YX")
+    core = tuple(region[plan.axes.index(a)] for a in "YX")
+    return array[around], Window(height, width, rows.start, cols.start, core)
+
+
+def _plane_affines(plan: RestorePlan) -> Callable[[tuple[slice, ...]], Any] | None:
+    """Where planes are restored in blocks with their own percentiles: for a block's region, the
+    normalisation of its plane, as a delayed value computed once per plane on the cluster."""
+    if plan.normalization["method"] != "percentile" or plan.normalization["scope"] != "image":
+        return None
+    kept: dict[tuple[int, ...], Any] = {}
+    planar = set("CYX") if plan.layout.feed_channels else set("YX")
+
+    def plane_affine(region: tuple[slice, ...]):
+        plane = tuple(slice(None) if a in planar else span for a, span in zip(plan.axes, region))
+        key = tuple(span.start for a, span in zip(plan.axes, region) if a not in planar)
+        if key not in kept:
+            canonical = to_canonical(plan.array[plane], plan.layout)
+            sample = percentile_sample(canonical.reshape((1,) + canonical.shape[-3:]))
+            kept[key] = dask.delayed(percentile_affine)(sample, plan.normalization["low"], plan.normalization["high"])
+        return kept[key]
+
+    return plane_affine
 
 
 def _stack_affine(plan: RestorePlan) -> Affine:

@@ -538,6 +538,8 @@ def _store_chunks(
 def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) -> Iterator[tuple[int, int]]:
     """Write a BigTIFF page by page; each page is computed just before it is written.
 
+    An array restored in blocks (square chunks of a multiple of 16 along Y and X, smaller than a
+    page) is written as a tiled TIFF, a block a tile, so that no page is ever held whole.
     ``attrs`` go into the description as JSON; an OME-TIFF's description is its OME-XML, which
     then holds the pixel sizes, and ``attrs`` as the image's description.
     """
@@ -546,6 +548,13 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
     page_ndim = 3 if axes.endswith("C") else 2
     pages = array.reshape((-1,) + array.shape[-page_ndim:])
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
+    tile = _tiff_tile(pages, page_ndim == 2 or rgb)
+    data = (pages[index].compute() for index in range(pages.shape[0])) if tile is None else (
+        pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))].compute()
+        for index in range(pages.shape[0])
+        for row in range(0, pages.shape[1], tile[0])
+        for col in range(0, pages.shape[2], tile[1])
+    )
     sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
     metadata = {"axes": axes.replace("C", "S") if rgb else axes}
     if ome:
@@ -554,7 +563,8 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
         metadata.update(attrs)
     tifffile.imwrite(
         path,
-        data=(pages[index].compute() for index in range(pages.shape[0])),
+        data=data,
+        tile=tile,
         shape=array.shape,
         dtype=array.dtype,
         bigtiff=True,
@@ -564,3 +574,21 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
         **tiff_resolution(sizes),
     )
     yield pages.shape[0], pages.shape[0]
+
+
+def _tiff_tile(pages: da.Array, tileable: bool) -> tuple[int, int] | None:
+    """The TIFF tile that writes ``pages`` (``(page, Y, X[, samples])``) a chunk at a time, or None
+    where they are chunked by whole pages, or their chunks cannot be TIFF tiles."""
+    rows, cols = pages.chunks[1], pages.chunks[2]
+    if not tileable or (len(rows) == 1 and len(cols) == 1) or (len(pages.chunks) == 4 and len(pages.chunks[3]) > 1):
+        return None
+    sides = (_tile_side(rows), _tile_side(cols))
+    return None if None in sides else sides
+
+
+def _tile_side(chunks: tuple[int, ...]) -> int | None:
+    """A TIFF tile side (a multiple of 16) that holds one chunk of ``chunks``, if there is one."""
+    if len(chunks) == 1:  # tifffile pads a tile past the image's edge
+        return -(-chunks[0] // 16) * 16
+    regular = len(set(chunks[:-1])) == 1 and chunks[-1] <= chunks[0]
+    return chunks[0] if regular and chunks[0] % 16 == 0 else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask
@@ -35,6 +35,10 @@ MEAN_MODES = ("global", "local")
 # about 5000 x 5000 pixels, which runs whole): bounds the memory that huge planes take.
 RUN_PIXELS = 2**25
 DEFAULT_MEAN_MODE = "global"
+# Sides tried, largest first, for planes too large to restore whole (multiples of 16: TIFF tiles).
+BLOCK_SIDES = (16384, 8192, 4096, 2048, 1024)
+# Pixels (per channel) sampled for percentiles that a huge plane or a stack's planes give.
+SAMPLED_PIXELS = 2**22
 
 
 class NonFiniteInputError(ValueError):
@@ -49,9 +53,10 @@ class PlaneTooLargeError(ValueError):
 RESERVED_BYTES = 2**30
 
 
-def planes_that_fit(plane_bytes: int, most: int) -> int:
-    """How many planes of ``plane_bytes`` (:meth:`RestorePlan.plane_bytes`), up to ``most``, can be
-    restored at once in the memory available now; all of them where the system does not say.
+def chunks_that_fit(chunk_bytes: int, most: int) -> int:
+    """How many chunks of ``chunk_bytes`` (planes or blocks: :meth:`RestorePlan.chunk_bytes`), up
+    to ``most``, can be restored at once in the memory available now; all of them where the system
+    does not say.
 
     Raises
     ------
@@ -62,13 +67,18 @@ def planes_that_fit(plane_bytes: int, most: int) -> int:
     available = available_memory()
     if available is None:
         return most
-    fitting = (available - RESERVED_BYTES) // plane_bytes
+    fitting = (available - RESERVED_BYTES) // chunk_bytes
     if fitting < 1:
         raise PlaneTooLargeError(
-            f"restoring one plane takes about {(plane_bytes + RESERVED_BYTES) / 1e9:.1f} GB of memory, and "
-            f"{available / 1e9:.1f} GB is available; planes this large need a machine with more memory"
+            f"restoring one plane, or one block of it, takes about {(chunk_bytes + RESERVED_BYTES) / 1e9:.1f} GB "
+            f"of memory, and {available / 1e9:.1f} GB is available; this needs a machine with more memory"
         )
     return int(min(most, fitting))
+
+
+def _fits(chunk_bytes: int) -> bool:
+    available = available_memory()
+    return available is None or available - RESERVED_BYTES >= chunk_bytes
 
 
 @dataclass(frozen=True)
@@ -102,13 +112,30 @@ def make_tiling(model: GamaIR, tile: int | None, overlap: int, mean_mode: str) -
     return TilingPlan(tile, overlap, margin)
 
 
+@dataclass(frozen=True)
+class Window:
+    """Where a part of a plane lies: the plane is ``height`` x ``width``, the part given starts at
+    (``top``, ``left``), and ``core`` (rows, columns of the plane) is what is to be restored."""
+
+    height: int
+    width: int
+    top: int
+    left: int
+    core: tuple[slice, slice]
+
+    @classmethod
+    def whole(cls, height: int, width: int) -> Window:
+        return cls(height, width, 0, 0, (slice(0, height), slice(0, width)))
+
+
 def restore_plane(
     plane: np.ndarray,
     runner: ModelRunner,
     tiling: TilingPlan,
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
+    window: Window | None = None,
 ) -> np.ndarray:
-    """Restore one plane of shape (C, H, W) with tiling and blending.
+    """Restore one plane of shape (C, H, W) with tiling and blending, or a block of one.
 
     The plane is normalised already, or ``normalize`` (elementwise, such as :meth:`Affine.forward`)
     maps it to the network's range tile by tile, so that no normalised copy of a whole plane is
@@ -118,20 +145,25 @@ def restore_plane(
     ``2**levels - 1`` pixels shorter, are padded here as the network would pad them, so all of a
     plane's tiles run as one batch shape. If a single tile does not fit in device memory, the
     tile side is halved and the plane restored again.
+
+    With a ``window``, ``plane`` is the part of a larger plane that it says, holding every tile of
+    the plane's grid that meets the window's core, and the result is the core alone, equal to that
+    part of the whole plane's result.
     """
     normalize = normalize or _as_given
-    height, width = plane.shape[-2:]
-    if tiling.tile is None or (height <= tiling.tile and width <= tiling.tile):
+    window = window or Window.whole(*plane.shape[-2:])
+    if tiling.tile is None or (window.height <= tiling.tile and window.width <= tiling.tile):
         return runner.run(normalize(plane)[None])[0]
     try:
-        return _restore_tiled(plane, runner, tiling, normalize)
+        return _restore_tiled(plane, runner, tiling, normalize, window)
     except TileTooLargeError:
         smaller = tiling.tile // 2
         if smaller < 4 * runner.config.size_multiple:
             raise
         warnings.warn(f"out of device memory; retrying with tiles of {smaller} pixels", RuntimeWarning, stacklevel=2)
         overlap = min(tiling.overlap, smaller // 2)
-        return restore_plane(plane, runner, TilingPlan(smaller, overlap, min(tiling.margin, overlap // 4)), normalize)
+        smaller_tiling = TilingPlan(smaller, overlap, min(tiling.margin, overlap // 4))
+        return restore_plane(plane, runner, smaller_tiling, normalize, window)
 
 
 def _as_given(values: np.ndarray) -> np.ndarray:
@@ -139,25 +171,43 @@ def _as_given(values: np.ndarray) -> np.ndarray:
 
 
 def _restore_tiled(
-    plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan, normalize: Callable[[np.ndarray], np.ndarray]
+    plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan, normalize: Callable[[np.ndarray], np.ndarray],
+    window: Window,
 ) -> np.ndarray:
-    height, width = plane.shape[1:]
     out_channels = runner.config.out_channels
     multiple = runner.config.size_multiple
-    tiles = plan_tiles(height, width, tiling.tile, tiling.overlap, multiple)
-    result = np.zeros((out_channels, height, width), np.float32)
-    weight_sum = np.zeros((height, width), np.float32)
+    core_rows, core_cols = window.core
+    # The tiles of the whole plane's grid that meet the core, in the grid's order: every core
+    # pixel then sums the same tiles' outputs in the same order as the whole plane would.
+    tiles = [
+        t for t in plan_tiles(window.height, window.width, tiling.tile, tiling.overlap, multiple)
+        if t.rows.start < core_rows.stop and core_rows.start < t.rows.stop
+        and t.cols.start < core_cols.stop and core_cols.start < t.cols.stop
+    ]
+    result = np.zeros((out_channels, core_rows.stop - core_rows.start, core_cols.stop - core_cols.start), np.float32)
+    weight_sum = np.zeros(result.shape[1:], np.float32)
     for run_shape, group in group_by_run_shape(tiles, multiple).items():
         for part in _runs_of_bounded_size(group, run_shape, runner):
-            batch = np.stack([_pad_as_the_network(normalize(plane[:, t.rows, t.cols]), multiple) for t in part])
+            batch = np.stack([
+                _pad_as_the_network(normalize(plane[:, _shifted(t.rows, window.top), _shifted(t.cols, window.left)]),
+                                    multiple)
+                for t in part
+            ])
             restored = runner.run(batch)
             for tile, out in zip(part, restored):
-                rows, cols = tile.shape
-                weights = tile_weights(tile, height, width, tiling.overlap, tiling.margin)
-                result[:, tile.rows, tile.cols] += out[:, :rows, :cols] * weights
-                weight_sum[tile.rows, tile.cols] += weights
+                weights = tile_weights(tile, window.height, window.width, tiling.overlap, tiling.margin)
+                rows = slice(max(tile.rows.start, core_rows.start), min(tile.rows.stop, core_rows.stop))
+                cols = slice(max(tile.cols.start, core_cols.start), min(tile.cols.stop, core_cols.stop))
+                in_tile = (_shifted(rows, tile.rows.start), _shifted(cols, tile.cols.start))
+                in_core = (_shifted(rows, core_rows.start), _shifted(cols, core_cols.start))
+                result[(slice(None),) + in_core] += out[(slice(None),) + in_tile] * weights[in_tile]
+                weight_sum[in_core] += weights[in_tile]
     result /= weight_sum
     return result
+
+
+def _shifted(span: slice, origin: int) -> slice:
+    return slice(span.start - origin, span.stop - origin)
 
 
 def _runs_of_bounded_size(group: list[Tile], run_shape: tuple[int, int], runner: ModelRunner) -> list[list[Tile]]:
@@ -179,23 +229,48 @@ def _pad_as_the_network(tile: np.ndarray, multiple: int) -> np.ndarray:
     return pad_to_multiple(torch.from_numpy(tile), multiple).numpy()
 
 
-class StackAffine:
-    """Percentiles of a whole stack, computed on first use from a sample of planes, then kept."""
+def percentile_sample(stack: da.Array, samples: int = 16) -> da.Array:
+    """The pixels of ``stack`` (``(planes, C, Y, X)``) that its percentiles are taken from, lazily:
+    up to ``samples`` planes spread over the stack, every ``stride``-th pixel of them along Y and X,
+    with the stride that keeps it to :data:`SAMPLED_PIXELS` pixels (a channel). That is all of the
+    pixels of 16 planes of 512 x 512, and never more than 16 MB of a gigapixel plane."""
+    planes = int(np.prod(stack.shape[:-3], dtype=np.int64))
+    flat = stack.reshape((planes,) + stack.shape[-3:])
+    picks = np.unique(np.linspace(0, planes - 1, min(planes, samples)).astype(int))
+    stride = max(1, int(np.ceil(np.sqrt(len(picks) * stack.shape[-2] * stack.shape[-1] / SAMPLED_PIXELS))))
+    return flat[picks][..., ::stride, ::stride]
 
-    def __init__(self, stack: da.Array, low: float, high: float, samples: int = 16) -> None:
-        self._stack, self._low, self._high, self._samples = stack, low, high, samples
+
+class StackAffine:
+    """Percentiles of a stack (``(planes, C, Y, X)``), computed on first use from its
+    :func:`percentile_sample`, then kept."""
+
+    def __init__(self, stack: da.Array, low: float, high: float) -> None:
+        self._stack, self._low, self._high = stack, low, high
         self._lock = threading.Lock()
         self._affine: Affine | None = None
 
     def get(self) -> Affine:
         with self._lock:
             if self._affine is None:
-                planes = int(np.prod(self._stack.shape[:-3], dtype=np.int64))
-                flat = self._stack.reshape((planes,) + self._stack.shape[-3:])
-                picks = np.unique(np.linspace(0, planes - 1, min(planes, self._samples)).astype(int))
-                values = flat[picks].compute(scheduler="synchronous")
+                values = percentile_sample(self._stack).compute(scheduler="synchronous")
                 self._affine = percentile_affine(values, self._low, self._high)
             return self._affine
+
+
+class PlaneAffines:
+    """Each plane's own percentiles (scope ``"image"``) when planes are restored in blocks: from a
+    sample of the plane (:class:`StackAffine` of that plane alone), computed once per plane."""
+
+    def __init__(self, canonical: da.Array, low: float, high: float) -> None:
+        self._canonical, self._low, self._high = canonical, low, high
+        self._lock = threading.Lock()
+        self._planes: dict[tuple[int, ...], StackAffine] = {}
+
+    def get(self, index: tuple[int, ...]) -> Affine:
+        with self._lock:
+            plane = self._planes.setdefault(index, StackAffine(self._canonical[index][None], self._low, self._high))
+        return plane.get()  # outside the lock: other planes' blocks need not wait for this one's sample
 
 
 def _cast_output(values: np.ndarray, dtype: np.dtype, overwrite: bool = False) -> np.ndarray:
@@ -231,11 +306,15 @@ class PlaneRestorer:
             return self.stack_affine()
         return percentile_affine(plane, self.normalization["low"], self.normalization["high"])
 
-    def __call__(self, plane: np.ndarray, where: str = "the image") -> np.ndarray:
+    def __call__(
+        self, plane: np.ndarray, where: str = "the image", window: Window | None = None, affine: Affine | None = None,
+    ) -> np.ndarray:
+        """Restore ``plane``, or with ``window`` a block of one (see :func:`restore_plane`), whose
+        normalisation ``affine`` then comes from the whole plane (:class:`PlaneAffines`)."""
         if not np.isfinite(plane).all():
             raise NonFiniteInputError(f"input contains NaN or Inf values in {where}")
-        affine = self.affine(plane)
-        restored = restore_plane(plane, self.runner, self.tiling, normalize=affine.forward)
+        affine = affine or self.affine(plane)
+        restored = restore_plane(plane, self.runner, self.tiling, normalize=affine.forward, window=window)
         # In place: a plane's every copy costs its size again, and planes can be gigapixels.
         return _cast_output(affine.inverse(restored, out=restored), self.output_dtype, overwrite=True)
 
@@ -257,29 +336,41 @@ class RestorePlan:
     output_dtype: np.dtype
     tiling: TilingPlan
     alpha: da.Array | None = None  # the input's opacity channel, passed through; ``array`` is without it
+    block: int | None = None  # side of the spatial blocks planes are restored in; None: whole planes
 
-    def plane_bytes(self, out_channels: int) -> int:
-        """Memory that restoring one plane takes: its input, the blended sum and the weights
-        (float32), the output and dask's assembled copy of it (12-15 bytes a pixel for uint16 grey,
-        as measured in docs/performance.md, "Memory of very large planes")."""
+    def chunk_bytes(self, out_channels: int, block: int | None = None) -> int:
+        """Memory that restoring one plane, or one block of ``block`` (default: the plan's), takes:
+        its input with the tiles around it, the blended sum and the weights (float32), the output
+        and dask's assembled copy of it (12-15 bytes a pixel for uint16 grey, as measured in
+        docs/performance.md, "Memory of very large planes")."""
+        block = block or self.block
         shape = dict(zip(self.axes, self.array.shape))
+        height, width = shape["Y"], shape["X"]
+        core = (min(block, height) * min(block, width)) if block else height * width
+        region = (min(block + 2 * self.tiling.tile, height) * min(block + 2 * self.tiling.tile, width)
+                  if block else core)
         channels_in = shape["C"] if self.layout.feed_channels else 1
         channels_out = out_channels if self.layout.feed_channels else 1
-        per_pixel = (channels_in * self.array.dtype.itemsize + 4 * channels_out + 4
-                     + 2 * channels_out * self.output_dtype.itemsize)
-        return shape["Y"] * shape["X"] * per_pixel
+        return (region * channels_in * self.array.dtype.itemsize
+                + core * (4 * channels_out + 4 + 2 * channels_out * self.output_dtype.itemsize))
+
+    def canonical(self) -> da.Array:
+        """The input as ``(*iterated, C, Y, X)``."""
+        return to_canonical(self.array, self.layout)
 
     def canonical_planes(self) -> da.Array:
         """The input as ``(*iterated, C, Y, X)`` with one chunk per plane."""
-        canonical = to_canonical(self.array, self.layout)
+        canonical = self.canonical()
         return canonical.rechunk((1,) * len(self.layout.iterated) + canonical.shape[-3:])
 
 
 def plan_restore(
     image: Any, model: GamaIR, axes: str | None, tile: int | None, overlap: int, mean_mode: str,
     normalization: dict[str, Any] | None, output_dtype: str | np.dtype, alpha: bool = False,
+    block: int | None = None,
 ) -> RestorePlan:
-    """Check everything :func:`restore` is asked before any work is done (see its parameters)."""
+    """Check everything :func:`restore` is asked before any work is done (see its parameters), and
+    choose the blocks that planes too large for the memory available are restored in."""
     if mean_mode not in MEAN_MODES:
         raise ValueError(f"mean_mode must be one of {MEAN_MODES}, got {mean_mode!r}")
     config = model.config
@@ -296,7 +387,26 @@ def plan_restore(
         raise ValueError(f"unknown output dtype {output_dtype!r}; use float32, input or a numpy dtype") from None
     tiling = make_tiling(model, tile, overlap, mean_mode)
     layout = plane_layout(axes, array.shape, config.in_channels)
-    return RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling, opacity)
+    plan = RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling, opacity)
+    return replace(plan, block=_block_side(plan, block, config.out_channels))
+
+
+def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int | None:
+    """``block`` checked and rounded down to a multiple of 16; where it is not given, None when a
+    plane fits in the memory available, and otherwise the largest of :data:`BLOCK_SIDES` (no
+    smaller than a tile) that fits, or failing that the smallest, which :func:`chunks_that_fit`
+    then refuses."""
+    tile = plan.tiling.tile
+    if block is not None:
+        if tile is None:
+            raise ValueError("restoring planes in blocks needs tiles (a tile side)")
+        if block // 16 * 16 < tile:
+            raise ValueError(f"block must be at least the tile side ({tile}), got {block}")
+        return block // 16 * 16
+    if tile is None or _fits(plan.chunk_bytes(out_channels)):
+        return None
+    sides = [side for side in BLOCK_SIDES if side >= tile] or [-(-tile // 16) * 16]
+    return next((side for side in sides if _fits(plan.chunk_bytes(out_channels, side))), sides[-1])
 
 
 def split_alpha(array: da.Array, axes: str) -> tuple[da.Array, da.Array]:
@@ -327,6 +437,7 @@ def restore(
     compile: bool = False,
     cuda_graphs: bool | None = None,
     alpha: bool = False,
+    block: int | None = None,
 ):
     """Restore an image or stack with a GAMA-IR network, plane by plane and tile by tile.
 
@@ -363,7 +474,7 @@ def restore(
         Dtype of the result. Values stay in the input's intensity units; integer outputs are
         rounded and clipped to the dtype's range, never wrapped.
     on_plane : callable, optional
-        Called with the number of pixels (per channel) after each plane is restored.
+        Called with the number of pixels (per channel) after each plane, or block of one, is restored.
     compile : bool
         Run the network through ``torch.compile`` with frozen weights. Compiling takes tens of
         seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
@@ -379,6 +490,13 @@ def restore(
         The last channel of the ``C`` axis is opacity (RGBA, or grey and alpha, as in pictures and
         napari's RGBA layers): it is passed through unchanged, cast to ``output_dtype``, and the
         network restores the other channels (so an RGB network takes RGBA images).
+    block : int, optional
+        Restore each plane in square blocks of this side (at least the tile; rounded down to a
+        multiple of 16), each with the tiles around it, so that memory follows the block, not the
+        plane. The result is the same as restoring planes whole, where percentile normalisation
+        takes its percentiles from a sample of at most 4 M pixels a plane, which equals the plane
+        itself up to 2048 x 2048. By default planes are restored whole when one fits in the memory
+        available, and otherwise in the largest blocks that fit (16384 down to 1024).
 
     Returns
     -------
@@ -395,32 +513,25 @@ def restore(
     """
     if isinstance(model, str):
         model = create_model(model, pretrained=True)
-    plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha)
+    plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha, block)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
-    # A lazy result's reader decides how many planes run at once (planes_that_fit); here, one must.
+    # A lazy result's reader decides how many chunks run at once (chunks_that_fit); here, one must.
     threads = host_threads(resolve_device(device))
-    workers = planes_that_fit(plan.plane_bytes(model.config.out_channels), 1 if plan.lazy else threads)
+    workers = chunks_that_fit(plan.chunk_bytes(model.config.out_channels), 1 if plan.lazy else threads)
     # Only now that the input is known to fit: copy the network onto its device.
     runner = runner_for(
         model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile,
         cuda_graphs=cuda_graphs,
     )
-    canonical = plan.canonical_planes()
+    canonical = plan.canonical_planes() if plan.block is None else plan.canonical()
     stack_affine = None
     if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
         stack_affine = StackAffine(canonical, plan.normalization["low"], plan.normalization["high"]).get
     restorer = PlaneRestorer(runner, plan.tiling, plan.normalization, plan.array.dtype, target_dtype, stack_affine)
-
-    def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
-        where = block_info[0]["chunk-location"][: len(iterated)] if block_info else ()
-        restored = restorer(block.reshape(block.shape[-3:]), plane_name(iterated, where))
-        if on_plane is not None:
-            on_plane(block.shape[-1] * block.shape[-2])
-        return restored.reshape(block.shape)
-
-    restored = canonical.map_blocks(
-        restore_block, dtype=target_dtype, meta=np.empty((0,) * canonical.ndim, target_dtype)
-    )
+    if plan.block is None:
+        restored = _restore_planes(canonical, restorer, iterated, on_plane)
+    else:
+        restored = _restore_blocks(canonical, plan, restorer, on_plane)
     result = from_canonical(restored, plan.layout)
     if plan.alpha is not None:
         channel = plan.axes.index("C")
@@ -431,3 +542,58 @@ def restore(
         return result
     with dask.config.set(scheduler="threads", num_workers=workers):
         return result.compute()
+
+
+def _restore_planes(
+    canonical: da.Array, restorer: PlaneRestorer, iterated: str, on_plane: Callable[[int], None] | None
+) -> da.Array:
+    """``canonical`` (one chunk a plane) restored lazily, plane by plane."""
+
+    def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
+        where = block_info[0]["chunk-location"][: len(iterated)] if block_info else ()
+        restored = restorer(block.reshape(block.shape[-3:]), plane_name(iterated, where))
+        if on_plane is not None:
+            on_plane(block.shape[-1] * block.shape[-2])
+        return restored.reshape(block.shape)
+
+    return canonical.map_blocks(
+        restore_block, dtype=restorer.output_dtype, meta=np.empty((0,) * canonical.ndim, restorer.output_dtype)
+    )
+
+
+def _restore_blocks(
+    canonical: da.Array, plan: RestorePlan, restorer: PlaneRestorer, on_plane: Callable[[int], None] | None
+) -> da.Array:
+    """``canonical`` restored lazily in square blocks of ``plan.block``: each reads its core and the
+    tiles that meet it (``plan.tiling.tile`` pixels around it) and restores its core."""
+    iterated, side, reach = plan.layout.iterated, plan.block, plan.tiling.tile
+    height, width = canonical.shape[-2:]
+    chunks = tuple((1,) * n for n in canonical.shape[:-3]) + (
+        (canonical.shape[-3],), _regular(height, side), _regular(width, side),
+    )
+    plane_affines = None
+    if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "image":
+        plane_affines = PlaneAffines(canonical, plan.normalization["low"], plan.normalization["high"])
+
+    def restore_block(block_id: tuple[int, ...]) -> np.ndarray:
+        index, (row, col) = block_id[: len(iterated)], block_id[-2:]
+        core = (slice(row * side, min((row + 1) * side, height)), slice(col * side, min((col + 1) * side, width)))
+        rows = slice(max(0, core[0].start - reach), min(height, core[0].stop + reach))
+        cols = slice(max(0, core[1].start - reach), min(width, core[1].stop + reach))
+        pixels = canonical[index + (slice(None), rows, cols)].compute(scheduler="synchronous")
+        window = Window(height, width, rows.start, cols.start, core)
+        affine = plane_affines.get(index) if plane_affines else None
+        restored = restorer(pixels, plane_name(iterated, index), window, affine)
+        if on_plane is not None:
+            on_plane(restored.shape[-1] * restored.shape[-2])
+        return restored.reshape((1,) * len(iterated) + restored.shape)
+
+    return da.map_blocks(
+        restore_block, chunks=chunks, dtype=restorer.output_dtype,
+        meta=np.empty((0,) * canonical.ndim, restorer.output_dtype),
+    )
+
+
+def _regular(length: int, side: int) -> tuple[int, ...]:
+    """Chunks of ``side`` along ``length``, the last one shorter: chunks that zarr and TIFF tiles take."""
+    return (side,) * (length // side) + ((length % side,) if length % side else ())
