@@ -127,6 +127,17 @@ def test_an_interrupted_run_resumes_to_the_identical_result(client, stack, tmp_p
     assert progress[0] >= marked and progress[-1] == 8  # finished chunks were skipped
     assert np.array_equal(zarr.open_array(str(output), mode="r")[:], reference)
     assert not run.exists()
+    # A run in blocks resumes in its blocks, whatever the memory would choose now; others are refused.
+    with pytest.raises(KeyboardInterrupt):
+        restore_distributed(array, model, tmp_path / "blocks.zarr", "ZYX", client=client, device="cpu", block=32,
+                            on_chunk=stop_after_three, **SETTINGS)
+    with pytest.raises(RunMismatchError):
+        restore_distributed(array, model, tmp_path / "blocks.zarr", "ZYX", client=client, device="cpu", resume=True,
+                            block=0, **SETTINGS)
+    restore_distributed(array, model, tmp_path / "blocks.zarr", "ZYX", client=client, device="cpu", resume=True,
+                        **SETTINGS)
+    blocks = zarr.open_array(str(tmp_path / "blocks.zarr"), mode="r")
+    assert blocks.chunks == (1, 32, 32) and np.array_equal(blocks[:], reference)
 
 
 def test_a_killed_worker_does_not_stop_the_run(stack, tmp_path):

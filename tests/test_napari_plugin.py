@@ -121,6 +121,36 @@ def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_check
         "Z": (0.5, "micrometer"), "Y": (0.2, "micrometer"), "X": (0.2, "micrometer")}
 
 
+def test_restore_all_of_a_plane_too_large_for_memory_goes_block_by_block(
+    make_napari_viewer, qtbot, grey_checkpoint, tmp_path, monkeypatch
+):
+    import importlib
+
+    import zarr
+
+    engine = importlib.import_module("napari_gama_ir.engine.restore")  # the module, not the function
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(1).random((300, 280), dtype=np.float32)
+    viewer.add_image(data, name="scan")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value, widget.overlap.value = 64, 16
+    expected = restore(data, make_tiny_model(1), "YX", tile=64, overlap=16)
+    # Room for a block of 128 with the tiles around it (0.6 MB), not for the plane (1.7 MB).
+    monkeypatch.setattr(engine, "BLOCK_SIDES", (128,))
+    monkeypatch.setattr(engine, "available_memory", lambda: engine.RESERVED_BYTES + 10**6)
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "scan.zarr"
+    seen = []
+    worker = widget.restore_all()
+    worker.yielded.connect(lambda _: seen.append(widget.status.value))
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        pass
+    assert seen[-1] == "restored 9/9 blocks"
+    stored = zarr.open_array(str(tmp_path / "scan.zarr"), mode="r")
+    assert stored.chunks == (128, 128) and np.array_equal(stored[:], expected)
+
+
 def test_cancel_leaves_no_output(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((200, 64, 64), np.float32), name="noisy")

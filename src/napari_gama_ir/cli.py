@@ -616,7 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="autocast precision; fp16 needs a GPU, bf16 pays on GPUs and on CPUs with AVX512-BF16")
     restore_cmd.add_argument("--batch", type=int, help="most tiles per forward pass (default 1 on CPU; on GPU 4, or up to 8 where that gives batches of one size)")
     restore_cmd.add_argument("--block", type=int, help="restore each plane in square blocks of this side, so that memory "
-                             "follows the block (default: whole planes where one fits in memory, else the largest blocks that do)")
+                             "follows the block; 0 for whole planes (default: whole planes where one fits in memory, else the "
+                             "largest blocks that do)")
     restore_cmd.add_argument("--output-dtype", help="float32 (the default; for .png output, input), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")

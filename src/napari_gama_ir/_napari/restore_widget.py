@@ -211,13 +211,15 @@ class RestoreWidget(QWidget):
             return self._fail(error)
         provenance = {**provenance, "mode": "restore all", "output": target}
         total = int(np.prod(restored.numblocks))
+        # A plane too large for memory is restored in blocks: count those.
+        unit = "planes" if all(len(restored.chunks[axes.index(a)]) == 1 for a in "YX") else "blocks"
         self._cancel.clear()
         # Handlers are given at creation: a worker created without an "errored" handler re-raises.
         self.worker = create_worker(
             self._restore_steps, restored, axes, target, provenance,
             _progress={"total": total, "desc": "GAMA-IR"},
             _connect={
-                "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} planes"),
+                "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} {unit}"),
                 "returned": lambda data: self._finished(data, layer, provenance),
                 "errored": self._worker_failed,
                 "finished": lambda: self._set_running(False),

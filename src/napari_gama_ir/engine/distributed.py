@@ -211,7 +211,7 @@ def restore_distributed(
     block : int, optional
         As for :func:`~napari_gama_ir.restore`: each task restores a block of a plane, so that one
         huge plane spreads over the workers. By default, blocks where a plane does not fit in the
-        memory of the machine that calls this.
+        memory of the machine that calls this, or on ``resume`` those of the interrupted run.
     Other parameters are those of :func:`~napari_gama_ir.restore`.
 
     Returns
@@ -224,6 +224,10 @@ def restore_distributed(
     output = Path(output)
     if output.suffix != ".zarr":
         raise ImageIOError(f"{output}: distributed restoration writes zarr stores only (a .zarr output)")
+    run = _run_folder(output)
+    if block is None and resume and (run / "run.json").exists():
+        # The blocks the interrupted run chose (0: whole planes), though the memory now may say otherwise.
+        block = json.loads((run / "run.json").read_text())["record"].get("block") or 0
     plan: RestorePlan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype,
                                      block=block)
     ome = is_ome_zarr_output(output)
@@ -237,7 +241,6 @@ def restore_distributed(
         "cuda_graphs": cuda_graphs, "tile": plan.tiling.tile, "overlap": overlap, "normalization": plan.normalization,
         "input_dtype": str(plan.array.dtype), "output_dtype": str(plan.output_dtype), "stack_affine": None,
     }
-    run = _run_folder(output)
     # What must not change between a run and its resumption (device, batch and the optimised path may).
     record = json.loads(json.dumps({
         "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,

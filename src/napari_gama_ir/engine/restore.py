@@ -392,11 +392,13 @@ def plan_restore(
 
 
 def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int | None:
-    """``block`` checked and rounded down to a multiple of 16; where it is not given, None when a
-    plane fits in the memory available, and otherwise the largest of :data:`BLOCK_SIDES` (no
-    smaller than a tile) that fits, or failing that the smallest, which :func:`chunks_that_fit`
-    then refuses."""
+    """``block`` checked and rounded down to a multiple of 16, None for 0 (whole planes); where it
+    is not given, None when a plane fits in the memory available, and otherwise the largest of
+    :data:`BLOCK_SIDES` (no smaller than a tile) that fits, or failing that the smallest, which
+    :func:`chunks_that_fit` then refuses."""
     tile = plan.tiling.tile
+    if block == 0:
+        return None
     if block is not None:
         if tile is None:
             raise ValueError("restoring planes in blocks needs tiles (a tile side)")
@@ -493,7 +495,7 @@ def restore(
     block : int, optional
         Restore each plane in square blocks of this side (at least the tile; rounded down to a
         multiple of 16), each with the tiles around it, so that memory follows the block, not the
-        plane. The result is the same as restoring planes whole, where percentile normalisation
+        plane; 0 restores planes whole whatever their size. The result is the same as restoring planes whole, where percentile normalisation
         takes its percentiles from a sample of at most 4 M pixels a plane, which equals the plane
         itself up to 2048 x 2048. By default planes are restored whole when one fits in the memory
         available, and otherwise in the largest blocks that fit (16384 down to 1024).
