@@ -340,9 +340,10 @@ class RestorePlan:
 
     def chunk_bytes(self, out_channels: int, block: int | None = None) -> int:
         """Memory that restoring one plane, or one block of ``block`` (default: the plan's), takes:
-        its input with the tiles around it, the blended sum and the weights (float32), the output
-        and dask's assembled copy of it (12-15 bytes a pixel for uint16 grey, as measured in
-        docs/performance.md, "Memory of very large planes")."""
+        its input with the tiles around it, the blended sum and the weights (float32), and the
+        output four times: dask's assembled copy, and zarr's copies as it encodes a chunk (18 bytes
+        a pixel for uint16 grey; measured 12-15 restoring a numpy plane, 17-18 from zarr to zarr:
+        docs/performance.md, "Memory of very large planes" and "Planes in blocks")."""
         block = block or self.block
         shape = dict(zip(self.axes, self.array.shape))
         height, width = shape["Y"], shape["X"]
@@ -352,7 +353,7 @@ class RestorePlan:
         channels_in = shape["C"] if self.layout.feed_channels else 1
         channels_out = out_channels if self.layout.feed_channels else 1
         return (region * channels_in * self.array.dtype.itemsize
-                + core * (4 * channels_out + 4 + 2 * channels_out * self.output_dtype.itemsize))
+                + core * (4 * channels_out + 4 + 4 * channels_out * self.output_dtype.itemsize))
 
     def canonical(self) -> da.Array:
         """The input as ``(*iterated, C, Y, X)``."""
