@@ -432,8 +432,8 @@ def test_a_plane_too_large_for_memory_is_restored_in_blocks_or_refused_before_an
     assert "this needs a machine with more memory" in capsys.readouterr().err
     assert not any(p.name.startswith(".out.zarr") for p in tmp_path.iterdir())  # nothing started
     # Where two chunks do not fit but one does, one runs at a time; the system may not say at all.
-    monkeypatch.setattr(engine, "available_memory", lambda: engine.RESERVED_BYTES + 3 * 10**9)
-    assert chunks_that_fit(2 * 10**9, 2) == 1 and chunks_that_fit(10**9, 2) == 2
+    monkeypatch.setattr(engine, "available_memory", lambda: (engine.RESERVED_BYTES + 3 * 10**9) / engine.USABLE_SHARE)
+    assert chunks_that_fit(2 * 10**9, 2) == 1 and chunks_that_fit(10**9, 2) == 2 and chunks_that_fit(1.6 * 10**9, 2) == 1
     monkeypatch.setattr(engine, "available_memory", lambda: None)
     assert chunks_that_fit(10**15, 2) == 2
 

@@ -51,12 +51,15 @@ class PlaneTooLargeError(ValueError):
 
 # Memory beside the planes: torch, the network's activations on a tile, a run of tiles.
 RESERVED_BYTES = 2**30
+# Share of the memory available that chunks may plan on: measured peaks ran up to 4% above the
+# estimate (docs/performance.md, "Planes in blocks"), and a job over its limit is killed.
+USABLE_SHARE = 0.9
 
 
 def chunks_that_fit(chunk_bytes: int, most: int) -> int:
     """How many chunks of ``chunk_bytes`` (planes or blocks: :meth:`RestorePlan.chunk_bytes`), up
-    to ``most``, can be restored at once in the memory available now; all of them where the system
-    does not say.
+    to ``most``, can be restored at once in the memory available now (:data:`USABLE_SHARE` of it,
+    less :data:`RESERVED_BYTES`); all of them where the system does not say.
 
     Raises
     ------
@@ -67,7 +70,7 @@ def chunks_that_fit(chunk_bytes: int, most: int) -> int:
     available = available_memory()
     if available is None:
         return most
-    fitting = (available - RESERVED_BYTES) // chunk_bytes
+    fitting = _room(available) // chunk_bytes
     if fitting < 1:
         raise PlaneTooLargeError(
             f"restoring one plane, or one block of it, takes about {(chunk_bytes + RESERVED_BYTES) / 1e9:.1f} GB "
@@ -78,7 +81,11 @@ def chunks_that_fit(chunk_bytes: int, most: int) -> int:
 
 def _fits(chunk_bytes: int) -> bool:
     available = available_memory()
-    return available is None or available - RESERVED_BYTES >= chunk_bytes
+    return available is None or _room(available) >= chunk_bytes
+
+
+def _room(available: int) -> int:
+    return int(available * USABLE_SHARE) - RESERVED_BYTES
 
 
 @dataclass(frozen=True)
