@@ -136,9 +136,9 @@ def test_restore_all_of_a_plane_too_large_for_memory_goes_block_by_block(
     use_checkpoint(widget, grey_checkpoint)
     widget.tile.value, widget.overlap.value = 64, 16
     expected = restore(data, make_tiny_model(1), "YX", tile=64, overlap=16)
-    # Room for a block of 128 with the tiles around it (0.7 MB), not for the plane (2.4 MB).
+    # Room for a block of 128 with the tiles around it (1.7 MB), not for the plane (3.6 MB).
     monkeypatch.setattr(engine, "BLOCK_SIDES", (128,))
-    monkeypatch.setattr(engine, "available_memory", lambda: (engine.RESERVED_BYTES + 10**6) / engine.USABLE_SHARE)
+    monkeypatch.setattr(engine, "available_memory", lambda: (engine.RESERVED_BYTES + 2 * 10**6) / engine.USABLE_SHARE)
     widget.destination.value = "zarr store"
     widget.output.value = tmp_path / "scan.zarr"
     seen = []

@@ -49,7 +49,7 @@ class PlaneTooLargeError(ValueError):
     """One plane needs more memory to restore than the machine has available."""
 
 
-# Memory beside the planes: torch, the network's activations on a tile, a run of tiles.
+# Memory beside the planes: torch, and the network's activations on a tile.
 RESERVED_BYTES = 2**30
 # Share of the memory available that chunks may plan on: measured peaks ran up to 4% above the
 # estimate (docs/performance.md, "Planes in blocks"), and a job over its limit is killed.
@@ -347,20 +347,24 @@ class RestorePlan:
 
     def chunk_bytes(self, out_channels: int, block: int | None = None) -> int:
         """Memory that restoring one plane, or one block of ``block`` (default: the plan's), takes:
-        its input with the tiles around it, the blended sum and the weights (float32), and the
-        output four times: dask's assembled copy, and zarr's copies as it encodes a chunk (18 bytes
-        a pixel for uint16 grey; measured 12-15 restoring a numpy plane, 17-18 from zarr to zarr:
-        docs/performance.md, "Memory of very large planes" and "Planes in blocks")."""
+        its input with the tiles around it; the blended sum and the weights (float32); the output
+        four times: dask's assembled copy, and zarr's copies as it encodes a chunk (18 bytes a pixel
+        for uint16 grey; measured 12-15 restoring a numpy plane, 17-18 from zarr to zarr:
+        docs/performance.md, "Memory of very large planes" and "Planes in blocks"); and one call's
+        tiles, normalised and restored (float32), which each chunk restored at once holds."""
         block = block or self.block
         shape = dict(zip(self.axes, self.array.shape))
         height, width = shape["Y"], shape["X"]
+        tile, overlap = self.tiling.tile, self.tiling.overlap
         core = (min(block, height) * min(block, width)) if block else height * width
-        region = (min(block + 2 * self.tiling.tile, height) * min(block + 2 * self.tiling.tile, width)
-                  if block else core)
+        region = min(block + 2 * tile, height) * min(block + 2 * tile, width) if block else core
+        # Overlapping tiles cover the region (tile / step)**2 times over; a call takes RUN_PIXELS at most.
+        tile_pixels = min(RUN_PIXELS, int(region * (tile / (tile - overlap)) ** 2)) if tile else region
         channels_in = shape["C"] if self.layout.feed_channels else 1
         channels_out = out_channels if self.layout.feed_channels else 1
         return (region * channels_in * self.array.dtype.itemsize
-                + core * (4 * channels_out + 4 + 4 * channels_out * self.output_dtype.itemsize))
+                + core * (4 * channels_out + 4 + 4 * channels_out * self.output_dtype.itemsize)
+                + tile_pixels * 4 * (channels_in + channels_out))
 
     def canonical(self) -> da.Array:
         """The input as ``(*iterated, C, Y, X)``."""
