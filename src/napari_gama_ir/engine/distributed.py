@@ -282,8 +282,8 @@ def restore_distributed(
         affines = _plane_affines(plan) if plan.block is not None else None
         work = []
         for index, region in missing:  # each task reads its input on the worker, as a dependency
-            source, window = _chunk_input(plan, array, index, region)
-            work.append(restore_chunk(source, index, region, window, affines(region) if affines else None,
+            reads, window = _chunk_input(plan, array, index, region)
+            work.append(restore_chunk(reads, index, region, window, affines(region) if affines else None,
                                       plan.layout, shared_checkpoint, settings, str(pixels), str(done / str(flat[index]))))
         tasks = client.compute(work)
         try:

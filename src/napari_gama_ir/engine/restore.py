@@ -51,7 +51,7 @@ class PlaneTooLargeError(ValueError):
 
 # Memory beside the planes: torch, and the network's activations on a tile.
 RESERVED_BYTES = 2**30
-# Share of the memory available that chunks may plan on: measured peaks ran up to 4% above the
+# Share of the memory available that chunks may plan on: measured peaks ran up to 6% above the
 # estimate (docs/performance.md, "Planes in blocks"), and a job over its limit is killed.
 USABLE_SHARE = 0.9
 
