@@ -249,6 +249,11 @@ def test_restore_all_refuses_a_layer_too_large_for_memory(make_napari_viewer, gr
     monkeypatch.setattr("napari_gama_ir._napari.restore_widget.available_memory", lambda: 16 * 10**9)
     assert widget.restore_all() is None and widget.worker is None  # nothing started
     assert "would take 419.4 GB of memory, and 16.0 GB is free; restore it to a zarr store" in shown[-1]
+    # Preview holds the plane shown: a slide scan's plane larger than that refuses too.
+    viewer.add_image(da.zeros((60_000, 60_000), chunks=(4096, 4096), dtype=np.uint16), name="scan")
+    widget.image.value = "scan"
+    assert widget.preview() is None and "scan restored (preview)" not in viewer.layers
+    assert "a restored plane and its placeholder would take 28.8 GB of memory, and 16.0 GB is free" in shown[-1]
 
 
 def test_restore_all_checks_the_output_format_before_starting(make_napari_viewer, tmp_path, monkeypatch):

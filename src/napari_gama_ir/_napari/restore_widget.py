@@ -41,13 +41,13 @@ def model_choices() -> list[str]:
     return shipped_model_names() + user_model_names() + [CHECKPOINT_FILE]
 
 
-def _check_fits_in_memory(nbytes: int) -> None:
-    """Refuse an in-memory result larger than half the memory free now: filling it would end,
-    perhaps hours later, with napari killed for want of memory and the work lost."""
+def _check_fits_in_memory(nbytes: int, what: str = "the restored image") -> None:
+    """Refuse an in-memory result (``what``) larger than half the memory free now: filling it would
+    end, perhaps hours later, with napari killed for want of memory and the work lost."""
     available = available_memory()
     if available is not None and nbytes > available // 2:
         raise ValueError(
-            f"the restored image would take {nbytes / 1e9:.1f} GB of memory, and {available / 1e9:.1f} GB is free; "
+            f"{what} would take {nbytes / 1e9:.1f} GB of memory, and {available / 1e9:.1f} GB is free; "
             "restore it to a zarr store"
         )
 
@@ -176,11 +176,14 @@ class RestoreWidget(QWidget):
         """Add a layer that restores each plane the first time it is shown, off the UI thread."""
         try:
             layer, restored, axes, model, provenance = self._prepare()
+            colours = restored.shape[axes.index("C")] - provenance["alpha_passed_through"] if "C" in axes else 1
+            fed = "C" in axes and colours == model.config.in_channels
+            plane_axes = tuple(i for i, a in enumerate(axes) if a in "YX" or (a == "C" and fed))
+            # The plane shown is held whole (a slide scan's can be tens of GB), with a placeholder as large.
+            plane_bytes = int(np.prod([restored.shape[i] for i in plane_axes])) * restored.dtype.itemsize
+            _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
-        colours = restored.shape[axes.index("C")] - provenance["alpha_passed_through"] if "C" in axes else 1
-        fed = "C" in axes and colours == model.config.in_channels
-        plane_axes = tuple(i for i, a in enumerate(axes) if a in "YX" or (a == "C" and fed))
         planes = BackgroundPlanes(restored, plane_axes)
         result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
         planes.on_ready = lambda index: self._plane_ready(result, planes)
