@@ -56,6 +56,7 @@ def test_restore_in_blocks_writes_block_chunks_and_tiles_equal_to_whole_planes(c
     whole = zarr.open_array(str(tmp_path / "whole.zarr"))
     blocks = zarr.open_array(str(tmp_path / "blocks.zarr"))
     assert whole.chunks == (1, 150, 130) and blocks.chunks == (1, 64, 64)
+    assert whole.attrs["block"] is None and blocks.attrs["block"] == 64  # recorded with the provenance
     assert np.array_equal(blocks[:], whole[:]) and np.array_equal(tifffile.imread(tmp_path / "blocks.tif"), whole[:])
     with tifffile.TiffFile(tmp_path / "blocks.tif") as tif:
         assert tif.pages[0].is_tiled and (tif.pages[0].tilelength, tif.pages[0].tilewidth) == (64, 64)

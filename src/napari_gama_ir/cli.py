@@ -151,16 +151,18 @@ def _restore_image(
     planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
     height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
     progress = _Progress(planes, height * width, args.quiet, label)
-    restored = restore(  # lazy: checks the settings, computes nothing yet
+    # Checks the settings and chooses blocks where a plane does not fit; computes nothing.
+    plan = plan_restore(source.array, model, axes, args.tile or None, args.overlap, args.mean_mode, None,
+                        output_dtype, alpha, args.block)
+    restored = restore(  # lazy, in the plan's blocks (0: whole planes), whatever the memory says by now
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch, output_dtype=output_dtype,
         on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs, alpha=alpha,
-        block=args.block,
+        block=plan.block or 0,
     )
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
-    # As many planes at once as the host's threads, or as fit in memory where planes are huge.
-    plan = plan_restore(source.array, model, axes, args.tile or None, args.overlap, args.mean_mode, None,
-                        output_dtype, alpha, args.block)
+    provenance["block"] = plan.block
+    # As many chunks at once as the host's threads, or as fit in memory where planes are huge.
     workers = chunks_that_fit(plan.chunk_bytes(model.config.out_channels), host_threads(resolve_device(args.device)))
     progress.start()
     try:
