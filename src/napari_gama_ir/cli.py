@@ -95,8 +95,8 @@ def load_model(name: str, untrained: bool = False, in_channels: int | None = Non
 def _untrained_banner() -> str:
     line = "!" * 78
     return (
-        f"{line}\n!! WARNING: no trained weights are shipped yet. This runs a RANDOMLY INITIALISED\n"
-        f"!! network: the output is NOT a restoration, only a test of the pipeline.\n{line}"
+        f"{line}\n!! WARNING: --untrained runs a RANDOMLY INITIALISED network, not the shipped weights:\n"
+        f"!! the output is NOT a restoration, only a test of the pipeline.\n{line}"
     )
 
 
