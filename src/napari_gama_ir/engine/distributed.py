@@ -283,8 +283,9 @@ def restore_distributed(
         work = []
         for index, region in missing:  # each task reads its input on the worker, as a dependency
             reads, window = _chunk_input(plan, array, index, region)
-            work.append(restore_chunk(reads, index, region, window, affines(region) if affines else None,
-                                      plan.layout, shared_checkpoint, settings, str(pixels), str(done / str(flat[index]))))
+            affine = affines(region) if affines else None
+            work.append(restore_chunk(reads, index, region, window, affine, plan.layout, shared_checkpoint, settings,
+                                      str(pixels), str(done / str(flat[index]))))
         tasks = client.compute(work)
         try:
             for future in as_completed(tasks):
@@ -307,9 +308,8 @@ def _output_chunks(plan: RestorePlan) -> tuple[int, ...]:
     """Chunks of the input and output, in the input's axes, holding one plane (one chunk of the
     canonical view), or one block of one."""
     planar = set("YX") | ({"C"} if plan.layout.feed_channels else set())
-    return tuple(
-        (plan.block if plan.block and a in "YX" else n) if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape)
-    )
+    side = {axis: plan.block for axis in "YX"} if plan.block else {}
+    return tuple(side.get(a, n) if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape))
 
 
 def _chunk_input(plan: RestorePlan, array, index: tuple[int, ...], region: tuple[slice, ...]):

@@ -507,10 +507,11 @@ def restore(
     block : int, optional
         Restore each plane in square blocks of this side (at least the tile; rounded down to a
         multiple of 16), each with the tiles around it, so that memory follows the block, not the
-        plane; 0 restores planes whole whatever their size. The result is the same as restoring planes whole, where percentile normalisation
-        takes its percentiles from a sample of at most 4 M pixels a plane, which equals the plane
-        itself up to 2048 x 2048. By default planes are restored whole when one fits in the memory
-        available, and otherwise in the largest blocks that fit (16384 down to 1024).
+        plane; 0 restores planes whole whatever their size. The result is the same as restoring
+        planes whole, where percentile normalisation takes its percentiles from a sample of at
+        most 4 M pixels a plane, which equals the plane itself up to 2048 x 2048. By default planes
+        are restored whole when one fits in the memory available, and otherwise in the largest
+        blocks that fit (16384 down to 1024).
 
     Returns
     -------
