@@ -477,6 +477,21 @@ def test_blocks_are_checked_and_report_bad_pixels_by_plane():
         restore(image, model, "ZYX", tile=32, overlap=8, block=48)
 
 
+def test_an_in_memory_result_is_filled_chunk_by_chunk_not_concatenated():
+    # compute() held every plane's output and then their concatenation: twice the result.
+    import tracemalloc
+
+    stack = np.random.default_rng(0).random((256, 128, 128), dtype=np.float32)
+    model = make_tiny_model(1)
+    restore(stack[:1], model, "ZYX", tile=64, overlap=16)  # allocations made once, before measuring
+    tracemalloc.start()
+    restored = restore(stack, model, "ZYX", tile=64, overlap=16)  # tiles: outputs numpy allocates
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(restored[5], restore(stack[5], model, "YX", tile=64, overlap=16))
+    assert peak < 1.5 * restored.nbytes
+
+
 def test_a_plane_restored_in_blocks_holds_a_block_not_the_plane(tmp_path):
     # What the engine allocates with numpy for a 2048 x 2048 plane, whole and in blocks of 512.
     import tracemalloc

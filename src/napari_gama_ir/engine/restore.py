@@ -555,8 +555,12 @@ def restore(
         result = da.concatenate([result, opacity], axis=channel).rechunk({channel: -1})
     if plan.lazy:
         return result
+    # Each chunk goes into the output as it is done: compute() would hold every chunk, then their
+    # concatenation, twice the output at its peak.
+    output = np.empty(result.shape, result.dtype)
     with dask.config.set(scheduler="threads", num_workers=workers):
-        return result.compute()
+        da.store(result, output, lock=False)
+    return output
 
 
 def _restore_planes(
