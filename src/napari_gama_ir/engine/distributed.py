@@ -317,15 +317,9 @@ def _chunk_input(plan: RestorePlan, array, index: tuple[int, ...], region: tuple
     the chunk itself where planes are whole; a block's core and the tiles around it otherwise."""
     if plan.block is None:
         return array.blocks[index], None
-    height, width = (plan.array.shape[plan.axes.index(a)] for a in "YX")
-    reach = plan.tiling.tile
-    around = tuple(
-        slice(max(0, span.start - reach), min(length, span.stop + reach)) if axis in "YX" else span
-        for axis, span, length in zip(plan.axes, region, plan.array.shape)
-    )
-    rows, cols = (around[plan.axes.index(a)] for a in "YX")
-    core = tuple(region[plan.axes.index(a)] for a in "YX")
-    return array[around], Window(height, width, rows.start, cols.start, core)
+    window, (rows, cols) = plan.block_window(tuple(region[plan.axes.index(a)] for a in "YX"))
+    around = tuple({"Y": rows, "X": cols}.get(axis, span) for axis, span in zip(plan.axes, region))
+    return array[around], window
 
 
 def _plane_affines(plan: RestorePlan) -> Callable[[tuple[slice, ...]], Any] | None:

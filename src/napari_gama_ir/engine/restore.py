@@ -366,6 +366,14 @@ class RestorePlan:
                 + core * (4 * channels_out + 4 + 4 * channels_out * self.output_dtype.itemsize)
                 + tile_pixels * 4 * (channels_in + channels_out))
 
+    def block_window(self, core: tuple[slice, slice]) -> tuple[Window, tuple[slice, slice]]:
+        """The window of the block ``core`` (rows, columns of a plane) and the rows and columns it
+        reads: the core and a tile's width around it, which holds every tile that meets the core."""
+        height, width = (self.array.shape[self.axes.index(a)] for a in "YX")
+        reach = self.tiling.tile
+        reads = tuple(slice(max(0, s.start - reach), min(n, s.stop + reach)) for s, n in zip(core, (height, width)))
+        return Window(height, width, reads[0].start, reads[1].start, core), reads
+
     def canonical(self) -> da.Array:
         """The input as ``(*iterated, C, Y, X)``."""
         return to_canonical(self.array, self.layout)
@@ -585,7 +593,7 @@ def _restore_blocks(
 ) -> da.Array:
     """``canonical`` restored lazily in square blocks of ``plan.block``: each reads its core and the
     tiles that meet it (``plan.tiling.tile`` pixels around it) and restores its core."""
-    iterated, side, reach = plan.layout.iterated, plan.block, plan.tiling.tile
+    iterated, side = plan.layout.iterated, plan.block
     height, width = canonical.shape[-2:]
     chunks = tuple((1,) * n for n in canonical.shape[:-3]) + (
         (canonical.shape[-3],), _regular(height, side), _regular(width, side),
@@ -597,10 +605,8 @@ def _restore_blocks(
     def restore_block(block_id: tuple[int, ...]) -> np.ndarray:
         index, (row, col) = block_id[: len(iterated)], block_id[-2:]
         core = (slice(row * side, min((row + 1) * side, height)), slice(col * side, min((col + 1) * side, width)))
-        rows = slice(max(0, core[0].start - reach), min(height, core[0].stop + reach))
-        cols = slice(max(0, core[1].start - reach), min(width, core[1].stop + reach))
-        pixels = canonical[index + (slice(None), rows, cols)].compute(scheduler="synchronous")
-        window = Window(height, width, rows.start, cols.start, core)
+        window, reads = plan.block_window(core)
+        pixels = canonical[index + (slice(None), *reads)].compute(scheduler="synchronous")
         affine = plane_affines.get(index) if plane_affines else None
         restored = restorer(pixels, plane_name(iterated, index), window, affine)
         if on_plane is not None:
