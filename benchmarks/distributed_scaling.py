@@ -2,7 +2,8 @@
 
 Restores the same uint16 zarr stack (random noise, a grey GAMA-IR-XS with random weights) with the
 single-process engine (`restore` + `write_image`) and with `restore_distributed` on LocalClusters
-of different shapes, checks every output is identical, and reports wall seconds and Mpx/s. The
+of different shapes, checks whether every output is identical (or how far apart), and reports wall
+seconds and Mpx/s. The
 cluster start-up is not timed; the model's transfer and per-worker load are.
 
     python benchmarks/distributed_scaling.py --planes 32 --size 1024
@@ -73,9 +74,13 @@ def main() -> None:
                 cluster = client.cluster
                 client.close()
                 cluster.close()
-            identical = bool(np.array_equal(zarr.open_array(str(output), mode="r")[:], reference))
+            restored = zarr.open_array(str(output), mode="r")[:]
+            # Passes of several tiles round otherwise under another thread count (docs/engine.md).
+            difference = float(np.abs(restored.astype(np.float64) - reference).max())
             results["runs"].append({"layout": f"{workers} worker(s) x {threads} thread(s)", "seconds": round(seconds, 1),
-                                    "mpx_per_s": round(megapixels / seconds, 3), "identical_to_engine": identical})
+                                    "mpx_per_s": round(megapixels / seconds, 3),
+                                    "identical_to_engine": bool(np.array_equal(restored, reference)),
+                                    "largest_difference": difference})
             print(results["runs"][-1], flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -181,8 +181,9 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
-    parser.add_argument("--batch", type=int, help="most tiles per forward pass (the engine's default: 1 on CPU; 4 on GPU, "
-                                                  "stretched up to 8 to split a plane's tiles evenly)")
+    parser.add_argument("--batch", type=int, help="most tiles per forward pass (the engine's default: 512 x 512 pixels' "
+                                                  "worth on CPU, 4 x 512 x 512 on GPU, stretched up to twice that to "
+                                                  "split a plane's tiles evenly)")
     parser.add_argument("--network", choices=("model", "copy"), default="model",
                         help="copy: replace the network's forward pass by a copy, to measure the host side alone")
     parser.add_argument("--bare-planes", type=int, default=12, help="planes' worth of tiles per bare timing")

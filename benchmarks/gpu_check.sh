@@ -21,6 +21,8 @@
 #            graphs (two compilations; not in the default list);
 #   engine-compiled  the engine part's stack through torch.compile with CUDA graphs (bf16;
 #            a compilation per tile batch shape, in the child and in the bare timing; not in the default list);
+#   small-planes  stacks of 32-512 px planes restored a chunk at a time (the engine) against the bare
+#            network a plane a pass (benchmarks/small_planes.py, GAMA-IR-XS fp32; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -179,6 +181,12 @@ if wanted engine-compiled; then
     timeout 300 python3 benchmarks/engine_throughput.py --planes 64 --size 2048 --arch gama_ir_s --bare-planes 8 \
         --device cuda --precision bf16 --path compiled-graphs --workdir /tmp/engine-bench --keep \
         --json "$R/engine_gama_ir_s_bf16_compiled_graphs.json" 2>&1 | sed -n '/^stack /,$p' | tee -a "$R/log.txt"
+fi
+
+if wanted small-planes; then
+    log "small planes, a chunk at a time"
+    timeout 240 python3 benchmarks/small_planes.py --device cuda --sides 32 64 128 256 512 \
+        --json "$R/small_planes_cuda.json" 2>&1 | tail -6 | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then

@@ -150,9 +150,10 @@ def test_engine_benchmark_times_the_cli_and_its_timeline(tmp_path, network):
     assert report["network"] == network and report["output_bytes_on_disk"] > 0
     assert report["startup_seconds"] > 0 and report["engine_seconds"] > 0
     spent = report["timeline"]
-    # One read, plane, network call and write per plane (plus the read that checks the input), four tiles each.
+    # One read, plane, network call and write per plane (plus the read that checks the input); a plane's
+    # four tiles of 128 x 128 run in one forward pass on the CPU.
     assert [spent[stage]["calls"] for stage in ("read", "plane", "network", "forward", "write")] in (
-        [3, 3, 3, 12, 3], [4, 3, 3, 12, 3])
+        [3, 3, 3, 3, 3], [4, 3, 3, 3, 3])
     assert 0 <= spent["network_covers_span"] <= 1 and "device_busy_seconds" not in spent
     assert 0 < spent["forward"]["median_seconds"] <= spent["forward"]["slowest_seconds"][0]
     assert report["fallbacks_to_eager"] == []

@@ -70,6 +70,11 @@ def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
     assert code == 0, err
     assert "planes 2/2" in err and "Mpx" in err
     assert open_image(tmp_path / "out.tif").array.shape == (2, 24, 24)
+    # A one-channel network restores each of two channels as a plane: six planes, restored as one chunk.
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((3, 2, 24, 24), np.uint8), metadata={"axes": "ZCYX"})
+    code, out, err = run_cli(capsys, "restore", tmp_path / "two.tif", "-o", tmp_path / "two.zarr", "--model", grey_checkpoint)
+    assert code == 0, err
+    assert "planes 6/6" in err and "planes 1/6" not in err
 
 
 def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):

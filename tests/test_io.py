@@ -160,6 +160,24 @@ def test_tiff_and_png_writers_round_trip(tmp_path):
     assert np.array_equal(open_image(tmp_path / "one.png").array.compute(), rgb[0])
 
 
+@pytest.mark.parametrize("axes, shape, chunks", [("TYX", (10, 16, 16), (4, 16, 16)),
+                                                  ("TZYX", (2, 5, 16, 16), (1, 3, 16, 16))])
+def test_a_tiff_computes_each_chunk_of_several_pages_once(tmp_path, axes, shape, chunks):
+    # Pages were computed one by one: a chunk of several small planes (restore groups them) was
+    # restored again for each of its pages.
+    computed = []
+
+    def mark(block, block_info=None):
+        computed.append(tuple(block_info[0]["chunk-location"]))
+        return block
+
+    data = np.arange(np.prod(shape), dtype=np.uint16).reshape(shape)
+    watched = da.from_array(data, chunks=chunks).map_blocks(mark, dtype=data.dtype)
+    write_image(watched, tmp_path / "out.tif", axes)
+    assert sorted(computed) == sorted(set(computed)) and len(computed) == watched.npartitions
+    assert np.array_equal(open_image(tmp_path / "out.tif").array.compute(), data)
+
+
 def test_pictures_open_with_their_axes_and_broken_ones_in_one_line(tmp_path):
     import imageio.v3 as iio
 

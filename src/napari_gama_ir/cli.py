@@ -148,7 +148,9 @@ def _restore_image(
         if alpha:
             raise UsageError(f"{source.path} has an alpha channel, which restoring on a cluster does not handle")
         return _restore_on_cluster(args, source, model, output, axes, provenance, output_dtype)
-    planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in "CYX"], dtype=np.int64))
+    # A channel is a plane of its own where the network restores channels one at a time.
+    plane_axes = "CYX" if channels == model.config.in_channels else "YX"
+    planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in plane_axes], dtype=np.int64))
     height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
     progress = _Progress(planes, height * width, args.quiet, label)
     # Checks the settings and chooses blocks where a plane does not fit; computes nothing.
@@ -287,7 +289,7 @@ class _Progress:
 
     def __init__(self, planes: int, plane_pixels: int, quiet: bool, label: str = "restoring") -> None:
         self._planes, self._plane_pixels, self._quiet, self._label = planes, plane_pixels, quiet, label
-        self._done, self._lock, self._bar = 0, threading.Lock(), None
+        self._pixels, self._lock, self._bar = 0, threading.Lock(), None
 
     def start(self) -> None:
         from tqdm import tqdm
@@ -298,9 +300,10 @@ class _Progress:
         )
 
     def update_pixels(self, pixels: int) -> None:
+        """Count ``pixels`` (per channel) restored: a plane's, a few small planes', or a block's."""
         with self._lock:
-            self._done += 1
-            self._bar.set_postfix_str(f"planes {self._done}/{self._planes}", refresh=False)
+            self._pixels += pixels
+            self._bar.set_postfix_str(f"planes {self._pixels // self._plane_pixels}/{self._planes}", refresh=False)
             self._bar.update(pixels / 1e6)
 
     def close(self) -> None:
@@ -616,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE, help=f"GAMA averaging (default {DEFAULT_MEAN_MODE})")
     restore_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                              help="autocast precision; fp16 needs a GPU, bf16 pays on GPUs and on CPUs with AVX512-BF16")
-    restore_cmd.add_argument("--batch", type=int, help="most tiles per forward pass (default 1 on CPU; on GPU 4, or up to 8 where that gives batches of one size)")
+    restore_cmd.add_argument("--batch", type=int, help="most tiles (or small planes) per forward pass (default: 512x512 pixels' worth on CPU, 4 times "
+                             "that on GPU, up to twice that where it gives batches of one size)")
     restore_cmd.add_argument("--block", type=int, help="restore each plane in square blocks of this side, so that memory "
                              "follows the block; 0 for whole planes (default: whole planes where one fits in memory, else the "
                              "largest blocks that do)")

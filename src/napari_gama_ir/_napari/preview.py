@@ -16,7 +16,8 @@ class BackgroundPlanes:
 
     ``__getitem__`` answers at once: planes already restored come from a cache, the others are
     queued for a single background thread and shown as zeros until ready; ``on_ready`` is then
-    called (from that thread) with the plane's index so the viewer can refresh. Each plane is
+    called (from that thread) with the plane's index so the viewer can refresh. A plane is computed
+    with the others of its chunk (small planes share one), which all enter the cache; each is
     computed once while it stays in the cache (least recently used planes leave it beyond
     ``cache_bytes``). Only the ``queue_depth`` most recent requests are kept, so scrolling quickly
     through thousands of planes restores where the user stopped, not every plane passed on the way.
@@ -112,9 +113,10 @@ class BackgroundPlanes:
                     return
                 index, _ = self._wanted.popitem(last=True)  # newest request first
                 self._busy = index
-            key = tuple(index[self.iterated.index(d)] if d in self.iterated else slice(None) for d in range(self.ndim))
+            spans = self._chunk_spans(index)
+            key = tuple(slice(spans[d].start, spans[d].stop) if d in spans else slice(None) for d in range(self.ndim))
             try:
-                plane = np.asarray(self.lazy[key].compute(scheduler="synchronous"))
+                chunk = np.asarray(self.lazy[key].compute(scheduler="synchronous"))
             except BaseException as error:  # surfaced by the widget; the worker keeps serving
                 with self._condition:
                     self.errors.append(error)
@@ -124,13 +126,30 @@ class BackgroundPlanes:
                     self.on_ready(index)
                 continue
             with self._condition:
-                self._cache[index] = plane
+                for neighbour in itertools.product(*(spans[d] for d in self.iterated)):
+                    at = dict(zip(self.iterated, neighbour))
+                    # A copy, so that a cached plane does not keep its whole chunk alive.
+                    self._cache[neighbour] = chunk[tuple(
+                        at[d] - spans[d].start if d in at else slice(None) for d in range(self.ndim)
+                    )].copy()
+                    self._wanted.pop(neighbour, None)
+                self._cache.move_to_end(index)
                 self._busy = None
                 while sum(p.nbytes for p in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
                     self._cache.popitem(last=False)
                 self._condition.notify_all()
             if self.on_ready is not None:
                 self.on_ready(index)
+
+    def _chunk_spans(self, index: tuple[int, ...]) -> dict[int, range]:
+        """For each iterated dimension, the positions of the chunk of ``lazy`` that holds ``index``:
+        the engine restores small planes a few to a chunk, so each of them costs the chunk."""
+        spans = {}
+        for d, position in zip(self.iterated, index):
+            ends = np.cumsum(self.lazy.chunks[d])
+            chunk = int(np.searchsorted(ends, position, side="right"))
+            spans[d] = range(int(ends[chunk - 1]) if chunk else 0, int(ends[chunk]))
+        return spans
 
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until no plane is queued or being computed (for scripts and tests)."""

@@ -41,6 +41,16 @@ def model_choices() -> list[str]:
     return shipped_model_names() + user_model_names() + [CHECKPOINT_FILE]
 
 
+def chunk_unit(restored: da.Array, axes: str) -> str:
+    """What a chunk of the engine's ``restored`` stack is, to count them by: planes, batches of
+    small planes, or blocks of planes too large for memory."""
+    if any(len(restored.chunks[axes.index(a)]) > 1 for a in "YX"):
+        return "blocks"
+    if all(max(chunks) == 1 for a, chunks in zip(axes, restored.chunks) if a not in "CYX"):
+        return "planes"
+    return "batches of planes"
+
+
 def _check_fits_in_memory(nbytes: int, what: str = "the restored image") -> None:
     """Refuse an in-memory result (``what``) larger than half the memory free now: filling it would
     end, perhaps hours later, with napari killed for want of memory and the work lost."""
@@ -214,8 +224,7 @@ class RestoreWidget(QWidget):
             return self._fail(error)
         provenance = {**provenance, "mode": "restore all", "output": target}
         total = int(np.prod(restored.numblocks))
-        # A plane too large for memory is restored in blocks: count those.
-        unit = "planes" if all(len(restored.chunks[axes.index(a)]) == 1 for a in "YX") else "blocks"
+        unit = chunk_unit(restored, axes)
         self._cancel.clear()
         # Handlers are given at creation: a worker created without an "errored" handler re-raises.
         self.worker = create_worker(

@@ -3,11 +3,12 @@
 The client sends each worker the network once, as checkpoint bytes (JSON record and safetensors
 weights, never a pickled module); a worker builds its :class:`~.restore.PlaneRestorer` on first
 use and keeps it for every later chunk (one per process, keyed by the weights' SHA-256 and the
-settings). Each task restores one plane and writes it into its own chunk of the output zarr, then
-writes a marker file; the client only sees a pixel count. The output is written into a run folder
-beside the output (``.NAME.run``) and moved into place when every chunk has its marker. A run that
-stops (Ctrl-C, a lost cluster) leaves the run folder behind; ``resume=True`` skips the chunks
-that have markers and writes the others, so the result is bit-identical to an uninterrupted run.
+settings). Each task restores one chunk (a plane, a few small planes, or a block of a huge plane)
+and writes it into its own chunk of the output zarr, then writes a marker file; the client only
+sees a pixel count. The output is written into a run folder beside the output (``.NAME.run``) and
+moved into place when every chunk has its marker. A run that stops (Ctrl-C, a lost cluster) leaves
+the run folder behind; ``resume=True`` skips the chunks that have markers and writes the others, so
+the result is bit-identical to an uninterrupted run on workers of as many threads.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .restore import (
     RestorePlan,
     StackAffine,
     Window,
+    chunk_plane_names,
     make_tiling,
     percentile_sample,
     plan_restore,
@@ -142,12 +144,17 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
 
 def _restore_chunk(block: np.ndarray, index: tuple[int, ...], region: tuple[slice, ...], window: Window | None,
                    affine: Affine | None, layout, checkpoint, settings: dict[str, Any], store: str, marker: str) -> int:
-    """Restore one input block (one plane in the input's axes, or with ``window`` a block of one
-    with the tiles around it), write it to ``region`` of ``store`` and mark it done."""
+    """Restore one input block (a plane in the input's axes or a few small ones, or with ``window``
+    a block of one with the tiles around it), write it to ``region`` of ``store`` and mark it done."""
     restorer = worker_restorer(checkpoint, settings)
     canonical = to_canonical(block, layout)
-    where = plane_name(layout.iterated, tuple(index[layout.axes.index(a)] for a in layout.iterated))
-    restored = restorer(canonical.reshape(canonical.shape[-3:]), where, window, affine)
+    planes = canonical.reshape((-1,) + canonical.shape[-3:])
+    if window is None:
+        starts = [region[layout.axes.index(a)].start for a in layout.iterated]
+        restored = restorer.restore_planes(planes, chunk_plane_names(layout.iterated, starts, len(planes)))
+    else:
+        where = plane_name(layout.iterated, tuple(region[layout.axes.index(a)].start for a in layout.iterated))
+        restored = restorer(planes[0], where, window, affine)
     restored = restored.reshape(canonical.shape[:-2] + restored.shape[-2:])
     zarr.open_array(store, mode="r+")[region] = from_canonical(restored, layout)
     Path(marker).touch()  # after the chunk: a marker always means a complete chunk
@@ -196,7 +203,8 @@ def restore_distributed(
     model : GamaIR
         The network; it reaches the workers as checkpoint bytes, sent once.
     output : path
-        A ``.zarr`` folder, written chunk by chunk by the workers (one chunk per plane, or per block).
+        A ``.zarr`` folder, written chunk by chunk by the workers (a chunk per plane, per few small
+        planes, or per block).
     client : distributed.Client
         The cluster to run on.
     resume : bool
@@ -244,7 +252,7 @@ def restore_distributed(
     # What must not change between a run and its resumption (device, batch and the optimised path may).
     record = json.loads(json.dumps({
         "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,
-        "dtype": str(plan.array.dtype), "block": plan.block,
+        "dtype": str(plan.array.dtype), "block": plan.block, "planes_per_chunk": plan.planes_per_chunk,
         "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile", "cuda_graphs")},
     }))
     store, done = run / "data.zarr", run / "done"
@@ -305,11 +313,15 @@ def restore_distributed(
 
 
 def _output_chunks(plan: RestorePlan) -> tuple[int, ...]:
-    """Chunks of the input and output, in the input's axes, holding one plane (one chunk of the
-    canonical view), or one block of one."""
+    """Chunks of the input and output, in the input's axes, holding what a chunk of the canonical
+    view holds: a plane, a few small planes along the last iterated axis, or a block of a plane."""
     planar = set("YX") | ({"C"} if plan.layout.feed_channels else set())
-    side = {axis: plan.block for axis in "YX"} if plan.block else {}
-    return tuple(side.get(a, n) if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape))
+    chunks = {a: n if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape)}
+    if plan.block:
+        chunks.update(Y=plan.block, X=plan.block)
+    if plan.layout.iterated:
+        chunks[plan.layout.iterated[-1]] = plan.planes_per_chunk
+    return tuple(chunks[a] for a in plan.axes)
 
 
 def _chunk_input(plan: RestorePlan, array, index: tuple[int, ...], region: tuple[slice, ...]):

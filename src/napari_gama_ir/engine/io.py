@@ -438,8 +438,8 @@ def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, .
 def write_image(array: da.Array | np.ndarray, output: str | os.PathLike, axes: str, **options: Any) -> Path:
     """Compute ``array`` chunk by chunk into ``output`` (.zarr, .tif, .png or .npy), atomically.
 
-    Zarr output keeps the array's chunks (one chunk per plane from :func:`restore`), so only a few
-    chunks are in memory at a time. ``options`` are those of :func:`write_image_steps`
+    Zarr output keeps the array's chunks (from :func:`restore`: a plane, a few small planes, or a
+    block of a huge plane), so only a few chunks are in memory at a time. ``options`` are those of :func:`write_image_steps`
     (``overwrite``, ``attrs``, ``workers``, ``cancel``); this runs its steps to the end.
     """
     for _ in write_image_steps(array, output, axes, **options):
@@ -549,7 +549,7 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
     pages = array.reshape((-1,) + array.shape[-page_ndim:])
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
     tile = _tiff_tile(pages, page_ndim == 2 or rgb)
-    data = (pages[index].compute() for index in range(pages.shape[0])) if tile is None else (
+    data = _pages_by_chunk(pages) if tile is None else (
         pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))].compute()
         for index in range(pages.shape[0])
         for row in range(0, pages.shape[1], tile[0])
@@ -574,6 +574,15 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
         **tiff_resolution(sizes),
     )
     yield pages.shape[0], pages.shape[0]
+
+
+def _pages_by_chunk(pages: da.Array) -> Iterator[np.ndarray]:
+    """The pages of ``pages`` (``(page, ...)``) one by one, computed a chunk at a time: a chunk of
+    several small planes (:func:`~.restore.restore` groups them) is computed once, not once a page."""
+    start = 0
+    for size in pages.chunks[0]:
+        yield from pages[start:start + size].compute()
+        start += size
 
 
 def _tiff_tile(pages: da.Array, tileable: bool) -> tuple[int, int] | None:

@@ -27,7 +27,7 @@ from .axes import (
 )
 from .device import available_memory, host_threads, resolve_device
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
-from .runner import ModelRunner, TileTooLargeError, batch_size, runner_for
+from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
@@ -225,7 +225,7 @@ def _runs_of_bounded_size(group: list[Tile], run_shape: tuple[int, int], runner:
     normalised size with the default tiles. Runs are whole numbers of the runner's batch, so its
     batches keep one size.
     """
-    size = batch_size(len(group), runner.batch, runner.batch_stretches)
+    size = runner.pass_size(len(group), run_shape)
     per_run = max(1, RUN_PIXELS // (run_shape[0] * run_shape[1] * size)) * size
     return [group[start:start + per_run] for start in range(0, len(group), per_run)]
 
@@ -318,12 +318,38 @@ class PlaneRestorer:
     ) -> np.ndarray:
         """Restore ``plane``, or with ``window`` a block of one (see :func:`restore_plane`), whose
         normalisation ``affine`` then comes from the whole plane (:class:`PlaneAffines`)."""
-        if not np.isfinite(plane).all():
-            raise NonFiniteInputError(f"input contains NaN or Inf values in {where}")
+        _check_finite(plane, where)
         affine = affine or self.affine(plane)
         restored = restore_plane(plane, self.runner, self.tiling, normalize=affine.forward, window=window)
+        return self._to_output(restored, affine)
+
+    def restore_planes(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
+        """Restore ``planes`` (N, C, Y, X), named ``names`` in errors. Several planes must each run
+        whole, as one tile (:attr:`RestorePlan.planes_per_chunk`): they share forward passes."""
+        if len(planes) == 1:
+            return self(planes[0], names[0])[None]
+        for plane, name in zip(planes, names):
+            _check_finite(plane, name)
+        affines = [self.affine(plane) for plane in planes]
+        restored = self.runner.run(np.stack([affine.forward(plane) for affine, plane in zip(affines, planes)]))
+        return np.stack([self._to_output(values, affine) for values, affine in zip(restored, affines)])
+
+    def _to_output(self, restored: np.ndarray, affine: Affine) -> np.ndarray:
         # In place: a plane's every copy costs its size again, and planes can be gigapixels.
         return _cast_output(affine.inverse(restored, out=restored), self.output_dtype, overwrite=True)
+
+
+def chunk_plane_names(iterated: str, starts: list[int], count: int) -> list[str]:
+    """The names of the ``count`` planes of a chunk that starts at ``starts`` along the iterated
+    axes, the last of which it runs along (:attr:`RestorePlan.planes_per_chunk`)."""
+    if not iterated:
+        return [plane_name(iterated, ())]
+    return [plane_name(iterated, (*starts[:-1], starts[-1] + i)) for i in range(count)]
+
+
+def _check_finite(plane: np.ndarray, where: str) -> None:
+    if not np.isfinite(plane).all():
+        raise NonFiniteInputError(f"input contains NaN or Inf values in {where}")
 
 
 def plane_name(iterated: str, index: tuple[int, ...]) -> str:
@@ -344,14 +370,16 @@ class RestorePlan:
     tiling: TilingPlan
     alpha: da.Array | None = None  # the input's opacity channel, passed through; ``array`` is without it
     block: int | None = None  # side of the spatial blocks planes are restored in; None: whole planes
+    planes_per_chunk: int = 1  # planes along the last iterated axis restored together (small planes)
 
     def chunk_bytes(self, out_channels: int, block: int | None = None) -> int:
-        """Memory that restoring one plane, or one block of ``block`` (default: the plan's), takes:
-        its input with the tiles around it; the blended sum and the weights (float32); the output
-        four times: dask's assembled copy, and zarr's copies as it encodes a chunk (18 bytes a pixel
-        for uint16 grey; measured 12-15 restoring a numpy plane, 17-18 from zarr to zarr:
-        docs/performance.md, "Memory of very large planes" and "Planes in blocks"); and one call's
-        tiles, normalised and restored (float32), which each chunk restored at once holds."""
+        """Memory that restoring one chunk takes: a plane (or the plan's ``planes_per_chunk``), or
+        one block of ``block`` (default: the plan's). For each plane, or block: its input with the
+        tiles around it; the blended sum and the weights (float32); the output four times: dask's
+        assembled copy, and zarr's copies as it encodes a chunk (18 bytes a pixel for uint16 grey;
+        measured 12-15 restoring a numpy plane, 17-18 from zarr to zarr: docs/performance.md,
+        "Memory of very large planes" and "Planes in blocks"); and one call's tiles, normalised and
+        restored (float32), which each chunk restored at once holds."""
         block = block or self.block
         shape = dict(zip(self.axes, self.array.shape))
         height, width = shape["Y"], shape["X"]
@@ -362,9 +390,10 @@ class RestorePlan:
         tile_pixels = min(RUN_PIXELS, int(region * (tile / (tile - overlap)) ** 2)) if tile else region
         channels_in = shape["C"] if self.layout.feed_channels else 1
         channels_out = out_channels if self.layout.feed_channels else 1
-        return (region * channels_in * self.array.dtype.itemsize
-                + core * (4 * channels_out + 4 + 4 * channels_out * self.output_dtype.itemsize)
-                + tile_pixels * 4 * (channels_in + channels_out))
+        planes = 1 if block else self.planes_per_chunk
+        return planes * (region * channels_in * self.array.dtype.itemsize
+                         + core * (4 * channels_out + 4 + 4 * channels_out * self.output_dtype.itemsize)
+                         + tile_pixels * 4 * (channels_in + channels_out))
 
     def block_window(self, core: tuple[slice, slice]) -> tuple[Window, tuple[slice, slice]]:
         """The window of the block ``core`` (rows, columns of a plane) and the rows and columns it
@@ -379,9 +408,13 @@ class RestorePlan:
         return to_canonical(self.array, self.layout)
 
     def canonical_planes(self) -> da.Array:
-        """The input as ``(*iterated, C, Y, X)`` with one chunk per plane."""
+        """The input as ``(*iterated, C, Y, X)`` with a chunk per plane, or per ``planes_per_chunk``
+        planes along the last iterated axis."""
         canonical = self.canonical()
-        return canonical.rechunk((1,) * len(self.layout.iterated) + canonical.shape[-3:])
+        iterated = len(self.layout.iterated)
+        if not iterated:
+            return canonical.rechunk(canonical.shape)
+        return canonical.rechunk((1,) * (iterated - 1) + (self.planes_per_chunk,) + canonical.shape[-3:])
 
 
 def plan_restore(
@@ -408,7 +441,8 @@ def plan_restore(
     tiling = make_tiling(model, tile, overlap, mean_mode)
     layout = plane_layout(axes, array.shape, config.in_channels)
     plan = RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling, opacity)
-    return replace(plan, block=_block_side(plan, block, config.out_channels))
+    plan = replace(plan, block=_block_side(plan, block, config.out_channels))
+    return replace(plan, planes_per_chunk=_planes_per_chunk(plan))
 
 
 def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int | None:
@@ -429,6 +463,19 @@ def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int 
         return None
     sides = [side for side in BLOCK_SIDES if side >= tile] or [-(-tile // 16) * 16]
     return next((side for side in sides if _fits(plan.chunk_bytes(out_channels, side))), sides[-1])
+
+
+def _planes_per_chunk(plan: RestorePlan) -> int:
+    """Planes along the last iterated axis that a chunk holds: where each plane runs whole, as one
+    tile, as many as make a CPU forward pass (:data:`~.runner.CPU_PASS_PIXELS`), which the runner
+    then restores in shared passes; otherwise one. It follows from the shape and the tiling alone,
+    so that a run resumed on another device, or on a cluster, is chunked alike."""
+    iterated = plan.layout.iterated
+    height, width = (plan.array.shape[plan.axes.index(a)] for a in "YX")
+    tile = plan.tiling.tile
+    if not iterated or plan.block is not None or (tile is not None and max(height, width) > tile):
+        return 1
+    return batch_size(plan.array.shape[plan.axes.index(iterated[-1])], max(1, CPU_PASS_PIXELS // (height * width)))
 
 
 def split_alpha(array: da.Array, axes: str) -> tuple[da.Array, da.Array]:
@@ -486,17 +533,21 @@ def restore(
     precision : {"fp32", "fp16", "bf16"}
         Autocast precision; fp16 needs a GPU.
     batch : int, optional
-        Most tiles per forward pass; defaults to 1 on the CPU and 4 on a GPU. A plane's tiles run
-        in as few passes as that allows, of equal size where they divide; the GPU's default goes
-        up to 8 where that makes every batch one size (25 tiles as 5 x 5). Halved automatically
-        when the device runs out of memory.
+        Most tiles per forward pass; by default as many as make 512 x 512 pixels on the CPU (one
+        tile of 512) and four times that on a GPU. A plane's tiles run in as few passes as that
+        allows, of equal size where they divide; the default goes up to twice that where it makes
+        every batch one size (25 tiles of 512 on a GPU as 5 x 5). Planes no larger than a tile are
+        restored a few at a time, as many along the last iterated axis as make 512 x 512 pixels
+        (a chunk of the result), and share passes as tiles do. Halved automatically when the
+        device runs out of memory.
     normalization : dict, optional
         Overrides the model's intensity normalisation (see ``GamaIRConfig.normalization``).
     output_dtype : "float32", "input" or dtype
         Dtype of the result. Values stay in the input's intensity units; integer outputs are
         rounded and clipped to the dtype's range, never wrapped.
     on_plane : callable, optional
-        Called with the number of pixels (per channel) after each plane, or block of one, is restored.
+        Called with the number of pixels (per channel) after each chunk is restored: a plane, a few
+        small planes, or a block of a plane.
     compile : bool
         Run the network through ``torch.compile`` with frozen weights. Compiling takes tens of
         seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
@@ -574,14 +625,15 @@ def restore(
 def _restore_planes(
     canonical: da.Array, restorer: PlaneRestorer, iterated: str, on_plane: Callable[[int], None] | None
 ) -> da.Array:
-    """``canonical`` (one chunk a plane) restored lazily, plane by plane."""
+    """``canonical`` (a chunk a plane, or a few small planes) restored lazily, chunk by chunk."""
 
     def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
-        where = block_info[0]["chunk-location"][: len(iterated)] if block_info else ()
-        restored = restorer(block.reshape(block.shape[-3:]), plane_name(iterated, where))
+        starts = [start for start, _ in block_info[0]["array-location"][: len(iterated)]]
+        planes = block.reshape((-1,) + block.shape[-3:])
+        restored = restorer.restore_planes(planes, chunk_plane_names(iterated, starts, len(planes)))
         if on_plane is not None:
-            on_plane(block.shape[-1] * block.shape[-2])
-        return restored.reshape(block.shape)
+            on_plane(planes.shape[0] * block.shape[-1] * block.shape[-2])
+        return restored.reshape(block.shape[:-3] + restored.shape[-3:])
 
     return canonical.map_blocks(
         restore_block, dtype=restorer.output_dtype, meta=np.empty((0,) * canonical.ndim, restorer.output_dtype)

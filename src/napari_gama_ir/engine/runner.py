@@ -14,6 +14,13 @@ from .compiled import network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
 from .heap import on_the_network_thread
 
+#: Tile pixels a forward pass takes by default. On the CPU one 512 x 512 tile keeps both cores
+#: busy; a pass of fewer pixels spends most of its time on per-layer overheads (GAMA-IR-XS restored
+#: 64 x 64 planes at 0.26 Mpx/s one to a pass, 1.1-1.4 Mpx/s 64 to a pass: docs/performance.md,
+#: "Small planes in batches"), so smaller tiles and planes run several to a pass. A GPU takes four.
+CPU_PASS_PIXELS = 512 * 512
+GPU_PASS_PIXELS = 4 * CPU_PASS_PIXELS
+
 
 class TileTooLargeError(RuntimeError):
     """A single tile does not fit in device memory."""
@@ -53,8 +60,9 @@ class ModelRunner:
         self.model = copy.deepcopy(model).to(self.device, memory_format=self.memory_format).eval()
         self.model.set_mean_mode(mean_mode)
         self.network = network_for(self.model, self.device, self.autocast_dtype, compile, cuda_graphs)
-        # Batching helps a GPU; on the CPU one tile already keeps every core busy.
-        self.batch = batch or (1 if self.device.type == "cpu" else 4)
+        # Tiles per pass: the given limit, or by default as many as make ``pass_pixels``.
+        self.batch = batch
+        self.pass_pixels = CPU_PASS_PIXELS if self.device.type == "cpu" else GPU_PASS_PIXELS
         # A default batch may stretch to split a plane's tiles evenly; a given one is a limit.
         self.batch_stretches = batch is None
         self.lock = threading.Lock()
@@ -66,6 +74,12 @@ class ModelRunner:
     @property
     def config(self):
         return self.model.config
+
+    def pass_size(self, count: int, tile_shape: tuple[int, int]) -> int:
+        """Tiles per forward pass for ``count`` tiles of ``tile_shape`` (:func:`batch_size`): at most
+        the given ``batch``, or by default about ``pass_pixels`` worth of them."""
+        most = self.batch or max(1, self.pass_pixels // (tile_shape[0] * tile_shape[1]))
+        return batch_size(count, most, self.batch_stretches)
 
     def _forward(self, tiles: torch.Tensor, outputs: torch.Tensor) -> None:
         """Queue one batch: upload ``tiles``, run the network, download into ``outputs`` (host)."""
@@ -98,7 +112,7 @@ class ModelRunner:
 
     def _run(self, tiles: np.ndarray) -> np.ndarray:
         count = len(tiles)
-        size = batch_size(count, self.batch, self.batch_stretches)
+        size = self.pass_size(count, tiles.shape[-2:])
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
         pinned = self.device.type == "cuda"
         if pinned:
