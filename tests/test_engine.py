@@ -328,8 +328,8 @@ def test_a_default_pass_takes_512_x_512_pixels_of_tiles_on_the_cpu():
 
 @pytest.mark.parametrize("normalization", [{"method": "range"}, {"method": "percentile", "scope": "image"}])
 def test_small_planes_are_restored_a_chunk_at_a_time_in_shared_passes(monkeypatch, normalization):
-    # A time-lapse of small planes ran a forward pass a plane: 0.29 Mpx/s for 64 x 64 planes, a
-    # quarter of what the network does with sixteen of them a pass.
+    # A time-lapse of small planes ran a forward pass a plane: GAMA-IR-XS restored 64 x 64 planes at
+    # 0.26 Mpx/s, a fifth of its 1.36 Mpx/s with 64 of them a pass (docs/performance.md).
     rng = np.random.default_rng(4)
     brightness = 1 + np.arange(300)[:, None, None] % 5  # per-image percentiles must stay per image
     stack = (rng.random((300, 40, 48)) * 800 * brightness).astype(np.uint16)
