@@ -350,6 +350,15 @@ def test_small_planes_are_restored_a_chunk_at_a_time_in_shared_passes(monkeypatc
     assert np.array_equal(restore(stack, model, "ZYX", normalization=normalization), result)  # numpy in: the same
 
 
+def test_a_chunk_of_small_planes_takes_whole_axes_from_the_last_one_up():
+    # A two-channel time-lapse restored a channel at a time grouped only its two channels.
+    model = make_tiny_model(1)
+    lazy = da.zeros((500, 2, 64, 64), chunks=(1, 1, 64, 64), dtype=np.uint16)
+    assert restore(lazy, model, "TCYX").chunks[:2] == ((32,) * 15 + (20,), (2,))  # 64 planes of 64 x 64
+    assert restore(lazy, model, "TCYX", tile=32, overlap=8).chunks[:2] == ((1,) * 500, (1, 1))  # tiled: a plane a chunk
+    assert restore(da.zeros((3, 4, 100, 100), chunks=(1, 1, 100, 100)), model, "TZYX").chunks[:2] == ((3,), (4,))
+
+
 def test_a_bad_pixel_in_a_chunk_of_small_planes_names_its_plane():
     model = make_tiny_model(1)
     image = np.zeros((2, 5, 32, 32), np.float32)

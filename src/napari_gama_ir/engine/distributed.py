@@ -151,7 +151,8 @@ def _restore_chunk(block: np.ndarray, index: tuple[int, ...], region: tuple[slic
     planes = canonical.reshape((-1,) + canonical.shape[-3:])
     if window is None:
         starts = [region[layout.axes.index(a)].start for a in layout.iterated]
-        restored = restorer.restore_planes(planes, chunk_plane_names(layout.iterated, starts, len(planes)))
+        names = chunk_plane_names(layout.iterated, starts, canonical.shape[: len(layout.iterated)])
+        restored = restorer.restore_planes(planes, names)
     else:
         where = plane_name(layout.iterated, tuple(region[layout.axes.index(a)].start for a in layout.iterated))
         restored = restorer(planes[0], where, window, affine)
@@ -252,7 +253,7 @@ def restore_distributed(
     # What must not change between a run and its resumption (device, batch and the optimised path may).
     record = json.loads(json.dumps({
         "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,
-        "dtype": str(plan.array.dtype), "block": plan.block, "planes_per_chunk": plan.planes_per_chunk,
+        "dtype": str(plan.array.dtype), "block": plan.block, "plane_chunks": plan.plane_chunks,
         "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile", "cuda_graphs")},
     }))
     store, done = run / "data.zarr", run / "done"
@@ -314,13 +315,12 @@ def restore_distributed(
 
 def _output_chunks(plan: RestorePlan) -> tuple[int, ...]:
     """Chunks of the input and output, in the input's axes, holding what a chunk of the canonical
-    view holds: a plane, a few small planes along the last iterated axis, or a block of a plane."""
+    view holds: a plane, a few small planes (:attr:`RestorePlan.plane_chunks`), or a block of a plane."""
     planar = set("YX") | ({"C"} if plan.layout.feed_channels else set())
     chunks = {a: n if a in planar else 1 for a, n in zip(plan.axes, plan.array.shape)}
     if plan.block:
         chunks.update(Y=plan.block, X=plan.block)
-    if plan.layout.iterated:
-        chunks[plan.layout.iterated[-1]] = plan.planes_per_chunk
+    chunks.update(zip(plan.layout.iterated, plan.plane_chunks or ()))
     return tuple(chunks[a] for a in plan.axes)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 from collections.abc import Callable
@@ -325,7 +326,7 @@ class PlaneRestorer:
 
     def restore_planes(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
         """Restore ``planes`` (N, C, Y, X), named ``names`` in errors. Several planes must each run
-        whole, as one tile (:attr:`RestorePlan.planes_per_chunk`): they share forward passes."""
+        whole, as one tile (:attr:`RestorePlan.plane_chunks`): they share forward passes."""
         if len(planes) == 1:
             return self(planes[0], names[0])[None]
         for plane, name in zip(planes, names):
@@ -339,12 +340,11 @@ class PlaneRestorer:
         return _cast_output(affine.inverse(restored, out=restored), self.output_dtype, overwrite=True)
 
 
-def chunk_plane_names(iterated: str, starts: list[int], count: int) -> list[str]:
-    """The names of the ``count`` planes of a chunk that starts at ``starts`` along the iterated
-    axes, the last of which it runs along (:attr:`RestorePlan.planes_per_chunk`)."""
-    if not iterated:
-        return [plane_name(iterated, ())]
-    return [plane_name(iterated, (*starts[:-1], starts[-1] + i)) for i in range(count)]
+def chunk_plane_names(iterated: str, starts: list[int], counts: tuple[int, ...]) -> list[str]:
+    """The names of the planes of a chunk that starts at ``starts`` along the iterated axes and
+    spans ``counts`` planes along each (:attr:`RestorePlan.plane_chunks`), in C order."""
+    spans = [range(start, start + count) for start, count in zip(starts, counts)]
+    return [plane_name(iterated, index) for index in itertools.product(*spans)]
 
 
 def _check_finite(plane: np.ndarray, where: str) -> None:
@@ -370,10 +370,14 @@ class RestorePlan:
     tiling: TilingPlan
     alpha: da.Array | None = None  # the input's opacity channel, passed through; ``array`` is without it
     block: int | None = None  # side of the spatial blocks planes are restored in; None: whole planes
-    planes_per_chunk: int = 1  # planes along the last iterated axis restored together (small planes)
+    plane_chunks: tuple[int, ...] | None = None  # planes a chunk spans along each iterated axis; None: one
+
+    @property
+    def planes_per_chunk(self) -> int:
+        return int(np.prod(self.plane_chunks)) if self.plane_chunks else 1
 
     def chunk_bytes(self, out_channels: int, block: int | None = None) -> int:
-        """Memory that restoring one chunk takes: a plane (or the plan's ``planes_per_chunk``), or
+        """Memory that restoring one chunk takes: a plane (or the plan's :attr:`plane_chunks`), or
         one block of ``block`` (default: the plan's). For each plane, or block: its input with the
         tiles around it; the blended sum and the weights (float32); the output four times: dask's
         assembled copy, and zarr's copies as it encodes a chunk (18 bytes a pixel for uint16 grey;
@@ -408,13 +412,9 @@ class RestorePlan:
         return to_canonical(self.array, self.layout)
 
     def canonical_planes(self) -> da.Array:
-        """The input as ``(*iterated, C, Y, X)`` with a chunk per plane, or per ``planes_per_chunk``
-        planes along the last iterated axis."""
+        """The input as ``(*iterated, C, Y, X)`` with a chunk per plane, or per :attr:`plane_chunks`."""
         canonical = self.canonical()
-        iterated = len(self.layout.iterated)
-        if not iterated:
-            return canonical.rechunk(canonical.shape)
-        return canonical.rechunk((1,) * (iterated - 1) + (self.planes_per_chunk,) + canonical.shape[-3:])
+        return canonical.rechunk((self.plane_chunks or (1,) * len(self.layout.iterated)) + canonical.shape[-3:])
 
 
 def plan_restore(
@@ -442,7 +442,7 @@ def plan_restore(
     layout = plane_layout(axes, array.shape, config.in_channels)
     plan = RestorePlan(array, lazy, axes, layout, normalization, target_dtype, tiling, opacity)
     plan = replace(plan, block=_block_side(plan, block, config.out_channels))
-    return replace(plan, planes_per_chunk=_planes_per_chunk(plan))
+    return replace(plan, plane_chunks=_plane_chunks(plan))
 
 
 def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int | None:
@@ -465,17 +465,23 @@ def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int 
     return next((side for side in sides if _fits(plan.chunk_bytes(out_channels, side))), sides[-1])
 
 
-def _planes_per_chunk(plan: RestorePlan) -> int:
-    """Planes along the last iterated axis that a chunk holds: where each plane runs whole, as one
-    tile, as many as make a CPU forward pass (:data:`~.runner.CPU_PASS_PIXELS`), which the runner
-    then restores in shared passes; otherwise one. It follows from the shape and the tiling alone,
-    so that a run resumed on another device, or on a cluster, is chunked alike."""
+def _plane_chunks(plan: RestorePlan) -> tuple[int, ...] | None:
+    """How many planes a chunk spans along each iterated axis. Where each plane runs whole, as one
+    tile, a chunk holds as many as make a CPU forward pass (:data:`~.runner.CPU_PASS_PIXELS`), which
+    the runner then restores in shared passes: whole axes from the last one up while they fit (the
+    channels of a time-lapse restored a channel at a time), then an even share of the next axis.
+    None (a plane a chunk) otherwise. It follows from the shape and the tiling alone, so that a
+    run resumed on another device, or on a cluster, is chunked alike."""
     iterated = plan.layout.iterated
     height, width = (plan.array.shape[plan.axes.index(a)] for a in "YX")
     tile = plan.tiling.tile
     if not iterated or plan.block is not None or (tile is not None and max(height, width) > tile):
-        return 1
-    return batch_size(plan.array.shape[plan.axes.index(iterated[-1])], max(1, CPU_PASS_PIXELS // (height * width)))
+        return None
+    room, spans = max(1, CPU_PASS_PIXELS // (height * width)), []
+    for length in reversed([plan.array.shape[plan.axes.index(a)] for a in iterated]):
+        spans.append(length if length <= room else batch_size(length, room))
+        room = room // length if length <= room else 1
+    return tuple(reversed(spans))
 
 
 def split_alpha(array: da.Array, axes: str) -> tuple[da.Array, da.Array]:
@@ -537,9 +543,9 @@ def restore(
         tile of 512) and four times that on a GPU. A plane's tiles run in as few passes as that
         allows, of equal size where they divide; the default goes up to twice that where it makes
         every batch one size (25 tiles of 512 on a GPU as 5 x 5). Planes no larger than a tile are
-        restored a few at a time, as many along the last iterated axis as make 512 x 512 pixels
-        (a chunk of the result), and share passes as tiles do. Halved automatically when the
-        device runs out of memory.
+        restored a few at a time, as many as make 512 x 512 pixels (a chunk of the result: whole
+        iterated axes from the last one up, then a share of the next), and share passes as tiles
+        do. Halved automatically when the device runs out of memory.
     normalization : dict, optional
         Overrides the model's intensity normalisation (see ``GamaIRConfig.normalization``).
     output_dtype : "float32", "input" or dtype
@@ -630,7 +636,7 @@ def _restore_planes(
     def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
         starts = [start for start, _ in block_info[0]["array-location"][: len(iterated)]]
         planes = block.reshape((-1,) + block.shape[-3:])
-        restored = restorer.restore_planes(planes, chunk_plane_names(iterated, starts, len(planes)))
+        restored = restorer.restore_planes(planes, chunk_plane_names(iterated, starts, block.shape[: len(iterated)]))
         if on_plane is not None:
             on_plane(planes.shape[0] * block.shape[-1] * block.shape[-2])
         return restored.reshape(block.shape[:-3] + restored.shape[-3:])
