@@ -142,8 +142,8 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
         return _restorers[key]
 
 
-def _restore_chunk(block: np.ndarray, index: tuple[int, ...], region: tuple[slice, ...], window: Window | None,
-                   affine: Affine | None, layout, checkpoint, settings: dict[str, Any], store: str, marker: str) -> int:
+def _restore_chunk(block: np.ndarray, region: tuple[slice, ...], window: Window | None, affine: Affine | None,
+                   layout, checkpoint, settings: dict[str, Any], store: str, marker: str) -> int:
     """Restore one input block (a plane in the input's axes or a few small ones, or with ``window``
     a block of one with the tiles around it), write it to ``region`` of ``store`` and mark it done."""
     restorer = worker_restorer(checkpoint, settings)
@@ -293,7 +293,7 @@ def restore_distributed(
         for index, region in missing:  # each task reads its input on the worker, as a dependency
             reads, window = _chunk_input(plan, array, index, region)
             affine = affines(region) if affines else None
-            work.append(restore_chunk(reads, index, region, window, affine, plan.layout, shared_checkpoint, settings,
+            work.append(restore_chunk(reads, region, window, affine, plan.layout, shared_checkpoint, settings,
                                       str(pixels), str(done / str(flat[index]))))
         tasks = client.compute(work)
         try:

@@ -439,8 +439,9 @@ def write_image(array: da.Array | np.ndarray, output: str | os.PathLike, axes: s
     """Compute ``array`` chunk by chunk into ``output`` (.zarr, .tif, .png or .npy), atomically.
 
     Zarr output keeps the array's chunks (from :func:`restore`: a plane, a few small planes, or a
-    block of a huge plane), so only a few chunks are in memory at a time. ``options`` are those of :func:`write_image_steps`
-    (``overwrite``, ``attrs``, ``workers``, ``cancel``); this runs its steps to the end.
+    block of a huge plane), so only a few chunks are in memory at a time. ``options`` are those of
+    :func:`write_image_steps` (``overwrite``, ``attrs``, ``workers``, ``cancel``); this runs its
+    steps to the end.
     """
     for _ in write_image_steps(array, output, axes, **options):
         pass
