@@ -182,8 +182,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
     parser.add_argument("--batch", type=int, help="most tiles per forward pass (the engine's default: 512 x 512 pixels' "
-                                                  "worth on CPU, 4 x 512 x 512 on GPU, stretched up to twice that to "
-                                                  "split a plane's tiles evenly)")
+                                                  "worth on CPU, 4 x 512 x 512 on GPU, there stretched up to twice "
+                                                  "that to split a plane's tiles evenly)")
     parser.add_argument("--network", choices=("model", "copy"), default="model",
                         help="copy: replace the network's forward pass by a copy, to measure the host side alone")
     parser.add_argument("--bare-planes", type=int, default=12, help="planes' worth of tiles per bare timing")

@@ -297,19 +297,19 @@ def test_a_default_batch_stretches_to_a_divisor_of_the_tile_count(count, stretch
     # A GPU's default of 4: the even split where it divides, else the largest divisor from 2 to 8, else the even split.
     assert batch_size(count, 4, stretch=True) == stretched
     assert batch_size(count, 4) == -(-count // -(-count // 4))  # a batch the user gave is never exceeded
-    assert batch_size(count, 1, stretch=True) == 1  # the CPU's default
+    assert batch_size(count, 1, stretch=True) == 1  # one tile a pass: the CPU's default for tiles of 512
 
 
 def test_a_runner_stretches_only_a_default_batch_and_stops_after_running_out_of_memory():
     tiles = np.random.default_rng(0).random((25, 1, 32, 32), dtype=np.float32)
     given = _PassRecordingRunner(make_tiny_model(1), "cpu", batch=4)
     default = _PassRecordingRunner(make_tiny_model(1), "cpu")
-    default.batch = 4  # a GPU runner's default, on the CPU
+    default.pass_pixels, default.batch_stretches = 4 * 32 * 32, True  # a GPU runner's defaults, on the CPU
     given.run(tiles), default.run(tiles)
     assert [shape[0] for shape in given.passes] == [4] * 6 + [1]
     assert [shape[0] for shape in default.passes] == [5] * 5
     short_of_memory = _OutOfMemoryAboveBatch(make_tiny_model(1), "cpu")
-    short_of_memory.batch = 4
+    short_of_memory.pass_pixels, short_of_memory.batch_stretches = 4 * 32 * 32, True
     assert np.allclose(short_of_memory.run(tiles), default.run(tiles), atol=1e-6)
     assert (short_of_memory.batch, short_of_memory.batch_stretches) == (1, False)
 
@@ -320,7 +320,8 @@ def test_a_default_pass_takes_512_x_512_pixels_of_tiles_on_the_cpu():
     runner.run(np.zeros((20, 1, 64, 64), np.float32))
     runner.run(np.zeros((2, 1, 512, 512), np.float32))
     assert [shape[0] for shape in runner.passes] == [20, 1, 1]
-    assert runner.pass_size(130, (64, 64)) == 65  # 64 a pass, stretched to split 130 evenly
+    assert runner.pass_size(130, (64, 64)) == 44  # 64 a pass at most, split evenly: never more memory
+    assert runner.pass_size(10, (256, 256)) == 4  # 4, 4, 2: a GPU's default would stretch to 5, 5
     given = _PassRecordingRunner(make_tiny_model(1), "cpu", batch=8)
     given.run(np.zeros((20, 1, 64, 64), np.float32))
     assert [shape[0] for shape in given.passes] == [7, 7, 6]

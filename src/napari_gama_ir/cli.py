@@ -620,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
                              help="autocast precision; fp16 needs a GPU, bf16 pays on GPUs and on CPUs with AVX512-BF16")
     restore_cmd.add_argument("--batch", type=int, help="most tiles (or small planes) per forward pass (default: 512x512 pixels' worth on CPU, 4 times "
-                             "that on GPU, up to twice that where it gives batches of one size)")
+                             "that on GPU, there up to twice that where it gives batches of one size)")
     restore_cmd.add_argument("--block", type=int, help="restore each plane in square blocks of this side, so that memory "
                              "follows the block; 0 for whole planes (default: whole planes where one fits in memory, else the "
                              "largest blocks that do)")

@@ -541,8 +541,8 @@ def restore(
     batch : int, optional
         Most tiles per forward pass; by default as many as make 512 x 512 pixels on the CPU (one
         tile of 512) and four times that on a GPU. A plane's tiles run in as few passes as that
-        allows, of equal size where they divide; the default goes up to twice that where it makes
-        every batch one size (25 tiles of 512 on a GPU as 5 x 5). Planes no larger than a tile are
+        allows, of equal size where they divide; a GPU's default goes up to twice that where it
+        makes every batch one size (25 tiles of 512 as 5 x 5). Planes no larger than a tile are
         restored a few at a time, as many as make 512 x 512 pixels (a chunk of the result: whole
         iterated axes from the last one up, then a share of the next), and share passes as tiles
         do. Halved automatically when the device runs out of memory.

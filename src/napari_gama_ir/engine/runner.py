@@ -63,8 +63,10 @@ class ModelRunner:
         # Tiles per pass: the given limit, or by default as many as make ``pass_pixels``.
         self.batch = batch
         self.pass_pixels = CPU_PASS_PIXELS if self.device.type == "cpu" else GPU_PASS_PIXELS
-        # A default batch may stretch to split a plane's tiles evenly; a given one is a limit.
-        self.batch_stretches = batch is None
+        # A default batch on a GPU may stretch, up to twice, to split a plane's tiles evenly (fewer
+        # CUDA graphs and compiled shapes); a given one is a limit, and so is the CPU's default:
+        # the memory planned beside the planes (RESERVED_BYTES) holds one pass of ``pass_pixels``.
+        self.batch_stretches = batch is None and self.device.type != "cpu"
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             wanted = threads or usable_cores()
