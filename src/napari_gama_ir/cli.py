@@ -148,14 +148,13 @@ def _restore_image(
         if alpha:
             raise UsageError(f"{source.path} has an alpha channel, which restoring on a cluster does not handle")
         return _restore_on_cluster(args, source, model, output, axes, provenance, output_dtype)
-    # A channel is a plane of its own where the network restores channels one at a time.
-    plane_axes = "CYX" if channels == model.config.in_channels else "YX"
-    planes = int(np.prod([n for a, n in zip(axes, source.array.shape) if a not in plane_axes], dtype=np.int64))
-    height, width = source.array.shape[axes.index("Y")], source.array.shape[axes.index("X")]
-    progress = _Progress(planes, height * width, args.quiet, label)
     # Checks the settings and chooses blocks where a plane does not fit; computes nothing.
     plan = plan_restore(source.array, model, axes, args.tile or None, args.overlap, args.mean_mode, None,
                         output_dtype, alpha, args.block)
+    # The engine's planes: a channel is one of its own where the network restores channels one at a time.
+    shape = dict(zip(axes, source.array.shape))
+    planes = int(np.prod([shape[a] for a in plan.layout.iterated], dtype=np.int64))
+    progress = _Progress(planes, shape["Y"] * shape["X"], args.quiet, label)
     restored = restore(  # lazy, in the plan's blocks (0: whole planes), whatever the memory says by now
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch, output_dtype=output_dtype,
