@@ -89,7 +89,7 @@ def test_settings_end_by_themselves_once_idle(monkeypatch):
     deadline = time.monotonic() + 10
     while heap._kept_active and time.monotonic() < deadline:
         time.sleep(0.02)
-    block = big_tensor()
+    block = big_tensor(more_than_the_heap_has_free())
     assert mapped_bytes() - before >= BIG
     del block
 
@@ -116,7 +116,7 @@ def test_settings_stay_while_any_thread_is_inside():
     thread.join()
     release_kept_heap()
     before = mapped_bytes()
-    after_all = big_tensor()
+    after_all = big_tensor(more_than_the_heap_has_free())
     seen["after all left"] = mapped_bytes() - before
     assert seen["while other inside"] < BIG <= seen["after all left"], seen
     del still_kept, after_all
