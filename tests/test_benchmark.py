@@ -15,8 +15,9 @@ from napari_gama_ir import restore, save_checkpoint
 from napari_gama_ir.cli import main
 from napari_gama_ir.engine.benchmark import benchmark, count_flops, describe_processor, format_table, measure
 from napari_gama_ir.engine.compiled import CompiledNetwork, CudaGraphs, GraphedNetwork, network_for
+from napari_gama_ir.engine.runner import ModelRunner
 
-from .conftest import make_tiny_model
+from .conftest import assert_alike, make_tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from baselines import BASELINES, DnCNN, NAFNet
@@ -260,6 +261,91 @@ def test_out_of_memory_in_the_compiled_network_propagates(monkeypatch):
     with torch.no_grad(), pytest.raises(torch.cuda.OutOfMemoryError):
         network(torch.rand(1, 1, 32, 32))
     assert network.active  # the engine shrinks the batch or tile and tries again
+
+
+def _shape_recording_compile(shapes, strides=None):
+    """A stand-in for torch.compile that runs the network eagerly and records each batch's shape
+    (and strides: inductor's code is specialised to them too)."""
+    def fake_compile(model, **kwargs):
+        def run(x):
+            shapes.append(tuple(x.shape))
+            if strides is not None:
+                strides.append(x.stride())
+            return model(x)
+        return run
+    return fake_compile
+
+
+def test_a_short_batch_is_padded_once_then_compiled(monkeypatch):
+    # 10 tiles in passes of up to 4 run as 4 + 4 + 2. The first time, the 2 are padded to the 4
+    # already compiled rather than compiled as a second shape; if a batch of 2 comes again, the
+    # shape recurs, and it is compiled.
+    shapes, strides = [], []
+    monkeypatch.setattr(torch, "compile", _shape_recording_compile(shapes, strides))
+    model = make_tiny_model(1)
+    runner = ModelRunner(model, device="cpu", batch=4, compile=True)
+    tiles = np.random.default_rng(0).random((10, 1, 24, 24), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(tiles)).numpy()
+    first = runner.run(tiles)
+    assert shapes == [(4, 1, 24, 24)] * 3  # 4, 4 and 2 padded with two copies of the last tile
+    assert len(set(strides)) == 1  # a one-channel batch padded otherwise took other strides: a recompilation
+    assert np.allclose(first, expected, atol=1e-5)
+    shapes.clear()
+    again = runner.run(tiles)
+    assert shapes == [(4, 1, 24, 24)] * 2 + [(2, 1, 24, 24)]
+    assert np.allclose(again, expected, atol=1e-5) and runner.network.active
+
+
+def test_a_short_chunk_that_comes_first_is_padded_to_the_planned_one(monkeypatch):
+    # Chunks of small planes may run in any order: a last chunk of 8 that comes before any full
+    # chunk of 9 runs padded to 9 all the same; one of 8 that comes again is compiled.
+    shapes = []
+    monkeypatch.setattr(torch, "compile", _shape_recording_compile(shapes))
+    runner = ModelRunner(make_tiny_model(1), device="cpu", compile=True)
+    planes = np.random.default_rng(2).random((9, 1, 32, 32), dtype=np.float32)
+    for chunk in (planes[:8], planes, planes[:8]):
+        runner.run(chunk, planned=9)
+    assert shapes == [(9, 1, 32, 32), (9, 1, 32, 32), (8, 1, 32, 32)]
+
+
+def test_short_batches_are_never_padded_beyond_the_pass_limit(monkeypatch):
+    # Padding stays within the passes the runner may take: after running out of memory the batch
+    # is halved, and a short batch is not padded back up to the size that did not fit.
+    shapes = []
+    monkeypatch.setattr(torch, "compile", _shape_recording_compile(shapes))
+    runner = ModelRunner(make_tiny_model(1), device="cpu", batch=8, compile=True)
+    runner.run(np.zeros((8, 1, 16, 16), np.float32))
+    runner.batch = 4  # as the out-of-memory retry leaves it
+    shapes.clear()
+    runner.run(np.zeros((6, 1, 16, 16), np.float32))
+    assert shapes == [(3, 1, 16, 16)] * 2  # not padded to 8
+    # Without a compiled or graphed network nothing is padded.
+    eager = ModelRunner(make_tiny_model(1), device="cpu", batch=4)
+    assert eager.network is eager.model
+
+
+def test_small_planes_compile_one_shape_for_an_uneven_last_chunk(monkeypatch):
+    # 17 planes of 128 x 128 chunk as 9 + 8 (16 make a CPU pass): the 8 run padded to 9, whichever
+    # chunk comes first, so a compiled restore of the stack compiles one shape, not two, and
+    # matches the eager one. Where every time point has a chunk of 8, the second one compiles it.
+    from napari_gama_ir.engine import runner as runner_module
+
+    shapes = []
+    monkeypatch.setattr(torch, "compile", _shape_recording_compile(shapes))
+    monkeypatch.setattr(runner_module, "_kept_compiled", None)
+    model = make_tiny_model(1)
+    stack = np.random.default_rng(1).random((17, 128, 128), dtype=np.float32)
+    compiled = np.asarray(restore(stack, model, "ZYX", device="cpu", compile=True))
+    assert set(shapes) == {(9, 1, 128, 128)}
+    assert_alike(compiled, np.asarray(restore(stack, model, "ZYX", device="cpu")))
+
+    shapes.clear()
+    monkeypatch.setattr(runner_module, "_kept_compiled", None)
+    time_lapse = np.stack([stack, stack[::-1]])
+    compiled = np.asarray(restore(time_lapse, model, "TZYX", device="cpu", compile=True))
+    assert sorted(shapes) == [(8, 1, 128, 128)] + [(9, 1, 128, 128)] * 3
+    assert_alike(compiled, np.asarray(restore(time_lapse, model, "TZYX", device="cpu")))
 
 
 def test_repeated_compiled_restores_compile_once(monkeypatch):

@@ -71,12 +71,20 @@ def test_small_planes_go_to_the_workers_a_chunk_of_several_at_a_time(client, tmp
     result = zarr.open_array(str(output), mode="r")
     assert result.chunks == (44, 64, 64)  # 130 planes in three chunks: 44, 44 and 42
     assert_alike(result[:], restore(data, model, "ZYX", device="cpu"))
+    # The workers know a full chunk's count: a compiled network runs the 42 padded to 44, one shape.
+    assert 44 in {count for counts in client.run(_full_chunk_counts).values() for count in counts}
     # Two channels restored one at a time: both channels of 20 time points a chunk.
     channels = data[:80].reshape(40, 2, 64, 64)
     output = restore_distributed(channels, model, tmp_path / "channels.zarr", "TCYX", client=client, device="cpu")
     result = zarr.open_array(str(output), mode="r")
     assert result.chunks == (20, 2, 64, 64)
     assert_alike(result[:], restore(channels, model, "TCYX", device="cpu"))
+
+
+def _full_chunk_counts() -> list[int]:
+    from napari_gama_ir.engine import distributed
+
+    return [restorer.planes_per_chunk for restorer in distributed._restorers.values()]
 
 
 @pytest.mark.parametrize("name", ["stack.tif", "stack.npy"])

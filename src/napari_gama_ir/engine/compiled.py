@@ -41,9 +41,31 @@ class CheckedNetwork:
         self.tolerance = TOLERANCE[autocast_dtype]
         self.active = True
         self._checked_shapes: set[tuple[int, ...]] = set()
+        self._padded_shapes: set[tuple[int, ...]] = set()
 
     def _optimised(self, inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def batch_to_run(self, shape: tuple[int, ...], most: int, planned: int | None = None) -> int:
+        """How many inputs to run for a batch of ``shape``: its own count or, the first time a new
+        count comes, the smallest larger one up to ``most`` that is already run for inputs of that
+        size or is ``planned`` (the caller's full batch, which may not have come yet).
+
+        Each new shape is compiled (tens of seconds on a CPU) or captured anew. Padding avoids that
+        for a shape that comes once, such as the last, shorter chunk of a stack of small planes or
+        the shorter last batch of one plane's tiles. A shape that comes again (a shorter batch in
+        every plane of a stack) is compiled then: padding it every time would cost a long stack
+        more than one compilation.
+        """
+        count, size = shape[0], tuple(shape[1:])
+        if not self.active or shape in self._checked_shapes or shape in self._padded_shapes:
+            return count
+        larger = {known[0] for known in self._checked_shapes if known[1:] == size} | {planned or 0}
+        larger = [other for other in larger if count < other <= most]
+        if not larger:
+            return count
+        self._padded_shapes.add(shape)
+        return min(larger)
 
     def _fall_back(self, reason: str) -> None:
         self.active = False

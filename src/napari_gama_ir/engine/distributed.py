@@ -138,6 +138,7 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
             _restorers[key] = PlaneRestorer(
                 runner, tiling, settings["normalization"], np.dtype(settings["input_dtype"]),
                 np.dtype(settings["output_dtype"]), (lambda: Affine(*stack)) if stack else None,
+                settings["planes_per_chunk"],
             )
         return _restorers[key]
 
@@ -249,12 +250,15 @@ def restore_distributed(
         "device": device, "precision": precision, "batch": batch, "mean_mode": mean_mode, "compile": compile,
         "cuda_graphs": cuda_graphs, "tile": plan.tiling.tile, "overlap": overlap, "normalization": plan.normalization,
         "input_dtype": str(plan.array.dtype), "output_dtype": str(plan.output_dtype), "stack_affine": None,
+        "planes_per_chunk": plan.planes_per_chunk,
     }
-    # What must not change between a run and its resumption (device, batch and the optimised path may).
+    # What must not change between a run and its resumption (device, batch and the optimised path may;
+    # planes_per_chunk follows from plane_chunks).
     record = json.loads(json.dumps({
         "checkpoint_sha256": checkpoint.sha256, "source": source, "shape": list(array.shape), "axes": plan.axes,
         "dtype": str(plan.array.dtype), "block": plan.block, "plane_chunks": plan.plane_chunks,
-        "settings": {k: v for k, v in settings.items() if k not in ("device", "batch", "compile", "cuda_graphs")},
+        "settings": {k: v for k, v in settings.items()
+                     if k not in ("device", "batch", "compile", "cuda_graphs", "planes_per_chunk")},
     }))
     store, done = run / "data.zarr", run / "done"
     pixels = store / "0" if ome else store  # the array the workers write into

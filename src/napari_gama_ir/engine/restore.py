@@ -306,6 +306,7 @@ class PlaneRestorer:
     input_dtype: np.dtype
     output_dtype: np.dtype
     stack_affine: Callable[[], Affine] | None = None
+    planes_per_chunk: int = 1  # of a full chunk (RestorePlan.planes_per_chunk); the last may hold fewer
 
     def affine(self, plane: np.ndarray) -> Affine:
         if self.normalization["method"] == "range":
@@ -332,7 +333,8 @@ class PlaneRestorer:
         for plane, name in zip(planes, names):
             _check_finite(plane, name)
         affines = [self.affine(plane) for plane in planes]
-        restored = self.runner.run(np.stack([affine.forward(plane) for affine, plane in zip(affines, planes)]))
+        normalised = np.stack([affine.forward(plane) for affine, plane in zip(affines, planes)])
+        restored = self.runner.run(normalised, planned=self.planes_per_chunk)
         return np.stack([self._to_output(values, affine) for values, affine in zip(restored, affines)])
 
     def _to_output(self, restored: np.ndarray, affine: Affine) -> np.ndarray:
@@ -607,7 +609,9 @@ def restore(
     stack_affine = None
     if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
         stack_affine = StackAffine(canonical, plan.normalization["low"], plan.normalization["high"]).get
-    restorer = PlaneRestorer(runner, plan.tiling, plan.normalization, plan.array.dtype, target_dtype, stack_affine)
+    restorer = PlaneRestorer(
+        runner, plan.tiling, plan.normalization, plan.array.dtype, target_dtype, stack_affine, plan.planes_per_chunk
+    )
     if plan.block is None:
         restored = _restore_planes(canonical, restorer, iterated, on_plane)
     else:

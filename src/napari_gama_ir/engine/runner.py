@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..model import GamaIR
-from .compiled import network_for
+from .compiled import CheckedNetwork, network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
 from .heap import on_the_network_thread
 
@@ -80,11 +80,28 @@ class ModelRunner:
     def pass_size(self, count: int, tile_shape: tuple[int, int]) -> int:
         """Tiles per forward pass for ``count`` tiles of ``tile_shape`` (:func:`batch_size`): at most
         the given ``batch``, or by default about ``pass_pixels`` worth of them."""
-        most = self.batch or max(1, self.pass_pixels // (tile_shape[0] * tile_shape[1]))
-        return batch_size(count, most, self.batch_stretches)
+        return batch_size(count, self._most_per_pass(tile_shape), self.batch_stretches)
+
+    def _most_per_pass(self, tile_shape: tuple[int, ...]) -> int:
+        return self.batch or max(1, self.pass_pixels // (tile_shape[-2] * tile_shape[-1]))
+
+    def _padded(self, tiles: torch.Tensor, planned: int | None) -> torch.Tensor:
+        """``tiles``, or for a compiled or graphed network, padded with copies of the last one to a
+        batch size it already runs or to ``planned`` (:meth:`~.compiled.CheckedNetwork.batch_to_run`)."""
+        if not self.specialises_shapes:
+            return tiles
+        count = len(tiles)
+        most = self._most_per_pass(tiles.shape) * (2 if self.batch_stretches else 1)
+        padded = self.network.batch_to_run(tuple(tiles.shape), most, planned)
+        if padded == count:
+            return tiles
+        # On the host, to be uploaded like any batch: a compiled network is specialised to its
+        # input's strides too, which padding a one-channel batch on the device changed.
+        return torch.cat([tiles, tiles[-1:].expand(padded - count, *tiles.shape[1:])])
 
     def _forward(self, tiles: torch.Tensor, outputs: torch.Tensor) -> None:
-        """Queue one batch: upload ``tiles``, run the network, download into ``outputs`` (host)."""
+        """Queue one batch: upload ``tiles``, run the network, download into ``outputs`` (host),
+        which takes the first ``len(outputs)`` tiles' results (the others are padding)."""
         inputs = tiles.to(self.device, non_blocking=True, memory_format=self.memory_format)
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -92,11 +109,20 @@ class ModelRunner:
             else nullcontext()
         )
         with torch.inference_mode(), autocast:
-            restored = self.network(inputs)
+            restored = self.network(inputs)[: len(outputs)]
         outputs.copy_(restored.float(), non_blocking=True)
 
-    def run(self, tiles: np.ndarray) -> np.ndarray:
+    @property
+    def specialises_shapes(self) -> bool:
+        """Whether the network is compiled or captured anew for each input shape."""
+        return isinstance(self.network, CheckedNetwork) and self.network.active
+
+    def run(self, tiles: np.ndarray, planned: int | None = None) -> np.ndarray:
         """Restore a stack of equally sized tiles, shape (N, C, h, w) float32.
+
+        ``planned`` is how many such tiles the caller gives at once otherwise (a full chunk of
+        small planes): a network compiled or captured per shape may run fewer padded to that
+        many, so that a stack's last, shorter chunk takes no second shape even when it comes first.
 
         On a GPU the tiles go up from page-locked (pinned) host memory and come back into it
         without blocking, so every batch is queued before any result is awaited: the device runs
@@ -109,10 +135,10 @@ class ModelRunner:
         size is a shape to capture as a CUDA graph or to compile (tens of seconds).
         """
         if self.device.type == "cpu":
-            return on_the_network_thread(self._run, tiles)
-        return self._run(tiles)
+            return on_the_network_thread(self._run, tiles, planned)
+        return self._run(tiles, planned)
 
-    def _run(self, tiles: np.ndarray) -> np.ndarray:
+    def _run(self, tiles: np.ndarray, planned: int | None) -> np.ndarray:
         count = len(tiles)
         size = self.pass_size(count, tiles.shape[-2:])
         inputs = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))
@@ -128,7 +154,7 @@ class ModelRunner:
             while start < count:
                 stop = min(start + size, count)
                 try:
-                    self._forward(inputs[start:stop], outputs[start:stop])
+                    self._forward(self._padded(inputs[start:stop], planned), outputs[start:stop])
                 except RuntimeError as error:  # torch's out-of-memory errors are RuntimeErrors
                     if not is_out_of_memory(error):
                         raise
