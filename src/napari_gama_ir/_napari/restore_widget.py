@@ -18,7 +18,7 @@ from superqt.utils import ensure_main_thread
 from .. import __version__
 from ..engine import restore
 from ..engine.arrays import as_dask
-from ..engine.axes import parse_axes
+from ..engine.axes import parse_axes, plane_layout
 from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from ..engine.calibration import to_attribute
 from ..engine.device import available_memory, resolve_device
@@ -186,9 +186,11 @@ class RestoreWidget(QWidget):
         """Add a layer that restores each plane the first time it is shown, off the UI thread."""
         try:
             layer, restored, axes, model, provenance = self._prepare()
-            colours = restored.shape[axes.index("C")] - provenance["alpha_passed_through"] if "C" in axes else 1
-            fed = "C" in axes and colours == model.config.in_channels
-            plane_axes = tuple(i for i, a in enumerate(axes) if a in "YX" or (a == "C" and fed))
+            shape = list(restored.shape)  # as the network sees it: without a passed-through alpha channel
+            if provenance["alpha_passed_through"]:
+                shape[axes.index("C")] -= 1
+            iterated = plane_layout(axes, tuple(shape), model.config.in_channels).iterated
+            plane_axes = tuple(i for i, a in enumerate(axes) if a not in iterated)
             # The plane shown is held whole (a slide scan's can be tens of GB), with a placeholder as large.
             plane_bytes = int(np.prod([restored.shape[i] for i in plane_axes])) * restored.dtype.itemsize
             _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
