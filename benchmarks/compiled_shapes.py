@@ -30,7 +30,7 @@ CASES = {
 }
 
 
-def one_case(name: str, arch: str) -> dict:
+def one_case(name: str, arch: str, device: str) -> dict:
     """Restore the case, compiled, in this process (the child's side)."""
     import numpy as np
     import torch
@@ -42,10 +42,12 @@ def one_case(name: str, arch: str) -> dict:
     model = create_model(arch, pretrained=True)
     image = np.random.default_rng(0).integers(0, 4000, shape, dtype=np.uint16)
     started = time.perf_counter()
-    restore(image, model, axes, device="cpu", compile=True, **settings)
+    restore(image, model, axes, device=device, compile=True, **settings)
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     network = runner_module._kept_compiled[2].network
-    return {"case": name, "arch": arch, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+    return {"case": name, "arch": arch, "device": device, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
             "compiled_shapes": sorted(network._checked_shapes), "compiled_path_used": network.active}
 
 
@@ -53,18 +55,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="gama_ir_xs-denoise-grey")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # the case to run in this process
     args = parser.parse_args()
 
     if args.child:
-        print(json.dumps(one_case(args.child, args.arch)))
+        print(json.dumps(one_case(args.child, args.arch, args.device)))
         return
 
     rows = []
     for name in args.cases:
         with tempfile.TemporaryDirectory() as cache:
-            child = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--child", name],
+            child = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--device", args.device,
+                                    "--child", name],
                                    env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
                                    capture_output=True, text=True, check=True)
         row = json.loads(child.stdout.strip().splitlines()[-1])

@@ -23,6 +23,9 @@
 #            a compilation per tile batch shape, in the child and in the bare timing; not in the default list);
 #   small-planes  stacks of 32-512 px planes restored a chunk at a time (the engine) against the bare
 #            network a plane a pass (benchmarks/small_planes.py, GAMA-IR-XS fp32; not in the default list);
+#   compiled-shapes  compiled restores whose last pass is shorter (small planes in uneven chunks, tile
+#            counts the batch does not divide), each in a fresh process with an empty inductor cache
+#            (benchmarks/compiled_shapes.py; several compilations: minutes; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -187,6 +190,12 @@ if wanted small-planes; then
     log "small planes, a chunk at a time"
     timeout 240 python3 benchmarks/small_planes.py --device cuda --sides 32 64 128 256 512 \
         --json "$R/small_planes_cuda.json" 2>&1 | tail -6 | tee -a "$R/log.txt"
+fi
+
+if wanted compiled-shapes; then
+    log "compiled restores with a shorter last pass"
+    timeout 400 python3 benchmarks/compiled_shapes.py --device cuda --json "$R/compiled_shapes_cuda.json" 2>&1 \
+        | tail -4 | tee -a "$R/log.txt"
 fi
 
 if wanted distributed; then
