@@ -276,7 +276,7 @@ def _shape_recording_compile(shapes, strides=None):
     return fake_compile
 
 
-def test_a_short_batch_is_padded_once_then_compiled(monkeypatch):
+def test_a_short_batch_is_padded_the_first_time_and_run_as_its_own_shape_the_second(monkeypatch):
     # 10 tiles in passes of up to 4 run as 4 + 4 + 2. The first time, the 2 are padded to the 4
     # already compiled rather than compiled as a second shape; if a batch of 2 comes again, the
     # shape recurs, and it is compiled.
@@ -325,7 +325,7 @@ def test_short_batches_are_never_padded_beyond_the_pass_limit(monkeypatch):
     assert eager.network is eager.model
 
 
-def test_small_planes_compile_one_shape_for_an_uneven_last_chunk(monkeypatch):
+def test_small_planes_take_one_shape_for_an_uneven_last_chunk(monkeypatch):
     # 17 planes of 128 x 128 chunk as 9 + 8 (16 make a CPU pass): the 8 run padded to 9, whichever
     # chunk comes first, so a compiled restore of the stack compiles one shape, not two, and
     # matches the eager one. Where every time point has a chunk of 8, the second one compiles it.
