@@ -340,6 +340,14 @@ def test_small_planes_take_one_shape_for_an_uneven_last_chunk(monkeypatch):
     assert set(shapes) == {(9, 1, 128, 128)}
     assert_alike(compiled, np.asarray(restore(stack, model, "ZYX", device="cpu")))
 
+    # Planes of 362 x 362 chunk two at a time: 3 of them as 2 + 1, and the chunk of one is padded too.
+    shapes.clear()
+    monkeypatch.setattr(runner_module, "_kept_compiled", None)
+    three = np.random.default_rng(3).random((3, 362, 362), dtype=np.float32)
+    compiled = np.asarray(restore(three, model, "ZYX", device="cpu", compile=True))
+    assert set(shapes) == {(2, 1, 362, 362)}
+    assert_alike(compiled, np.asarray(restore(three, model, "ZYX", device="cpu")))
+
     shapes.clear()
     monkeypatch.setattr(runner_module, "_kept_compiled", None)
     time_lapse = np.stack([stack, stack[::-1]])

@@ -326,9 +326,10 @@ class PlaneRestorer:
         return self._to_output(restored, affine)
 
     def restore_planes(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
-        """Restore ``planes`` (N, C, Y, X), named ``names`` in errors. Several planes must each run
-        whole, as one tile (:attr:`RestorePlan.plane_chunks`): they share forward passes."""
-        if len(planes) == 1:
+        """Restore ``planes`` (N, C, Y, X), named ``names`` in errors: a chunk of small planes
+        (:attr:`RestorePlan.plane_chunks`), each run whole, as one tile, in shared forward passes,
+        or a chunk of one plane, tiled where it is larger than a tile."""
+        if self.planes_per_chunk == 1:
             return self(planes[0], names[0])[None]
         for plane, name in zip(planes, names):
             _check_finite(plane, name)

@@ -20,6 +20,8 @@ from .heap import on_the_network_thread
 #: "Small planes in batches"), so smaller tiles and planes run several to a pass. A GPU takes four.
 CPU_PASS_PIXELS = 512 * 512
 GPU_PASS_PIXELS = 4 * CPU_PASS_PIXELS
+#: How far a default batch may stretch, up or down, to split a plane's tiles evenly (:func:`batch_size`).
+STRETCH = 2
 
 
 class TileTooLargeError(RuntimeError):
@@ -91,7 +93,7 @@ class ModelRunner:
         if not self.specialises_shapes:
             return tiles
         count = len(tiles)
-        most = self._most_per_pass(tiles.shape) * (2 if self.batch_stretches else 1)
+        most = self._most_per_pass(tiles.shape) * (STRETCH if self.batch_stretches else 1)
         padded = self.network.batch_to_run(tuple(tiles.shape), most, planned)
         if padded == count:
             return tiles
@@ -187,7 +189,7 @@ def batch_size(count: int, most: int, stretch: bool = False) -> int:
     """
     even = -(-count // -(-count // most))  # the tiles over the fewest batches, rounded up
     if stretch and count % even:
-        divisors = [size for size in range(-(-most // 2), 2 * most + 1) if count % size == 0]
+        divisors = [size for size in range(-(-most // STRETCH), STRETCH * most + 1) if count % size == 0]
         if divisors:
             return divisors[-1]
     return even
