@@ -333,27 +333,23 @@ def test_small_planes_take_one_shape_for_an_uneven_last_chunk(monkeypatch):
 
     shapes = []
     monkeypatch.setattr(torch, "compile", _shape_recording_compile(shapes))
-    monkeypatch.setattr(runner_module, "_kept_compiled", None)
     model = make_tiny_model(1)
+
+    def shapes_of_a_compiled_restore(image, axes):
+        """The batch shapes a fresh compiled runner gets restoring ``image``, checked against eager."""
+        shapes.clear()
+        monkeypatch.setattr(runner_module, "_kept_compiled", None)
+        compiled = np.asarray(restore(image, model, axes, device="cpu", compile=True))
+        assert_alike(compiled, np.asarray(restore(image, model, axes, device="cpu")))
+        return sorted(shapes)
+
     stack = np.random.default_rng(1).random((17, 128, 128), dtype=np.float32)
-    compiled = np.asarray(restore(stack, model, "ZYX", device="cpu", compile=True))
-    assert set(shapes) == {(9, 1, 128, 128)}
-    assert_alike(compiled, np.asarray(restore(stack, model, "ZYX", device="cpu")))
-
+    assert set(shapes_of_a_compiled_restore(stack, "ZYX")) == {(9, 1, 128, 128)}
     # Planes of 362 x 362 chunk two at a time: 3 of them as 2 + 1, and the chunk of one is padded too.
-    shapes.clear()
-    monkeypatch.setattr(runner_module, "_kept_compiled", None)
     three = np.random.default_rng(3).random((3, 362, 362), dtype=np.float32)
-    compiled = np.asarray(restore(three, model, "ZYX", device="cpu", compile=True))
-    assert set(shapes) == {(2, 1, 362, 362)}
-    assert_alike(compiled, np.asarray(restore(three, model, "ZYX", device="cpu")))
-
-    shapes.clear()
-    monkeypatch.setattr(runner_module, "_kept_compiled", None)
+    assert set(shapes_of_a_compiled_restore(three, "ZYX")) == {(2, 1, 362, 362)}
     time_lapse = np.stack([stack, stack[::-1]])
-    compiled = np.asarray(restore(time_lapse, model, "TZYX", device="cpu", compile=True))
-    assert sorted(shapes) == [(8, 1, 128, 128)] + [(9, 1, 128, 128)] * 3
-    assert_alike(compiled, np.asarray(restore(time_lapse, model, "TZYX", device="cpu")))
+    assert shapes_of_a_compiled_restore(time_lapse, "TZYX") == [(8, 1, 128, 128)] + [(9, 1, 128, 128)] * 3
 
 
 def test_repeated_compiled_restores_compile_once(monkeypatch):
