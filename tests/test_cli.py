@@ -223,6 +223,24 @@ def test_unwritable_output_folder_is_refused(capsys, tmp_path, grey_checkpoint, 
     assert code == 2 and "is not writable" in err and not (tmp_path / "o.zarr").exists()
 
 
+def test_a_device_too_small_for_any_tile_is_one_line_and_leaves_no_output(capsys, tmp_path, grey_checkpoint,
+                                                                          monkeypatch):
+    import torch
+
+    from napari_gama_ir.engine import ModelRunner
+
+    def out_of_memory(self, tiles, outputs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(ModelRunner, "_forward", out_of_memory)
+    np.save(tmp_path / "in.npy", np.zeros((2, 40, 40), np.float32))
+    code, _, err = run_cli(capsys, "restore", tmp_path / "in.npy", "-o", tmp_path / "o.zarr", "--model", grey_checkpoint,
+                           "--tile", 32, "--overlap", 8, "-q")
+    assert code == 2 and err.splitlines()[-1] == (
+        "napari-gama-ir: error: one 16x16 tile, the smallest this network takes, does not fit in cpu memory")
+    assert "Traceback" not in err and not (tmp_path / "o.zarr").exists()
+
+
 def test_nan_input_is_reported_and_leaves_no_output(capsys, tmp_path, grey_checkpoint):
     data = np.zeros((3, 16, 16), np.float32)
     data[1, 2, 2] = np.inf

@@ -7,7 +7,7 @@ import torch
 import zarr
 
 from napari_gama_ir import restore
-from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, NonFiniteInputError
+from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, NonFiniteInputError, TileTooLargeError
 from napari_gama_ir.engine.restore import TilingPlan, restore_plane
 from napari_gama_ir.engine.runner import batch_size
 from napari_gama_ir.engine.tiling import plan_tiles, tile_starts, tile_weights
@@ -262,6 +262,68 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result():
     runner = _OutOfMemoryAboveBatch(model, "cpu", batch=8)
     assert np.allclose(restore_plane(image, runner, plan), reference, atol=1e-6)
     assert runner.batch == 1
+
+
+def _device_holding(monkeypatch, most_pixels: int) -> list[tuple[int, ...]]:
+    """Every runner's device 'runs out of memory' for passes of more than ``most_pixels`` tile
+    pixels; returns the list each pass's shape is appended to, run or not."""
+    passes = []
+    forward = ModelRunner._forward
+
+    def limited(self, tiles, outputs):
+        passes.append(tuple(tiles.shape))
+        if tiles.shape[0] * tiles.shape[-2] * tiles.shape[-1] > most_pixels:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        forward(self, tiles, outputs)
+
+    monkeypatch.setattr(ModelRunner, "_forward", limited)
+    return passes
+
+
+def test_a_tile_too_large_for_the_device_is_halved_once_for_a_whole_stack(monkeypatch):
+    # Every plane, and every block of a plane, ran out of memory on the large tile before retrying.
+    model = make_tiny_model(1)
+    stack = np.random.default_rng(5).random((3, 150, 150), dtype=np.float32)
+    expected = restore(stack, model, "ZYX", tile=32, overlap=16)  # what halving 64 / 16 gives
+    passes = _device_holding(monkeypatch, 40 * 40)
+    for block in (None, 64):
+        passes.clear()
+        lazy = restore(da.from_array(stack, chunks=(1, 150, 150)), model, "ZYX", tile=64, overlap=16, batch=1,
+                       block=block)
+        with pytest.warns(RuntimeWarning, match="retrying with tiles of 32 pixels") as caught:
+            assert_alike(lazy.compute(scheduler="synchronous"), expected, scale=1)  # one chunk at a time
+        assert len(caught) == 1
+        assert sum(shape[-1] == 64 for shape in passes) == 1  # the first chunk's first tile only
+
+
+def test_a_plane_run_whole_that_does_not_fit_is_tiled_smaller_or_refused(monkeypatch):
+    model = make_tiny_model(1)
+    image = np.random.default_rng(6).random((60, 60), dtype=np.float32)  # one tile of 64
+    expected = restore(image, model, "YX", tile=32, overlap=16)
+    _device_holding(monkeypatch, 40 * 40)
+    with pytest.warns(RuntimeWarning, match="retrying with tiles of 32 pixels"):
+        assert_alike(restore(image, model, "YX", tile=64, overlap=16), expected, scale=1)
+    with pytest.raises(TileTooLargeError, match="a whole 60x60 plane does not fit in cpu memory; restore it in tiles"):
+        restore(image, model, "YX", tile=None)
+    _device_holding(monkeypatch, 15 * 15)
+    with pytest.warns(RuntimeWarning, match="retrying with tiles") as caught, \
+            pytest.raises(TileTooLargeError, match="one 16x16 tile, the smallest this network takes, does not fit"):
+        restore(image, model, "YX", tile=64, overlap=16)
+    assert [str(w.message)[-9:] for w in caught] == ["32 pixels", "16 pixels"]
+
+
+def test_small_planes_that_do_not_fit_a_pass_each_are_restored_alone_in_smaller_tiles(monkeypatch):
+    model = make_tiny_model(1)
+    stack = np.random.default_rng(7).random((128, 48, 48), dtype=np.float32)
+    expected = restore(stack, model, "ZYX", tile=32, overlap=16)
+    passes = _device_holding(monkeypatch, 48 * 48 - 1)
+    lazy = restore(da.from_array(stack), model, "ZYX", tile=64, overlap=16)
+    assert lazy.chunks[0] == (64, 64)  # two chunks of planes, each meant for shared passes
+    with pytest.warns(RuntimeWarning, match="restoring 48x48 planes one at a time, in smaller tiles") as caught:
+        assert_alike(lazy.compute(scheduler="synchronous"), expected, scale=1)
+    assert len(caught) == 1
+    # The batch halves down to a plane a pass, which fails too; the second chunk goes a plane at a time.
+    assert [shape[0] for shape in passes if shape[-1] == 48] == [64, 32, 16, 8, 4, 2, 1]
 
 
 @pytest.mark.parametrize("count, batches", [(9, [3, 3, 3]), (25, [4, 4, 4, 4, 4, 4, 1]), (3, [3]), (1, [1])])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import restore
+from .engine import TileTooLargeError, restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from .engine.calibration import to_attribute
@@ -742,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except TileTooLargeError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:
         if not is_out_of_memory(error):
             raise

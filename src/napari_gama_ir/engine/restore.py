@@ -151,27 +151,63 @@ def restore_plane(
     tile's output is weighted by a smooth ramp that vanishes at its inner edges, and the weighted
     sum is divided by the summed weights, so there are no seams. Edge tiles, up to
     ``2**levels - 1`` pixels shorter, are padded here as the network would pad them, so all of a
-    plane's tiles run as one batch shape. If a single tile does not fit in device memory, the
-    tile side is halved and the plane restored again.
+    plane's tiles run as one batch shape.
+
+    If a single tile (or a plane no larger than a tile, run whole) does not fit in device memory,
+    the tile side is halved and the plane restored again. The runner keeps the size that failed,
+    so the planes and blocks after it are cut small enough from the start.
 
     With a ``window``, ``plane`` is the part of a larger plane that it says, holding every tile of
     the plane's grid that meets the window's core, and the result is the core alone, equal to that
     part of the whole plane's result.
+
+    Raises
+    ------
+    TileTooLargeError
+        When a plane run whole (``tiling.tile`` is ``None``), or a tile of the smallest side the
+        network takes, does not fit in device memory.
     """
     normalize = normalize or _as_given
     window = window or Window.whole(*plane.shape[-2:])
-    if tiling.tile is None or (window.height <= tiling.tile and window.width <= tiling.tile):
-        return runner.run(normalize(plane)[None])[0]
-    try:
-        return _restore_tiled(plane, runner, tiling, normalize, window)
-    except TileTooLargeError:
-        smaller = tiling.tile // 2
-        if smaller < 4 * runner.config.size_multiple:
-            raise
-        warnings.warn(f"out of device memory; retrying with tiles of {smaller} pixels", RuntimeWarning, stacklevel=2)
+    tiling = _tiling_that_fits(tiling, runner, window)
+    while True:
+        try:
+            if tiling.tile is None or (window.height <= tiling.tile and window.width <= tiling.tile):
+                return runner.run(normalize(plane)[None])[0]
+            return _restore_tiled(plane, runner, tiling, normalize, window)
+        except TileTooLargeError:
+            tiling = _tiling_that_fits(tiling, runner, window)  # below the size the runner kept
+            warnings.warn(f"out of device memory; retrying with tiles of {tiling.tile} pixels", RuntimeWarning,
+                          stacklevel=2)
+
+
+def _tiling_that_fits(tiling: TilingPlan, runner: ModelRunner, window: Window) -> TilingPlan:
+    """``tiling`` with its tile side halved until a tile is smaller than any the runner's device
+    could not hold on its own (:meth:`ModelRunner.fits_alone`)."""
+    multiple = runner.config.size_multiple
+    while not runner.fits_alone(_run_shape(tiling, window, multiple)):
+        if tiling.tile is None:
+            raise TileTooLargeError(
+                f"a whole {window.height}x{window.width} plane does not fit in {runner.device} memory; "
+                "restore it in tiles"
+            )
+        smaller = tiling.tile // 2 // multiple * multiple
+        if smaller < 4 * multiple:
+            raise TileTooLargeError(
+                f"one {tiling.tile}x{tiling.tile} tile, the smallest this network takes, does not fit in "
+                f"{runner.device} memory"
+            )
         overlap = min(tiling.overlap, smaller // 2)
-        smaller_tiling = TilingPlan(smaller, overlap, min(tiling.margin, overlap // 4))
-        return restore_plane(plane, runner, smaller_tiling, normalize, window)
+        tiling = TilingPlan(smaller, overlap, min(tiling.margin, overlap // 4))
+    return tiling
+
+
+def _run_shape(tiling: TilingPlan, window: Window, multiple: int) -> tuple[int, int]:
+    """The largest shape the network runs ``window``'s plane at: a tile, or the plane when it runs whole."""
+    height, width = window.height, window.width
+    if tiling.tile is not None and (height > tiling.tile or width > tiling.tile):
+        height, width = min(height, tiling.tile), min(width, tiling.tile)
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
 
 def _as_given(values: np.ndarray) -> np.ndarray:
@@ -328,9 +364,19 @@ class PlaneRestorer:
     def restore_planes(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
         """Restore ``planes`` (N, C, Y, X), named ``names`` in errors: a chunk of small planes
         (:attr:`RestorePlan.plane_chunks`), each run whole, as one tile, in shared forward passes,
-        or a chunk of one plane, tiled where it is larger than a tile."""
-        if self.planes_per_chunk == 1:
+        or a chunk of one plane, tiled where it is larger than a tile. Small planes that do not fit
+        in device memory one to a pass are restored a plane at a time, in smaller tiles."""
+        if self.planes_per_chunk > 1 and self.runner.fits_alone(planes.shape):
+            try:
+                return self._restore_together(planes, names)
+            except TileTooLargeError:  # the runner has kept the size: each plane is tiled below it
+                warnings.warn(f"out of device memory; restoring {planes.shape[-2]}x{planes.shape[-1]} planes one "
+                              "at a time, in smaller tiles", RuntimeWarning, stacklevel=2)
+        if len(planes) == 1:  # no stacked copy: a plane can be gigapixels
             return self(planes[0], names[0])[None]
+        return np.stack([self(plane, name) for plane, name in zip(planes, names)])
+
+    def _restore_together(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
         for plane, name in zip(planes, names):
             _check_finite(plane, name)
         affines = [self.affine(plane) for plane in planes]

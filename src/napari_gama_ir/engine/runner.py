@@ -69,6 +69,9 @@ class ModelRunner:
         # CUDA graphs and compiled shapes); a given one is a limit, and so is the CPU's default:
         # the memory planned beside the planes (RESERVED_BYTES) holds one pass of ``pass_pixels``.
         self.batch_stretches = batch is None and self.device.type != "cpu"
+        # The fewest pixels of a tile that did not fit on its own: callers cut smaller tiles from
+        # then on (:meth:`fits_alone`) rather than run out of memory again on every plane.
+        self.failed_tile_pixels: int | None = None
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             wanted = threads or usable_cores()
@@ -83,6 +86,11 @@ class ModelRunner:
         """Tiles per forward pass for ``count`` tiles of ``tile_shape`` (:func:`batch_size`): at most
         the given ``batch``, or by default about ``pass_pixels`` worth of them."""
         return batch_size(count, self._most_per_pass(tile_shape), self.batch_stretches)
+
+    def fits_alone(self, tile_shape: tuple[int, ...]) -> bool:
+        """Whether a tile of ``tile_shape`` (..., h, w) is smaller than every tile that ran out of
+        device memory on its own in this runner."""
+        return self.failed_tile_pixels is None or tile_shape[-2] * tile_shape[-1] < self.failed_tile_pixels
 
     def _most_per_pass(self, tile_shape: tuple[int, ...]) -> int:
         return self.batch or max(1, self.pass_pixels // (tile_shape[-2] * tile_shape[-1]))
@@ -163,6 +171,8 @@ class ModelRunner:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                     if size == 1:
+                        pixels = tiles.shape[-2] * tiles.shape[-1]
+                        self.failed_tile_pixels = min(pixels, self.failed_tile_pixels or pixels)
                         raise TileTooLargeError(
                             f"one {tiles.shape[-2]}x{tiles.shape[-1]} tile does not fit in {self.device} memory"
                         ) from None
