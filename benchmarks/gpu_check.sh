@@ -4,6 +4,9 @@
 #            cuda restore (queued pinned batches, CUDA graphs) matches the cpu one (fails fast);
 #   smoke-compiled  the same check through torch.compile with CUDA graphs, any fallback to eager an
 #            error (compiles a few shapes: minutes; not in the default list);
+#   oom      the engine's retry with smaller tiles on a real out-of-memory error: a per-process memory
+#            limit between one pass's peak at tile 2048 and at 1024 (GAMA-IR-S, grey), eager and with
+#            CUDA graphs; the result must match a restore at the tile it ended with (not in the default list);
 #   layout   benchmarks/gpu_layout.py: LayerNorm kernels x memory layout x precision, a profile;
 #   latency  the paper's protocol at 256-2048, fp32 and bf16, every model (docs/performance.md);
 #   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16), with its
@@ -96,6 +99,59 @@ cuda = np.asarray(restore(stack, model, "ZYX", tile=256, device="cuda", batch=4,
 error = float(np.abs(cuda - cpu).max())
 print(f"smoke-compiled: engine on cuda (compiled, CUDA graphs) against cpu, largest difference {error:.2e}")
 assert error < 1e-3, error
+EOF
+fi
+
+if wanted oom; then
+    log "oom"
+    timeout 150 python3 - <<'EOF' 2>&1 | tee -a "$R/log.txt"
+import gc, re, time, warnings
+import numpy as np, torch
+from napari_gama_ir import create_model, restore
+torch.backends.cudnn.allow_tf32 = False
+model = create_model("gama_ir_s-denoise-grey", pretrained=True)
+stack = np.random.default_rng(0).random((2, 2048, 2048), dtype=np.float32)
+total = torch.cuda.get_device_properties(0).total_memory
+
+def release():
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+def peak(side):  # memory reserved by one plane's restore at tile ``side``, eager
+    release()
+    torch.cuda.reset_peak_memory_stats()
+    restore(stack[:1], model, "ZYX", tile=side, overlap=64, device="cuda", cuda_graphs=False)
+    return torch.cuda.max_memory_reserved()
+
+big, small = peak(2048), peak(1024)
+print(f"oom: peak reserved, one plane: tile 2048 {big / 1e9:.2f} GB, tile 1024 {small / 1e9:.2f} GB")
+for graphs in (False, True):
+    release()
+    torch.cuda.set_per_process_memory_fraction((big + small) / 2 / total)
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = restore(stack, model, "ZYX", tile=2048, overlap=64, device="cuda", cuda_graphs=graphs)
+        except Exception as error:
+            result = None
+            print(f"oom: CUDA graphs {graphs}: failed: {type(error).__name__}: {str(error)[:300]}")
+    took = time.perf_counter() - start
+    for warning in caught:
+        print(f"oom: CUDA graphs {graphs}: warning: {str(warning.message)[:200]}")
+    release()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    sides = [int(side) for w in caught for side in re.findall(r"retrying with tiles of (\d+)", str(w.message))]
+    if result is None or not sides:
+        print(f"oom: CUDA graphs {graphs}: FAILED (no result, or no tile halved)")
+        continue
+    start = time.perf_counter()
+    reference = restore(stack, model, "ZYX", tile=sides[-1], overlap=64, device="cuda", cuda_graphs=graphs)
+    direct = time.perf_counter() - start
+    error = float(np.abs(result - reference).max())
+    print(f"oom: CUDA graphs {graphs}: tiles halved to {sides}; {took:.2f} s, against {direct:.2f} s at that tile "
+          f"from the start; largest difference {error:.2e} {'ok' if error < 1e-3 else 'FAILED'}")
 EOF
 fi
 
