@@ -577,7 +577,8 @@ def restore(
         are required; ``C`` holds channels. Guessed from the shape when omitted.
     tile : int or None
         Tile side in pixels (rounded down to a multiple of ``2**levels``); ``None`` runs each
-        plane whole.
+        plane whole. Halved automatically, for the rest of the call, when a single tile does not
+        fit in device memory.
     overlap : int
         Overlap of neighbouring tiles in pixels; outputs are blended across it.
     mean_mode : {"global", "local"}
@@ -639,6 +640,9 @@ def restore(
         For axes that do not fit, channel counts the model cannot take, or bad settings.
     NonFiniteInputError
         When a plane holds NaN or Inf (raised when that plane is computed).
+    TileTooLargeError
+        When a tile of the smallest side the network takes, or a whole plane with ``tile=None``,
+        does not fit in device memory (raised when computed).
     """
     if isinstance(model, str):
         model = create_model(model, pretrained=True)
