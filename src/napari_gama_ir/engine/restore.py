@@ -577,8 +577,8 @@ def restore(
         are required; ``C`` holds channels. Guessed from the shape when omitted.
     tile : int or None
         Tile side in pixels (rounded down to a multiple of ``2**levels``); ``None`` runs each
-        plane whole. Halved automatically, for the rest of the call, when a single tile does not
-        fit in device memory.
+        plane whole. Halved automatically when a single tile does not fit in device memory, for
+        that plane and the planes after it (a kept compiled network keeps the smaller size too).
     overlap : int
         Overlap of neighbouring tiles in pixels; outputs are blended across it.
     mean_mode : {"global", "local"}
