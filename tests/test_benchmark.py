@@ -325,6 +325,29 @@ def test_short_batches_are_never_padded_beyond_the_pass_limit(monkeypatch):
     assert eager.network is eager.model
 
 
+def test_a_padded_tile_that_runs_out_of_memory_is_retried_alone(monkeypatch):
+    # A lone tile padded to the planned batch ran out of memory, and was taken for a tile too large
+    # for the device: the engine then cut the plane in smaller tiles than it needed.
+    shapes = []
+    monkeypatch.setattr(torch, "compile", _shape_recording_compile(shapes))
+    forward = ModelRunner._forward
+
+    def out_of_memory_above_one(self, tiles, outputs):
+        if len(tiles) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        forward(self, tiles, outputs)
+
+    monkeypatch.setattr(ModelRunner, "_forward", out_of_memory_above_one)
+    model = make_tiny_model(1)
+    runner = ModelRunner(model, device="cpu", compile=True)
+    plane = np.random.default_rng(3).random((1, 1, 32, 32), dtype=np.float32)
+    restored = runner.run(plane, planned=9)
+    assert runner.batch == 1 and runner.failed_tile_pixels is None
+    assert shapes == [(1, 1, 32, 32)]  # the padded batch of 9 never reached the network
+    with torch.no_grad():
+        assert np.allclose(restored, model(torch.from_numpy(plane)).numpy(), atol=1e-5)
+
+
 def test_small_planes_take_one_shape_for_an_uneven_last_chunk(monkeypatch):
     # 17 planes of 128 x 128 chunk as 9 + 8 (16 make a CPU pass): the 8 run padded to 9, whichever
     # chunk comes first, so a compiled restore of the stack compiles one shape, not two, and

@@ -176,9 +176,9 @@ def restore_plane(
                 return runner.run(normalize(plane)[None])[0]
             return _restore_tiled(plane, runner, tiling, normalize, window)
         except TileTooLargeError:
-            tiling = _tiling_that_fits(tiling, runner, window)  # below the size the runner kept
-            warnings.warn(f"out of device memory; retrying with tiles of {tiling.tile} pixels", RuntimeWarning,
-                          stacklevel=2)
+            pass  # the runner has kept the size that failed
+        tiling = _tiling_that_fits(tiling, runner, window)
+        warnings.warn(f"out of device memory; retrying with tiles of {tiling.tile} pixels", RuntimeWarning, stacklevel=2)
 
 
 def _tiling_that_fits(tiling: TilingPlan, runner: ModelRunner, window: Window) -> TilingPlan:

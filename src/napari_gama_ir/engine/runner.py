@@ -163,14 +163,16 @@ class ModelRunner:
         with self.lock:
             while start < count:
                 stop = min(start + size, count)
+                batch = self._padded(inputs[start:stop], planned)
                 try:
-                    self._forward(self._padded(inputs[start:stop], planned), outputs[start:stop])
+                    self._forward(batch, outputs[start:stop])
                 except RuntimeError as error:  # torch's out-of-memory errors are RuntimeErrors
                     if not is_out_of_memory(error):
                         raise
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                    if size == 1:
+                    # A tile that failed padded to a batch is retried alone: a limit of one pads nothing.
+                    if len(batch) == 1:
                         pixels = tiles.shape[-2] * tiles.shape[-1]
                         self.failed_tile_pixels = min(pixels, self.failed_tile_pixels or pixels)
                         raise TileTooLargeError(
