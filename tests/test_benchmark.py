@@ -128,6 +128,15 @@ def test_benchmark_command_writes_table_json_and_plot(capsys, tmp_path):
     assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05  # a drawn plot, not a blank frame
 
 
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_any_timing(capsys, tmp_path, monkeypatch):
+    import napari_gama_ir.engine.benchmark as engine_benchmark
+
+    monkeypatch.setattr(engine_benchmark, "benchmark", lambda *a, **k: pytest.fail("timed before checking --plot"))
+    code, out, err = run_cli(capsys, "benchmark", "--models", "gama_ir_xs", "--plot", tmp_path / "b.txt")
+    assert code == 2 and err.strip() == "napari-gama-ir: error: --plot cannot write .txt files; name a .png (or .svg, .pdf) file"
+    assert out == "" and not (tmp_path / "b.txt").exists()
+
+
 def test_the_processor_is_named_with_its_family_model_and_vector_extensions():
     # Two processors of one machine kind may both call themselves "AMD EPYC"; their numbers differ.
     first = ("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\n"

@@ -68,13 +68,26 @@ def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint8), metadata={"axes": "ZYX"})
     code, out, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "out.tif", "--model", grey_checkpoint)
     assert code == 0, err
-    assert "planes 2/2" in err and "Mpx" in err
+    assert "planes 2/2" in err and "1.2/1.2 kpx" in err
     assert open_image(tmp_path / "out.tif").array.shape == (2, 24, 24)
     # A one-channel network restores each of two channels as a plane: six planes, restored as one chunk.
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((3, 2, 24, 24), np.uint8), metadata={"axes": "ZCYX"})
     code, out, err = run_cli(capsys, "restore", tmp_path / "two.tif", "-o", tmp_path / "two.zarr", "--model", grey_checkpoint)
     assert code == 0, err
     assert "planes 6/6" in err and "planes 1/6" not in err
+
+
+@pytest.mark.parametrize(("planes", "plane_pixels", "shown"), [
+    (3, 2048 * 2048, "12.6/12.6 Mpx"), (1, 64 * 64, "4.1/4.1 kpx"), (1, 5 * 7, "35.0/35.0 px")])
+def test_the_progress_bar_counts_in_a_unit_the_job_fills(capsys, planes, plane_pixels, shown):
+    from napari_gama_ir.cli import _Progress
+
+    progress = _Progress(planes, plane_pixels, quiet=False)
+    progress.start()
+    for _ in range(planes):
+        progress.update_pixels(plane_pixels)
+    progress.close()
+    assert f"{shown} " in capsys.readouterr().err
 
 
 def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):

@@ -218,7 +218,7 @@ def test_images_from_files_keep_their_axes_and_leave_out_alpha(tmp_path):
     assert np.array_equal(data.pairs[0].clean.compute()[..., 0], grey_alpha[..., 0])
     (tmp_path / "stacks").mkdir()
     cells = rng.random((4, 32, 32), dtype=np.float32)
-    tifffile.imwrite(tmp_path / "stacks" / "cells.tif", cells, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "stacks" / "cells.tif", cells, photometric="minisblack", metadata={"axes": "CYX"})
     data = data_from_paths(clean=tmp_path / "stacks")
     assert data.pairs[0].axes == "CYX" and data.channels == 4  # the file's axes, not a guessed ZYX
     (tmp_path / "arrays").mkdir()  # folders of .npy files and zarr stores were "no images found"

@@ -279,8 +279,14 @@ def _restore_on_cluster(
     return output
 
 
+# Units of the progress bar, the first one the whole job reaches taken: a 64 x 64 image counts
+# 4.1 kpx, not 0.0 Mpx.
+PIXEL_UNITS = ((1e6, "Mpx"), (1e3, "kpx"), (1.0, "px"))
+
+
 class _Progress:
-    """A tqdm bar in megapixels (so it shows Mpx/s and an ETA) with a planes-done counter.
+    """A tqdm bar in megapixels (so it shows Mpx/s and an ETA), or kilopixels or pixels for small
+    jobs, with a planes-done counter.
 
     The bar appears on :meth:`start`, once the inputs are checked, so an error is never preceded
     by an empty bar.
@@ -293,9 +299,11 @@ class _Progress:
     def start(self) -> None:
         from tqdm import tqdm
 
+        total = self._planes * self._plane_pixels
+        self._scale, unit = next((scale, unit) for scale, unit in PIXEL_UNITS if total >= scale or unit == "px")
         self._bar = tqdm(
-            total=self._planes * self._plane_pixels / 1e6, unit="Mpx", disable=self._quiet, desc=self._label,
-            bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+            total=total / self._scale, unit=unit, disable=self._quiet, desc=self._label,
+            bar_format=f"{{l_bar}}{{bar}}| {{n:.1f}}/{{total:.1f}} {unit} [{{elapsed}}<{{remaining}}, {{rate_fmt}}{{postfix}}]",
         )
 
     def update_pixels(self, pixels: int) -> None:
@@ -303,7 +311,7 @@ class _Progress:
         with self._lock:
             self._pixels += pixels
             self._bar.set_postfix_str(f"planes {self._pixels // self._plane_pixels}/{self._planes}", refresh=False)
-            self._bar.update(pixels / 1e6)
+            self._bar.update(pixels / self._scale)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -569,9 +577,13 @@ def run_benchmark(args: argparse.Namespace) -> None:
     _check_report_folders(args.json, args.plot)
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            from matplotlib.backend_bases import FigureCanvasBase
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+        # Checked now, not after minutes of timing; no suffix means matplotlib's default, PNG.
+        suffix = Path(args.plot).suffix.lstrip(".").lower()
+        if suffix and suffix not in FigureCanvasBase.get_supported_filetypes():
+            raise UsageError(f"--plot cannot write .{suffix} files; name a .png (or .svg, .pdf) file")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = _benchmark_networks(args.models, args.channels, args.global_blocks)
