@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import tifffile
+import torch
 import zarr
 
 from napari_gama_ir import save_checkpoint
@@ -77,17 +78,36 @@ def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
     assert "planes 6/6" in err and "planes 1/6" not in err
 
 
+def test_restore_compile_runs_the_compiled_network_and_says_it_is_compiling(capsys, tmp_path, grey_checkpoint, monkeypatch):
+    from napari_gama_ir.engine import runner as runner_module
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or model)
+    monkeypatch.setattr(runner_module, "_kept_compiled", None)
+    tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint8), metadata={"axes": "ZYX"})
+    code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "c.zarr", "--model", grey_checkpoint,
+                           "--compile")
+    assert code == 0, err
+    assert len(compiled) == 1 and "compiling the network first" in err and "planes 2/2" in err
+    code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "e.zarr", "--model", grey_checkpoint)
+    assert code == 0 and "compiling" not in err and len(compiled) == 1
+    assert zarr.open_array(str(tmp_path / "c.zarr")).attrs["compiled"] is True
+    assert np.allclose(zarr.open_array(str(tmp_path / "c.zarr"))[:], zarr.open_array(str(tmp_path / "e.zarr"))[:], atol=1e-5)
+
+
 @pytest.mark.parametrize(("planes", "plane_pixels", "shown"), [
     (3, 2048 * 2048, "12.6/12.6 Mpx"), (1, 64 * 64, "4.1/4.1 kpx"), (1, 5 * 7, "35.0/35.0 px")])
 def test_the_progress_bar_counts_in_a_unit_the_job_fills(capsys, planes, plane_pixels, shown):
     from napari_gama_ir.cli import _Progress
 
-    progress = _Progress(planes, plane_pixels, quiet=False)
+    progress = _Progress(planes, plane_pixels, quiet=False, first_note="compiling")
     progress.start()
     for _ in range(planes):
         progress.update_pixels(plane_pixels)
     progress.close()
-    assert f"{shown} " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{shown} " in err and f"{shown} " not in err.split("compiling]")[0]  # the note, then the count
+    assert err.rstrip().endswith(f"planes {planes}/{planes}]")
 
 
 def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):

@@ -154,7 +154,9 @@ def _restore_image(
     # The engine's planes: a channel is one of its own where the network restores channels one at a time.
     shape = dict(zip(axes, source.array.shape))
     planes = int(np.prod([shape[a] for a in plan.layout.iterated], dtype=np.int64))
-    progress = _Progress(planes, shape["Y"] * shape["X"], args.quiet, label)
+    # Compiling holds the bar at 0% for tens of seconds: say why until the first plane is done.
+    first_note = "compiling the network first (tens of seconds)" if args.compile else ""
+    progress = _Progress(planes, shape["Y"] * shape["X"], args.quiet, label, first_note)
     restored = restore(  # lazy, in the plan's blocks (0: whole planes), whatever the memory says by now
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch, output_dtype=output_dtype,
@@ -292,8 +294,9 @@ class _Progress:
     by an empty bar.
     """
 
-    def __init__(self, planes: int, plane_pixels: int, quiet: bool, label: str = "restoring") -> None:
+    def __init__(self, planes: int, plane_pixels: int, quiet: bool, label: str = "restoring", first_note: str = "") -> None:
         self._planes, self._plane_pixels, self._quiet, self._label = planes, plane_pixels, quiet, label
+        self._first_note = first_note  # shown until the first pixels are counted
         self._pixels, self._lock, self._bar = 0, threading.Lock(), None
 
     def start(self) -> None:
@@ -305,6 +308,8 @@ class _Progress:
             total=total / self._scale, unit=unit, disable=self._quiet, desc=self._label,
             bar_format=f"{{l_bar}}{{bar}}| {{n:.1f}}/{{total:.1f}} {unit} [{{elapsed}}<{{remaining}}, {{rate_fmt}}{{postfix}}]",
         )
+        if self._first_note:
+            self._bar.set_postfix_str(self._first_note)
 
     def update_pixels(self, pixels: int) -> None:
         """Count ``pixels`` (per channel) restored: a plane's, a few small planes', or a block's."""
