@@ -113,7 +113,23 @@ def test_restore_all_counts_what_a_chunk_holds():
     assert chunk_unit(restore(lazy, model, "TZYX", tile=16, overlap=4, block=16), "TZYX") == "blocks"
 
 
-def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_checkpoint, tmp_path):
+def record_workers(monkeypatch) -> list[int]:
+    """The chunks at once the Restore widget asks of each "restore all" (it computed one at a time
+    into memory, and always two into a zarr store, whatever the memory)."""
+    import napari_gama_ir._napari.restore_widget as widget_module
+
+    workers = []
+    for name in ("store_chunks", "write_image_steps"):
+        def recording(*args, original=getattr(widget_module, name), **kwargs):
+            workers.append(kwargs["workers"] if "workers" in kwargs else args[2])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(widget_module, name, recording)
+    return workers
+
+
+def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_checkpoint, tmp_path, monkeypatch):
+    workers = record_workers(monkeypatch)
     viewer = make_napari_viewer()
     data = np.random.default_rng(0).random((3, 40, 40), dtype=np.float32)
     viewer.add_image(data, name="noisy", scale=(0.5, 0.2, 0.2), units="um")
@@ -135,6 +151,7 @@ def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_check
     assert np.allclose(np.asarray(viewer.layers[-1].data), expected, atol=1e-6)
     assert open_image(tmp_path / "out.zarr").pixel_size == {  # the store keeps the layer's calibration
         "Z": (0.5, "micrometer"), "Y": (0.2, "micrometer"), "X": (0.2, "micrometer")}
+    assert workers == [2, 2]  # a plane per host thread on the CPU, in memory as into a store, as the CLI
 
 
 def test_restore_all_of_a_plane_too_large_for_memory_goes_block_by_block(
@@ -157,12 +174,13 @@ def test_restore_all_of_a_plane_too_large_for_memory_goes_block_by_block(
     monkeypatch.setattr(engine, "available_memory", lambda: (engine.RESERVED_BYTES + 2 * 10**6) / engine.USABLE_SHARE)
     widget.destination.value = "zarr store"
     widget.output.value = tmp_path / "scan.zarr"
+    workers = record_workers(monkeypatch)
     seen = []
     worker = widget.restore_all()
     worker.yielded.connect(lambda _: seen.append(widget.status.value))
     with qtbot.waitSignal(worker.finished, timeout=20000):
         pass
-    assert seen[-1] == "restored 9/9 blocks"
+    assert seen[-1] == "restored 9/9 blocks" and workers == [1]  # the memory holds one block at a time
     stored = zarr.open_array(str(tmp_path / "scan.zarr"), mode="r")
     assert stored.chunks == (128, 128)
     # A block runs the tiles around it in fewer passes than the plane runs all of its tiles: equal

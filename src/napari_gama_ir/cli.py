@@ -23,7 +23,7 @@ from .engine import TileTooLargeError, restore
 from .engine.axes import guess_axes, parse_axes
 from .engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from .engine.calibration import to_attribute
-from .engine.device import host_threads, is_out_of_memory, resolve_device
+from .engine.device import is_out_of_memory, resolve_device
 from .engine.io import (
     READABLE,
     WRITABLE,
@@ -36,7 +36,7 @@ from .engine.io import (
     write_image,
 )
 from .engine.normalize import NORMALIZATION_CHOICES
-from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, chunks_that_fit, plan_restore
+from .engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, chunks_at_once, plan_restore
 from .model import (
     CheckpointError,
     GamaIR,
@@ -166,7 +166,7 @@ def _restore_image(
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
     provenance["block"] = plan.block
     # As many chunks at once as the host's threads, or as fit in memory where planes are huge.
-    workers = chunks_that_fit(plan.chunk_bytes(model.config.out_channels), host_threads(resolve_device(args.device)))
+    workers = chunks_at_once(plan, model.config.out_channels, args.device)
     progress.start()
     try:
         write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers)

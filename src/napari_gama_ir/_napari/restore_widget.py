@@ -22,8 +22,8 @@ from ..engine.axes import parse_axes, plane_layout
 from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from ..engine.calibration import to_attribute
 from ..engine.device import available_memory, resolve_device
-from ..engine.io import Cancelled, block_regions, check_output_format, check_output_path, write_image_steps
-from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES
+from ..engine.io import Cancelled, check_output_format, check_output_path, store_chunks, write_image_steps
+from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, chunks_at_once, plan_restore
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
 from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, layer_pixel_size, report_error
 from .model_events import model_events
@@ -142,8 +142,9 @@ class RestoreWidget(QWidget):
         return find_layer(self.viewer, self.image.value)
 
     # -- the shared part of preview and restore-all --------------------------------------------
-    def _prepare(self) -> tuple[Any, da.Array, str, Any, dict]:
-        """Check the settings and build the lazy restored stack; raises ValueError with a sentence."""
+    def _prepare(self) -> tuple[Any, da.Array, str, Any, dict, Any]:
+        """Check the settings and build the lazy restored stack; raises ValueError with a sentence.
+        Also returns the engine's plan, which says how many chunks may be restored at once."""
         layer = self._layer()
         if layer is None:
             raise ValueError("choose an image layer to restore")
@@ -158,10 +159,14 @@ class RestoreWidget(QWidget):
         axes = parse_axes(self.axes.value, data.ndim)
         alpha = has_alpha(layer, axes)
         source, _ = as_dask(data)  # lazy, so that the result is too: Preview computes planes on demand
+        output_dtype = "input" if layer.rgb else "float32"
+        # Blocks, where planes are too large for memory, are chosen once, for the restore and its readers.
+        plan = plan_restore(source, model, axes, self.tile.value or None, self.overlap.value, self.mean_mode.value,
+                            None, output_dtype, alpha)
         restored = restore(
             source, model, axes, tile=self.tile.value or None, overlap=self.overlap.value,
             mean_mode=self.mean_mode.value, device=self.device.value, precision=self.precision.value,
-            output_dtype="input" if layer.rgb else "float32", alpha=alpha,
+            output_dtype=output_dtype, alpha=alpha, block=plan.block or 0,
         )
         provenance = {
             "model": model_name, "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
@@ -171,7 +176,7 @@ class RestoreWidget(QWidget):
         pixel_size = layer_pixel_size(layer, axes)
         if pixel_size:  # a zarr output keeps the layer's calibration
             provenance[PIXEL_SIZE_ATTRIBUTE] = to_attribute(pixel_size)
-        return layer, restored, axes, model, provenance
+        return layer, restored, axes, model, provenance, plan
 
     def _add_result(self, data, layer, provenance: dict, suffix: str):
         return self.viewer.add_image(
@@ -185,7 +190,7 @@ class RestoreWidget(QWidget):
     def preview(self, _=None):
         """Add a layer that restores each plane the first time it is shown, off the UI thread."""
         try:
-            layer, restored, axes, model, provenance = self._prepare()
+            layer, restored, axes, model, provenance, _ = self._prepare()
             shape = list(restored.shape)  # as the network sees it: without a passed-through alpha channel
             if provenance["alpha_passed_through"]:
                 shape[axes.index("C")] -= 1
@@ -215,13 +220,16 @@ class RestoreWidget(QWidget):
     def restore_all(self, _=None):
         """Restore every plane in a background worker, with progress and Cancel."""
         try:
-            layer, restored, axes, _, provenance = self._prepare()
+            layer, restored, axes, model, provenance, plan = self._prepare()
             target = str(self.output.value) if self.destination.value == TO_ZARR else None
             if target is not None:
                 check_output_path(target, [layer.source.path or ""], overwrite=False)
                 check_output_format(target, restored.shape, axes, restored.dtype)
             else:
                 _check_fits_in_memory(restored.nbytes)
+            # As the CLI: a chunk per host thread, so that the device never waits on reading and
+            # blending, but no more than fit in memory beside the result.
+            workers = chunks_at_once(plan, model.config.out_channels, self.device.value)
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
         provenance = {**provenance, "mode": "restore all", "output": target}
@@ -230,7 +238,7 @@ class RestoreWidget(QWidget):
         self._cancel.clear()
         # Handlers are given at creation: a worker created without an "errored" handler re-raises.
         self.worker = create_worker(
-            self._restore_steps, restored, axes, target, provenance,
+            self._restore_steps, restored, axes, target, provenance, workers,
             _progress={"total": total, "desc": "GAMA-IR"},
             _connect={
                 "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} {unit}"),
@@ -244,18 +252,15 @@ class RestoreWidget(QWidget):
         self.worker.start()
         return self.worker
 
-    def _restore_steps(self, restored: da.Array, axes: str, target: str | None, provenance: dict):
+    def _restore_steps(self, restored: da.Array, axes: str, target: str | None, provenance: dict, workers: int):
         if target is not None:
-            for done, _ in write_image_steps(restored, target, axes, attrs=provenance, cancel=self._cancel):
-                yield done
-            return da.from_zarr(target)
-        result = np.empty(restored.shape, restored.dtype)
-        for done, (index, region) in enumerate(block_regions(restored), start=1):
-            if self._cancel.is_set():
-                raise Cancelled()
-            result[region] = restored.blocks[index].compute(scheduler="synchronous")
+            steps = write_image_steps(restored, target, axes, attrs=provenance, workers=workers, cancel=self._cancel)
+        else:
+            result = np.empty(restored.shape, restored.dtype)
+            steps = store_chunks(restored, result, workers, self._cancel)
+        for done, _ in steps:
             yield done
-        return result
+        return da.from_zarr(target) if target is not None else result
 
     def cancel(self, _=None) -> None:
         self._cancel.set()

@@ -480,13 +480,13 @@ def write_image_steps(
             else:
                 target = create_zarr_output(temporary, array.shape, chunks, array.dtype)
             set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
-            yield from _store_chunks(array, target, workers, cancel)
+            yield from store_chunks(array, target, workers, cancel)
         elif suffix in TIFF_SUFFIXES:
             yield from _write_tiff(array, temporary, axes, attrs or {}, ome=suffix in OME_TIFF_SUFFIXES)
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
-                yield from _store_chunks(array, target, workers, cancel)
+                yield from store_chunks(array, target, workers, cancel)
                 target.flush()
             finally:
                 del target  # unmapped before the file is renamed or removed
@@ -498,10 +498,12 @@ def write_image_steps(
             yield 1, 1
 
 
-def _store_chunks(
-    array: da.Array, target: zarr.Array | np.memmap, workers: int, cancel: threading.Event | None
+def store_chunks(
+    array: da.Array, target: zarr.Array | np.ndarray, workers: int, cancel: threading.Event | None = None
 ) -> Iterator[tuple[int, int]]:
-    """Compute and write every chunk of ``array`` into ``target``, ``workers`` chunks at a time.
+    """Compute and write every chunk of ``array`` into ``target`` (a zarr array, a numpy array or
+    memory map of its shape), ``workers`` chunks at a time; setting ``cancel`` raises
+    :class:`Cancelled` at the next chunk.
 
     A new chunk starts as soon as one is written, so the threads (and the network they feed)
     never wait at a barrier for the slowest chunk of a group; twice as many chunks as threads are

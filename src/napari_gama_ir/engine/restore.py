@@ -494,6 +494,14 @@ def plan_restore(
     return replace(plan, plane_chunks=_plane_chunks(plan))
 
 
+def chunks_at_once(plan: RestorePlan, out_channels: int, device: str | torch.device) -> int:
+    """How many chunks of a lazy restored stack its reader should compute at once: one per host
+    thread around the network on ``device`` (:func:`~.device.host_threads`), as many of them as
+    fit in the memory available now (:func:`chunks_that_fit`, which raises
+    :class:`PlaneTooLargeError` when none does)."""
+    return chunks_that_fit(plan.chunk_bytes(out_channels), host_threads(resolve_device(device)))
+
+
 def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int | None:
     """``block`` checked and rounded down to a multiple of 16, None for 0 (whole planes); where it
     is not given, None when a plane fits in the memory available, and otherwise the largest of
@@ -648,9 +656,9 @@ def restore(
         model = create_model(model, pretrained=True)
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha, block)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
-    # A lazy result's reader decides how many chunks run at once (chunks_that_fit); here, one must.
-    threads = host_threads(resolve_device(device))
-    workers = chunks_that_fit(plan.chunk_bytes(model.config.out_channels), 1 if plan.lazy else threads)
+    # A lazy result's reader decides how many chunks run at once (chunks_at_once); here, one must fit.
+    out_channels = model.config.out_channels
+    workers = chunks_that_fit(plan.chunk_bytes(out_channels), 1) if plan.lazy else chunks_at_once(plan, out_channels, device)
     # Only now that the input is known to fit: copy the network onto its device.
     runner = runner_for(
         model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile,
