@@ -128,6 +128,31 @@ def test_benchmark_command_writes_table_json_and_plot(capsys, tmp_path):
     assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05  # a drawn plot, not a blank frame
 
 
+def test_one_size_is_plotted_as_a_bar_a_model_and_several_as_lines(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from napari_gama_ir.engine.benchmark import write_report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    machine = {"processor": "CPU", "torch_threads": 2, "torch": "2.13"}
+    row = {"model": "a", "shape": [1, 3, 256, 256], "latency_ms_median": 38.1}
+    for sides in ([256], [256, 512]):
+        rows = [{**row, "model": name, "shape": [1, 3, side, side], "latency_ms_median": latency * side / 256}
+                for side in sides for name, latency in (("a", 38.1), ("b", 152.0))]
+        report = {"machine": machine, "settings": {"precision": "fp32"}, "measurements": rows}
+        write_report(report, plot_path=tmp_path / f"{len(sides)}.png")
+        panel = figures[-1].axes[0]
+        bars = [patch for patch in panel.patches if isinstance(patch, Rectangle)]
+        if len(sides) == 1:
+            assert [bar.get_width() for bar in bars] == [38.1, 152.0] and not panel.lines
+            assert [text.get_text() for text in panel.texts] == ["38.1 ms", "152 ms"]
+        else:
+            assert not bars and [line.get_label() for line in panel.lines] == ["a", "b"]
+        assert (tmp_path / f"{len(sides)}.png").stat().st_size > 10_000
+
+
 def test_a_plot_format_matplotlib_cannot_write_is_refused_before_any_timing(capsys, tmp_path, monkeypatch):
     import napari_gama_ir.engine.benchmark as engine_benchmark
 

@@ -119,12 +119,16 @@ def record_workers(monkeypatch) -> list[int]:
     import napari_gama_ir._napari.restore_widget as widget_module
 
     workers = []
-    for name in ("store_chunks", "write_image_steps"):
-        def recording(*args, original=getattr(widget_module, name), **kwargs):
+
+    def recording(original):
+        def record(*args, **kwargs):
             workers.append(kwargs["workers"] if "workers" in kwargs else args[2])
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(widget_module, name, recording)
+        return record
+
+    for name in ("store_chunks", "write_image_steps"):
+        monkeypatch.setattr(widget_module, name, recording(getattr(widget_module, name)))
     return workers
 
 

@@ -443,9 +443,10 @@ def write_report(
 ) -> None:
     """Write the report as JSON and/or a PNG plot.
 
-    The plot shows median latency against input side for every model; with ``psnr`` (model name ->
-    (PSNR in dB, where the figure comes from)) a second panel shows latency at the smallest size
-    against PSNR on ``psnr_task`` (e.g. ``"CBSD68, sigma 25"``).
+    The plot shows median latency against input side for every model (bars, one a model, where
+    one size was timed); with ``psnr`` (model name -> (PSNR in dB, where the figure comes from)) a
+    second panel shows latency at the smallest size against PSNR on ``psnr_task`` (e.g.
+    ``"CBSD68, sigma 25"``).
     """
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -465,16 +466,26 @@ def write_report(
     figure, axes = plt.subplots(1, 2 if psnr else 1, figsize=(12 if psnr else 6.5, 4.8), squeeze=False)
     by_size = axes[0][0]
     colours = {name: f"C{index % 10}" for index, name in enumerate(names)}  # one per model in both panels
-    for name in names:
-        points = sorted((m["shape"][-1], m["latency_ms_median"]) for m in measurements if m["model"] == name)
-        by_size.plot(*zip(*points), marker="o", label=name, color=colours[name])
-    by_size.set(xscale="log", yscale="log", xlabel="input side (pixels)", ylabel="median latency (ms)",
-                title="Latency against input size")
     sides = sorted({m["shape"][-1] for m in measurements})
-    by_size.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    by_size.set_xticks(sides, [str(s) for s in sides])
-    by_size.grid(True, which="both", alpha=0.3)
-    by_size.legend()
+    if len(sides) == 1:  # one point a model says more as a bar
+        latencies = [next(m["latency_ms_median"] for m in measurements if m["model"] == name) for name in names]
+        bars = by_size.barh(names, latencies, color=[colours[name] for name in names])
+        by_size.bar_label(bars, labels=[f"{latency:.3g} ms" for latency in latencies], padding=3, fontsize=9)
+        by_size.invert_yaxis()  # the first model on top, as in the table
+        by_size.margins(x=0.2)
+        by_size.set(xlabel="median latency (ms)", title=f"Latency at {sides[0]}x{sides[0]}")
+        by_size.grid(True, axis="x", alpha=0.3)
+    else:
+        for name in names:
+            points = sorted((m["shape"][-1], m["latency_ms_median"]) for m in measurements if m["model"] == name)
+            by_size.plot(*zip(*points), marker="o", label=name, color=colours[name])
+        by_size.set(xscale="log", yscale="log", xlabel="input side (pixels)", ylabel="median latency (ms)",
+                    title="Latency against input size")
+        by_size.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        by_size.set_xticks(sides, [str(s) for s in sides])
+        _plain_log_ticks(by_size.yaxis)
+        by_size.grid(True, which="both", alpha=0.3)
+        by_size.legend()
     if psnr:
         smallest = sides[0]
         quality = axes[0][1]
@@ -487,10 +498,7 @@ def write_report(
         quality.set(xscale="log", xlabel=f"median latency at {smallest}x{smallest} (ms)", ylabel="PSNR (dB)",
                     title=f"Quality against latency ({psnr_task})" if psnr_task else "Quality against latency")
         quality.margins(x=0.35, y=0.15)  # room for the labels
-        # Plain numbers at 1, 2 and 5 per decade: matplotlib's own minor labels overlap on short ranges.
-        quality.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-        quality.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        quality.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        _plain_log_ticks(quality.xaxis)
         quality.grid(True, alpha=0.3)
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['processor']}, {machine['torch_threads']} threads"
@@ -498,3 +506,13 @@ def write_report(
     figure.tight_layout()
     figure.savefig(plot_path, dpi=110)
     plt.close(figure)
+
+
+def _plain_log_ticks(axis) -> None:
+    """Plain numbers at 1, 2 and 5 per decade on a log ``axis``: matplotlib's own labels read
+    "4 x 10^2", and its minor labels overlap on short ranges."""
+    import matplotlib.ticker
+
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+    axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
