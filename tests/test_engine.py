@@ -555,6 +555,10 @@ def test_a_plane_too_large_for_memory_is_restored_in_blocks_or_refused_before_an
     # Where two chunks do not fit but one does, one runs at a time; the system may not say at all.
     monkeypatch.setattr(engine, "available_memory", lambda: (engine.RESERVED_BYTES + 3 * 10**9) / engine.USABLE_SHARE)
     assert chunks_that_fit(2 * 10**9, 2) == 1 and chunks_that_fit(10**9, 2) == 2 and chunks_that_fit(1.6 * 10**9, 2) == 1
+    # A result filling in memory meanwhile (napari's new layer) takes its share first.
+    assert chunks_that_fit(10**9, 2, result_bytes=10**9) == 2 and chunks_that_fit(10**9, 2, result_bytes=1.5 * 10**9) == 1
+    with pytest.raises(PlaneTooLargeError, match=r"beside the 2\.5 GB result, .*; restore it to a zarr store$"):
+        chunks_that_fit(10**9, 2, result_bytes=2.5 * 10**9)
     monkeypatch.setattr(engine, "available_memory", lambda: None)
     assert chunks_that_fit(10**15, 2) == 2
 

@@ -298,6 +298,31 @@ def test_restore_all_refuses_a_layer_too_large_for_memory(make_napari_viewer, gr
     assert "a restored plane and its placeholder would take 28.8 GB of memory, and 16.0 GB is free" in shown[-1]
 
 
+def test_restore_all_in_memory_runs_fewer_planes_at_once_beside_its_result(
+    make_napari_viewer, qtbot, grey_checkpoint, monkeypatch
+):
+    import importlib
+
+    from napari_gama_ir.engine.restore import plan_restore
+
+    engine = importlib.import_module("napari_gama_ir.engine.restore")
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(2).random((4, 300, 300), dtype=np.float32)
+    viewer.add_image(data, name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    chunk = plan_restore(data, make_tiny_model(1), "ZYX", 512, 64, "global", None, "float32").chunk_bytes(1)
+    # Room for two chunks of planes, or for one beside the 1.4 MB result: a store would get two, a new layer one.
+    room = engine.RESERVED_BYTES + 2 * chunk + 100
+    monkeypatch.setattr(engine, "available_memory", lambda: room / engine.USABLE_SHARE)
+    assert 100 < data.nbytes < chunk
+    workers = record_workers(monkeypatch)
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    assert workers == [1]
+    assert np.allclose(viewer.layers["noisy restored"].data, restore(data, make_tiny_model(1), "ZYX"), atol=1e-6)
+
+
 def test_restore_all_checks_the_output_format_before_starting(make_napari_viewer, tmp_path, monkeypatch):
     shown = []
     monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)

@@ -228,8 +228,9 @@ class RestoreWidget(QWidget):
             else:
                 _check_fits_in_memory(restored.nbytes)
             # As the CLI: a chunk per host thread, so that the device never waits on reading and
-            # blending, but no more than fit in memory beside the result.
-            workers = chunks_at_once(plan, model.config.out_channels, self.device.value)
+            # blending, but no more than fit in memory (beside the result, where that is in memory too).
+            result_bytes = 0 if target is not None else restored.nbytes
+            workers = chunks_at_once(plan, model.config.out_channels, self.device.value, result_bytes)
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
         provenance = {**provenance, "mode": "restore all", "output": target}

@@ -57,10 +57,11 @@ RESERVED_BYTES = 2**30
 USABLE_SHARE = 0.9
 
 
-def chunks_that_fit(chunk_bytes: int, most: int) -> int:
+def chunks_that_fit(chunk_bytes: int, most: int, result_bytes: int = 0) -> int:
     """How many chunks of ``chunk_bytes`` (planes or blocks: :meth:`RestorePlan.chunk_bytes`), up
     to ``most``, can be restored at once in the memory available now (:data:`USABLE_SHARE` of it,
-    less :data:`RESERVED_BYTES`); all of them where the system does not say.
+    less :data:`RESERVED_BYTES`, less ``result_bytes`` of a result that fills in memory meanwhile);
+    all of them where the system does not say.
 
     Raises
     ------
@@ -71,11 +72,13 @@ def chunks_that_fit(chunk_bytes: int, most: int) -> int:
     available = available_memory()
     if available is None:
         return most
-    fitting = _room(available) // chunk_bytes
+    fitting = (_room(available) - result_bytes) // chunk_bytes
     if fitting < 1:
+        beside, remedy = (f" beside the {result_bytes / 1e9:.1f} GB result", "restore it to a zarr store") if result_bytes \
+            else ("", "this needs a machine with more memory")
         raise PlaneTooLargeError(
             f"restoring one plane, or one block of it, takes about {(chunk_bytes + RESERVED_BYTES) / 1e9:.1f} GB "
-            f"of memory, and {available / 1e9:.1f} GB is available; this needs a machine with more memory"
+            f"of memory{beside}, and {available / 1e9:.1f} GB is available; {remedy}"
         )
     return int(min(most, fitting))
 
@@ -494,12 +497,12 @@ def plan_restore(
     return replace(plan, plane_chunks=_plane_chunks(plan))
 
 
-def chunks_at_once(plan: RestorePlan, out_channels: int, device: str | torch.device) -> int:
+def chunks_at_once(plan: RestorePlan, out_channels: int, device: str | torch.device, result_bytes: int = 0) -> int:
     """How many chunks of a lazy restored stack its reader should compute at once: one per host
     thread around the network on ``device`` (:func:`~.device.host_threads`), as many of them as
-    fit in the memory available now (:func:`chunks_that_fit`, which raises
-    :class:`PlaneTooLargeError` when none does)."""
-    return chunks_that_fit(plan.chunk_bytes(out_channels), host_threads(resolve_device(device)))
+    fit in the memory available now beside ``result_bytes`` of a result held in memory
+    (:func:`chunks_that_fit`, which raises :class:`PlaneTooLargeError` when none does)."""
+    return chunks_that_fit(plan.chunk_bytes(out_channels), host_threads(resolve_device(device)), result_bytes)
 
 
 def _block_side(plan: RestorePlan, block: int | None, out_channels: int) -> int | None:
