@@ -559,6 +559,13 @@ def test_a_plane_too_large_for_memory_is_restored_in_blocks_or_refused_before_an
     assert chunks_that_fit(10**9, 2, result_bytes=10**9) == 2 and chunks_that_fit(10**9, 2, result_bytes=1.5 * 10**9) == 1
     with pytest.raises(PlaneTooLargeError, match=r"beside the 2\.5 GB result, .*; restore it to a zarr store$"):
         chunks_that_fit(10**9, 2, result_bytes=2.5 * 10**9)
+    # So does the array restore returns for an in-memory input: 8 uint16 planes of 512 x 512 to float32.
+    stack = np.zeros((8, 512, 512), np.uint16)
+    chunk = engine.plan_restore(stack, model, "ZYX", 512, 64, "global", None, "float32").chunk_bytes(1)
+    monkeypatch.setattr(engine, "available_memory", lambda: (engine.RESERVED_BYTES + chunk + 2 * 10**6) / engine.USABLE_SHARE)
+    with pytest.raises(PlaneTooLargeError, match=r"beside the 0\.0 GB result"):  # 8.4 MB
+        restore(stack, model, "ZYX")
+    assert restore(stack[:1], model, "ZYX").shape == (1, 512, 512)  # 1 MB: fits
     monkeypatch.setattr(engine, "available_memory", lambda: None)
     assert chunks_that_fit(10**15, 2) == 2
 

@@ -72,14 +72,13 @@ def chunks_that_fit(chunk_bytes: int, most: int, result_bytes: int = 0) -> int:
     available = available_memory()
     if available is None:
         return most
+    needs = f"restoring one plane, or one block of it, takes about {(chunk_bytes + RESERVED_BYTES) / 1e9:.1f} GB of memory"
+    if _room(available) < chunk_bytes:
+        raise PlaneTooLargeError(f"{needs}, and {available / 1e9:.1f} GB is available; this needs a machine with more memory")
     fitting = (_room(available) - result_bytes) // chunk_bytes
     if fitting < 1:
-        beside, remedy = (f" beside the {result_bytes / 1e9:.1f} GB result", "restore it to a zarr store") if result_bytes \
-            else ("", "this needs a machine with more memory")
-        raise PlaneTooLargeError(
-            f"restoring one plane, or one block of it, takes about {(chunk_bytes + RESERVED_BYTES) / 1e9:.1f} GB "
-            f"of memory{beside}, and {available / 1e9:.1f} GB is available; {remedy}"
-        )
+        raise PlaneTooLargeError(f"{needs} beside the {result_bytes / 1e9:.1f} GB result, and {available / 1e9:.1f} GB "
+                                 "is available; restore it to a zarr store")
     return int(min(most, fitting))
 
 
@@ -649,6 +648,9 @@ def restore(
     ------
     AxesError, ChannelMismatchError, ValueError
         For axes that do not fit, channel counts the model cannot take, or bad settings.
+    PlaneTooLargeError
+        When not even one plane, or block of one, fits in the memory available, or, for an
+        in-memory input, not one fits beside the result (a zarr or dask input gives a lazy result).
     NonFiniteInputError
         When a plane holds NaN or Inf (raised when that plane is computed).
     TileTooLargeError
@@ -659,9 +661,13 @@ def restore(
         model = create_model(model, pretrained=True)
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha, block)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
-    # A lazy result's reader decides how many chunks run at once (chunks_at_once); here, one must fit.
+    # A lazy result's reader decides how many chunks run at once (chunks_at_once); here, one must
+    # fit. An in-memory result (the input's shape: channels in and out agree) fills beside them.
     out_channels = model.config.out_channels
-    workers = chunks_that_fit(plan.chunk_bytes(out_channels), 1) if plan.lazy else chunks_at_once(plan, out_channels, device)
+    if plan.lazy:
+        workers = chunks_that_fit(plan.chunk_bytes(out_channels), 1)
+    else:
+        workers = chunks_at_once(plan, out_channels, device, int(np.prod(np.shape(image))) * target_dtype.itemsize)
     # Only now that the input is known to fit: copy the network onto its device.
     runner = runner_for(
         model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile,
