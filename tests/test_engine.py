@@ -1,3 +1,4 @@
+import importlib
 import threading
 
 import dask.array as da
@@ -125,6 +126,43 @@ def test_dask_input_gives_a_lazy_result_that_computes_only_what_is_read():
     plane = result[7].compute()
     assert computed == [7]
     assert np.allclose(plane, model_output(model, stack[7].compute()), atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [0, 64])
+def test_however_many_threads_compute_a_lazy_result_two_chunks_are_restored_at_once(monkeypatch, block):
+    # dask's default threads are one per core: on a machine of many cores, as many large planes
+    # (or blocks) were restored at once, each holding many times its input.
+    import time
+
+    import dask
+
+    engine = importlib.import_module("napari_gama_ir.engine.restore")
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def watched(method):
+        def run(*args, **kwargs):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)  # long enough for every thread to come in, were they let
+            try:
+                return method(*args, **kwargs)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return run
+
+    entry = "__call__" if block else "restore_planes"  # a chunk's way in (restore_planes calls __call__)
+    monkeypatch.setattr(engine.PlaneRestorer, entry, watched(getattr(engine.PlaneRestorer, entry)))
+    stack = da.random.random((8, 128, 128), chunks=(1, 128, 128)).astype(np.float32)
+    lazy = restore(stack, make_tiny_model(1), "ZYX", tile=64, overlap=16, block=block, device="cpu")
+    with dask.config.set(scheduler="threads", num_workers=8):
+        restored = lazy.compute()
+    assert most[0] == 2  # the CPU's host threads (engine.device.host_threads)
+    expected = restore(stack.compute(), make_tiny_model(1), "ZYX", tile=64, overlap=16, device="cpu")
+    assert_alike(restored, expected, scale=1)
 
 
 def test_zarr_input_is_read_lazily_and_never_modified(tmp_path):

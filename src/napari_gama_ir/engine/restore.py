@@ -661,13 +661,13 @@ def restore(
         model = create_model(model, pretrained=True)
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha, block)
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
-    # A lazy result's reader decides how many chunks run at once (chunks_at_once); here, one must
-    # fit. An in-memory result (the input's shape: channels in and out agree) fills beside them.
+    # How many chunks are restored at once, whatever the threads that compute them (dask's default:
+    # one per core, which for large planes would not fit in memory). An in-memory result (the
+    # input's shape: channels in and out agree) fills beside them.
     out_channels = model.config.out_channels
-    if plan.lazy:
-        workers = chunks_that_fit(plan.chunk_bytes(out_channels), 1)
-    else:
-        workers = chunks_at_once(plan, out_channels, device, int(np.prod(np.shape(image))) * target_dtype.itemsize)
+    result_bytes = 0 if plan.lazy else int(np.prod(np.shape(image))) * target_dtype.itemsize
+    workers = chunks_at_once(plan, out_channels, device, result_bytes)
+    at_once = threading.BoundedSemaphore(workers)
     # Only now that the input is known to fit: copy the network onto its device.
     runner = runner_for(
         model, device=device, precision=precision, batch=batch, mean_mode=mean_mode, compile=compile,
@@ -681,9 +681,9 @@ def restore(
         runner, plan.tiling, plan.normalization, plan.array.dtype, target_dtype, stack_affine, plan.planes_per_chunk
     )
     if plan.block is None:
-        restored = _restore_planes(canonical, restorer, iterated, on_plane)
+        restored = _restore_planes(canonical, restorer, iterated, on_plane, at_once)
     else:
-        restored = _restore_blocks(canonical, plan, restorer, on_plane)
+        restored = _restore_blocks(canonical, plan, restorer, on_plane, at_once)
     result = from_canonical(restored, plan.layout)
     if plan.alpha is not None:
         channel = plan.axes.index("C")
@@ -701,14 +701,17 @@ def restore(
 
 
 def _restore_planes(
-    canonical: da.Array, restorer: PlaneRestorer, iterated: str, on_plane: Callable[[int], None] | None
+    canonical: da.Array, restorer: PlaneRestorer, iterated: str, on_plane: Callable[[int], None] | None,
+    at_once: threading.Semaphore,
 ) -> da.Array:
-    """``canonical`` (a chunk a plane, or a few small planes) restored lazily, chunk by chunk."""
+    """``canonical`` (a chunk a plane, or a few small planes) restored lazily, chunk by chunk, as
+    many at once as ``at_once`` lets in (the others wait, holding their input only)."""
 
     def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
         starts = [start for start, _ in block_info[0]["array-location"][: len(iterated)]]
         planes = block.reshape((-1,) + block.shape[-3:])
-        restored = restorer.restore_planes(planes, chunk_plane_names(iterated, starts, block.shape[: len(iterated)]))
+        with at_once:
+            restored = restorer.restore_planes(planes, chunk_plane_names(iterated, starts, block.shape[: len(iterated)]))
         if on_plane is not None:
             on_plane(planes.shape[0] * block.shape[-1] * block.shape[-2])
         return restored.reshape(block.shape[:-3] + restored.shape[-3:])
@@ -719,10 +722,12 @@ def _restore_planes(
 
 
 def _restore_blocks(
-    canonical: da.Array, plan: RestorePlan, restorer: PlaneRestorer, on_plane: Callable[[int], None] | None
+    canonical: da.Array, plan: RestorePlan, restorer: PlaneRestorer, on_plane: Callable[[int], None] | None,
+    at_once: threading.Semaphore,
 ) -> da.Array:
     """``canonical`` restored lazily in square blocks of ``plan.block``: each reads its core and the
-    tiles that meet it (``plan.tiling.tile`` pixels around it) and restores its core."""
+    tiles that meet it (``plan.tiling.tile`` pixels around it) and restores its core, as many at
+    once as ``at_once`` lets in (the others wait before reading)."""
     iterated, side = plan.layout.iterated, plan.block
     height, width = canonical.shape[-2:]
     chunks = tuple((1,) * n for n in canonical.shape[:-3]) + (
@@ -736,9 +741,10 @@ def _restore_blocks(
         index, (row, col) = block_id[: len(iterated)], block_id[-2:]
         core = (slice(row * side, min((row + 1) * side, height)), slice(col * side, min((col + 1) * side, width)))
         window, reads = plan.block_window(core)
-        pixels = canonical[index + (slice(None), *reads)].compute(scheduler="synchronous")
-        affine = plane_affines.get(index) if plane_affines else None
-        restored = restorer(pixels, plane_name(iterated, index), window, affine)
+        with at_once:
+            pixels = canonical[index + (slice(None), *reads)].compute(scheduler="synchronous")
+            affine = plane_affines.get(index) if plane_affines else None
+            restored = restorer(pixels, plane_name(iterated, index), window, affine)
         if on_plane is not None:
             on_plane(restored.shape[-1] * restored.shape[-2])
         return restored.reshape((1,) * len(iterated) + restored.shape)
