@@ -642,7 +642,9 @@ def restore(
     -------
     numpy.ndarray or dask.array.Array
         Same shape and axes as ``image`` (with ``out_channels`` on the ``C`` axis). Lazy dask
-        input gives a lazy dask array: nothing is computed until it is read.
+        input gives a lazy dask array: nothing is computed until it is read. However many threads
+        compute it, no more chunks are restored at once than the host's threads around the network
+        and the memory available allow (:func:`chunks_at_once`).
 
     Raises
     ------
