@@ -361,3 +361,40 @@ def test_a_slow_chunk_does_not_hold_up_the_others(tmp_path):
     write_image(data, tmp_path / "out.zarr", "ZYX", workers=2)
     written = np.asarray(open_image(tmp_path / "out.zarr").array)
     assert np.array_equal(written[:, 0, 0], np.arange(8, dtype=np.float32))
+
+
+@pytest.mark.parametrize("chunks", [(1, 32, 32), (1, 16, 16)])  # pages, or blocks written as TIFF tiles
+def test_a_tiff_computes_the_next_chunks_while_one_is_waited_for(tmp_path, chunks):
+    # A TIFF is written in order, and only the chunk about to be written was computed: the network
+    # waited while the host read, blended and wrote.
+    later_chunk_started = threading.Event()
+
+    def plane(block, block_id=None):
+        if block_id[:3] == (0, 0, 0):  # written first, so it is waited for: it holds until a later one starts
+            assert later_chunk_started.wait(timeout=20), "no later chunk was computed meanwhile"
+        else:
+            later_chunk_started.set()
+        return block + block_id[0]
+
+    data = da.zeros((5, 32, 32), chunks=chunks, dtype=np.float32).map_blocks(plane, dtype=np.float32)
+    write_image(data, tmp_path / "out.tif", "ZYX", workers=2)
+    written = open_image(tmp_path / "out.tif").array.compute()
+    assert np.array_equal(written, np.arange(5, dtype=np.float32)[:, None, None] + np.zeros((5, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("name", ["out.tif", "out.ome.tif"])
+def test_a_tiff_that_fails_or_is_cancelled_leaves_nothing_behind(tmp_path, name):
+    data = da.zeros((6, 16, 16), chunks=(1, 16, 16), dtype=np.float32).map_blocks(_failing_plane, dtype=np.float32)
+    with pytest.raises(RuntimeError, match="boom"):
+        write_image(data, tmp_path / name, "ZYX", workers=2)
+    cancel = threading.Event()
+
+    def asks_to_stop(block):
+        cancel.set()
+        return block
+
+    stopping = da.zeros((20, 16, 16), chunks=(1, 16, 16), dtype=np.float32).map_blocks(asks_to_stop, dtype=np.float32)
+    with pytest.raises(Cancelled):
+        write_image(stopping, tmp_path / name, "ZYX", cancel=cancel, workers=2)
+    assert list(tmp_path.iterdir()) == []
+

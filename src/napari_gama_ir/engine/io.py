@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
@@ -482,7 +483,7 @@ def write_image_steps(
             set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
             yield from store_chunks(array, target, workers, cancel)
         elif suffix in TIFF_SUFFIXES:
-            yield from _write_tiff(array, temporary, axes, attrs or {}, ome=suffix in OME_TIFF_SUFFIXES)
+            yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers)
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
@@ -538,8 +539,11 @@ def store_chunks(
                 future.cancel()
 
 
-def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) -> Iterator[tuple[int, int]]:
-    """Write a BigTIFF page by page; each page is computed just before it is written.
+def _write_tiff(
+    array: da.Array, path: Path, axes: str, attrs: dict, ome: bool, workers: int
+) -> Iterator[tuple[int, int]]:
+    """Write a BigTIFF page by page, in order, while ``workers`` threads compute the chunks after
+    the one being written (:func:`_computed_in_order`).
 
     An array restored in blocks (square chunks of a multiple of 16 along Y and X, smaller than a
     page) is written as a tiled TIFF, a block a tile, so that no page is ever held whole.
@@ -552,12 +556,17 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
     pages = array.reshape((-1,) + array.shape[-page_ndim:])
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
     tile = _tiff_tile(pages, page_ndim == 2 or rgb)
-    data = _pages_by_chunk(pages) if tile is None else (
-        pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))].compute()
-        for index in range(pages.shape[0])
-        for row in range(0, pages.shape[1], tile[0])
-        for col in range(0, pages.shape[2], tile[1])
-    )
+    if tile is None:  # a chunk of several small planes is computed once, not once a page
+        starts = np.cumsum((0,) + pages.chunks[0][:-1])
+        chunks = (pages[start:start + size] for start, size in zip(starts, pages.chunks[0]))
+        data = (page for chunk in _computed_in_order(chunks, workers) for page in chunk)
+    else:
+        data = _computed_in_order((
+            pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))]
+            for index in range(pages.shape[0])
+            for row in range(0, pages.shape[1], tile[0])
+            for col in range(0, pages.shape[2], tile[1])
+        ), workers)
     sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
     metadata = {"axes": axes.replace("C", "S") if rgb else axes}
     if ome:
@@ -579,13 +588,23 @@ def _write_tiff(array: da.Array, path: Path, axes: str, attrs: dict, ome: bool) 
     yield pages.shape[0], pages.shape[0]
 
 
-def _pages_by_chunk(pages: da.Array) -> Iterator[np.ndarray]:
-    """The pages of ``pages`` (``(page, ...)``) one by one, computed a chunk at a time: a chunk of
-    several small planes (:func:`~.restore.restore` groups them) is computed once, not once a page."""
-    start = 0
-    for size in pages.chunks[0]:
-        yield from pages[start:start + size].compute()
-        start += size
+def _computed_in_order(parts: Iterator[da.Array], workers: int) -> Iterator[np.ndarray]:
+    """Each of ``parts`` computed, in order, with up to ``workers`` of the next ones computing on
+    their own threads meanwhile: a TIFF is written in order, one page or tile after the other, and
+    computing only the next one left the network idle while the host read, blended and wrote
+    (docs/engine.md). Closing early cancels what has not started."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiff-chunk") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for part in parts:
+                ahead.append(pool.submit(part.compute, scheduler="synchronous"))
+                if len(ahead) > workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
 
 
 def _tiff_tile(pages: da.Array, tileable: bool) -> tuple[int, int] | None:
