@@ -46,7 +46,7 @@ def one_case(name: str, arch: str, device: str) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    network = runner_module._kept_compiled[2].network
+    network = runner_module._kept_runner[2].network
     return {"case": name, "arch": arch, "device": device, "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
             "compiled_shapes": sorted(network._checked_shapes), "compiled_path_used": network.active}
 

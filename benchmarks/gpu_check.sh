@@ -7,6 +7,9 @@
 #   oom      the engine's retry with smaller tiles on a real out-of-memory error: a per-process memory
 #            limit between one pass's peak at tile 2048 and at 1024 (GAMA-IR-S, grey), eager and with
 #            CUDA graphs; the result must match a restore at the tile it ended with (not in the default list);
+#   photos   restore() called once per 512 x 512 RGB photo (GAMA-IR-S colour, CUDA graphs, the default):
+#            the kept runner against a new one each call (forget_kept_runner), which captured its
+#            graphs again per photo (not in the default list);
 #   layout   benchmarks/gpu_layout.py: LayerNorm kernels x memory layout x precision, a profile;
 #   latency  the paper's protocol at 256-2048, fp32 and bf16, every model (docs/performance.md);
 #   engine   restore a 64 x 2048 x 2048 uint16 zarr stack against the bare network (bf16), with its
@@ -152,6 +155,29 @@ for graphs in (False, True):
     error = float(np.abs(result - reference).max())
     print(f"oom: CUDA graphs {graphs}: tiles halved to {sides}; {took:.2f} s, against {direct:.2f} s at that tile "
           f"from the start; largest difference {error:.2e} {'ok' if error < 1e-3 else 'FAILED'}")
+EOF
+fi
+
+if wanted photos; then
+    log "photos"
+    timeout 120 python3 - <<'EOF' 2>&1 | tee -a "$R/log.txt"
+import time
+import numpy as np, torch
+from napari_gama_ir import create_model, restore
+from napari_gama_ir.engine.runner import forget_kept_runner
+model = create_model("gama_ir_s-denoise-rgb", pretrained=True)
+photos = np.random.default_rng(0).integers(0, 256, (20, 512, 512, 3), dtype=np.uint8)
+for kept in (True, False, True, False):
+    restore(photos[0], model, "YXC", device="cuda")  # the first call builds (and captures) in both
+    seconds = []
+    for photo in photos:
+        if not kept:
+            forget_kept_runner()
+        start = time.perf_counter()
+        restore(photo, model, "YXC", device="cuda")
+        seconds.append(time.perf_counter() - start)
+    print(f"photos: runner kept {kept}: median {np.median(seconds) * 1e3:.1f} ms a photo, "
+          f"{sum(seconds):.2f} s for {len(photos)}")
 EOF
 fi
 

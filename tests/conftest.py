@@ -32,6 +32,17 @@ def make_tiny_model(channels: int = 1, seed: int = 0, **changes) -> GamaIR:
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def no_kept_runner():
+    """Each test starts without the runner a test before it left for the next restore (a runner
+    keeps, for one, the tile size that ran out of memory there)."""
+    from napari_gama_ir.engine.runner import forget_kept_runner
+
+    forget_kept_runner()
+    yield
+    forget_kept_runner()
+
+
 @pytest.fixture
 def grey_model():
     return make_tiny_model(1)

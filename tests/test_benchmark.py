@@ -395,7 +395,7 @@ def test_small_planes_take_one_shape_for_an_uneven_last_chunk(monkeypatch):
     def shapes_of_a_compiled_restore(image, axes):
         """The batch shapes a fresh compiled runner gets restoring ``image``, checked against eager."""
         shapes.clear()
-        monkeypatch.setattr(runner_module, "_kept_compiled", None)
+        runner_module.forget_kept_runner()
         compiled = np.asarray(restore(image, model, axes, device="cpu", compile=True))
         assert_alike(compiled, np.asarray(restore(image, model, axes, device="cpu")))
         return sorted(shapes)
@@ -410,8 +410,8 @@ def test_small_planes_take_one_shape_for_an_uneven_last_chunk(monkeypatch):
 
 
 def test_repeated_compiled_restores_compile_once(monkeypatch):
-    # Compiling takes tens of seconds, so restore keeps the last compiled runner for calls with equal
-    # weights and settings; any change to either builds (and compiles) a new one.
+    # Compiling takes tens of seconds, so restore keeps the last runner for calls with equal weights
+    # and settings; any change to either builds (and compiles) a new one.
     from napari_gama_ir.engine import runner as runner_module
 
     compiled_models = []
@@ -421,7 +421,6 @@ def test_repeated_compiled_restores_compile_once(monkeypatch):
         return model
 
     monkeypatch.setattr(torch, "compile", counting_compile)
-    monkeypatch.setattr(runner_module, "_kept_compiled", None)
     model = make_tiny_model(1)
     with torch.no_grad():  # residual branches on, so that every weight changes the output
         for module in model.modules():
@@ -445,8 +444,12 @@ def test_repeated_compiled_restores_compile_once(monkeypatch):
     copy.load_state_dict(model.state_dict())
     restore(image, copy, "YX", tile=None, device="cpu", compile=True, mean_mode="local")
     assert len(compiled_models) == 3
-    # Eager runners cost milliseconds and are never kept.
-    assert runner_module.runner_for(model, device="cpu") is not runner_module.runner_for(model, device="cpu")
+    # Eager runners are kept too (each copied the network onto its device; on CUDA it captures graphs).
+    eager = runner_module.runner_for(model, device="cpu")
+    assert runner_module.runner_for(model, device="cpu") is eager and len(compiled_models) == 3
+    assert runner_module.runner_for(model, device="cpu", batch=2) is not eager
+    runner_module.forget_kept_runner()
+    assert runner_module.runner_for(model, device="cpu", batch=2) is not runner_module.runner_for(model, device="cpu")
 
 
 # -- the CUDA-graph path (no GPU here: the capture is stood in for, the bookkeeping is real) ----

@@ -79,11 +79,8 @@ def test_restore_tiff_with_progress_bar(capsys, tmp_path, grey_checkpoint):
 
 
 def test_restore_compile_runs_the_compiled_network_and_says_it_is_compiling(capsys, tmp_path, grey_checkpoint, monkeypatch):
-    from napari_gama_ir.engine import runner as runner_module
-
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled.append(model) or model)
-    monkeypatch.setattr(runner_module, "_kept_compiled", None)
     tifffile.imwrite(tmp_path / "in.tif", np.zeros((2, 24, 24), np.uint8), metadata={"axes": "ZYX"})
     code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "c.zarr", "--model", grey_checkpoint,
                            "--compile")

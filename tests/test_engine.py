@@ -1,5 +1,6 @@
 import importlib
 import threading
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -323,6 +324,7 @@ def test_a_tile_too_large_for_the_device_is_halved_once_for_a_whole_stack(monkey
     model = make_tiny_model(1)
     stack = np.random.default_rng(5).random((3, 150, 150), dtype=np.float32)
     expected = restore(stack, model, "ZYX", tile=32, overlap=16)  # what halving 64 / 16 gives
+    as_asked = restore(stack, model, "ZYX", tile=64, overlap=16, batch=1)
     passes = _device_holding(monkeypatch, 40 * 40)
     for block in (None, 64):
         passes.clear()
@@ -332,6 +334,12 @@ def test_a_tile_too_large_for_the_device_is_halved_once_for_a_whole_stack(monkey
             assert_alike(lazy.compute(scheduler="synchronous"), expected, scale=1)  # one chunk at a time
         assert len(caught) == 1
         assert sum(shape[-1] == 64 for shape in passes) == 1  # the first chunk's first tile only
+    # The runner is kept for the next call with these settings, but not what ran out of memory:
+    # with room again, the next call restores at the tile asked for, as a new process would.
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(restore(stack, model, "ZYX", tile=64, overlap=16, batch=1), as_asked)
 
 
 def test_a_plane_run_whole_that_does_not_fit_is_tiled_smaller_or_refused(monkeypatch):

@@ -16,6 +16,7 @@ from napari.utils.theme import get_theme
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from ..engine.axes import parse_axes
+from ..engine.runner import forget_kept_runner
 from ..model import (
     check_user_model_name,
     create_model,
@@ -239,6 +240,7 @@ class FineTuneWidget(QWidget):
 
     def _launch(self, make_trainer, name: str):
         self.trainer, self._cancel_requested = None, False
+        forget_kept_runner()  # the last restore's network and CUDA graphs leave the device to training
         self.plot.clear("validation PSNR (dB)" if self.clean.value != SELF_SUPERVISED else "validation loss")
         self.status.value = "preparing the data..."
         self.worker = create_worker(

@@ -588,7 +588,7 @@ def restore(
     tile : int or None
         Tile side in pixels (rounded down to a multiple of ``2**levels``); ``None`` runs each
         plane whole. Halved automatically when a single tile does not fit in device memory, for
-        that plane and the planes after it (a kept compiled network keeps the smaller size too).
+        that plane and the planes after it.
     overlap : int
         Overlap of neighbouring tiles in pixels; outputs are blended across it.
     mean_mode : {"global", "local"}
@@ -618,8 +618,9 @@ def restore(
         Run the network through ``torch.compile`` with frozen weights. Compiling takes tens of
         seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
         shape's first output is checked against the eager network; any failure falls back to
-        eager with a warning. The compiled network is kept for the next call with equal weights
-        and settings, which then compiles nothing (one compiled network is kept at a time).
+        eager with a warning. The network's copy on its device, compiled or not, is kept for the
+        next call with equal weights and settings, which then compiles (or captures CUDA graphs)
+        nothing anew; one is kept at a time (:func:`~.runner.forget_kept_runner` drops it).
     cuda_graphs : bool or None
         On CUDA, replay the network as a CUDA graph captured once per tile batch shape (one
         launch per batch instead of hundreds), checked and falling back like ``compile``. The

@@ -62,21 +62,28 @@ class ModelRunner:
         self.model = copy.deepcopy(model).to(self.device, memory_format=self.memory_format).eval()
         self.model.set_mean_mode(mean_mode)
         self.network = network_for(self.model, self.device, self.autocast_dtype, compile, cuda_graphs)
-        # Tiles per pass: the given limit, or by default as many as make ``pass_pixels``.
-        self.batch = batch
+        self.given_batch = batch
         self.pass_pixels = CPU_PASS_PIXELS if self.device.type == "cpu" else GPU_PASS_PIXELS
-        # A default batch on a GPU may stretch, up to twice, to split a plane's tiles evenly (fewer
-        # CUDA graphs and compiled shapes); a given one is a limit, and so is the CPU's default:
-        # the memory planned beside the planes (RESERVED_BYTES) holds one pass of ``pass_pixels``.
-        self.batch_stretches = batch is None and self.device.type != "cpu"
-        # The fewest pixels of a tile that did not fit on its own: callers cut smaller tiles from
-        # then on (:meth:`fits_alone`) rather than run out of memory again on every plane.
-        self.failed_tile_pixels: int | None = None
+        self.forget_memory_failures()
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             wanted = threads or usable_cores()
             if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
+
+    def forget_memory_failures(self) -> None:
+        """Start again from the batch given (or the default) and any tile size, as a new runner:
+        what ran out of memory in one :func:`~.restore.restore` call holds for that call only, so
+        that a call's result does not depend on the calls before it."""
+        # Tiles per pass: the given limit, or by default as many as make ``pass_pixels``.
+        self.batch = self.given_batch
+        # A default batch on a GPU may stretch, up to twice, to split a plane's tiles evenly (fewer
+        # CUDA graphs and compiled shapes); a given one is a limit, and so is the CPU's default:
+        # the memory planned beside the planes (RESERVED_BYTES) holds one pass of ``pass_pixels``.
+        self.batch_stretches = self.given_batch is None and self.device.type != "cpu"
+        # The fewest pixels of a tile that did not fit on its own: callers cut smaller tiles from
+        # then on (:meth:`fits_alone`) rather than run out of memory again on every plane.
+        self.failed_tile_pixels: int | None = None
 
     @property
     def config(self):
@@ -207,35 +214,45 @@ def batch_size(count: int, most: int, stretch: bool = False) -> int:
     return even
 
 
-# The last compiled runner, kept for the next call: its settings, a CPU copy of the weights it was
-# built from, and the runner. Compiling takes tens of seconds; an eager runner costs milliseconds
-# and is never kept.
-_kept_compiled: tuple[tuple, dict[str, torch.Tensor], ModelRunner] | None = None
-_kept_compiled_lock = threading.Lock()
+# The last runner, kept for the next call: its settings, a CPU copy of the weights it was built
+# from, and the runner. Building one copies the network onto its device; compiled, or replayed as
+# CUDA graphs (the default on CUDA), it then compiles (tens of seconds) or captures each tile batch
+# shape again, on every call, which a folder of photos restored one by one would pay per photo.
+_kept_runner: tuple[tuple, dict[str, torch.Tensor], ModelRunner] | None = None
+_kept_runner_lock = threading.Lock()
 
 
 def runner_for(model: GamaIR, **settings) -> ModelRunner:
-    """``ModelRunner(model, **settings)``, or with ``compile=True`` the last compiled one again.
+    """``ModelRunner(model, **settings)``, or the last one built again.
 
-    A compiled runner is handed out again while the settings, the config and every weight (compared
+    The last runner is handed out again while the settings, the config and every weight (compared
     by value, so an edit through ``.data`` counts and an equal network loaded anew matches) are
-    those it was built from: repeated :func:`~.restore.restore` calls then compile once. On this
-    project's CPU each call compiled GAMA-IR-XS again for 12-17 s before. One compiled runner is
-    kept at a time, with its network's copy on its device.
+    those it was built from: repeated :func:`~.restore.restore` calls then compile, or capture
+    CUDA graphs, once. On this project's CPU each compiled call compiled GAMA-IR-XS again for
+    12-17 s before, and each eager one spent 21 ms (a tenth of a 512 x 512 photo's restore)
+    copying the network. One runner is kept at a time, with its network's copy on its device;
+    what ran out of memory in one call is forgotten for the next
+    (:meth:`ModelRunner.forget_memory_failures`).
     """
-    global _kept_compiled
-    if not settings.get("compile"):
-        return ModelRunner(model, **settings)
+    global _kept_runner
     key = (model.config, sorted({**settings, "device": resolve_device(settings.get("device", "auto"))}.items()))
     weights = model.state_dict()
-    with _kept_compiled_lock:
-        if _kept_compiled is not None:
-            kept_key, kept_weights, runner = _kept_compiled
+    with _kept_runner_lock:
+        if _kept_runner is not None:
+            kept_key, kept_weights, runner = _kept_runner
             if kept_key == key and _same_weights(kept_weights, weights):
+                runner.forget_memory_failures()
                 return runner
         runner = ModelRunner(model, **settings)
-        _kept_compiled = key, {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.items()}, runner
+        _kept_runner = key, {name: tensor.detach().to("cpu", copy=True) for name, tensor in weights.items()}, runner
         return runner
+
+
+def forget_kept_runner() -> None:
+    """Drop the kept runner (:func:`runner_for`), and the device memory its network holds."""
+    global _kept_runner
+    with _kept_runner_lock:
+        _kept_runner = None
 
 
 def _same_weights(kept: dict[str, torch.Tensor], current: dict[str, torch.Tensor]) -> bool:
