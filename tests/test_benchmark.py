@@ -447,9 +447,10 @@ def test_repeated_compiled_restores_compile_once(monkeypatch):
     # Eager runners are kept too (each copied the network onto its device; on CUDA it captures graphs).
     eager = runner_module.runner_for(model, device="cpu")
     assert runner_module.runner_for(model, device="cpu") is eager and len(compiled_models) == 3
-    assert runner_module.runner_for(model, device="cpu", batch=2) is not eager
+    with_batch = runner_module.runner_for(model, device="cpu", batch=2)
+    assert with_batch is not eager and runner_module.runner_for(model, device="cpu", batch=2) is with_batch
     runner_module.forget_kept_runner()
-    assert runner_module.runner_for(model, device="cpu", batch=2) is not runner_module.runner_for(model, device="cpu")
+    assert runner_module.runner_for(model, device="cpu", batch=2) is not with_batch
 
 
 # -- the CUDA-graph path (no GPU here: the capture is stood in for, the bookkeeping is real) ----
