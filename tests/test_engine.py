@@ -139,13 +139,16 @@ def test_however_many_threads_compute_a_lazy_result_two_chunks_are_restored_at_o
 
     engine = importlib.import_module("napari_gama_ir.engine.restore")
     running, most = [0], [0]
-    lock = threading.Lock()
+    lock, two_in = threading.Lock(), threading.Event()
 
     def watched(method):
         def run(*args, **kwargs):
             with lock:
                 running[0] += 1
                 most[0] = max(most[0], running[0])
+                if running[0] == 2:
+                    two_in.set()
+            two_in.wait(timeout=10)  # the first waits for a second, however slowly threads start
             time.sleep(0.05)  # long enough for every thread to come in, were they let
             try:
                 return method(*args, **kwargs)
