@@ -276,6 +276,22 @@ def _out_of_memory(model, x):
     raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
 
+def test_a_network_keeps_graphs_for_so_many_shapes_and_runs_further_ones_without(monkeypatch):
+    # A kept runner restoring pictures of many sizes gathered a graph, and its device memory, per size.
+    from napari_gama_ir.engine.compiled import MOST_GRAPHS
+
+    capture = _FakeCapture().install(monkeypatch)
+    model = make_tiny_model(1)
+    network = GraphedNetwork(model)
+    with torch.no_grad():
+        for width in range(32, 32 + 16 * (MOST_GRAPHS + 2), 16):
+            picture = torch.rand(1, 1, 32, width)
+            assert torch.equal(network(picture), model(picture))
+        again = torch.rand(1, 1, 32, 32)
+        assert torch.equal(network(again), model(again))  # a shape with a graph still replays it
+    assert len(capture.captured) == MOST_GRAPHS and network.active
+
+
 @pytest.mark.parametrize("behaviour, reason", [(_raise_runtime, "cc not found"), (_wrong_output, "differs from eager")])
 def test_compile_failures_fall_back_to_eager_with_a_warning(monkeypatch, behaviour, reason):
     monkeypatch.setattr(torch, "compile", _FakeCompiled(behaviour))

@@ -131,6 +131,10 @@ class CompiledNetwork(CheckedNetwork):
 # Passes on a side stream before a capture: CUDA requires it, and it lets cuDNN pick its
 # algorithms, a compiled network compile, and the allocator reach its steady state outside the graph.
 GRAPH_WARMUP_PASSES = 3
+# Most input shapes one network keeps CUDA graphs for; further shapes run without. Each graph holds
+# its static input and output on the device, and a kept runner (runner.runner_for) restoring
+# pictures of many sizes, each run whole at a shape of its own, would gather graphs without end.
+MOST_GRAPHS = 16
 
 
 class CudaGraphs:
@@ -140,7 +144,8 @@ class CudaGraphs:
     engine's batches of a few tiles the GPU waits on the launches, and on the GIL that the engine's
     other threads also want (docs/performance.md, "GPU"). A graph replays the whole pass with one
     launch. Inputs are copied into the graph's static input and outputs copied out of its static
-    output, so a caller may keep an output while the next batch runs. The graphs share one memory
+    output, so a caller may keep an output while the next batch runs. Shapes beyond the first
+    :data:`MOST_GRAPHS` run through ``function`` directly. The graphs share one memory
     pool; the engine's runner never replays two at once (its lock). Autocast runs inside the
     capture with its weight-cast cache off, as CUDA graphs require.
     """
@@ -155,6 +160,8 @@ class CudaGraphs:
         key = (tuple(inputs.shape), inputs.stride(), inputs.dtype)
         replay = self._replays.get(key)
         if replay is None:
+            if len(self._replays) >= MOST_GRAPHS:
+                return self.function(inputs)
             replay = self._replays[key] = self._capture(inputs)
         return replay(inputs)
 
