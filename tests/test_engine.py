@@ -10,6 +10,7 @@ import zarr
 
 from napari_gama_ir import restore
 from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, NonFiniteInputError, TileTooLargeError
+from napari_gama_ir.engine.io import Cancelled
 from napari_gama_ir.engine.restore import TilingPlan, restore_plane
 from napari_gama_ir.engine.runner import batch_size
 from napari_gama_ir.engine.tiling import plan_tiles, tile_starts, tile_weights
@@ -345,6 +346,51 @@ def test_a_tile_too_large_for_the_device_is_halved_once_for_a_whole_stack(monkey
         assert np.array_equal(restore(stack, model, "ZYX", tile=64, overlap=16, batch=1), as_asked)
 
 
+def test_progress_comes_pass_by_pass_and_cancel_stops_a_plane_within_a_pass(monkeypatch):
+    # A plane is one chunk: its progress, and Cancel or Ctrl-C, waited for all of its tiles
+    # (minutes for a slide scan or a large photo).
+    model = make_tiny_model(1)
+    image = np.random.default_rng(7).random((300, 300), dtype=np.float32)
+    settings = {"tile": 48, "overlap": 16, "batch": 1}  # a pass a tile, as 512-pixel tiles run on the CPU
+    expected = restore(image, model, "YX", **settings)
+    passes = _device_holding(monkeypatch, 10**9)  # records every pass
+    pixels = []
+    assert np.array_equal(restore(image, model, "YX", on_plane=pixels.append, **settings), expected)
+    assert len(passes) == 81 and len(pixels) == 81 and sum(pixels) == 300 * 300  # a count a pass (a tile each)
+    cancel = threading.Event()
+    passes.clear()
+    lazy = restore(da.from_array(image), model, "YX", cancel=cancel, on_plane=lambda _: len(passes) == 3 and cancel.set(),
+                   **settings)
+    with pytest.raises(Cancelled):
+        lazy.compute()
+    assert len(passes) == 3  # stopped right after the pass during which it was set
+    with pytest.raises(Cancelled):  # set before a chunk starts: no pass at all
+        lazy.compute()
+    assert len(passes) == 3
+
+
+def test_progress_adds_up_when_a_plane_runs_out_of_memory_partway(monkeypatch):
+    # Another process took the device's memory: the plane is restored again in smaller tiles, and
+    # its count starts again from 0, reporting only what passes what it had reported.
+    model = make_tiny_model(1)
+    image = np.random.default_rng(8).random((200, 200), dtype=np.float32)
+    sides = []
+    forward = ModelRunner._forward
+
+    def short_of_memory_at_the_fifth_pass(self, tiles, outputs):
+        sides.append(tiles.shape[-1])
+        if len(sides) == 5:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        forward(self, tiles, outputs)
+
+    monkeypatch.setattr(ModelRunner, "_forward", short_of_memory_at_the_fifth_pass)
+    pixels = []
+    with pytest.warns(RuntimeWarning, match="retrying with tiles of 32 pixels"):
+        restore(image, model, "YX", tile=64, overlap=16, batch=1, on_plane=pixels.append)
+    assert sides.count(64) == 5 and sides.count(32) == 144
+    assert sum(pixels) == 200 * 200 and min(pixels) > 0
+
+
 def test_a_plane_run_whole_that_does_not_fit_is_tiled_smaller_or_refused(monkeypatch):
     model = make_tiny_model(1)
     image = np.random.default_rng(6).random((60, 60), dtype=np.float32)  # one tile of 64
@@ -383,8 +429,10 @@ def test_tiles_run_in_the_fewest_batches_of_equal_size_where_they_divide(count, 
     assert [shape[0] for shape in runner.passes] == batches
 
 
-def test_a_huge_plane_runs_its_tiles_in_bounded_runs_of_whole_batches(monkeypatch):
+@pytest.mark.parametrize("queues, runs", [(True, [9, 9, 9, 9]), (False, [3] * 12)])
+def test_a_huge_plane_runs_its_tiles_in_bounded_runs_of_whole_batches(monkeypatch, queues, runs):
     # All of a plane's tiles, and their outputs, were held at once: three times a gigapixel plane.
+    # A GPU queues runs of many passes; the CPU, which runs each pass to its end, takes one a run.
     import importlib
 
     engine = importlib.import_module("napari_gama_ir.engine.restore")  # the module, not the function
@@ -394,12 +442,14 @@ def test_a_huge_plane_runs_its_tiles_in_bounded_runs_of_whole_batches(monkeypatc
     reference = restore_plane(image, ModelRunner(make_tiny_model(1), "cpu", batch=3), plan)
     monkeypatch.setattr(engine, "RUN_PIXELS", 10 * 48 * 48)
     runner = _PassRecordingRunner(make_tiny_model(1), "cpu", batch=3)
-    calls = []
+    runner.queues_passes = queues
+    calls, shares = [], []
     run = runner.run
     monkeypatch.setattr(runner, "run", lambda tiles: calls.append(len(tiles)) or run(tiles))
-    assert np.array_equal(restore_plane(image, runner, plan), reference)
-    assert calls == [9, 9, 9, 9]  # at most 10 tiles' pixels a run, in whole batches of 3
+    assert np.array_equal(restore_plane(image, runner, plan, on_progress=shares.append), reference)
+    assert calls == runs  # at most 10 tiles' pixels a run, in whole batches of 3
     assert {shape[0] for shape in runner.passes} == {3}
+    assert shares == pytest.approx(list(np.cumsum(runs) / 36))  # the plane's share done after each run
 
 
 @pytest.mark.parametrize("count, stretched", [(25, 5), (9, 3), (10, 5), (14, 7), (18, 6), (16, 4), (49, 7),
@@ -638,7 +688,8 @@ def test_planes_restored_in_blocks_equal_planes_restored_whole(normalization):
                      **settings)
     assert blocks.chunks == ((1, 1), (80, 80, 43), (80, 80, 80, 10))
     assert np.array_equal(blocks.compute(), whole) and whole.dtype == np.uint16
-    assert sorted(pixels) == sorted([80 * 80] * 12 + [80 * 10] * 4 + [43 * 80] * 6 + [43 * 10] * 2)
+    # Counted pass by pass (a tile a pass here: 198 passes for the 24 blocks), adding up to the stack's pixels.
+    assert sum(pixels) == 2 * 203 * 250 and len(pixels) > 4 * 24
     # Colour with opacity, channels last: the blocks keep the channels, and the opacity passes through.
     rgba = rng.random((150, 170, 4)).astype(np.float32)
     colour = make_tiny_model(3)

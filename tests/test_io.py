@@ -398,3 +398,32 @@ def test_a_tiff_that_fails_or_is_cancelled_leaves_nothing_behind(tmp_path, name)
         write_image(stopping, tmp_path / name, "ZYX", cancel=cancel, workers=2)
     assert list(tmp_path.iterdir()) == []
 
+
+
+@pytest.mark.parametrize("name", ["out.zarr", "out.tif", "out.npy"])
+def test_a_write_that_stops_early_sets_its_cancel_event_for_the_chunks_in_flight(tmp_path, name):
+    # The writer's threads are waited for on its way out: a chunk in flight (a plane restore
+    # stops at its next forward pass once the event is set) ran to its end before.
+    cancel = threading.Event()
+    waited = []
+
+    def first_fails_second_runs_until_cancelled(block, block_info=None):
+        if block_info[0]["chunk-location"][0] == 0:
+            cancel_seen = cancel.wait(0.5)  # the second chunk is under way meanwhile
+            raise RuntimeError(f"boom ({cancel_seen})")
+        waited.append(cancel.wait(60))
+        return block
+
+    data = da.zeros((2, 16, 16), chunks=(1, 16, 16), dtype=np.float32).map_blocks(
+        first_fails_second_runs_until_cancelled, dtype=np.float32)
+    with pytest.raises(RuntimeError, match=r"boom \(False\)"):
+        write_image(data, tmp_path / name, "ZYX", cancel=cancel, workers=2)
+    assert waited == [True]  # woken by the event, not by the 60 s timeout
+    assert list(tmp_path.iterdir()) == []
+    # A generator closed early (napari's worker quit) sets it too.
+    cancel.clear()
+    steps = write_image_steps(da.zeros((4, 16, 16), chunks=(1, 16, 16), dtype=np.float32), tmp_path / name, "ZYX",
+                              cancel=cancel, workers=1)
+    next(steps)
+    steps.close()
+    assert cancel.is_set() and list(tmp_path.iterdir()) == []

@@ -208,6 +208,41 @@ def test_cancel_leaves_no_output(make_napari_viewer, qtbot, grey_checkpoint, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.safetensors"]
 
 
+def test_restore_all_of_one_large_plane_shows_its_progress_and_cancels_within_a_pass(
+    make_napari_viewer, qtbot, grey_checkpoint, tmp_path, monkeypatch
+):
+    # One plane is one chunk: the bar stood at 0% until the plane was done, and Cancel waited for it.
+    import time
+
+    from napari_gama_ir.engine import ModelRunner
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(4).random((2000, 2000), dtype=np.float32), name="scan")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value, widget.overlap.value = 256, 32  # 81 tiles, 4 a pass on the CPU: 21 passes
+    passes = []
+    forward = ModelRunner._forward
+
+    def slow(self, tiles, outputs):
+        passes.append(len(tiles))
+        time.sleep(0.1)
+        forward(self, tiles, outputs)
+
+    monkeypatch.setattr(ModelRunner, "_forward", slow)
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "scan.zarr"
+    worker = widget.restore_all()
+    bar = widget._bar
+    qtbot.waitUntil(lambda: bar.n > 0, timeout=20000)  # the plane's percentage, pass by pass
+    assert bar.total == 100 and bar.n < 100
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        widget.cancel()
+    assert "cancelled" in widget.status.value and widget._bar is None  # the bar is closed
+    assert len(passes) < 10  # of 21 (2 here): the plane was not run to its end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.safetensors"]
+
+
 @pytest.mark.parametrize(
     "setup,message",
     [

@@ -157,11 +157,14 @@ def _restore_image(
     # Compiling holds the bar at 0% for tens of seconds: say why until the first plane is done.
     first_note = "compiling the network first (tens of seconds)" if args.compile else ""
     progress = _Progress(planes, shape["Y"] * shape["X"], args.quiet, label, first_note)
+    # Set by the writer on Ctrl-C or an error, so that the chunks in flight stop at their next
+    # forward pass rather than run to their end before the process can exit.
+    stop = threading.Event()
     restored = restore(  # lazy, in the plan's blocks (0: whole planes), whatever the memory says by now
         source.array, model, axes, tile=args.tile or None, overlap=args.overlap, mean_mode=args.mean_mode,
         device=args.device, precision=args.precision, batch=args.batch, output_dtype=output_dtype,
         on_plane=progress.update_pixels, compile=args.compile, cuda_graphs=args.cuda_graphs, alpha=alpha,
-        block=plan.block or 0,
+        block=plan.block or 0, cancel=stop,
     )
     check_output_format(output, restored.shape, axes, restored.dtype)  # before the progress bar shows
     provenance["block"] = plan.block
@@ -169,7 +172,7 @@ def _restore_image(
     workers = chunks_at_once(plan, model.config.out_channels, args.device)
     progress.start()
     try:
-        write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers)
+        write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers, cancel=stop)
     finally:
         progress.close()
     return output
@@ -312,11 +315,13 @@ class _Progress:
             self._bar.set_postfix_str(self._first_note)
 
     def update_pixels(self, pixels: int) -> None:
-        """Count ``pixels`` (per channel) restored: a plane's, a few small planes', or a block's."""
+        """Count ``pixels`` (per channel) restored: a pass's share of a plane or block, or a chunk's."""
         with self._lock:
             self._pixels += pixels
             self._bar.set_postfix_str(f"planes {self._pixels // self._plane_pixels}/{self._planes}", refresh=False)
-            self._bar.update(pixels / self._scale)
+            # Set, not added: a pass's share at a time, the sum of the floats went past the total.
+            self._bar.n = self._pixels / self._scale
+            self._bar.update(0)  # shown once tqdm's interval has passed
 
     def close(self) -> None:
         if self._bar is not None:

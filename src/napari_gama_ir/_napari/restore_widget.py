@@ -11,6 +11,7 @@ import dask.array as da
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
+from napari.utils import progress
 from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QVBoxLayout, QWidget
 from superqt.utils import ensure_main_thread
@@ -94,6 +95,10 @@ class RestoreWidget(QWidget):
         self.previews: list[BackgroundPlanes] = []
         self.worker = None
         self._cancel = threading.Event()
+        # "Restore all"'s progress: pixels restored (counted on the engine's threads) of the total.
+        self._bar: progress | None = None
+        self._pixels_lock = threading.Lock()
+        self._pixels_done = self._pixels_total = 0
 
         self.image.changed.connect(self._guess_axes)
         self.model.changed.connect(self._show_checkpoint)
@@ -142,9 +147,10 @@ class RestoreWidget(QWidget):
         return find_layer(self.viewer, self.image.value)
 
     # -- the shared part of preview and restore-all --------------------------------------------
-    def _prepare(self) -> tuple[Any, da.Array, str, Any, dict, Any]:
+    def _prepare(self, on_plane=None, cancel: threading.Event | None = None) -> tuple[Any, da.Array, str, Any, dict, Any]:
         """Check the settings and build the lazy restored stack; raises ValueError with a sentence.
-        Also returns the engine's plan, which says how many chunks may be restored at once."""
+        Also returns the engine's plan, which says how many chunks may be restored at once.
+        ``on_plane`` and ``cancel`` go to :func:`~napari_gama_ir.engine.restore`."""
         layer = self._layer()
         if layer is None:
             raise ValueError("choose an image layer to restore")
@@ -166,7 +172,7 @@ class RestoreWidget(QWidget):
         restored = restore(
             source, model, axes, tile=self.tile.value or None, overlap=self.overlap.value,
             mean_mode=self.mean_mode.value, device=self.device.value, precision=self.precision.value,
-            output_dtype=output_dtype, alpha=alpha, block=plan.block or 0,
+            output_dtype=output_dtype, alpha=alpha, block=plan.block or 0, on_plane=on_plane, cancel=cancel,
         )
         provenance = {
             "model": model_name, "checkpoint_sha256": getattr(model, "checkpoint_sha256", None),
@@ -218,9 +224,12 @@ class RestoreWidget(QWidget):
 
     # -- restore all ---------------------------------------------------------------------------
     def restore_all(self, _=None):
-        """Restore every plane in a background worker, with progress and Cancel."""
+        """Restore every plane in a background worker, with progress and Cancel.
+
+        The progress bar counts pixels, pass by pass, so that it moves, and Cancel stops within a
+        forward pass, even where one plane takes minutes."""
         try:
-            layer, restored, axes, model, provenance, plan = self._prepare()
+            layer, restored, axes, model, provenance, plan = self._prepare(self._count_pixels, self._cancel)
             target = str(self.output.value) if self.destination.value == TO_ZARR else None
             if target is not None:
                 check_output_path(target, [layer.source.path or ""], overwrite=False)
@@ -237,10 +246,13 @@ class RestoreWidget(QWidget):
         total = int(np.prod(restored.numblocks))
         unit = chunk_unit(restored, axes)
         self._cancel.clear()
+        shape = dict(zip(axes, restored.shape))
+        self._pixels_done = 0
+        self._pixels_total = int(np.prod([shape[a] for a in (*plan.layout.iterated, "Y", "X")]))
+        self._bar = progress(total=100, desc="GAMA-IR", unit="%")
         # Handlers are given at creation: a worker created without an "errored" handler re-raises.
         self.worker = create_worker(
             self._restore_steps, restored, axes, target, provenance, workers,
-            _progress={"total": total, "desc": "GAMA-IR"},
             _connect={
                 "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} {unit}"),
                 "returned": lambda data: self._finished(data, layer, provenance),
@@ -263,6 +275,18 @@ class RestoreWidget(QWidget):
             yield done
         return da.from_zarr(target) if target is not None else result
 
+    def _count_pixels(self, pixels: int) -> None:
+        """The engine's ``on_plane``, on its threads: ``pixels`` more are restored."""
+        with self._pixels_lock:
+            self._pixels_done += pixels
+            percent = 100 * self._pixels_done // max(1, self._pixels_total)
+        self._show_percent(percent)
+
+    @ensure_main_thread
+    def _show_percent(self, percent: int) -> None:
+        if self._bar is not None and percent > self._bar.n:
+            self._bar.update(percent - self._bar.n)
+
     def cancel(self, _=None) -> None:
         self._cancel.set()
         self.status.value = "cancelling..."
@@ -282,6 +306,9 @@ class RestoreWidget(QWidget):
         self.restore_button.enabled = not running
         self.preview_button.enabled = not running
         self.cancel_button.enabled = running
+        if not running and self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def _fail(self, error: BaseException) -> None:
         report_error(self.status, error)

@@ -18,7 +18,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
-from dask.callbacks import Callback
 from numcodecs import Blosc
 
 from .arrays import as_dask
@@ -360,16 +359,23 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-class _CancelWatch(Callback):
-    """A dask callback that stops the computation when an event is set."""
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
 
-    def __init__(self, event: threading.Event) -> None:
-        super().__init__()
-        self._event = event
 
-    def _pretask(self, key, dsk, state) -> None:
-        if self._event.is_set():
-            raise Cancelled()
+@contextmanager
+def _cancelling_on_exit(cancel: threading.Event | None):
+    """Set ``cancel`` where the block is left by an exception (an error in a chunk, Ctrl-C, a
+    generator closed early): the chunks still computing on a pool's threads, which the pool waits
+    for on its way out, then stop at their next forward pass where :func:`~.restore.restore` was
+    given the same event, instead of running to their end (minutes for one huge plane)."""
+    try:
+        yield
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        raise
 
 
 #: How output chunks are compressed: LZ4 on byte-shuffled values through Blosc, zarr-python 2's
@@ -467,17 +473,17 @@ def write_image_steps(
 
     ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata; an existing output is
     replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting ``cancel``
-    raises :class:`Cancelled` at the next chunk. Closing the generator early, cancelling, or an
-    error removes the partial output: the output appears under its name only after the last step.
+    raises :class:`Cancelled` at the next chunk, and stops the chunks being computed where they
+    check it too (:func:`~.restore.restore` does, at each forward pass); an error, Ctrl-C or
+    closing the generator early sets it. Any of these removes the partial output: the output
+    appears under its name only after the last step.
     """
     output = Path(output)
     suffix = image_suffix(output)
     array, _ = as_dask(array)
     check_output_format(output, array.shape, axes, array.dtype)
-    watch = _CancelWatch(cancel) if cancel is not None else nullcontext()
-    with _atomic_path(output, overwrite) as temporary, watch, dask.config.set(
-        scheduler="threads", num_workers=workers
-    ):
+    with _cancelling_on_exit(cancel), _atomic_path(output, overwrite) as temporary, \
+            dask.config.set(scheduler="threads", num_workers=workers):
         if suffix in (".zarr", ".ome.zarr"):
             chunks = tuple(c[0] for c in array.chunks)
             if is_ome_zarr_output(output):
@@ -487,7 +493,7 @@ def write_image_steps(
             set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
             yield from store_chunks(array, target, workers, cancel)
         elif suffix in TIFF_SUFFIXES:
-            yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers)
+            yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers, cancel)
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
@@ -508,7 +514,7 @@ def store_chunks(
 ) -> Iterator[tuple[int, int]]:
     """Compute and write every chunk of ``array`` into ``target`` (a zarr array, a numpy array or
     memory map of its shape), ``workers`` chunks at a time; setting ``cancel`` raises
-    :class:`Cancelled` at the next chunk.
+    :class:`Cancelled` at the next chunk, and leaving early sets it (:func:`_cancelling_on_exit`).
 
     A new chunk starts as soon as one is written, so the threads (and the network they feed)
     never wait at a barrier for the slowest chunk of a group; twice as many chunks as threads are
@@ -520,7 +526,8 @@ def store_chunks(
 
     blocks = iter(block_regions(array))
     total, done = array.npartitions, 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write-chunk") as pool:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write-chunk") as pool, \
+            _cancelling_on_exit(cancel):
         pending: set[Future] = set()
         try:
             while True:
@@ -529,8 +536,7 @@ def store_chunks(
                     if chunk is None:
                         break
                     pending.add(pool.submit(store, *chunk))
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
+                _check(cancel)
                 if not pending:
                     return
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -544,10 +550,10 @@ def store_chunks(
 
 
 def _write_tiff(
-    array: da.Array, path: Path, axes: str, attrs: dict, ome: bool, workers: int
+    array: da.Array, path: Path, axes: str, attrs: dict, ome: bool, workers: int, cancel: threading.Event | None,
 ) -> Iterator[tuple[int, int]]:
     """Write a BigTIFF page by page, in order, while ``workers`` threads compute the chunks after
-    the one being written (:func:`_computed_in_order`).
+    the one being written (:func:`_computed_in_order`, which ``cancel`` stops as :func:`store_chunks`).
 
     An array restored in blocks (square chunks of a multiple of 16 along Y and X, smaller than a
     page) is written as a tiled TIFF, a block a tile, so that no page is ever held whole.
@@ -563,14 +569,14 @@ def _write_tiff(
     if tile is None:  # a chunk of several small planes is computed once, not once a page
         starts = np.cumsum((0,) + pages.chunks[0][:-1])
         chunks = (pages[start:start + size] for start, size in zip(starts, pages.chunks[0]))
-        data = (page for chunk in _computed_in_order(chunks, workers) for page in chunk)
+        data = (page for chunk in _computed_in_order(chunks, workers, cancel) for page in chunk)
     else:
         data = _computed_in_order((
             pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))]
             for index in range(pages.shape[0])
             for row in range(0, pages.shape[1], tile[0])
             for col in range(0, pages.shape[2], tile[1])
-        ), workers)
+        ), workers, cancel)
     sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
     metadata = {"axes": axes.replace("C", "S") if rgb else axes}
     if ome:
@@ -592,19 +598,25 @@ def _write_tiff(
     yield pages.shape[0], pages.shape[0]
 
 
-def _computed_in_order(parts: Iterator[da.Array], workers: int) -> Iterator[np.ndarray]:
+def _computed_in_order(
+    parts: Iterator[da.Array], workers: int, cancel: threading.Event | None = None,
+) -> Iterator[np.ndarray]:
     """Each of ``parts`` computed, in order, with up to ``workers`` of the next ones computing on
     their own threads meanwhile: a TIFF is written in order, one page or tile after the other, and
     computing only the next one left the network idle while the host read, blended and wrote
-    (docs/engine.md). Closing early cancels what has not started."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiff-chunk") as pool:
+    (docs/engine.md). Closing early cancels what has not started; setting ``cancel`` raises
+    :class:`Cancelled` at the next part, and leaving early sets it (:func:`_cancelling_on_exit`)."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiff-chunk") as pool, \
+            _cancelling_on_exit(cancel):
         ahead: deque[Future] = deque()
         try:
             for part in parts:
+                _check(cancel)
                 ahead.append(pool.submit(part.compute, scheduler="synchronous"))
                 if len(ahead) > workers:
                     yield ahead.popleft().result()
             while ahead:
+                _check(cancel)
                 yield ahead.popleft().result()
         finally:
             for future in ahead:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import warnings
@@ -27,13 +28,15 @@ from .axes import (
     to_canonical,
 )
 from .device import available_memory, host_threads, resolve_device
+from .io import Cancelled
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
-# Tile pixels queued in one call of the runner (2**25: 128 tiles of 512 x 512 on a plane of up to
-# about 5000 x 5000 pixels, which runs whole): bounds the memory that huge planes take.
+# Tile pixels queued in one call of a GPU's runner (2**25: 128 tiles of 512 x 512 on a plane of up
+# to about 5000 x 5000 pixels, which runs whole): bounds the memory that huge planes take. The CPU's
+# runner takes one pass a call.
 RUN_PIXELS = 2**25
 DEFAULT_MEAN_MODE = "global"
 # Sides tried, largest first, for planes too large to restore whole (multiples of 16: TIFF tiles).
@@ -144,6 +147,7 @@ def restore_plane(
     tiling: TilingPlan,
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
     window: Window | None = None,
+    on_progress: Callable[[float], None] | None = None,
 ) -> np.ndarray:
     """Restore one plane of shape (C, H, W) with tiling and blending, or a block of one.
 
@@ -163,6 +167,10 @@ def restore_plane(
     the plane's grid that meets the window's core, and the result is the core alone, equal to that
     part of the whole plane's result.
 
+    ``on_progress`` is called after each call of the runner on tiles (a forward pass on the CPU,
+    a queued run of them on a GPU) with the share of the plane's tiles restored so far; what it
+    raises stops the plane there. A plane restored again in smaller tiles starts again from 0.
+
     Raises
     ------
     TileTooLargeError
@@ -176,7 +184,7 @@ def restore_plane(
         try:
             if tiling.tile is None or (window.height <= tiling.tile and window.width <= tiling.tile):
                 return runner.run(normalize(plane)[None])[0]
-            return _restore_tiled(plane, runner, tiling, normalize, window)
+            return _restore_tiled(plane, runner, tiling, normalize, window, on_progress)
         except TileTooLargeError:
             pass  # the runner has kept the size that failed
         tiling = _tiling_that_fits(tiling, runner, window)
@@ -218,7 +226,7 @@ def _as_given(values: np.ndarray) -> np.ndarray:
 
 def _restore_tiled(
     plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan, normalize: Callable[[np.ndarray], np.ndarray],
-    window: Window,
+    window: Window, on_progress: Callable[[float], None] | None,
 ) -> np.ndarray:
     out_channels = runner.config.out_channels
     multiple = runner.config.size_multiple
@@ -232,6 +240,7 @@ def _restore_tiled(
     ]
     result = np.zeros((out_channels, core_rows.stop - core_rows.start, core_cols.stop - core_cols.start), np.float32)
     weight_sum = np.zeros(result.shape[1:], np.float32)
+    done = 0
     for run_shape, group in group_by_run_shape(tiles, multiple).items():
         for part in _runs_of_bounded_size(group, run_shape, runner):
             batch = np.stack([
@@ -248,6 +257,9 @@ def _restore_tiled(
                 in_core = (_shifted(rows, core_rows.start), _shifted(cols, core_cols.start))
                 result[(slice(None),) + in_core] += out[(slice(None),) + in_tile] * weights[in_tile]
                 weight_sum[in_core] += weights[in_tile]
+            done += len(part)
+            if on_progress is not None:
+                on_progress(done / len(tiles))
     result /= weight_sum
     return result
 
@@ -257,14 +269,19 @@ def _shifted(span: slice, origin: int) -> slice:
 
 
 def _runs_of_bounded_size(group: list[Tile], run_shape: tuple[int, int], runner: ModelRunner) -> list[list[Tile]]:
-    """``group`` (tiles run at ``run_shape``) cut into runs of at most :data:`RUN_PIXELS` tile pixels.
+    """``group`` (tiles run at ``run_shape``) cut into runs of at most :data:`RUN_PIXELS` tile
+    pixels on a GPU, of one forward pass on the CPU.
 
     A run's tiles and their outputs are held at once (on a GPU all of its batches are queued
     before the first is awaited); unbounded, a gigapixel plane held them all, 2.6 times its
     normalised size with the default tiles. Runs are whole numbers of the runner's batch, so its
-    batches keep one size.
+    batches keep one size. The CPU gains nothing from holding more than a pass: runs of
+    :data:`RUN_PIXELS` took a 24-megapixel photo's restore from 1.1 to 2.4 GB of memory above
+    the process's start, and made it 1.1x slower (docs/engine.md).
     """
     size = runner.pass_size(len(group), run_shape)
+    if not runner.queues_passes:
+        return [group[start:start + size] for start in range(0, len(group), size)]
     per_run = max(1, RUN_PIXELS // (run_shape[0] * run_shape[1] * size)) * size
     return [group[start:start + per_run] for start in range(0, len(group), per_run)]
 
@@ -355,19 +372,24 @@ class PlaneRestorer:
 
     def __call__(
         self, plane: np.ndarray, where: str = "the image", window: Window | None = None, affine: Affine | None = None,
+        on_progress: Callable[[float], None] | None = None,
     ) -> np.ndarray:
-        """Restore ``plane``, or with ``window`` a block of one (see :func:`restore_plane`), whose
-        normalisation ``affine`` then comes from the whole plane (:class:`PlaneAffines`)."""
+        """Restore ``plane``, or with ``window`` a block of one (see :func:`restore_plane`, which
+        also says what ``on_progress`` is given), whose normalisation ``affine`` then comes from the
+        whole plane (:class:`PlaneAffines`)."""
         _check_finite(plane, where)
         affine = affine or self.affine(plane)
-        restored = restore_plane(plane, self.runner, self.tiling, normalize=affine.forward, window=window)
+        restored = restore_plane(plane, self.runner, self.tiling, affine.forward, window, on_progress)
         return self._to_output(restored, affine)
 
-    def restore_planes(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
+    def restore_planes(
+        self, planes: np.ndarray, names: list[str], on_progress: Callable[[float], None] | None = None,
+    ) -> np.ndarray:
         """Restore ``planes`` (N, C, Y, X), named ``names`` in errors: a chunk of small planes
         (:attr:`RestorePlan.plane_chunks`), each run whole, as one tile, in shared forward passes,
-        or a chunk of one plane, tiled where it is larger than a tile. Small planes that do not fit
-        in device memory one to a pass are restored a plane at a time, in smaller tiles."""
+        or a chunk of one plane, tiled where it is larger than a tile, which reports to
+        ``on_progress`` as :func:`restore_plane` says. Small planes that do not fit in device memory
+        one to a pass are restored a plane at a time, in smaller tiles."""
         if self.planes_per_chunk > 1 and self.runner.fits_alone(planes.shape):
             try:
                 return self._restore_together(planes, names)
@@ -375,7 +397,7 @@ class PlaneRestorer:
                 warnings.warn(f"out of device memory; restoring {planes.shape[-2]}x{planes.shape[-1]} planes one "
                               "at a time, in smaller tiles", RuntimeWarning, stacklevel=2)
         if len(planes) == 1:  # no stacked copy: a plane can be gigapixels
-            return self(planes[0], names[0])[None]
+            return self(planes[0], names[0], on_progress=on_progress)[None]
         return np.stack([self(plane, name) for plane, name in zip(planes, names)])
 
     def _restore_together(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
@@ -434,7 +456,10 @@ class RestorePlan:
         assembled copy, and zarr's copies as it encodes a chunk (18 bytes a pixel for uint16 grey;
         measured 12-15 restoring a numpy plane, 17-18 from zarr to zarr: docs/performance.md,
         "Memory of very large planes" and "Planes in blocks"); and one call's tiles, normalised and
-        restored (float32), which each chunk restored at once holds."""
+        restored (float32), which each chunk restored at once holds: up to :data:`RUN_PIXELS` of
+        them on a GPU. On the CPU a call is one forward pass, so the estimate is high there by up
+        to that much (0.27 GB grey, 0.8 GB RGB), which the plan, made before the device is known,
+        leaves as a margin."""
         block = block or self.block
         shape = dict(zip(self.axes, self.array.shape))
         height, width = shape["Y"], shape["X"]
@@ -572,6 +597,7 @@ def restore(
     cuda_graphs: bool | None = None,
     alpha: bool = False,
     block: int | None = None,
+    cancel: threading.Event | None = None,
 ):
     """Restore an image or stack with a GAMA-IR network, plane by plane and tile by tile.
 
@@ -612,8 +638,11 @@ def restore(
         Dtype of the result. Values stay in the input's intensity units; integer outputs are
         rounded and clipped to the dtype's range, never wrapped.
     on_plane : callable, optional
-        Called with the number of pixels (per channel) after each chunk is restored: a plane, a few
-        small planes, or a block of a plane.
+        Called with the number of pixels (per channel) restored, as they are: in a plane (or
+        block) restored in tiles, after each forward pass on the CPU (each queued run of them on
+        a GPU), in proportion to its tiles; otherwise after each chunk (a plane, or a few small
+        planes). The counts add up to the image's pixels, whatever was restored again in smaller
+        tiles after running out of memory.
     compile : bool
         Run the network through ``torch.compile`` with frozen weights. Compiling takes tens of
         seconds per tile shape on a CPU; what it gains is measured in docs/performance.md. Each
@@ -638,6 +667,11 @@ def restore(
         most 4 M pixels a plane, which equals the plane itself up to 2048 x 2048. By default planes
         are restored whole when one fits in the memory available, and otherwise in the largest
         blocks that fit (16384 down to 1024).
+    cancel : threading.Event, optional
+        Setting it stops the restore within a forward pass (a queued run of them on a GPU): each
+        chunk being computed, or starting, raises :class:`~.io.Cancelled` instead of running to
+        its end, which for one huge plane takes minutes. The writers of :mod:`.io` set the event
+        they are given when they stop early (an error, Ctrl-C, a cancelled worker).
 
     Returns
     -------
@@ -656,6 +690,8 @@ def restore(
         in-memory input, not one fits beside the result (a zarr or dask input gives a lazy result).
     NonFiniteInputError
         When a plane holds NaN or Inf (raised when that plane is computed).
+    Cancelled
+        When ``cancel`` is set (raised when computed).
     TileTooLargeError
         When a tile of the smallest side the network takes, or a whole plane with ``tile=None``,
         does not fit in device memory (raised when computed).
@@ -683,10 +719,11 @@ def restore(
     restorer = PlaneRestorer(
         runner, plan.tiling, plan.normalization, plan.array.dtype, target_dtype, stack_affine, plan.planes_per_chunk
     )
+    progress = functools.partial(_ChunkProgress, on_plane=on_plane, cancel=cancel)
     if plan.block is None:
-        restored = _restore_planes(canonical, restorer, iterated, on_plane, at_once)
+        restored = _restore_planes(canonical, restorer, iterated, progress, at_once)
     else:
-        restored = _restore_blocks(canonical, plan, restorer, on_plane, at_once)
+        restored = _restore_blocks(canonical, plan, restorer, progress, at_once)
     result = from_canonical(restored, plan.layout)
     if plan.alpha is not None:
         channel = plan.axes.index("C")
@@ -703,8 +740,38 @@ def restore(
     return output
 
 
+class _ChunkProgress:
+    """Tells ``on_plane`` how many of a chunk's ``pixels`` are restored as its tiles are, and stops
+    the chunk once ``cancel`` is set (see :func:`restore`). One per chunk, used by its thread."""
+
+    def __init__(
+        self, pixels: int, on_plane: Callable[[int], None] | None, cancel: threading.Event | None,
+    ) -> None:
+        self._pixels, self._on_plane, self._cancel = pixels, on_plane, cancel
+        self._reported = 0
+
+    def check(self) -> None:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Cancelled()
+
+    def share_done(self, share: float) -> None:
+        """The ``on_progress`` of :func:`restore_plane`: ``share`` of the chunk's tiles are restored."""
+        self._report(int(share * self._pixels))
+        self.check()
+
+    def finish(self) -> None:
+        self._report(self._pixels)
+
+    def _report(self, pixels: int) -> None:
+        # A plane restored again in smaller tiles starts from 0: only what passes the count is new.
+        if pixels > self._reported:
+            if self._on_plane is not None:
+                self._on_plane(pixels - self._reported)
+            self._reported = pixels
+
+
 def _restore_planes(
-    canonical: da.Array, restorer: PlaneRestorer, iterated: str, on_plane: Callable[[int], None] | None,
+    canonical: da.Array, restorer: PlaneRestorer, iterated: str, progress: Callable[[int], _ChunkProgress],
     at_once: threading.Semaphore,
 ) -> da.Array:
     """``canonical`` (a chunk a plane, or a few small planes) restored lazily, chunk by chunk, as
@@ -713,10 +780,12 @@ def _restore_planes(
     def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
         starts = [start for start, _ in block_info[0]["array-location"][: len(iterated)]]
         planes = block.reshape((-1,) + block.shape[-3:])
+        chunk = progress(planes.shape[0] * block.shape[-1] * block.shape[-2])
         with at_once:
-            restored = restorer.restore_planes(planes, chunk_plane_names(iterated, starts, block.shape[: len(iterated)]))
-        if on_plane is not None:
-            on_plane(planes.shape[0] * block.shape[-1] * block.shape[-2])
+            chunk.check()  # cancelled while this chunk waited for its turn
+            names = chunk_plane_names(iterated, starts, block.shape[: len(iterated)])
+            restored = restorer.restore_planes(planes, names, chunk.share_done)
+        chunk.finish()
         return restored.reshape(block.shape[:-3] + restored.shape[-3:])
 
     return canonical.map_blocks(
@@ -725,7 +794,7 @@ def _restore_planes(
 
 
 def _restore_blocks(
-    canonical: da.Array, plan: RestorePlan, restorer: PlaneRestorer, on_plane: Callable[[int], None] | None,
+    canonical: da.Array, plan: RestorePlan, restorer: PlaneRestorer, progress: Callable[[int], _ChunkProgress],
     at_once: threading.Semaphore,
 ) -> da.Array:
     """``canonical`` restored lazily in square blocks of ``plan.block``: each reads its core and the
@@ -744,12 +813,13 @@ def _restore_blocks(
         index, (row, col) = block_id[: len(iterated)], block_id[-2:]
         core = (slice(row * side, min((row + 1) * side, height)), slice(col * side, min((col + 1) * side, width)))
         window, reads = plan.block_window(core)
+        chunk = progress((core[0].stop - core[0].start) * (core[1].stop - core[1].start))
         with at_once:
+            chunk.check()
             pixels = canonical[index + (slice(None), *reads)].compute(scheduler="synchronous")
             affine = plane_affines.get(index) if plane_affines else None
-            restored = restorer(pixels, plane_name(iterated, index), window, affine)
-        if on_plane is not None:
-            on_plane(restored.shape[-1] * restored.shape[-2])
+            restored = restorer(pixels, plane_name(iterated, index), window, affine, chunk.share_done)
+        chunk.finish()
         return restored.reshape((1,) * len(iterated) + restored.shape)
 
     return da.map_blocks(

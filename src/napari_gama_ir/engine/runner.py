@@ -64,6 +64,10 @@ class ModelRunner:
         self.network = network_for(self.model, self.device, self.autocast_dtype, compile, cuda_graphs)
         self.given_batch = batch
         self.pass_pixels = CPU_PASS_PIXELS if self.device.type == "cpu" else GPU_PASS_PIXELS
+        # A GPU queues all the passes of one call of :meth:`run` before awaiting any, so its callers
+        # give it many tiles at once; on the CPU each pass runs to its end, and more tiles a call
+        # would only be held in memory meanwhile.
+        self.queues_passes = self.device.type != "cpu"
         self.forget_memory_failures()
         self.lock = threading.Lock()
         if self.device.type == "cpu":
