@@ -195,8 +195,9 @@ class RestoreWidget(QWidget):
     # -- preview -------------------------------------------------------------------------------
     def preview(self, _=None):
         """Add a layer that restores each plane the first time it is shown, off the UI thread."""
+        given_up = threading.Event()  # set by the preview to give up a plane no longer on screen
         try:
-            layer, restored, axes, model, provenance, _ = self._prepare()
+            layer, restored, axes, model, provenance, _ = self._prepare(cancel=given_up)
             shape = list(restored.shape)  # as the network sees it: without a passed-through alpha channel
             if provenance["alpha_passed_through"]:
                 shape[axes.index("C")] -= 1
@@ -207,7 +208,7 @@ class RestoreWidget(QWidget):
             _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
-        planes = BackgroundPlanes(restored, plane_axes)
+        planes = BackgroundPlanes(restored, plane_axes, cancel=given_up)
         result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
         planes.on_ready = lambda index: self._plane_ready(result, planes)
         self.previews.append(planes)
