@@ -369,6 +369,31 @@ def test_progress_comes_pass_by_pass_and_cancel_stops_a_plane_within_a_pass(monk
     assert len(passes) == 3
 
 
+def test_ctrl_c_during_a_numpy_restore_leaves_no_thread_restoring(monkeypatch):
+    # dask's threads went on with the plane after KeyboardInterrupt reached the caller (a notebook's
+    # next cell then shared the CPU with a restore nobody wanted).
+    import signal
+    import time
+
+    model = make_tiny_model(1)
+    image = np.random.default_rng(9).random((300, 300), dtype=np.float32)
+    passes = []
+    forward = ModelRunner._forward
+
+    def interrupted_at_the_third(self, tiles, outputs):
+        passes.append(len(tiles))
+        if len(passes) == 3:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Ctrl-C
+        time.sleep(0.05)
+        forward(self, tiles, outputs)
+
+    monkeypatch.setattr(ModelRunner, "_forward", interrupted_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        restore(image, model, "YX", tile=48, overlap=16, batch=1)  # 81 passes
+    time.sleep(1)  # some 20 passes, were they still running
+    assert 3 <= len(passes) <= 6
+
+
 def test_progress_adds_up_when_a_plane_runs_out_of_memory_partway(monkeypatch):
     # Another process took the device's memory: the plane is restored again in smaller tiles, and
     # its count starts again from 0, reporting only what passes what it had reported.

@@ -365,11 +365,12 @@ def _check(cancel: threading.Event | None) -> None:
 
 
 @contextmanager
-def _cancelling_on_exit(cancel: threading.Event | None):
+def cancelling_on_exit(cancel: threading.Event | None):
     """Set ``cancel`` where the block is left by an exception (an error in a chunk, Ctrl-C, a
-    generator closed early): the chunks still computing on a pool's threads, which the pool waits
-    for on its way out, then stop at their next forward pass where :func:`~.restore.restore` was
-    given the same event, instead of running to their end (minutes for one huge plane)."""
+    generator closed early): the chunks still computing on other threads (a pool waits for them on
+    its way out; dask's go on after its caller has left) then stop at their next forward pass where
+    :func:`~.restore.restore` was given the same event, instead of running to their end (minutes
+    for one huge plane)."""
     try:
         yield
     except BaseException:
@@ -482,7 +483,7 @@ def write_image_steps(
     suffix = image_suffix(output)
     array, _ = as_dask(array)
     check_output_format(output, array.shape, axes, array.dtype)
-    with _cancelling_on_exit(cancel), _atomic_path(output, overwrite) as temporary, \
+    with cancelling_on_exit(cancel), _atomic_path(output, overwrite) as temporary, \
             dask.config.set(scheduler="threads", num_workers=workers):
         if suffix in (".zarr", ".ome.zarr"):
             chunks = tuple(c[0] for c in array.chunks)
@@ -514,7 +515,7 @@ def store_chunks(
 ) -> Iterator[tuple[int, int]]:
     """Compute and write every chunk of ``array`` into ``target`` (a zarr array, a numpy array or
     memory map of its shape), ``workers`` chunks at a time; setting ``cancel`` raises
-    :class:`Cancelled` at the next chunk, and leaving early sets it (:func:`_cancelling_on_exit`).
+    :class:`Cancelled` at the next chunk, and leaving early sets it (:func:`cancelling_on_exit`).
 
     A new chunk starts as soon as one is written, so the threads (and the network they feed)
     never wait at a barrier for the slowest chunk of a group; twice as many chunks as threads are
@@ -527,7 +528,7 @@ def store_chunks(
     blocks = iter(block_regions(array))
     total, done = array.npartitions, 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="write-chunk") as pool, \
-            _cancelling_on_exit(cancel):
+            cancelling_on_exit(cancel):
         pending: set[Future] = set()
         try:
             while True:
@@ -605,9 +606,9 @@ def _computed_in_order(
     their own threads meanwhile: a TIFF is written in order, one page or tile after the other, and
     computing only the next one left the network idle while the host read, blended and wrote
     (docs/engine.md). Closing early cancels what has not started; setting ``cancel`` raises
-    :class:`Cancelled` at the next part, and leaving early sets it (:func:`_cancelling_on_exit`)."""
+    :class:`Cancelled` at the next part, and leaving early sets it (:func:`cancelling_on_exit`)."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tiff-chunk") as pool, \
-            _cancelling_on_exit(cancel):
+            cancelling_on_exit(cancel):
         ahead: deque[Future] = deque()
         try:
             for part in parts:

@@ -28,7 +28,7 @@ from .axes import (
     to_canonical,
 )
 from .device import available_memory, host_threads, resolve_device
-from .io import Cancelled
+from .io import Cancelled, cancelling_on_exit
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
@@ -671,7 +671,9 @@ def restore(
         Setting it stops the restore within a forward pass (a queued run of them on a GPU): each
         chunk being computed, or starting, raises :class:`~.io.Cancelled` instead of running to
         its end, which for one huge plane takes minutes. The writers of :mod:`.io` set the event
-        they are given when they stop early (an error, Ctrl-C, a cancelled worker).
+        they are given when they stop early (an error, Ctrl-C, a cancelled worker), and so does
+        this function for a numpy input, computed here: after Ctrl-C (``KeyboardInterrupt``) no
+        thread goes on restoring in the background.
 
     Returns
     -------
@@ -699,6 +701,8 @@ def restore(
     if isinstance(model, str):
         model = create_model(model, pretrained=True)
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha, block)
+    if cancel is None and not plan.lazy:
+        cancel = threading.Event()  # set below if the caller is interrupted, so that dask's threads stop too
     iterated, target_dtype = plan.layout.iterated, plan.output_dtype
     # How many chunks are restored at once, whatever the threads that compute them (dask's default:
     # one per core, which for large planes would not fit in memory). An in-memory result (the
@@ -735,7 +739,7 @@ def restore(
     # Each chunk goes into the output as it is done: compute() would hold every chunk, then their
     # concatenation, twice the output at its peak.
     output = np.empty(result.shape, result.dtype)
-    with dask.config.set(scheduler="threads", num_workers=workers):
+    with cancelling_on_exit(cancel), dask.config.set(scheduler="threads", num_workers=workers):
         da.store(result, output, lock=False)
     return output
 
