@@ -768,7 +768,9 @@ def test_a_plane_restored_in_blocks_holds_a_block_not_the_plane(tmp_path):
         peaks[block] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert np.array_equal(zarr.open_array(str(tmp_path / "512.zarr"))[:], zarr.open_array(str(tmp_path / "None.zarr"))[:])
-    assert peaks[None] > 2048 * 2048 * 12  # the plane's float32 sum, weights and output, and more
+    # The plane's float32 sum and weights and its uint16 output (12.9 bytes a pixel in all with the
+    # pinned versions, 10.9 with the oldest, since tiles run a pass at a time on the CPU).
+    assert peaks[None] > 2048 * 2048 * 10
     assert peaks[512] < peaks[None] / 4
 
 
