@@ -59,7 +59,7 @@ class BackgroundPlanes:
         self._placeholder.flags.writeable = False
         self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self._wanted: OrderedDict[tuple[int, ...], None] = OrderedDict()
-        self._busy: tuple[int, ...] | None = None
+        self._busy: frozenset[tuple[int, ...]] = frozenset()  # the planes of the chunk being computed
         self._condition = threading.Condition()
         self._closed = False
         self.errors: list[BaseException] = []
@@ -110,7 +110,7 @@ class BackgroundPlanes:
                     self._cache.move_to_end(index)
                     planes.append(self._cache[index])
                     continue
-                if index != self._busy:
+                if index not in self._busy:
                     self._wanted.pop(index, None)
                     self._wanted[index] = None
                     while len(self._wanted) > self.queue_depth:
@@ -118,8 +118,8 @@ class BackgroundPlanes:
                     self._condition.notify()
                 planes.append(self._placeholder)
             missing = any(plane is self._placeholder for plane in planes)
-            if self._cancel is not None and self._busy is not None and missing and self._busy not in indices:
-                self._cancel.set()  # the plane being computed is not on screen any more
+            if self._cancel is not None and self._busy and missing and self._busy.isdisjoint(indices):
+                self._cancel.set()  # the planes being computed are not on screen any more
         return planes
 
     def _work(self) -> None:
@@ -130,22 +130,22 @@ class BackgroundPlanes:
                 if self._closed:
                     return
                 index, _ = self._wanted.popitem(last=True)  # newest request first
-                self._busy = index
+                spans = self._chunk_spans(index)
+                self._busy = frozenset(itertools.product(*(spans[d] for d in self.iterated)))
                 if self._cancel is not None:
-                    self._cancel.clear()  # under the lock: only a later request gives this plane up
-            spans = self._chunk_spans(index)
+                    self._cancel.clear()  # under the lock: only a later request gives this chunk up
             key = tuple(slice(spans[d].start, spans[d].stop) if d in spans else slice(None) for d in range(self.ndim))
             try:
                 chunk = np.asarray(self.lazy[key].compute(scheduler="synchronous"))
             except Cancelled:  # given up for newer requests, which the loop takes next
                 with self._condition:
-                    self._busy = None
+                    self._busy = frozenset()
                     self._condition.notify_all()
                 continue
             except BaseException as error:  # surfaced by the widget; the worker keeps serving
                 with self._condition:
                     self.errors.append(error)
-                    self._busy = None
+                    self._busy = frozenset()
                     self._condition.notify_all()
                 if self.on_ready is not None:
                     self.on_ready(index)
@@ -159,7 +159,7 @@ class BackgroundPlanes:
                     )].copy()
                     self._wanted.pop(neighbour, None)
                 self._cache.move_to_end(index)
-                self._busy = None
+                self._busy = frozenset()
                 while sum(p.nbytes for p in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
                     self._cache.popitem(last=False)
                 self._condition.notify_all()
@@ -179,7 +179,7 @@ class BackgroundPlanes:
     def wait(self, timeout: float = 60.0) -> bool:
         """Block until no plane is queued or being computed (for scripts and tests)."""
         with self._condition:
-            return self._condition.wait_for(lambda: not self._wanted and self._busy is None, timeout) or False
+            return self._condition.wait_for(lambda: not self._wanted and not self._busy, timeout) or False
 
     @property
     def closed(self) -> bool:
