@@ -32,6 +32,30 @@ def make_tiny_model(channels: int = 1, seed: int = 0, **changes) -> GamaIR:
     return model.eval()
 
 
+def recorded_passes(monkeypatch, pause: float = 0.0, interrupt_at: int | None = None) -> list[int]:
+    """Every forward pass of every runner appends its tile count to the list returned and takes
+    ``pause`` seconds longer (time to cancel or move on during one plane); the pass numbered
+    ``interrupt_at`` (from 1) first sends SIGINT to the main thread, as Ctrl-C does."""
+    import signal
+    import threading
+    import time
+
+    from napari_gama_ir.engine import ModelRunner
+
+    passes = []
+    forward = ModelRunner._forward
+
+    def recorded(self, tiles, outputs):
+        passes.append(len(tiles))
+        if len(passes) == interrupt_at:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(pause)
+        forward(self, tiles, outputs)
+
+    monkeypatch.setattr(ModelRunner, "_forward", recorded)
+    return passes
+
+
 @pytest.fixture(autouse=True)
 def no_kept_runner():
     """Each test starts without the runner a test before it left for the next restore (a runner

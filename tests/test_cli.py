@@ -8,7 +8,7 @@ from napari_gama_ir import save_checkpoint
 from napari_gama_ir.cli import main
 from napari_gama_ir.engine.io import open_image
 
-from .conftest import make_tiny_model
+from .conftest import make_tiny_model, recorded_passes
 
 
 @pytest.fixture
@@ -340,26 +340,11 @@ def test_ctrl_c_stops_a_large_plane_within_a_few_passes_and_writes_nothing(capsy
                                                                            monkeypatch, name):
     # The writer's threads were waited for: Ctrl-C on one large plane (one chunk) took as long as
     # the rest of the plane (19 s for a 24-megapixel photo on the project's CPU).
-    import signal
-    import threading
     import time
-
-    from napari_gama_ir.engine import ModelRunner
 
     picture = (np.random.default_rng(2).random((400, 400)) * 255).astype(np.uint8)
     np.save(tmp_path / "scan.npy", picture)
-    passes = []
-    forward = ModelRunner._forward
-
-    def interrupted_at_the_third(self, tiles, outputs):
-        passes.append(len(tiles))
-        if len(passes) == 3:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Ctrl-C
-        if len(passes) >= 3:
-            time.sleep(0.05)  # a pass long enough for the main thread to see the signal
-        forward(self, tiles, outputs)
-
-    monkeypatch.setattr(ModelRunner, "_forward", interrupted_at_the_third)
+    passes = recorded_passes(monkeypatch, pause=0.05, interrupt_at=3)
     code, _, err = run_cli(capsys, "restore", tmp_path / "scan.npy", "-o", tmp_path / name, "--model", grey_checkpoint,
                            "--tile", 48, "--overlap", 16, "--batch", 1, "--output-dtype", "input", "-q")
     assert code == 130 and "interrupted; no output was written" in err

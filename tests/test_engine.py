@@ -15,7 +15,7 @@ from napari_gama_ir.engine.restore import TilingPlan, restore_plane
 from napari_gama_ir.engine.runner import batch_size
 from napari_gama_ir.engine.tiling import plan_tiles, tile_starts, tile_weights
 
-from .conftest import assert_alike, make_tiny_model
+from .conftest import assert_alike, make_tiny_model, recorded_passes
 
 
 def model_output(model, image):
@@ -353,7 +353,7 @@ def test_progress_comes_pass_by_pass_and_cancel_stops_a_plane_within_a_pass(monk
     image = np.random.default_rng(7).random((300, 300), dtype=np.float32)
     settings = {"tile": 48, "overlap": 16, "batch": 1}  # a pass a tile, as 512-pixel tiles run on the CPU
     expected = restore(image, model, "YX", **settings)
-    passes = _device_holding(monkeypatch, 10**9)  # records every pass
+    passes = recorded_passes(monkeypatch)
     pixels = []
     assert np.array_equal(restore(image, model, "YX", on_plane=pixels.append, **settings), expected)
     assert len(passes) == 81 and len(pixels) == 81 and sum(pixels) == 300 * 300  # a count a pass (a tile each)
@@ -372,22 +372,11 @@ def test_progress_comes_pass_by_pass_and_cancel_stops_a_plane_within_a_pass(monk
 def test_ctrl_c_during_a_numpy_restore_leaves_no_thread_restoring(monkeypatch):
     # dask's threads went on with the plane after KeyboardInterrupt reached the caller (a notebook's
     # next cell then shared the CPU with a restore nobody wanted).
-    import signal
     import time
 
     model = make_tiny_model(1)
     image = np.random.default_rng(9).random((300, 300), dtype=np.float32)
-    passes = []
-    forward = ModelRunner._forward
-
-    def interrupted_at_the_third(self, tiles, outputs):
-        passes.append(len(tiles))
-        if len(passes) == 3:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # as Ctrl-C
-        time.sleep(0.05)
-        forward(self, tiles, outputs)
-
-    monkeypatch.setattr(ModelRunner, "_forward", interrupted_at_the_third)
+    passes = recorded_passes(monkeypatch, pause=0.05, interrupt_at=3)
     with pytest.raises(KeyboardInterrupt):
         restore(image, model, "YX", tile=48, overlap=16, batch=1)  # 81 passes
     time.sleep(1)  # some 20 passes, were they still running

@@ -399,7 +399,6 @@ def test_a_tiff_that_fails_or_is_cancelled_leaves_nothing_behind(tmp_path, name)
     assert list(tmp_path.iterdir()) == []
 
 
-
 @pytest.mark.parametrize("name", ["out.zarr", "out.tif", "out.npy"])
 def test_a_write_that_stops_early_sets_its_cancel_event_for_the_chunks_in_flight(tmp_path, name):
     # The writer's threads are waited for on its way out: a chunk in flight (a plane restore

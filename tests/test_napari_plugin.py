@@ -14,7 +14,7 @@ from napari_gama_ir import restore, save_checkpoint  # noqa: E402
 from napari_gama_ir._napari.restore_widget import CHECKPOINT_FILE, RestoreWidget, chunk_unit  # noqa: E402
 from napari_gama_ir.engine.io import open_image  # noqa: E402
 
-from .conftest import assert_alike, make_tiny_model  # noqa: E402
+from .conftest import assert_alike, make_tiny_model, recorded_passes  # noqa: E402
 
 
 @pytest.fixture
@@ -106,25 +106,6 @@ def test_preview_computes_only_the_planes_displayed(make_napari_viewer, qtbot, g
     assert restored | {0, 7, 1500} <= set(computed) <= restored | chunk_of(first) | {first, 0, 7, 1500}
 
 
-def slowed_passes(monkeypatch, seconds: float) -> list[int]:
-    """Every forward pass takes ``seconds`` longer, time to cancel or move on during one plane;
-    returns the list that each pass's tile count is appended to."""
-    import time
-
-    from napari_gama_ir.engine import ModelRunner
-
-    passes = []
-    forward = ModelRunner._forward
-
-    def slow(self, tiles, outputs):
-        passes.append(len(tiles))
-        time.sleep(seconds)
-        forward(self, tiles, outputs)
-
-    monkeypatch.setattr(ModelRunner, "_forward", slow)
-    return passes
-
-
 def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
     # The plane being restored was finished before the one the user scrolled to was started: up to
     # twice a plane's time (30 s each for 2048 x 2048 with GAMA-IR-S on the project's CPU).
@@ -135,7 +116,7 @@ def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
     stack = np.random.default_rng(5).random((4, 600, 600), dtype=np.float32)
     settings = {"tile": 128, "overlap": 16, "batch": 1}  # 36 tiles a plane, one a pass
     expected = restore(stack, make_tiny_model(1), "ZYX", **settings)
-    passes = slowed_passes(monkeypatch, 0.02)
+    passes = recorded_passes(monkeypatch, pause=0.02)
     given_up = threading.Event()
     lazy = restore(da.from_array(stack, chunks=(1, 600, 600)), make_tiny_model(1), "ZYX", cancel=given_up, **settings)
     planes = BackgroundPlanes(lazy, (1, 2), cancel=given_up)
@@ -273,7 +254,7 @@ def test_restore_all_of_one_large_plane_shows_its_progress_and_cancels_within_a_
     widget = open_widget(viewer)
     use_checkpoint(widget, grey_checkpoint)
     widget.tile.value, widget.overlap.value = 256, 32  # 81 tiles, 4 a pass on the CPU: 21 passes
-    passes = slowed_passes(monkeypatch, 0.1)
+    passes = recorded_passes(monkeypatch, pause=0.1)
     widget.destination.value = "zarr store"
     widget.output.value = tmp_path / "scan.zarr"
     worker = widget.restore_all()
