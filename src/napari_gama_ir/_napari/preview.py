@@ -23,10 +23,10 @@ class BackgroundPlanes:
     computed once while it stays in the cache (least recently used planes leave it beyond
     ``cache_bytes``). Only the ``queue_depth`` most recent requests are kept, so scrolling quickly
     through thousands of planes restores where the user stopped, not every plane passed on the way.
-    With ``cancel``, the event that :func:`napari_gama_ir.restore` was given for ``lazy``, a plane
-    being computed is also given up within a forward pass once a request names other planes only,
-    instead of being finished first (30 s for a 2048 x 2048 plane with GAMA-IR-S on a 2-core CPU);
-    it is computed again from the start if asked for again.
+    With ``cancel``, the event that :func:`napari_gama_ir.restore` was given for ``lazy``, the
+    chunk being computed is also given up within a forward pass once a request names only planes
+    of other chunks, instead of being finished first (15-30 s for a 2048 x 2048 plane with GAMA-IR-S
+    on a 2-core CPU); it is computed again from the start if asked for again.
 
     Parameters
     ----------
