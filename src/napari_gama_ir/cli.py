@@ -151,12 +151,10 @@ def _restore_image(
     # Checks the settings and chooses blocks where a plane does not fit; computes nothing.
     plan = plan_restore(source.array, model, axes, args.tile or None, args.overlap, args.mean_mode, None,
                         output_dtype, alpha, args.block)
-    # The engine's planes: a channel is one of its own where the network restores channels one at a time.
     shape = dict(zip(axes, source.array.shape))
-    planes = int(np.prod([shape[a] for a in plan.layout.iterated], dtype=np.int64))
     # Compiling holds the bar at 0% for tens of seconds: say why until the first plane is done.
     first_note = "compiling the network first (tens of seconds)" if args.compile else ""
-    progress = _Progress(planes, shape["Y"] * shape["X"], args.quiet, label, first_note)
+    progress = _Progress(plan.planes, shape["Y"] * shape["X"], args.quiet, label, first_note)
     # Set by the writer on Ctrl-C or an error, so that the chunks in flight stop at their next
     # forward pass rather than run to their end before the process can exit.
     stop = threading.Event()

@@ -249,7 +249,7 @@ class RestoreWidget(QWidget):
         self._cancel.clear()
         shape = dict(zip(axes, restored.shape))
         self._pixels_done = 0
-        self._pixels_total = int(np.prod([shape[a] for a in (*plan.layout.iterated, "Y", "X")]))
+        self._pixels_total = plan.planes * shape["Y"] * shape["X"]
         self._bar = progress(total=100, desc="GAMA-IR", unit="%")
         # Handlers are given at creation: a worker created without an "errored" handler re-raises.
         self.worker = create_worker(

@@ -359,7 +359,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _check(cancel: threading.Event | None) -> None:
+def check_cancel(cancel: threading.Event | None) -> None:
+    """Raise :class:`Cancelled` if ``cancel`` is set."""
     if cancel is not None and cancel.is_set():
         raise Cancelled()
 
@@ -537,7 +538,7 @@ def store_chunks(
                     if chunk is None:
                         break
                     pending.add(pool.submit(store, *chunk))
-                _check(cancel)
+                check_cancel(cancel)
                 if not pending:
                     return
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -612,12 +613,12 @@ def _computed_in_order(
         ahead: deque[Future] = deque()
         try:
             for part in parts:
-                _check(cancel)
+                check_cancel(cancel)
                 ahead.append(pool.submit(part.compute, scheduler="synchronous"))
                 if len(ahead) > workers:
                     yield ahead.popleft().result()
             while ahead:
-                _check(cancel)
+                check_cancel(cancel)
                 yield ahead.popleft().result()
         finally:
             for future in ahead:

@@ -28,7 +28,7 @@ from .axes import (
     to_canonical,
 )
 from .device import available_memory, host_threads, resolve_device
-from .io import Cancelled, cancelling_on_exit
+from .io import cancelling_on_exit, check_cancel
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
@@ -275,14 +275,12 @@ def _runs_of_bounded_size(group: list[Tile], run_shape: tuple[int, int], runner:
     A run's tiles and their outputs are held at once (on a GPU all of its batches are queued
     before the first is awaited); unbounded, a gigapixel plane held them all, 2.6 times its
     normalised size with the default tiles. Runs are whole numbers of the runner's batch, so its
-    batches keep one size. The CPU gains nothing from holding more than a pass: runs of
-    :data:`RUN_PIXELS` took a 24-megapixel photo's restore from 1.1 to 2.4 GB of memory above
-    the process's start, and made it 1.1x slower (docs/engine.md).
+    batches keep one size. The CPU gains nothing from holding more than a pass: with runs of
+    :data:`RUN_PIXELS` a 24-megapixel photo's restore rose 2.4-2.5 GB above the process's start,
+    against 0.9-1.0 GB a pass at a time, and took 1.1x as long (docs/engine.md).
     """
     size = runner.pass_size(len(group), run_shape)
-    if not runner.queues_passes:
-        return [group[start:start + size] for start in range(0, len(group), size)]
-    per_run = max(1, RUN_PIXELS // (run_shape[0] * run_shape[1] * size)) * size
+    per_run = max(1, RUN_PIXELS // (run_shape[0] * run_shape[1] * size)) * size if runner.queues_passes else size
     return [group[start:start + per_run] for start in range(0, len(group), per_run)]
 
 
@@ -448,6 +446,13 @@ class RestorePlan:
     @property
     def planes_per_chunk(self) -> int:
         return int(np.prod(self.plane_chunks)) if self.plane_chunks else 1
+
+    @property
+    def planes(self) -> int:
+        """How many planes are restored: the product of the iterated axes (channels among them,
+        where the network restores them one at a time; a passed-through alpha channel is not)."""
+        shape = dict(zip(self.axes, self.array.shape))
+        return int(np.prod([shape[a] for a in self.layout.iterated], dtype=np.int64))
 
     def chunk_bytes(self, out_channels: int, block: int | None = None) -> int:
         """Memory that restoring one chunk takes: a plane (or the plan's :attr:`plane_chunks`), or
@@ -755,8 +760,7 @@ class _ChunkProgress:
         self._reported = 0
 
     def check(self) -> None:
-        if self._cancel is not None and self._cancel.is_set():
-            raise Cancelled()
+        check_cancel(self._cancel)
 
     def share_done(self, share: float) -> None:
         """The ``on_progress`` of :func:`restore_plane`: ``share`` of the chunk's tiles are restored."""
