@@ -106,6 +106,31 @@ def test_preview_computes_only_the_planes_displayed(make_napari_viewer, qtbot, g
     assert restored | {0, 7, 1500} <= set(computed) <= restored | chunk_of(first) | {first, 0, 7, 1500}
 
 
+def test_preview_shows_how_far_the_plane_on_screen_is(make_napari_viewer, qtbot, grey_checkpoint, monkeypatch):
+    # The plane on screen stayed black, with no word of progress, for the 15-30 s a 2048 x 2048
+    # plane takes with GAMA-IR-S on the project's CPU.
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(1).random((3, 600, 600), dtype=np.float32), name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value, widget.overlap.value = 128, 16  # 36 tiles a plane: 3 passes of 12 on the CPU
+    statuses = []
+
+    class RecordedStatus:  # the widget's Label emits nothing when set
+        value = property(lambda self: statuses[-1], lambda self, value: statuses.append(value))
+
+    monkeypatch.setattr(widget, "status", RecordedStatus())
+    passes = recorded_passes(monkeypatch, pause=0.05)
+    layer = widget.preview()
+    shown = viewer.dims.current_step[0]
+    qtbot.waitUntil(lambda: f"preview: Z={shown} restored" in statuses, timeout=20000)
+    layer.data.wait()
+    # napari may ask for plane 0 first, given up within a pass: what follows is the plane on screen.
+    start, end = statuses.index(f"preview: restoring Z={shown}: 0%"), statuses.index(f"preview: Z={shown} restored")
+    assert statuses[start:end] == [f"preview: restoring Z={shown}: {p}%" for p in (0, 33, 67, 100)]
+    assert passes[-3:] == [12] * 3
+
+
 def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
     # The plane being restored was finished before the one the user scrolled to was started: up to
     # twice a plane's time (30 s each for 2048 x 2048 with GAMA-IR-S on the project's CPU).

@@ -26,7 +26,10 @@ class BackgroundPlanes:
     With ``cancel``, the event that :func:`napari_gama_ir.restore` was given for ``lazy``, the
     chunk being computed is also given up within a forward pass once a request names only planes
     of other chunks, instead of being finished first (15-30 s for a 2048 x 2048 plane with GAMA-IR-S
-    on a 2-core CPU); it is computed again from the start if asked for again.
+    on a 2-core CPU); it is computed again from the start if asked for again. With ``on_progress``
+    and ``pixels_per_plane``, :meth:`count_pixels` as ``lazy``'s ``on_plane`` says how far the
+    chunk being computed is, pass by pass, so that a plane shown black for many seconds is seen to
+    be on its way.
 
     Parameters
     ----------
@@ -37,6 +40,12 @@ class BackgroundPlanes:
         the others are iterated.
     cancel : threading.Event, optional
         The event ``lazy``'s restore checks at each forward pass; this class sets and clears it.
+    on_progress : callable, optional
+        Called from the background thread with the index of the plane asked for and the share of
+        its chunk restored: 0.0 when the chunk starts, then as :meth:`count_pixels` is called.
+    pixels_per_plane : int, optional
+        The pixels (per channel) of one plane, as ``lazy``'s ``on_plane`` counts them; needed by
+        :meth:`count_pixels`.
     """
 
     def __init__(
@@ -47,9 +56,14 @@ class BackgroundPlanes:
         cache_bytes: int = 1 << 30,
         queue_depth: int = 4,
         cancel: threading.Event | None = None,
+        on_progress: Callable[[tuple[int, ...], float], None] | None = None,
+        pixels_per_plane: int | None = None,
     ) -> None:
         self.lazy = lazy
         self._cancel = cancel
+        self.on_progress, self.pixels_per_plane = on_progress, pixels_per_plane
+        self._asked: tuple[int, ...] | None = None  # the plane whose request started that chunk
+        self._pixels_done = 0  # of the chunk being computed, as count_pixels is told
         self.shape, self.dtype, self.ndim = lazy.shape, lazy.dtype, lazy.ndim
         self.iterated = tuple(d for d in range(lazy.ndim) if d not in plane_axes)
         self.on_ready = on_ready
@@ -134,6 +148,9 @@ class BackgroundPlanes:
                 self._busy = frozenset(itertools.product(*(spans[d] for d in self.iterated)))
                 if self._cancel is not None:
                     self._cancel.clear()  # under the lock: only a later request gives this chunk up
+                self._asked, self._pixels_done = index, 0
+            if self.on_progress is not None:
+                self.on_progress(index, 0.0)
             key = tuple(slice(spans[d].start, spans[d].stop) if d in spans else slice(None) for d in range(self.ndim))
             try:
                 chunk = np.asarray(self.lazy[key].compute(scheduler="synchronous"))
@@ -165,6 +182,15 @@ class BackgroundPlanes:
                 self._condition.notify_all()
             if self.on_ready is not None:
                 self.on_ready(index)
+
+    def count_pixels(self, pixels: int) -> None:
+        """``lazy``'s ``on_plane``: ``pixels`` more of the chunk being computed are restored."""
+        with self._condition:
+            self._pixels_done += pixels
+            share = self._pixels_done / max(1, len(self._busy) * self.pixels_per_plane)
+            asked = self._asked
+        if self.on_progress is not None and asked is not None:
+            self.on_progress(asked, min(1.0, share))
 
     def _chunk_spans(self, index: tuple[int, ...]) -> dict[int, range]:
         """For each iterated dimension, the positions of the chunk of ``lazy`` that holds ``index``:

@@ -52,6 +52,11 @@ def chunk_unit(restored: da.Array, axes: str) -> str:
     return "batches of planes"
 
 
+def plane_label(axes: str, planes: BackgroundPlanes, index: tuple[int, ...]) -> str:
+    """The plane at ``index`` of a preview, as the user knows it: "T=2, Z=5", or "the image"."""
+    return ", ".join(f"{axes[d]}={i}" for d, i in zip(planes.iterated, index)) or "the image"
+
+
 def _check_fits_in_memory(nbytes: int, what: str = "the restored image") -> None:
     """Refuse an in-memory result (``what``) larger than half the memory free now: filling it would
     end, perhaps hours later, with napari killed for want of memory and the work lost."""
@@ -196,8 +201,13 @@ class RestoreWidget(QWidget):
     def preview(self, _=None):
         """Add a layer that restores each plane the first time it is shown, off the UI thread."""
         given_up = threading.Event()  # set by the preview to give up a plane no longer on screen
+        planes = None  # made below, before the engine restores (and counts) anything
+
+        def count_pixels(pixels: int) -> None:
+            planes.count_pixels(pixels)
+
         try:
-            layer, restored, axes, model, provenance, _ = self._prepare(cancel=given_up)
+            layer, restored, axes, model, provenance, _ = self._prepare(count_pixels, given_up)
             shape = list(restored.shape)  # as the network sees it: without a passed-through alpha channel
             if provenance["alpha_passed_through"]:
                 shape[axes.index("C")] -= 1
@@ -208,18 +218,27 @@ class RestoreWidget(QWidget):
             _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
-        planes = BackgroundPlanes(restored, plane_axes, cancel=given_up)
+        shape = dict(zip(axes, restored.shape))
+        planes = BackgroundPlanes(
+            restored, plane_axes, cancel=given_up, pixels_per_plane=shape["Y"] * shape["X"],
+            on_progress=lambda index, share: self._show_preview_progress(plane_label(axes, planes, index), share),
+        )
         result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
-        planes.on_ready = lambda index: self._plane_ready(result, planes)
+        planes.on_ready = lambda index: self._plane_ready(result, planes, plane_label(axes, planes, index))
         self.previews.append(planes)
         self.status.value = "preview: planes are restored as you view them"
         return result
 
     @ensure_main_thread
-    def _plane_ready(self, layer, planes: BackgroundPlanes) -> None:
+    def _show_preview_progress(self, label: str, share: float) -> None:
+        self.status.value = f"preview: restoring {label}: {share:.0%}"
+
+    @ensure_main_thread
+    def _plane_ready(self, layer, planes: BackgroundPlanes, label: str) -> None:
         if planes.errors:
-            error = planes.errors.pop()
-            self._fail(error)
+            self._fail(planes.errors.pop())
+        else:
+            self.status.value = f"preview: {label} restored"
         if layer in self.viewer.layers:
             layer.refresh()
 
