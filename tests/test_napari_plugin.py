@@ -131,6 +131,28 @@ def test_preview_shows_how_far_the_plane_on_screen_is(make_napari_viewer, qtbot,
     assert passes[-3:] == [12] * 3
 
 
+def test_deleting_a_preview_layer_stops_it_and_lets_go_of_its_planes(make_napari_viewer, qtbot, grey_checkpoint,
+                                                                     monkeypatch):
+    # A deleted preview kept its thread, the plane it was restoring, and up to 1 GB of cached planes
+    # for as long as the widget lived: previews tried one after another piled up.
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(2).random((3, 600, 600), dtype=np.float32), name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value, widget.overlap.value = 128, 16  # 3 passes a plane
+    first = widget.preview()
+    shown = viewer.dims.current_step[0]
+    qtbot.waitUntil(lambda: first.data.is_ready((shown,)), timeout=20000)
+    passes = recorded_passes(monkeypatch, pause=0.05)
+    second = widget.preview()  # other settings, say; napari shows this one's plane
+    qtbot.waitUntil(lambda: len(passes) >= 1, timeout=20000)
+    for layer in (first, second):
+        viewer.layers.remove(layer)
+        assert layer.data.join(timeout=5) and layer.data.computed == []
+    assert widget.previews == [] and len(passes) < 3  # the second stopped within its first pass of 3
+    assert widget.status.value == f"preview closed: {second.name}"
+
+
 def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
     # The plane being restored was finished before the one the user scrolled to was started: up to
     # twice a plane's time (30 s each for 2048 x 2048 with GAMA-IR-S on the project's CPU).
@@ -163,8 +185,7 @@ def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
     planes[3]
     qtbot.waitUntil(lambda: len(passes) >= 1, timeout=20000)
     planes.close()  # the layer or the viewer closed: the plane is given up too
-    planes._thread.join(timeout=5)
-    assert not planes._thread.is_alive() and len(passes) < 10
+    assert planes.join(timeout=5) and len(passes) < 10
 
 
 def test_restore_all_counts_what_a_chunk_holds():

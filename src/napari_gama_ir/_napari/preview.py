@@ -168,6 +168,10 @@ class BackgroundPlanes:
                     self.on_ready(index)
                 continue
             with self._condition:
+                if self._closed:  # finished after all (without ``cancel``): nobody will show it
+                    self._busy = frozenset()
+                    self._condition.notify_all()
+                    return
                 for neighbour in itertools.product(*(spans[d] for d in self.iterated)):
                     at = dict(zip(self.iterated, neighbour))
                     # A copy, so that a cached plane does not keep its whole chunk alive.
@@ -188,7 +192,7 @@ class BackgroundPlanes:
         with self._condition:
             self._pixels_done += pixels
             share = self._pixels_done / max(1, len(self._busy) * self.pixels_per_plane)
-            asked = self._asked
+            asked = None if self._closed else self._asked
         if self.on_progress is not None and asked is not None:
             self.on_progress(asked, min(1.0, share))
 
@@ -212,11 +216,19 @@ class BackgroundPlanes:
         """Whether :meth:`close` has stopped the background thread."""
         return self._closed
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the background thread to stop after :meth:`close`;
+        return whether it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self) -> None:
-        """Stop the background thread, giving up the plane it computes (with ``cancel``)."""
+        """Stop the background thread, giving up the plane it computes (with ``cancel``), and let go
+        of the cached planes."""
         with self._condition:
             self._closed = True
             self._wanted.clear()
+            self._cache.clear()
             if self._cancel is not None:
                 self._cancel.set()
             self._condition.notify_all()

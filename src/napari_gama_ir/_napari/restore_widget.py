@@ -113,6 +113,7 @@ class RestoreWidget(QWidget):
         self.cancel_button.changed.connect(self.cancel)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._close_removed_preview)
         model_events.registered.connect(self._refresh_models)
         # Closing the viewer deletes this widget without a closeEvent: let go then too.
         self.destroyed.connect(lambda: self._release())
@@ -228,6 +229,15 @@ class RestoreWidget(QWidget):
         self.previews.append(planes)
         self.status.value = "preview: planes are restored as you view them"
         return result
+
+    def _close_removed_preview(self, event) -> None:
+        """A preview layer deleted stops restoring and lets go of its cached planes (up to 1 GB
+        each, which previews tried one after another with other settings would otherwise pile up)."""
+        planes = event.value.data
+        if any(planes is preview for preview in self.previews):
+            planes.close()
+            self.previews = [preview for preview in self.previews if preview is not planes]
+            self.status.value = f"preview closed: {event.value.name}"
 
     @ensure_main_thread
     def _show_preview_progress(self, label: str, share: float) -> None:
