@@ -219,9 +219,9 @@ class RestoreWidget(QWidget):
             _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
-        shape = dict(zip(axes, restored.shape))
+        sizes = dict(zip(axes, restored.shape))
         planes = BackgroundPlanes(
-            restored, plane_axes, cancel=given_up, pixels_per_plane=shape["Y"] * shape["X"],
+            restored, plane_axes, cancel=given_up, pixels_per_plane=sizes["Y"] * sizes["X"],
             on_progress=lambda index, share: self._show_preview_progress(plane_label(axes, planes, index), share),
         )
         result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
