@@ -314,6 +314,23 @@ def test_restore_all_of_one_large_plane_shows_its_progress_and_cancels_within_a_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.safetensors"]
 
 
+def test_closing_the_viewer_stops_restore_all_within_a_pass(make_napari_viewer, qtbot, grey_checkpoint, monkeypatch):
+    # The restore ran on to its end in the background after the viewer closed, its result lost.
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(4).random((2000, 2000), dtype=np.float32), name="scan")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value, widget.overlap.value = 256, 32  # 81 tiles, 4 a pass on the CPU: 21 passes
+    passes = recorded_passes(monkeypatch, pause=0.1)
+    worker = widget.restore_all()
+    qtbot.waitUntil(lambda: len(passes) >= 2, timeout=20000)
+    deleted = []
+    widget.destroyed.connect(lambda: deleted.append(True))
+    viewer.close()
+    qtbot.waitUntil(lambda: deleted and not worker.is_running, timeout=20000)
+    assert len(passes) < 10  # of 21
+
+
 @pytest.mark.parametrize(
     "setup,message",
     [

@@ -99,6 +99,7 @@ class RestoreWidget(QWidget):
         layout.addStretch()
         self.previews: list[BackgroundPlanes] = []
         self.worker = None
+        self._worker_handlers: dict[str, Any] = {}  # what the worker reports to, while it runs
         self._cancel = threading.Event()
         # "Restore all"'s progress: pixels restored (counted on the engine's threads) of the total.
         self._bar: progress | None = None
@@ -281,15 +282,15 @@ class RestoreWidget(QWidget):
         self._pixels_total = plan.planes * shape["Y"] * shape["X"]
         self._bar = progress(total=100, desc="GAMA-IR", unit="%")
         # Handlers are given at creation: a worker created without an "errored" handler re-raises.
+        self._worker_handlers = {
+            "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} {unit}"),
+            "returned": lambda data: self._finished(data, layer, provenance),
+            "errored": self._worker_failed,
+            "finished": self._worker_done,
+        }
         self.worker = create_worker(
             self._restore_steps, restored, axes, target, provenance, workers,
-            _connect={
-                "yielded": lambda done: setattr(self.status, "value", f"restored {done}/{total} {unit}"),
-                "returned": lambda data: self._finished(data, layer, provenance),
-                "errored": self._worker_failed,
-                "finished": lambda: self._set_running(False),
-            },
-            _start_thread=False,
+            _connect=self._worker_handlers, _start_thread=False,
         )
         self._set_running(True)
         self.worker.start()
@@ -332,11 +333,19 @@ class RestoreWidget(QWidget):
         else:
             self._fail(error)
 
+    def _worker_done(self) -> None:
+        self.worker = None
+        self._set_running(False)
+
     def _set_running(self, running: bool) -> None:
         self.restore_button.enabled = not running
         self.preview_button.enabled = not running
         self.cancel_button.enabled = running
-        if not running and self._bar is not None:
+        if not running:
+            self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
             self._bar.close()
             self._bar = None
 
@@ -344,11 +353,17 @@ class RestoreWidget(QWidget):
         report_error(self.status, error)
 
     def _release(self) -> None:
-        """Stop the previews' thread and stop listening for new models (a deleted model list
-        made the Fine-tune widget's registration fail)."""
+        """Stop the previews' thread, cancel a "Restore all" (which ran on to its end after the
+        viewer closed, its result lost), and stop listening for new models and for that restore
+        (a deleted model list made the Fine-tune widget's registration fail)."""
         model_events.registered.disconnect(self._refresh_models)
         for planes in self.previews:
             planes.close()
+        if self.worker is not None:
+            for signal, handler in self._worker_handlers.items():
+                getattr(self.worker, signal).disconnect(handler)
+            self._cancel.set()
+            self._close_bar()
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         self._release()
