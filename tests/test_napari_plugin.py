@@ -326,6 +326,7 @@ def test_closing_the_viewer_stops_restore_all_within_a_pass(make_napari_viewer, 
     qtbot.waitUntil(lambda: len(passes) >= 2, timeout=20000)
     deleted = []
     widget.destroyed.connect(lambda: deleted.append(True))
+    widget.close()  # a closeEvent first (closing the dock widget), then deleted with the viewer
     viewer.close()
     qtbot.waitUntil(lambda: deleted and not worker.is_running, timeout=20000)
     assert len(passes) < 10  # of 21

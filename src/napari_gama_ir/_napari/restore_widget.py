@@ -362,6 +362,7 @@ class RestoreWidget(QWidget):
         if self.worker is not None:
             for signal, handler in self._worker_handlers.items():
                 getattr(self.worker, signal).disconnect(handler)
+            self.worker = None  # released once: a closed widget is released again as it is deleted
             self._cancel.set()
             self._close_bar()
 
