@@ -188,6 +188,31 @@ def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
     assert planes.join(timeout=5) and len(passes) < 10
 
 
+def test_preview_keeps_a_plane_scrolled_away_from_and_back_to_within_a_pass(monkeypatch, qtbot):
+    # The plane was given up and the request for it, made while it was still being computed, was
+    # dropped: the plane on screen stayed black until the user moved again.
+    import threading
+
+    from napari_gama_ir._napari.preview import BackgroundPlanes
+
+    stack = np.random.default_rng(6).random((2, 300, 300), dtype=np.float32)
+    settings = {"tile": 128, "overlap": 16, "batch": 1}  # 9 tiles a plane, one a pass
+    expected = restore(stack, make_tiny_model(1), "ZYX", **settings)
+    passes = recorded_passes(monkeypatch, pause=0.2)
+    given_up = threading.Event()
+    lazy = restore(da.from_array(stack, chunks=(1, 300, 300)), make_tiny_model(1), "ZYX", cancel=given_up, **settings)
+    planes = BackgroundPlanes(lazy, (1, 2), cancel=given_up)
+    planes[0]
+    qtbot.waitUntil(lambda: len(passes) >= 2, timeout=20000)
+    planes[1]  # away and straight back, within one pass
+    planes[0]
+    assert planes.wait(timeout=60) and planes.is_ready((0,))
+    np.testing.assert_array_equal(planes[0], expected[0])
+    # Plane 0 was kept, not begun again: its 9 passes, then plane 1's, still asked for.
+    assert len(passes) == 9 + 9 and sorted(planes.computed) == [(0,), (1,)]
+    planes.close()
+
+
 def test_restore_all_counts_what_a_chunk_holds():
     model = make_tiny_model(1)
     lazy = da.zeros((20, 30, 32, 32), chunks=(1, 1, 32, 32))

@@ -26,10 +26,10 @@ class BackgroundPlanes:
     With ``cancel``, the event that :func:`napari_gama_ir.restore` was given for ``lazy``, the
     chunk being computed is also given up within a forward pass once a request names only planes
     of other chunks, instead of being finished first (15-30 s for a 2048 x 2048 plane with GAMA-IR-S
-    on a 2-core CPU); it is computed again from the start if asked for again. With ``on_progress``
-    and ``pixels_per_plane``, :meth:`count_pixels` as ``lazy``'s ``on_plane`` says how far the
-    chunk being computed is, pass by pass, so that a plane shown black for many seconds is seen to
-    be on its way.
+    on a 2-core CPU); it is kept if asked for again before the pass ends, else computed again from
+    the start when asked for. With ``on_progress`` and ``pixels_per_plane``, :meth:`count_pixels`
+    as ``lazy``'s ``on_plane`` says how far the chunk being computed is, pass by pass, so that a
+    plane shown black for many seconds is seen to be on its way.
 
     Parameters
     ----------
@@ -125,16 +125,25 @@ class BackgroundPlanes:
                     planes.append(self._cache[index])
                     continue
                 if index not in self._busy:
-                    self._wanted.pop(index, None)
-                    self._wanted[index] = None
-                    while len(self._wanted) > self.queue_depth:
-                        self._wanted.popitem(last=False)  # forget the oldest request
-                    self._condition.notify()
+                    self._queue(index)
+                elif self._cancel is not None and self._cancel.is_set() and not self._closed:
+                    # Back on a plane being given up (scrolled away and back within a pass): keep
+                    # computing it, or, if it was given up already, compute it again.
+                    self._cancel.clear()
+                    self._queue(index)
                 planes.append(self._placeholder)
             missing = any(plane is self._placeholder for plane in planes)
             if self._cancel is not None and self._busy and missing and self._busy.isdisjoint(indices):
                 self._cancel.set()  # the planes being computed are not on screen any more
         return planes
+
+    def _queue(self, index: tuple[int, ...]) -> None:
+        """Ask for ``index`` as the newest request (under the lock)."""
+        self._wanted.pop(index, None)
+        self._wanted[index] = None
+        while len(self._wanted) > self.queue_depth:
+            self._wanted.popitem(last=False)  # forget the oldest request
+        self._condition.notify()
 
     def _work(self) -> None:
         while True:
