@@ -153,20 +153,26 @@ def test_deleting_a_preview_layer_stops_it_and_lets_go_of_its_planes(make_napari
     assert widget.status.value == f"preview closed: {second.name}"
 
 
-def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
-    # The plane being restored was finished before the one the user scrolled to was started: up to
-    # twice a plane's time (30 s each for 2048 x 2048 with GAMA-IR-S on the project's CPU).
+def slow_preview(monkeypatch, planes: int, side: int, pause: float):
+    """A preview of ``planes`` random planes of ``side`` pixels, restored in tiles of 128 one to a
+    pass, each pass ``pause`` s longer; with the stack restored at once, and the passes recorded."""
     import threading
 
     from napari_gama_ir._napari.preview import BackgroundPlanes
 
-    stack = np.random.default_rng(5).random((4, 600, 600), dtype=np.float32)
-    settings = {"tile": 128, "overlap": 16, "batch": 1}  # 36 tiles a plane, one a pass
+    stack = np.random.default_rng(side).random((planes, side, side), dtype=np.float32)
+    settings = {"tile": 128, "overlap": 16, "batch": 1}
     expected = restore(stack, make_tiny_model(1), "ZYX", **settings)
-    passes = recorded_passes(monkeypatch, pause=0.02)
+    passes = recorded_passes(monkeypatch, pause=pause)
     given_up = threading.Event()
-    lazy = restore(da.from_array(stack, chunks=(1, 600, 600)), make_tiny_model(1), "ZYX", cancel=given_up, **settings)
-    planes = BackgroundPlanes(lazy, (1, 2), cancel=given_up)
+    lazy = restore(da.from_array(stack, chunks=(1, side, side)), make_tiny_model(1), "ZYX", cancel=given_up, **settings)
+    return BackgroundPlanes(lazy, (1, 2), cancel=given_up), expected, passes
+
+
+def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
+    # The plane being restored was finished before the one the user scrolled to was started: up to
+    # twice a plane's time (30 s each for 2048 x 2048 with GAMA-IR-S on the project's CPU).
+    planes, expected, passes = slow_preview(monkeypatch, 4, 600, pause=0.02)  # 36 tiles a plane
     planes[0]
     qtbot.waitUntil(lambda: len(passes) >= 2, timeout=20000)
     planes[1]  # the user moved on
@@ -191,17 +197,7 @@ def test_preview_gives_up_a_plane_no_longer_on_screen(monkeypatch, qtbot):
 def test_preview_keeps_a_plane_scrolled_away_from_and_back_to_within_a_pass(monkeypatch, qtbot):
     # The plane was given up and the request for it, made while it was still being computed, was
     # dropped: the plane on screen stayed black until the user moved again.
-    import threading
-
-    from napari_gama_ir._napari.preview import BackgroundPlanes
-
-    stack = np.random.default_rng(6).random((2, 300, 300), dtype=np.float32)
-    settings = {"tile": 128, "overlap": 16, "batch": 1}  # 9 tiles a plane, one a pass
-    expected = restore(stack, make_tiny_model(1), "ZYX", **settings)
-    passes = recorded_passes(monkeypatch, pause=0.2)
-    given_up = threading.Event()
-    lazy = restore(da.from_array(stack, chunks=(1, 300, 300)), make_tiny_model(1), "ZYX", cancel=given_up, **settings)
-    planes = BackgroundPlanes(lazy, (1, 2), cancel=given_up)
+    planes, expected, passes = slow_preview(monkeypatch, 2, 300, pause=0.2)  # 9 tiles a plane
     planes[0]
     qtbot.waitUntil(lambda: len(passes) >= 2, timeout=20000)
     planes[1]  # away and straight back, within one pass
@@ -316,16 +312,22 @@ def test_cancel_leaves_no_output(make_napari_viewer, qtbot, grey_checkpoint, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.json", "tiny.safetensors"]
 
 
+def one_large_plane(make_napari_viewer, checkpoint, monkeypatch):
+    """A viewer with one 2000 x 2000 plane and the Restore widget set to restore it in 21 passes of
+    81 tiles, each 0.1 s longer; and the passes recorded."""
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(4).random((2000, 2000), dtype=np.float32), name="scan")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, checkpoint)
+    widget.tile.value, widget.overlap.value = 256, 32  # 81 tiles, 4 a pass on the CPU: 21 passes
+    return viewer, widget, recorded_passes(monkeypatch, pause=0.1)
+
+
 def test_restore_all_of_one_large_plane_shows_its_progress_and_cancels_within_a_pass(
     make_napari_viewer, qtbot, grey_checkpoint, tmp_path, monkeypatch
 ):
     # One plane is one chunk: the bar stood at 0% until the plane was done, and Cancel waited for it.
-    viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(4).random((2000, 2000), dtype=np.float32), name="scan")
-    widget = open_widget(viewer)
-    use_checkpoint(widget, grey_checkpoint)
-    widget.tile.value, widget.overlap.value = 256, 32  # 81 tiles, 4 a pass on the CPU: 21 passes
-    passes = recorded_passes(monkeypatch, pause=0.1)
+    _, widget, passes = one_large_plane(make_napari_viewer, grey_checkpoint, monkeypatch)
     widget.destination.value = "zarr store"
     widget.output.value = tmp_path / "scan.zarr"
     worker = widget.restore_all()
@@ -341,12 +343,7 @@ def test_restore_all_of_one_large_plane_shows_its_progress_and_cancels_within_a_
 
 def test_closing_the_viewer_stops_restore_all_within_a_pass(make_napari_viewer, qtbot, grey_checkpoint, monkeypatch):
     # The restore ran on to its end in the background after the viewer closed, its result lost.
-    viewer = make_napari_viewer()
-    viewer.add_image(np.random.default_rng(4).random((2000, 2000), dtype=np.float32), name="scan")
-    widget = open_widget(viewer)
-    use_checkpoint(widget, grey_checkpoint)
-    widget.tile.value, widget.overlap.value = 256, 32  # 81 tiles, 4 a pass on the CPU: 21 passes
-    passes = recorded_passes(monkeypatch, pause=0.1)
+    viewer, widget, passes = one_large_plane(make_napari_viewer, grey_checkpoint, monkeypatch)
     worker = widget.restore_all()
     qtbot.waitUntil(lambda: len(passes) >= 2, timeout=20000)
     deleted = []
