@@ -220,9 +220,8 @@ class RestoreWidget(QWidget):
             _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
-        sizes = dict(zip(axes, restored.shape))
         planes = BackgroundPlanes(
-            restored, plane_axes, cancel=given_up, pixels_per_plane=sizes["Y"] * sizes["X"],
+            restored, plane_axes, cancel=given_up, pixels_per_plane=shape[axes.index("Y")] * shape[axes.index("X")],
             on_progress=lambda index, share: self._show_preview_progress(plane_label(axes, planes, index), share),
         )
         result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
@@ -235,6 +234,7 @@ class RestoreWidget(QWidget):
         """A preview layer deleted stops restoring and lets go of its cached planes (up to 1 GB
         each, which previews tried one after another with other settings would otherwise pile up)."""
         planes = event.value.data
+        # By identity: `in` would compare a numpy layer's data with each preview element-wise.
         if any(planes is preview for preview in self.previews):
             planes.close()
             self.previews = [preview for preview in self.previews if preview is not planes]
