@@ -74,7 +74,7 @@ def test_benchmark_skips_what_exceeds_the_flop_cap():
     small = count_flops(model, (1, 1, 32, 32)) / 1e9
     report = benchmark({"tiny": model}, [32, 64], channels=1, device="cpu", warmup=0, runs=1, max_gflop=small * 1.5)
     assert [m["shape"] for m in report["measurements"]] == [[1, 1, 32, 32]]
-    assert report["skipped"] == [{"model": "tiny", "shape": [1, 1, 64, 64]}]
+    assert report["skipped"] == [{"model": "tiny", "shape": [1, 1, 64, 64], "reason": f"more than {small * 1.5:g} GFLOP"}]
     assert report["matmul_gflops_fp32"] > 0 and 0 < report["measurements"][0]["fraction_of_matmul_peak"]
     # The same matrix product through the convolution library, and each network's share of it.
     measured = report["measurements"][0]

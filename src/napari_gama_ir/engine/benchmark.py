@@ -28,8 +28,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .compiled import network_for
-from .device import check_precision, preferred_memory_format, resolve_device
+from .device import HostMemoryError, check_precision, is_out_of_memory, preferred_memory_format, resolve_device
 from .heap import heap_kept_for_reuse, release_freed_heap
+from .memory import forward_peak_bytes, memory_for_pass, run_on_meta
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
@@ -39,9 +40,8 @@ def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
     computed: convolutions and matrix products count 2 per multiply-add; elementwise work, norms and
     means are not counted (as in the papers' GMAC figures).
     """
-    meta = copy.deepcopy(model).to("meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta(torch.empty(shape, device="meta"))
+    counter = FlopCounterMode(display=False)
+    run_on_meta(model, shape, counter)
     return int(counter.get_total_flops())
 
 
@@ -153,6 +153,9 @@ class Measurement:
     memory_kind: str  # "device max allocated" or "process RSS rise"
     achieved_gflops: float
     kernels_per_pass: int | None = None
+    # On the CPU, whether freed heap memory was kept for reuse between the runs, as the engine
+    # keeps it unless the pass is too large for that (engine.memory.memory_for_pass); None elsewhere.
+    heap_kept: bool | None = None
     latencies_ms: list[float] = field(repr=False, default_factory=list)
 
     @property
@@ -231,11 +234,16 @@ def measure(
         return time.perf_counter() - started
 
     cpu_memory = _ResidentPeak() if device.type == "cpu" else nullcontext()
+    # Checked before any run: a pass beyond the memory available would have the process killed.
+    pass_memory = (
+        memory_for_pass(forward_peak_bytes(model, shape), "a pass")
+        if device.type == "cpu" else nullcontext()
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     # As the engine runs the network (runner.py): on a CPU, feature maps reuse freed heap memory.
-    with torch.inference_mode(), autocast, cpu_memory, heap_kept_for_reuse(device.type):
+    with torch.inference_mode(), autocast, cpu_memory, heap_kept_for_reuse(device.type), pass_memory as heap_kept:
         warmup_runs, warmup_time = 0, 0.0
         while warmup_runs < warmup and not (budget_s and warmup_runs >= 1 and warmup_time > budget_s / 4):
             warmup_time += run_once()
@@ -258,7 +266,7 @@ def measure(
         latency_ms_mean=1000 * statistics.fmean(times), latency_ms_median=1000 * median,
         latency_ms_min=1000 * min(times), issue_ms_median=1000 * statistics.median(issue_times),
         peak_memory_mb=None if peak is None else peak / 2**20,
-        memory_kind=memory_kind, achieved_gflops=flops / median / 1e9, kernels_per_pass=kernels,
+        memory_kind=memory_kind, achieved_gflops=flops / median / 1e9, kernels_per_pass=kernels, heap_kept=heap_kept,
         latencies_ms=[1000 * t for t in times],
     )
 
@@ -352,10 +360,12 @@ def benchmark(
     """Measure every model at every size in one run, with the machine's matmul rate and its
     convolutions' matrix-product rate (:func:`conv_gemm_gflops`) beside them.
 
-    ``max_gflop`` skips (and lists under ``skipped``) the measurements whose forward pass needs
-    more GFLOP than that, so the largest inputs can be timed for the fast networks alone on a slow
-    device. ``on_measurement`` is called with each :class:`Measurement` as it is made (for
-    progress); ``count_kernels`` is passed on to :func:`measure`. Returns a JSON-ready dict:
+    ``max_gflop`` skips (and lists under ``skipped``, with the reason) the measurements whose
+    forward pass needs more GFLOP than that, so the largest inputs can be timed for the fast
+    networks alone on a slow device. Those that do not fit in the device's memory are skipped too,
+    the others still measured: on the CPU before they run (:func:`~.memory.memory_for_pass`), where
+    the process would otherwise be killed. ``on_measurement`` is called with each
+    :class:`Measurement` as it is made (for progress); ``count_kernels`` is passed on to :func:`measure`. Returns a JSON-ready dict:
     ``machine``, ``settings``, ``matmul_gflops_fp32``, ``conv_gemm_gflops_fp32``, ``measurements``
     (each with its fraction of both rates) and ``skipped``.
     """
@@ -368,13 +378,24 @@ def benchmark(
         for name, model in models.items():
             shape = (batch, channels, size, size)
             if max_gflop is not None and count_flops(model, shape) > max_gflop * 1e9:
-                skipped.append({"model": name, "shape": list(shape)})
+                skipped.append({"model": name, "shape": list(shape), "reason": f"more than {max_gflop:g} GFLOP"})
                 continue
-            result = measure(
-                model, shape, name=name, device=device, precision=precision,
-                warmup=warmup, runs=runs, budget_s=budget_s, compile=compile, cuda_graphs=cuda_graphs,
-                count_kernels=count_kernels,
-            )
+            try:
+                result = measure(
+                    model, shape, name=name, device=device, precision=precision,
+                    warmup=warmup, runs=runs, budget_s=budget_s, compile=compile, cuda_graphs=cuda_graphs,
+                    count_kernels=count_kernels,
+                )
+            except RuntimeError as error:  # the larger sizes may not fit where the smaller ones did
+                if not is_out_of_memory(error):
+                    raise
+                reason = str(error) if isinstance(error, HostMemoryError) else f"out of {device} memory"
+                skipped.append({"model": name, "shape": list(shape), "reason": reason})
+                result = None
+            if result is None:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # here, not in the except block: its traceback held the run's tensors
+                continue
             if on_measurement is not None:
                 on_measurement(result)
             record = asdict(result)
@@ -399,7 +420,7 @@ def benchmark(
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The measurements as a Markdown table.
+    """The measurements as a Markdown table, then a line for each measurement not made.
 
     The share of the 1x1-convolution matrix-product rate follows the matmul share in reports that
     measured it. Off the CPU two columns follow: the median time to issue a pass
@@ -434,7 +455,11 @@ def format_table(report: dict[str, Any]) -> str:
         if with_kernels:
             line += f" {m.get('kernels_per_pass') or '-'} |"
         lines.append(line)
-    return "\n".join(lines)
+    notes = [f"{m['model']} {'x'.join(map(str, m['shape']))}" for m in measurements if m.get("heap_kept") is False]
+    notes = [f"Run with freed memory handed back between passes, too much to keep: {', '.join(notes)}."] if notes else []
+    notes += [f"Not measured: {entry['model']} {'x'.join(map(str, entry['shape']))}"
+              f"{': ' + entry['reason'] if 'reason' in entry else ''}." for entry in report.get("skipped", [])]
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def write_report(

@@ -60,10 +60,20 @@ def host_threads(device: torch.device) -> int:
     return 2 if device.type == "cpu" else max(2, min(4, usable_cores()))
 
 
+class HostMemoryError(RuntimeError):
+    """A CPU forward pass would take more memory than is available (``engine.memory``): raised
+    before it runs, where running it would end with the process killed."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is a device running out of memory (CUDA, MPS or a CPU allocation)."""
+    """Whether ``error`` is a device running out of memory: CUDA, MPS, a CPU allocation that
+    failed, or a CPU pass that would not fit (:class:`HostMemoryError`)."""
     # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError from torch 2.4 on; 2.3 has only this name.
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    if isinstance(error, (torch.cuda.OutOfMemoryError, HostMemoryError)):
+        return True
+    message = str(error).lower()
+    # The CPU allocator's words where the system refuses memory (a ulimit, overcommit switched off).
+    return "out of memory" in message or "can't allocate memory" in message
 
 
 def preferred_memory_format(device: torch.device) -> torch.memory_format:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from ..model import GamaIR
 from .compiled import CheckedNetwork, network_for
 from .device import check_precision, is_out_of_memory, preferred_memory_format, resolve_device, usable_cores
 from .heap import on_the_network_thread
+from .memory import forward_peak_bytes, memory_for_pass
 
 #: Tile pixels a forward pass takes by default. On the CPU one 512 x 512 tile keeps both cores
 #: busy; a pass of fewer pixels spends most of its time on per-layer overheads (GAMA-IR-XS restored
@@ -69,6 +70,7 @@ class ModelRunner:
         # would only be held in memory meanwhile.
         self.queues_passes = self.device.type != "cpu"
         self.forget_memory_failures()
+        self.bytes_per_pixel: float | None = None  # of a CPU pass's tensors at their peak (_memory_checked)
         self.lock = threading.Lock()
         if self.device.type == "cpu":
             wanted = threads or usable_cores()
@@ -133,6 +135,17 @@ class ModelRunner:
             restored = self.network(inputs)[: len(outputs)]
         outputs.copy_(restored.float(), non_blocking=True)
 
+    def _memory_checked(self, shape: torch.Size) -> AbstractContextManager:
+        """Where a CPU pass of ``shape`` holds more pixels than the default pass (whose memory the
+        engine plans beside the planes), :func:`~.memory.memory_for_pass` for it: it fails as out of
+        memory before the process would be killed, or runs with the heap handed back."""
+        pixels = shape[0] * shape[-2] * shape[-1]
+        if self.device.type != "cpu" or pixels <= self.pass_pixels:
+            return nullcontext()
+        if self.bytes_per_pixel is None:  # feature maps scale with the pixels: traced once
+            self.bytes_per_pixel = forward_peak_bytes(self.model, tuple(shape)) / pixels
+        return memory_for_pass(int(self.bytes_per_pixel * pixels), f"a forward pass of shape {'x'.join(map(str, shape))}")
+
     @property
     def specialises_shapes(self) -> bool:
         """Whether the network is compiled or captured anew for each input shape."""
@@ -176,7 +189,8 @@ class ModelRunner:
                 stop = min(start + size, count)
                 batch = self._padded(inputs[start:stop], planned)
                 try:
-                    self._forward(batch, outputs[start:stop])
+                    with self._memory_checked(batch.shape):
+                        self._forward(batch, outputs[start:stop])
                 except RuntimeError as error:  # torch's out-of-memory errors are RuntimeErrors
                     if not is_out_of_memory(error):
                         raise

@@ -1,0 +1,128 @@
+"""The host memory a CPU forward pass takes, checked before the pass runs.
+
+On a GPU a pass that does not fit raises torch's out-of-memory error, and the runner retries it
+smaller. On the CPU, Linux hands a process all the memory it asks for and kills it once there is
+none left: a whole 4096 x 4096 plane through GAMA-IR-S (about 26 GB of feature maps) had the
+command killed after 20 s on a 24 GB machine, with no message, and inside napari it would take
+the viewer down with it. So the engine estimates a large pass's memory from the network itself
+(:func:`forward_peak_bytes`, nothing computed) and checks it against the memory available
+(:func:`memory_for_pass`), which fails it as out of memory when it cannot fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .device import HostMemoryError, available_memory
+from .heap import heap_returned_while_kept, release_freed_heap
+
+# Share of the memory available that may be planned on: measured peaks ran up to 6% above the
+# estimate (docs/performance.md, "Planes in blocks"), and a job over its limit is killed.
+USABLE_SHARE = 0.9
+# How far the process's resident set may rise in one pass, as a multiple of torch's own peak, with
+# freed heap memory kept for reuse (heap.heap_kept_for_reuse): up to 2.8x measured in one pass
+# (GAMA-IR-S, 2048 x 2048 RGB), and 1.0x with the heap handed back (docs/performance.md, "The
+# memory of one large pass on the CPU"). Pass after pass the kept heap grew on, to 3.0x for
+# GAMA-IR-XS at 2048 after 12 passes; each large pass is checked anew and the heap's free pages
+# handed back when room runs short, so only one pass's rise needs room.
+KEPT_HEAP_GROWTH = 3.0
+RETURNED_HEAP_GROWTH = 1.2
+
+
+def run_on_meta(model: nn.Module, shape: tuple[int, ...], mode: AbstractContextManager) -> None:
+    """One forward pass of a copy of ``model`` on the meta device, on an input of ``shape``, inside
+    ``mode`` (a counter of FLOPs or of memory): shapes are worked out, nothing is computed."""
+    meta, inputs = copy.deepcopy(model).to("meta"), torch.empty(shape, device="meta")
+    with mode, torch.no_grad():  # not inference_mode: torch 2.3's FLOP counter then counts nothing
+        meta(inputs)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors that operations made and that are still alive, and the most
+    at once: what torch's allocator holds for the feature maps of a pass. Views share their base's
+    storage and are counted once; a storage is let go when Python frees its last tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted: set[int] = set()
+
+    def _release(self, key: int, size: int) -> None:
+        self._counted.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(result)[0]:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            storage = tensor.untyped_storage()
+            if id(storage) in self._counted:
+                continue
+            self._counted.add(id(storage))
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self._release, id(storage), storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return result
+
+
+def forward_peak_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """The most bytes the tensors of one eager float32 forward pass of ``model`` on an input of
+    ``shape`` hold at once, the output included, the weights and the input not: torch's own peak
+    for the pass, worked out on the meta device in well under a second (the first call in a
+    process loads torch's shape functions: about a second more).
+
+    For GAMA-IR-S it is 1,558 bytes a pixel at every size (64 x 64 to 2048 x 2048, batches of 1 and
+    4), and the process's resident set rose by as much (1.66 GB measured against 1.63 at 1024 x
+    1024) where freed memory goes back to the system.
+    """
+    counter = _LiveBytes()
+    run_on_meta(model, shape, counter)
+    return counter.peak
+
+
+def _room() -> int | None:
+    available = available_memory()
+    return None if available is None else int(available * USABLE_SHARE)
+
+
+@contextmanager
+def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
+    """Run a CPU pass whose tensors peak at ``peak_bytes`` (:func:`forward_peak_bytes`) inside this,
+    as the memory available allows; yields whether freed heap memory stays kept for reuse.
+
+    Where the pass fits even as the kept heap grows it (:data:`KEPT_HEAP_GROWTH`), nothing changes.
+    Where it fits only with the heap handed back, it runs so (:func:`~.heap.heap_returned_while_kept`):
+    slower (1.25-1.5x for GAMA-IR-S at 2048 x 2048), in a third of the memory or less. Before either is
+    judged, the heap's free pages are handed back, since the system counts them as used.
+
+    Raises
+    ------
+    HostMemoryError
+        Where not even that fits: the pass, ``what`` (e.g. "a pass of 1 x 1 x 4096 x 4096"), would
+        end with the process killed.
+    """
+    room = _room()
+    if room is None or KEPT_HEAP_GROWTH * peak_bytes <= room:
+        yield True
+        return
+    release_freed_heap()
+    room = _room()
+    if KEPT_HEAP_GROWTH * peak_bytes <= room:
+        yield True
+        return
+    if RETURNED_HEAP_GROWTH * peak_bytes > room:
+        raise HostMemoryError(
+            f"{what} takes about {RETURNED_HEAP_GROWTH * peak_bytes / 1e9:.1f} GB of memory, "
+            f"and {room / USABLE_SHARE / 1e9:.1f} GB is available"
+        )
+    with heap_returned_while_kept():
+        yield False
