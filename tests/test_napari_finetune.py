@@ -71,6 +71,30 @@ def test_train_plot_cancel_resume_and_register(make_napari_viewer, qtbot):
     assert "tuned" in restore_widget.model.choices  # offered at once by the Restore widget
 
 
+def test_a_runtime_error_in_training_is_reported_and_ends_the_run(make_napari_viewer, qtbot, monkeypatch):
+    from napari_gama_ir.train import Trainer
+
+    def failing(self):
+        raise RuntimeError("simulated failure in a training step")
+        yield  # a generator, as Trainer.run
+
+    monkeypatch.setattr(Trainer, "run", failing)
+    shown = []
+    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
+    viewer = make_napari_viewer()
+    noisy, clean = smooth_stack(planes=2, size=48)
+    viewer.add_image(noisy, name="noisy")
+    viewer.add_image(clean, name="clean")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.noisy.value, widget.clean.value = "noisy", "clean"
+    widget.steps.value, widget.batch.value, widget.patch.value = 4, 2, 32
+    with qtbot.waitSignal(widget.start().finished, timeout=30000):
+        pass
+    assert widget.status.value == "error: simulated failure in a training step"
+    assert shown == ["GAMA-IR: simulated failure in a training step"]
+    assert widget.worker is None and widget.start_button.enabled and not widget.cancel_button.enabled
+
+
 def test_closing_the_viewer_stops_training_previews_and_model_updates(make_napari_viewer, qtbot, tmp_path):
     # napari deletes dock widgets with their viewer without a closeEvent. The Restore widget stayed
     # subscribed to new models, and the next registration failed on its deleted model list.

@@ -427,6 +427,28 @@ def test_rgba_layers_restore_their_colours_and_keep_their_opacity(make_napari_vi
     assert np.array_equal(result.data[..., :3], expected) and np.array_equal(result.data[..., 3], rgba[..., 3])
 
 
+def test_restore_all_reports_a_plane_too_large_for_a_forward_pass_and_ends(make_napari_viewer, qtbot, grey_checkpoint,
+                                                                            monkeypatch):
+    # The engine's error is a RuntimeError, which napari's workers dropped: no "errored", no
+    # "finished", and the widget stayed running for good, its buttons disabled.
+    from napari_gama_ir.engine import memory as host_memory
+
+    shown = []
+    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 10**6)  # far below a 600 x 600 pass
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((600, 600), dtype=np.float32), name="noisy")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value = 0
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    message = "a whole 600x600 plane does not fit in cpu memory; restore it in tiles"
+    assert widget.status.value == f"error: {message}" and shown == [f"GAMA-IR: {message}"]
+    assert widget.worker is None and widget.restore_button.enabled and not widget.cancel_button.enabled
+    assert widget._bar is None and [layer.name for layer in viewer.layers] == ["noisy"]
+
+
 def test_restore_all_refuses_a_layer_too_large_for_memory(make_napari_viewer, grey_checkpoint, monkeypatch):
     shown = []
     monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)

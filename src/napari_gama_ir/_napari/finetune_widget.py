@@ -28,7 +28,15 @@ from ..model import (
 )
 from ..train import Trainer, TrainSettings, data_from_arrays, default_normalization, resume_trainer, starting_model
 from ..train.trainer import CHECKPOINT_DIR, STATE_FILE
-from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, report_error
+from .layers import (
+    axes_guess,
+    find_layer,
+    has_alpha,
+    image_layer_names,
+    layer_data,
+    report_error,
+    runtime_errors_reported,
+)
 from .model_events import model_events
 
 if TYPE_CHECKING:
@@ -258,6 +266,7 @@ class FineTuneWidget(QWidget):
         self.worker.start()
         return self.worker
 
+    @runtime_errors_reported
     def _train_steps(self, make_trainer):
         self.trainer = make_trainer()  # in the worker: reading percentiles may take a while
         if self._cancel_requested:  # Cancel was pressed while the data was being prepared

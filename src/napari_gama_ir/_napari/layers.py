@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Generator
+
 from napari.utils.notifications import show_error
 
 from ..engine.axes import guess_axes
@@ -52,3 +55,27 @@ def report_error(status, error: BaseException) -> None:
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     status.value = f"error: {message}"
     show_error(f"GAMA-IR: {message}")
+
+
+class WorkerRuntimeError(Exception):
+    """A RuntimeError raised in a widget's background steps, passed on under another type."""
+
+
+def runtime_errors_reported(steps: Callable[..., Generator]) -> Callable[..., Generator]:
+    """``steps``, a generator function for a napari worker, with its RuntimeErrors raised as
+    :class:`WorkerRuntimeError` (the message kept, the original as the cause).
+
+    superqt's generator workers take a RuntimeError for a sign that the worker itself was deleted:
+    they drop it with a warning and report neither "errored" nor "finished". A tile too large for
+    memory (``TileTooLargeError``) left "Restore all" running so for good, its buttons disabled and
+    its progress bar open, with no word of why.
+    """
+
+    @functools.wraps(steps)
+    def reported(*args, **kwargs):
+        try:
+            return (yield from steps(*args, **kwargs))
+        except RuntimeError as error:
+            raise WorkerRuntimeError(str(error)) from error
+
+    return reported

@@ -26,7 +26,16 @@ from ..engine.device import available_memory, resolve_device
 from ..engine.io import Cancelled, check_output_format, check_output_path, store_chunks, write_image_steps
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, chunks_at_once, plan_restore
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
-from .layers import axes_guess, find_layer, has_alpha, image_layer_names, layer_data, layer_pixel_size, report_error
+from .layers import (
+    axes_guess,
+    find_layer,
+    has_alpha,
+    image_layer_names,
+    layer_data,
+    layer_pixel_size,
+    report_error,
+    runtime_errors_reported,
+)
 from .model_events import model_events
 from .preview import BackgroundPlanes
 
@@ -296,6 +305,7 @@ class RestoreWidget(QWidget):
         self.worker.start()
         return self.worker
 
+    @runtime_errors_reported
     def _restore_steps(self, restored: da.Array, axes: str, target: str | None, provenance: dict, workers: int):
         if target is not None:
             steps = write_image_steps(restored, target, axes, attrs=provenance, workers=workers, cancel=self._cancel)
