@@ -214,8 +214,8 @@ def heap_returned_while_kept() -> Iterator[None]:
 
     For a pass too large for the kept heap's growth: over four passes of GAMA-IR-S on 2048 x 2048
     RGB inputs, the process's resident set rose to 3.1x torch's own peak with the heap kept (20.5
-    GB), and no further than that peak (6.6 GB) with it handed back, each pass taking 1.25x as long. Outside
-    :func:`heap_kept_for_reuse`, or without glibc, this changes nothing.
+    GB), and no further than that peak (6.6 GB) with it handed back, each pass taking 1.25x as
+    long. Outside :func:`heap_kept_for_reuse`, or without glibc, this changes nothing.
     """
     libc = _glibc()
     with _kept_lock:

@@ -81,8 +81,8 @@ def forward_peak_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
     process loads torch's shape functions: about a second more).
 
     For GAMA-IR-S it is 1,558 bytes a pixel at every size (64 x 64 to 2048 x 2048, batches of 1 and
-    4), and the process's resident set rose by as much (1.66 GB measured against 1.63 at 1024 x
-    1024) where freed memory goes back to the system.
+    4), and the process's resident set rose by 1.0-1.2 times that where freed memory goes back to
+    the system (1.66-1.89 GB against 1.63 at 1024 x 1024, 6.60 against 6.53 at 2048 x 2048 RGB).
     """
     counter = _LiveBytes()
     run_on_meta(model, shape, counter)
@@ -100,14 +100,15 @@ def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
     as the memory available allows; yields whether freed heap memory stays kept for reuse.
 
     Where the pass fits even as the kept heap grows it (:data:`KEPT_HEAP_GROWTH`), nothing changes.
-    Where it fits only with the heap handed back, it runs so (:func:`~.heap.heap_returned_while_kept`):
-    slower (1.25-1.5x for GAMA-IR-S at 2048 x 2048), in a third of the memory or less. Before either is
-    judged, the heap's free pages are handed back, since the system counts them as used.
+    Where it does not, the heap's free pages are handed back (the system counts them as used) and
+    it is judged again. Where it fits only with the heap handed back, it runs so
+    (:func:`~.heap.heap_returned_while_kept`): slower (1.25-1.5x for GAMA-IR-S at 2048 x 2048), in
+    a third of the memory or less.
 
     Raises
     ------
     HostMemoryError
-        Where not even that fits: the pass, ``what`` (e.g. "a pass of 1 x 1 x 4096 x 4096"), would
+        Where not even that fits: the pass, ``what`` (e.g. "a forward pass of shape 1x1x4096x4096"), would
         end with the process killed.
     """
     room = _room()

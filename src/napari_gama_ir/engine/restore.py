@@ -29,6 +29,7 @@ from .axes import (
 )
 from .device import available_memory, host_threads, resolve_device
 from .io import cancelling_on_exit, check_cancel
+from .memory import USABLE_SHARE
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
@@ -55,9 +56,6 @@ class PlaneTooLargeError(ValueError):
 
 # Memory beside the planes: torch, and the network's activations on a tile.
 RESERVED_BYTES = 2**30
-# Share of the memory available that chunks may plan on: measured peaks ran up to 6% above the
-# estimate (docs/performance.md, "Planes in blocks"), and a job over its limit is killed.
-USABLE_SHARE = 0.9
 
 
 def chunks_that_fit(chunk_bytes: int, most: int, result_bytes: int = 0) -> int:
