@@ -389,12 +389,9 @@ def benchmark(
             except RuntimeError as error:  # the larger sizes may not fit where the smaller ones did
                 if not is_out_of_memory(error):
                     raise
+                # The next measure() empties the CUDA cache before it starts.
                 reason = str(error) if isinstance(error, HostMemoryError) else f"out of {device} memory"
                 skipped.append({"model": name, "shape": list(shape), "reason": reason})
-                result = None
-            if result is None:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()  # here, not in the except block: its traceback held the run's tensors
                 continue
             if on_measurement is not None:
                 on_measurement(result)
