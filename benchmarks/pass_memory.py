@@ -1,13 +1,16 @@
-"""The memory of large CPU forward passes: the engine's estimate against the process's resident set.
+"""The memory of large CPU forward passes and training steps: the estimate against the resident set.
 
 Runs ``--passes`` forward passes of one network on one random input, on the engine's network thread
 (freed heap memory kept for reuse, as the engine runs them), or with ``--handed-back`` as the
 engine runs a pass too large for that (``engine.heap.heap_returned_while_kept``). After each pass
 it prints how far the process's high-water resident set has risen above the resident set before the
-first pass, beside ``engine.memory.forward_peak_bytes``. Linux only (``/proc/self``).
+first pass, beside ``engine.memory.forward_peak_bytes``. With ``--train`` each pass is a training
+step instead (L1 loss, backward, AdamW, as the trainer makes them, on ``--batch`` inputs), beside
+``engine.memory.training_step_peak_bytes``. Linux only (``/proc/self``).
 
     python benchmarks/pass_memory.py --model gama_ir_s --channels 3 --size 2048 --passes 4
     python benchmarks/pass_memory.py --model gama_ir_s --channels 3 --size 2048 --passes 2 --handed-back
+    python benchmarks/pass_memory.py --model gama_ir_s --size 256 --batch 8 --passes 6 --train
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from napari_gama_ir import create_model
 from napari_gama_ir.engine.heap import heap_returned_while_kept, on_the_network_thread
-from napari_gama_ir.engine.memory import forward_peak_bytes
+from napari_gama_ir.engine.memory import forward_peak_bytes, training_step_peak_bytes
 
 
 def _status(field: str) -> int:
@@ -37,19 +40,33 @@ def main() -> None:
     parser.add_argument("--model", default="gama_ir_s")
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--passes", type=int, default=4)
+    parser.add_argument("--train", action="store_true", help="training steps instead of forward passes")
     parser.add_argument("--handed-back", action="store_true", help="run the passes with the heap handed back")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
-    model = create_model(args.model, in_channels=args.channels, out_channels=args.channels).eval()
-    model = model.to(memory_format=torch.channels_last)
-    inputs = torch.rand(1, args.channels, args.size, args.size).contiguous(memory_format=torch.channels_last)
-    estimate = forward_peak_bytes(model, tuple(inputs.shape))
+    model = create_model(args.model, in_channels=args.channels, out_channels=args.channels).train(args.train)
+    shape = (args.batch, args.channels, args.size, args.size)
+    if args.train:  # as train.Trainer: NCHW, AdamW
+        inputs, target = torch.rand(shape), torch.rand(shape)
+        optimiser = torch.optim.AdamW(model.parameters())
+        estimate = training_step_peak_bytes(model, shape)
+    else:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = torch.rand(shape).contiguous(memory_format=torch.channels_last)
+        estimate = forward_peak_bytes(model, shape)
 
     def one_pass() -> None:
-        with torch.inference_mode(), heap_returned_while_kept() if args.handed_back else nullcontext():
-            model(inputs)
+        with heap_returned_while_kept() if args.handed_back else nullcontext():
+            if args.train:
+                optimiser.zero_grad(set_to_none=True)
+                torch.nn.functional.l1_loss(model(inputs), target).backward()
+                optimiser.step()
+            else:
+                with torch.inference_mode():
+                    model(inputs)
 
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # the high-water mark starts again from the resident set now
@@ -60,8 +77,8 @@ def main() -> None:
         on_the_network_thread(one_pass)
         seconds.append(time.perf_counter() - started)
         rises.append(_status("VmHWM") - start)
-    mode = "heap handed back" if args.handed_back else "heap kept"
-    print(f"{args.model}, 1 x {args.channels} x {args.size} x {args.size}, {mode}: estimate {estimate / 1e9:.2f} GB; "
+    mode = ("training steps" if args.train else "passes") + (", heap handed back" if args.handed_back else ", heap kept")
+    print(f"{args.model}, {' x '.join(map(str, shape))}, {mode}: estimate {estimate / 1e9:.2f} GB; "
           f"high-water rise after each pass (GB): {', '.join(f'{rise / 1e9:.2f}' for rise in rises)}; "
           f"passes (s): {', '.join(f'{s:.1f}' for s in seconds)}")
     if args.json:

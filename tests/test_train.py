@@ -482,6 +482,29 @@ def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
         list(trainer.run())
 
 
+def test_a_cpu_step_beyond_the_memory_available_is_refused_before_it_runs(tmp_path, monkeypatch):
+    # Run, it would have the process killed: 16 patches of 1024 x 1024 through GAMA-IR-S did so
+    # after 65 s on a 24 GB machine, with no message (inside napari, the viewer with it).
+    from napari_gama_ir.engine import memory as host_memory
+    from napari_gama_ir.engine.memory import training_step_peak_bytes
+    from napari_gama_ir.train import TrainingMemoryError
+
+    noisy, clean = smooth_stack()
+    model = fresh_model()
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    settings = TrainSettings(steps=3, patch=16, batch=4, device="cpu")
+    trainer = Trainer(model, data_from_arrays(noisy, clean, axes="ZYX"), settings, tmp_path)
+    peak = training_step_peak_bytes(model, (4, 1, 16, 16))
+    monkeypatch.setattr(host_memory, "available_memory", lambda: peak)  # its tensors fit, the allocator's share not
+    refused = r"^a training step on 4 patches of 16x16 pixels takes about .* GB of memory, and .* GB is available; "
+    with pytest.raises(TrainingMemoryError, match=refused + "use a smaller batch or patch$"):
+        list(trainer.run())
+    assert trainer.step == 0 and trainer.step_peak_bytes == peak
+    assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+    monkeypatch.setattr(host_memory, "available_memory", lambda: 4 * peak)
+    assert [event.step for event in trainer.run()] == [1, 2, 3]
+
+
 def test_normalisation_of_a_new_network_follows_the_choice_or_the_dtype():
     from napari_gama_ir.train import default_normalization
 

@@ -40,6 +40,7 @@ _kept_lock = threading.Lock()
 _kept_users = 0
 _kept_active = False
 _release_timer: threading.Timer | None = None
+_hand_backs = 0  # of the heap's free pages to the kernel, so far (heap_handed_back_count)
 
 
 @cache
@@ -146,9 +147,17 @@ def reuse_freed_heap() -> None:
 
 def release_freed_heap() -> None:
     """Return the heap's free pages to the kernel (``malloc_trim``)."""
+    global _hand_backs
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+        _hand_backs += 1
+
+
+def heap_handed_back_count() -> int:
+    """How often the heap's free pages have gone back to the kernel so far: while it stays the
+    same, the memory that freed feature maps left in the kept heap is still there to be reused."""
+    return _hand_backs
 
 
 @contextmanager
@@ -203,7 +212,7 @@ def release_kept_heap() -> None:
             return
         libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
         reuse_freed_heap()
-        libc.malloc_trim(0)
+        release_freed_heap()
         _kept_active = False
 
 

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from .device import HostMemoryError, available_memory
-from .heap import heap_returned_while_kept, release_freed_heap
+from .heap import heap_handed_back_count, heap_returned_while_kept, release_freed_heap
 
 # Share of the memory available that may be planned on: measured peaks ran up to 6% above the
 # estimate (docs/performance.md, "Planes in blocks"), and a job over its limit is killed.
@@ -31,18 +31,29 @@ USABLE_SHARE = 0.9
 # freed heap memory kept for reuse (heap.heap_kept_for_reuse): up to 2.8x measured in one pass
 # (GAMA-IR-S, 2048 x 2048 RGB), and 1.0x with the heap handed back (docs/performance.md, "The
 # memory of one large pass on the CPU"). Pass after pass the kept heap grew on, to 3.0x for
-# GAMA-IR-XS at 2048 after 12 passes; each large pass is checked anew and the heap's free pages
-# handed back when room runs short, so only one pass's rise needs room.
+# GAMA-IR-XS at 2048 after 12 passes, by at most 0.45x a pass after the first; each large pass is
+# checked anew, and the heap's free pages handed back when room runs short, so only one pass's
+# rise needs room. Training steps rose by up to 1.23x with the heap handed back.
 KEPT_HEAP_GROWTH = 3.0
-RETURNED_HEAP_GROWTH = 1.2
+RETURNED_HEAP_GROWTH = 1.25
+
+# (heap_handed_back_count(), peak): the largest pass run with the heap kept since the last hand-back.
+_kept_pass = (-1, 0)
 
 
-def run_on_meta(model: nn.Module, shape: tuple[int, ...], mode: AbstractContextManager) -> None:
+def run_on_meta(
+    model: nn.Module, shape: tuple[int, ...], mode: AbstractContextManager, backward: bool = False
+) -> None:
     """One forward pass of a copy of ``model`` on the meta device, on an input of ``shape``, inside
-    ``mode`` (a counter of FLOPs or of memory): shapes are worked out, nothing is computed."""
-    meta, inputs = copy.deepcopy(model).to("meta"), torch.empty(shape, device="meta")
-    with mode, torch.no_grad():  # not inference_mode: torch 2.3's FLOP counter then counts nothing
-        meta(inputs)
+    ``mode`` (a counter of FLOPs or of memory): shapes are worked out, nothing is computed. With
+    ``backward``, the copy is in training mode and the pass is followed by the backward pass of a
+    loss on its output, as in a training step."""
+    meta, inputs = copy.deepcopy(model).to("meta").train(backward), torch.empty(shape, device="meta")
+    # Not inference_mode: torch 2.3's FLOP counter then counts nothing.
+    with mode, torch.set_grad_enabled(backward):
+        output = meta(inputs)
+        if backward:
+            output.mean().backward()
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -89,6 +100,17 @@ def forward_peak_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
     return counter.peak
 
 
+def training_step_peak_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """The most bytes one float32 training step of ``model`` on a batch of ``shape`` holds at once:
+    the feature maps the forward pass keeps for the backward pass, the gradients, and AdamW's two
+    moments (twice the weights), worked out on the meta device as :func:`forward_peak_bytes` is.
+    """
+    counter = _LiveBytes()
+    run_on_meta(model, shape, counter, backward=True)
+    weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return counter.peak + 2 * weights
+
+
 def _room() -> int | None:
     available = available_memory()
     return None if available is None else int(available * USABLE_SHARE)
@@ -99,9 +121,10 @@ def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
     """Run a CPU pass whose tensors peak at ``peak_bytes`` (:func:`forward_peak_bytes`) inside this,
     as the memory available allows; yields whether freed heap memory stays kept for reuse.
 
-    Where the pass fits even as the kept heap grows it (:data:`KEPT_HEAP_GROWTH`), nothing changes.
-    Where it does not, the heap's free pages are handed back (the system counts them as used) and
-    it is judged again. Where it fits only with the heap handed back, it runs so
+    Where the pass fits even as the kept heap grows it (:data:`KEPT_HEAP_GROWTH`), or a pass at least
+    as large ran with the heap kept since its free pages were last handed back and this one fits
+    as one with them handed back would, nothing changes. Where it does not, the heap's free pages
+    are handed back (the system counts them as used) and it is judged again. Where it fits only with the heap handed back, it runs so
     (:func:`~.heap.heap_returned_while_kept`): slower (1.25-1.5x for GAMA-IR-S at 2048 x 2048), in
     a third of the memory or less.
 
@@ -111,13 +134,23 @@ def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
         Where not even that fits: the pass, ``what`` (e.g. "a forward pass of shape 1x1x4096x4096"), would
         end with the process killed.
     """
+    global _kept_pass
     room = _room()
-    if room is None or KEPT_HEAP_GROWTH * peak_bytes <= room:
+    handed_back, kept_peak = _kept_pass
+    # The system counts a kept heap's free pages as used, and a pass no larger than one that left
+    # them reuses them: it needs room only for what the heap grows by (up to 0.45x the peak
+    # measured), less than a pass with the heap handed back takes. So pass after pass of one size
+    # (training steps, the tiles of a plane) keeps its heap instead of handing it back each time.
+    reusing = handed_back == heap_handed_back_count() and peak_bytes <= kept_peak
+    if room is None or (RETURNED_HEAP_GROWTH if reusing else KEPT_HEAP_GROWTH) * peak_bytes <= room:
+        if room is not None:
+            _kept_pass = heap_handed_back_count(), max(peak_bytes, kept_peak if reusing else 0)
         yield True
         return
     release_freed_heap()
     room = _room()
     if KEPT_HEAP_GROWTH * peak_bytes <= room:
+        _kept_pass = heap_handed_back_count(), peak_bytes
         yield True
         return
     if RETURNED_HEAP_GROWTH * peak_bytes > room:

@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..engine.device import check_precision, is_out_of_memory, resolve_device, usable_cores
+from ..engine.device import HostMemoryError, check_precision, is_out_of_memory, resolve_device, usable_cores
 from ..engine.heap import on_the_network_thread
+from ..engine.memory import memory_for_pass, training_step_peak_bytes
 from ..engine.normalize import NORMALIZATION_CHOICES
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .data import Normalizer, PatchSampler, TrainingData, make_planes, split_validation, validation_crops
@@ -319,6 +320,7 @@ class Trainer:
         self.pending_losses: list[float] = []  # training losses since the last validation
         self.best: dict[str, Any] | None = None
         self.seconds = 0.0
+        self.step_peak_bytes: int | None = None  # of a CPU step's tensors (_memory_checked_step)
         self._stop = threading.Event()
         if resume:
             self._resume()
@@ -477,7 +479,20 @@ class Trainer:
         (:func:`~napari_gama_ir.engine.heap.on_the_network_thread`)."""
         if self.device.type != "cpu":
             return self._step(prefetcher)
-        return on_the_network_thread(self._step, prefetcher)
+        return on_the_network_thread(self._memory_checked_step, prefetcher)
+
+    def _memory_checked_step(self, prefetcher: BatchPrefetcher) -> float:
+        """:meth:`_step` inside :func:`~napari_gama_ir.engine.memory.memory_for_pass`: on a CPU a
+        step too large for the memory available fails before it runs instead of having the process
+        killed (GAMA-IR-S takes about 21 kB a pixel of the batch: 16 patches of 1024 x 1024 had the
+        command killed after 65 s on a 24 GB machine)."""
+        if self.step_peak_bytes is None:  # the same shapes every step: worked out once
+            shape = (self.settings.batch // self.replica.world, self.model.config.in_channels,
+                     self.settings.patch, self.settings.patch)
+            self.step_peak_bytes = training_step_peak_bytes(self.model, shape)
+        patches = f"{self.settings.batch // self.replica.world} patches of {self.settings.patch}x{self.settings.patch} pixels"
+        with memory_for_pass(self.step_peak_bytes, f"a training step on {patches}"):
+            return self._step(prefetcher)
 
     def _should_stop(self, session_seconds: float, session_steps: int) -> bool:
         """Stop asked for, or time limit reached, on any replica: all of them stop at the same step.
@@ -524,10 +539,11 @@ class Trainer:
                     if not is_out_of_memory(error):
                         raise
                     # Shrinking the batch by itself would change the run; say what to change instead.
-                    raise TrainingMemoryError(
-                        f"a batch of {settings.batch} patches of {settings.patch} pixels does not fit in {self.device} "
-                        "memory; use a smaller batch or patch"
-                    ) from None
+                    problem = str(error) if isinstance(error, HostMemoryError) else (
+                        f"a batch of {settings.batch} patches of {settings.patch} pixels does not fit in "
+                        f"{self.device} memory"
+                    )
+                    raise TrainingMemoryError(f"{problem}; use a smaller batch or patch") from None
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"the loss became {loss} at step {self.step}; try a lower learning rate or fp32"
