@@ -95,6 +95,27 @@ def test_a_runtime_error_in_training_is_reported_and_ends_the_run(make_napari_vi
     assert widget.worker is None and widget.start_button.enabled and not widget.cancel_button.enabled
 
 
+def test_a_step_beyond_the_cpu_memory_is_refused_and_napari_lives_on(make_napari_viewer, qtbot, monkeypatch):
+    # The widget takes patches up to 1024 and batches up to 1024: run, such a step had the system
+    # kill the process, napari with it. Here the memory available is made too small for 2 x 32 x 32.
+    monkeypatch.setattr("napari_gama_ir.engine.memory.available_memory", lambda: 10**6)
+    shown = []
+    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
+    viewer = make_napari_viewer()
+    noisy, clean = smooth_stack(planes=2, size=48)
+    viewer.add_image(noisy, name="noisy")
+    viewer.add_image(clean, name="clean")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.noisy.value, widget.clean.value = "noisy", "clean"
+    widget.steps.value, widget.batch.value, widget.patch.value = 4, 2, 32
+    widget.name.value = "too-large"
+    with qtbot.waitSignal(widget.start().finished, timeout=30000):
+        pass
+    assert widget.status.value.startswith("error: a training step on 2 patches of 32x32 pixels takes about ")
+    assert widget.status.value.endswith("use a smaller batch or patch") and len(shown) == 1
+    assert widget.plot.steps == [] and widget.start_button.enabled and not widget.cancel_button.enabled
+
+
 def test_closing_the_viewer_stops_training_previews_and_model_updates(make_napari_viewer, qtbot, tmp_path):
     # napari deletes dock widgets with their viewer without a closeEvent. The Restore widget stayed
     # subscribed to new models, and the next registration failed on its deleted model list.
