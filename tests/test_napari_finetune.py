@@ -71,14 +71,9 @@ def test_train_plot_cancel_resume_and_register(make_napari_viewer, qtbot):
     assert "tuned" in restore_widget.model.choices  # offered at once by the Restore widget
 
 
-def test_a_runtime_error_in_training_is_reported_and_ends_the_run(make_napari_viewer, qtbot, monkeypatch):
-    from napari_gama_ir.train import Trainer
-
-    def failing(self):
-        raise RuntimeError("simulated failure in a training step")
-        yield  # a generator, as Trainer.run
-
-    monkeypatch.setattr(Trainer, "run", failing)
+def run_to_its_end(make_napari_viewer, qtbot, monkeypatch) -> tuple[FineTuneWidget, list[str]]:
+    """A short fine-tuning run on two small planes, started and waited for; with the error
+    notifications it showed."""
     shown = []
     monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
     viewer = make_napari_viewer()
@@ -90,6 +85,18 @@ def test_a_runtime_error_in_training_is_reported_and_ends_the_run(make_napari_vi
     widget.steps.value, widget.batch.value, widget.patch.value = 4, 2, 32
     with qtbot.waitSignal(widget.start().finished, timeout=30000):
         pass
+    return widget, shown
+
+
+def test_a_runtime_error_in_training_is_reported_and_ends_the_run(make_napari_viewer, qtbot, monkeypatch):
+    from napari_gama_ir.train import Trainer
+
+    def failing(self):
+        raise RuntimeError("simulated failure in a training step")
+        yield  # a generator, as Trainer.run
+
+    monkeypatch.setattr(Trainer, "run", failing)
+    widget, shown = run_to_its_end(make_napari_viewer, qtbot, monkeypatch)
     assert widget.status.value == "error: simulated failure in a training step"
     assert shown == ["GAMA-IR: simulated failure in a training step"]
     assert widget.worker is None and widget.start_button.enabled and not widget.cancel_button.enabled
@@ -99,18 +106,7 @@ def test_a_step_beyond_the_cpu_memory_is_refused_and_napari_lives_on(make_napari
     # The widget takes patches up to 1024 and batches up to 1024: run, such a step had the system
     # kill the process, napari with it. Here the memory available is made too small for 2 x 32 x 32.
     monkeypatch.setattr("napari_gama_ir.engine.memory.available_memory", lambda: 10**6)
-    shown = []
-    monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
-    viewer = make_napari_viewer()
-    noisy, clean = smooth_stack(planes=2, size=48)
-    viewer.add_image(noisy, name="noisy")
-    viewer.add_image(clean, name="clean")
-    widget = open_widget(viewer, "Fine-tune")
-    widget.noisy.value, widget.clean.value = "noisy", "clean"
-    widget.steps.value, widget.batch.value, widget.patch.value = 4, 2, 32
-    widget.name.value = "too-large"
-    with qtbot.waitSignal(widget.start().finished, timeout=30000):
-        pass
+    widget, shown = run_to_its_end(make_napari_viewer, qtbot, monkeypatch)
     assert widget.status.value.startswith("error: a training step on 2 patches of 32x32 pixels takes about ")
     assert widget.status.value.endswith("use a smaller batch or patch") and len(shown) == 1
     assert widget.plot.steps == [] and widget.start_button.enabled and not widget.cancel_button.enabled
