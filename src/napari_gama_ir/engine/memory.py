@@ -31,9 +31,10 @@ USABLE_SHARE = 0.9
 # freed heap memory kept for reuse (heap.heap_kept_for_reuse): up to 2.8x measured in one pass
 # (GAMA-IR-S, 2048 x 2048 RGB), and 1.0x with the heap handed back (docs/performance.md, "The
 # memory of one large pass on the CPU"). Pass after pass the kept heap grew on, to 3.0x for
-# GAMA-IR-XS at 2048 after 12 passes, by at most 0.45x a pass after the first; each large pass is
-# checked anew, and the heap's free pages handed back when room runs short, so only one pass's
-# rise needs room. Training steps rose by up to 1.23x with the heap handed back.
+# GAMA-IR-XS at 2048 after 12 passes, by at most 0.65x a pass after the first (training steps
+# 0.43x); each large pass is checked anew, and the heap's free pages handed back when room runs
+# short, so only one pass's rise needs room. Training steps rose by up to 1.23x with the heap
+# handed back (docs/performance.md, "The memory of a training step on the CPU").
 KEPT_HEAP_GROWTH = 3.0
 RETURNED_HEAP_GROWTH = 1.25
 
@@ -121,10 +122,11 @@ def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
     """Run a CPU pass whose tensors peak at ``peak_bytes`` (:func:`forward_peak_bytes`) inside this,
     as the memory available allows; yields whether freed heap memory stays kept for reuse.
 
-    Where the pass fits even as the kept heap grows it (:data:`KEPT_HEAP_GROWTH`), or a pass at least
-    as large ran with the heap kept since its free pages were last handed back and this one fits
-    as one with them handed back would, nothing changes. Where it does not, the heap's free pages
-    are handed back (the system counts them as used) and it is judged again. Where it fits only with the heap handed back, it runs so
+    Where the pass fits even as the kept heap grows it (:data:`KEPT_HEAP_GROWTH`), or a pass at
+    least as large ran with the heap kept since its free pages were last handed back and this one
+    fits as one with them handed back would (:data:`RETURNED_HEAP_GROWTH`), nothing changes. Where
+    it does not, the heap's free pages are handed back (the system counts them as used) and it is
+    judged again. Where it fits only with the heap handed back, it runs so
     (:func:`~.heap.heap_returned_while_kept`): slower (1.25-1.5x for GAMA-IR-S at 2048 x 2048), in
     a third of the memory or less.
 
@@ -138,7 +140,7 @@ def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
     room = _room()
     handed_back, kept_peak = _kept_pass
     # The system counts a kept heap's free pages as used, and a pass no larger than one that left
-    # them reuses them: it needs room only for what the heap grows by (up to 0.45x the peak
+    # them reuses them: it needs room only for what the heap grows by (up to 0.65x the peak
     # measured), less than a pass with the heap handed back takes. So pass after pass of one size
     # (training steps, the tiles of a plane) keeps its heap instead of handing it back each time.
     reusing = handed_back == heap_handed_back_count() and peak_bytes <= kept_peak
