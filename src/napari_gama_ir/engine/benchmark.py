@@ -365,8 +365,8 @@ def benchmark(
     networks alone on a slow device. Those that do not fit in the device's memory are skipped too,
     the others still measured: on the CPU before they run (:func:`~.memory.memory_for_pass`), where
     the process would otherwise be killed. ``on_measurement`` is called with each
-    :class:`Measurement` as it is made (for progress); ``count_kernels`` is passed on to :func:`measure`. Returns a JSON-ready dict:
-    ``machine``, ``settings``, ``matmul_gflops_fp32``, ``conv_gemm_gflops_fp32``, ``measurements``
+    :class:`Measurement` as it is made (for progress); ``count_kernels`` is passed on to
+    :func:`measure`. Returns a JSON-ready dict: ``machine``, ``settings``, ``matmul_gflops_fp32``, ``conv_gemm_gflops_fp32``, ``measurements``
     (each with its fraction of both rates) and ``skipped``.
     """
     device = resolve_device(device)

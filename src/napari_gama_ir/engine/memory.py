@@ -146,7 +146,7 @@ def memory_for_pass(peak_bytes: int, what: str) -> Iterator[bool]:
     reusing = handed_back == heap_handed_back_count() and peak_bytes <= kept_peak
     if room is None or (RETURNED_HEAP_GROWTH if reusing else KEPT_HEAP_GROWTH) * peak_bytes <= room:
         if room is not None:
-            _kept_pass = heap_handed_back_count(), max(peak_bytes, kept_peak if reusing else 0)
+            _kept_pass = heap_handed_back_count(), kept_peak if reusing else peak_bytes
         yield True
         return
     release_freed_heap()

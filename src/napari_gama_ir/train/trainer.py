@@ -486,12 +486,10 @@ class Trainer:
         step too large for the memory available fails before it runs instead of having the process
         killed (GAMA-IR-S takes about 21 kB a pixel of the batch: 16 patches of 1024 x 1024 had the
         command killed after 65 s on a 24 GB machine)."""
+        share, patch = self.settings.batch // self.replica.world, self.settings.patch
         if self.step_peak_bytes is None:  # the same shapes every step: worked out once
-            shape = (self.settings.batch // self.replica.world, self.model.config.in_channels,
-                     self.settings.patch, self.settings.patch)
-            self.step_peak_bytes = training_step_peak_bytes(self.model, shape)
-        patches = f"{self.settings.batch // self.replica.world} patches of {self.settings.patch}x{self.settings.patch} pixels"
-        with memory_for_pass(self.step_peak_bytes, f"a training step on {patches}"):
+            self.step_peak_bytes = training_step_peak_bytes(self.model, (share, self.model.config.in_channels, patch, patch))
+        with memory_for_pass(self.step_peak_bytes, f"a training step on {share} patches of {patch}x{patch} pixels"):
             return self._step(prefetcher)
 
     def _should_stop(self, session_seconds: float, session_steps: int) -> bool:
