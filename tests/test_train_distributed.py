@@ -6,12 +6,16 @@ import signal
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from napari_gama_ir import create_model
+from napari_gama_ir.engine.device import available_memory
 from napari_gama_ir.engine.distributed import start_local_cluster
+from napari_gama_ir.engine.heap import on_the_network_thread
 from napari_gama_ir.train import (
     DistributedTrainer,
     ReplicaLostError,
+    TrainingMemoryError,
     TrainSettings,
     data_from_arrays,
     resume_point,
@@ -99,6 +103,42 @@ def test_a_lost_replica_is_reported_and_the_run_resumes(data, tmp_path):
         assert result.steps_done == 200
     finally:
         cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
+def _memory_seen_by_a_task() -> tuple[int, int]:
+    return available_memory(), on_the_network_thread(available_memory)
+
+
+def test_a_replica_refuses_a_step_beyond_its_workers_memory_limit_and_the_worker_lives_on(tmp_path):
+    """A step that the machine has room for, but that would take a worker past the limit its nanny
+    restarts it at, stops the run with one sentence; before, the worker was lost (two replicas of
+    a 24 GB machine each found room for a 17 GB step)."""
+    from distributed import Client, LocalCluster
+
+    if (available_memory() or 0) < 8e9:
+        pytest.skip("needs a machine with room for the step, to tell its limit from the worker's")
+    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, memory_limit="1.5 GB",
+                           dashboard_address=":0", silence_logs=40)
+    client = Client(cluster)
+    try:
+        address = next(iter(client.nthreads()))
+        # What the worker's tasks see, on their own thread and on the network's: its limit (times the
+        # 0.95 its nanny terminates it at), less what it holds already, not the machine's memory.
+        for room in client.submit(_memory_seen_by_a_task, pure=False).result():
+            assert 0 < room < 0.95 * 1.5e9
+        rng = np.random.default_rng(0)
+        clean = rng.random((1, 640, 640)).astype(np.float32)
+        data = data_from_arrays(clean + 0.1 * rng.standard_normal(clean.shape).astype(np.float32), clean, axes="ZYX")
+        model = make_tiny_model(1)
+        before = {name: value.clone() for name, value in model.state_dict().items()}
+        with pytest.raises(TrainingMemoryError, match=r"a training step on 4 patches of 512x512 pixels takes about "
+                                                      r"2\.2 GB of memory, and [01]\.\d GB is available; use a smaller batch"):
+            train_distributed(model, data, _settings(batch=4, patch=512, steps=2), tmp_path / "run", client=client)
+        assert list(client.nthreads()) == [address]  # the same worker: never restarted
+        assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    finally:
         client.close()
         cluster.close()
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
+import dask.config
 import torch
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -85,7 +87,8 @@ def preferred_memory_format(device: torch.device) -> torch.memory_format:
 def available_memory() -> int | None:
     """Bytes of memory this process can have now without swapping or being killed, or ``None``
     where the system does not say: Linux's ``MemAvailable`` (else psutil's figure where it is
-    installed), lowered to the room left under a cgroup memory limit (a container, a SLURM job)."""
+    installed), lowered to the room left under a cgroup memory limit (a container, a SLURM job)
+    and, in a dask worker, under the limit its nanny restarts it at (:func:`dask_worker_memory_room`)."""
     system = None
     try:
         with open("/proc/meminfo") as meminfo:
@@ -98,8 +101,32 @@ def available_memory() -> int | None:
         except ImportError:
             return None
         system = int(psutil.virtual_memory().available)
-    known = [figure for figure in (system, cgroup_memory_room()) if figure is not None]
+    known = [figure for figure in (system, cgroup_memory_room(), dask_worker_memory_room()) if figure is not None]
     return min(known) if known else None
+
+
+def dask_worker_memory_room() -> int | None:
+    """Bytes this process can still grow by before its dask nanny restarts it, in a dask worker
+    with a memory limit (its share of the machine on a LocalCluster); ``None`` elsewhere.
+
+    The nanny terminates a worker whose resident set passes the limit times
+    ``distributed.worker.memory.terminate`` (0.95 by default), which the machine's free memory does
+    not show: two training replicas on one machine each found room for a step and one was lost.
+    """
+    distributed = sys.modules.get("distributed")
+    if distributed is None:  # never imported, so this is no dask worker
+        return None
+    try:
+        worker = distributed.get_worker()
+    except ValueError:
+        return None
+    limit = worker.memory_manager.memory_limit
+    terminate_at = dask.config.get("distributed.worker.memory.terminate")
+    if worker.nanny is None or not limit or not terminate_at:
+        return None
+    import psutil  # a requirement of distributed
+
+    return max(0, int(limit * terminate_at) - psutil.Process().memory_info().rss)
 
 
 def cgroup_memory_room(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:

@@ -14,6 +14,7 @@ from the main arena (:func:`on_the_network_thread`), whichever thread (dask's, n
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import threading
@@ -105,7 +106,9 @@ def on_the_network_thread(function: Callable[..., T], *args: Any) -> T:
         executor, ident = _network_threads[pid]
     if threading.get_ident() == ident:
         return _with_heap_kept(function, *args)
-    return executor.submit(_with_heap_kept, function, *args).result()
+    # In the caller's context, as asyncio.to_thread does: a dask worker's task finds its worker
+    # there (the memory checks read its memory limit).
+    return executor.submit(contextvars.copy_context().run, _with_heap_kept, function, *args).result()
 
 
 def _with_heap_kept(function: Callable[..., T], *args: Any) -> T:
