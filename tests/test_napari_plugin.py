@@ -209,6 +209,33 @@ def test_preview_keeps_a_plane_scrolled_away_from_and_back_to_within_a_pass(monk
     planes.close()
 
 
+def test_a_3d_view_larger_than_the_preview_cache_completes_without_restoring_a_plane_twice(monkeypatch):
+    # napari's 3D view asks for every plane at each refresh: with the volume beyond the cache, the
+    # planes of that very request were dropped and restored again, forever, and it never showed whole.
+    from napari_gama_ir._napari.preview import BackgroundPlanes
+
+    stack = np.random.default_rng(3).random((10, 32, 32), dtype=np.float32)
+    settings = {"tile": 16, "overlap": 4}  # tiled, so that each plane is a chunk of its own
+    expected = restore(stack, make_tiny_model(1), "ZYX", **settings)
+    passes = recorded_passes(monkeypatch)
+    restore(stack[:1], make_tiny_model(1), "ZYX", **settings)
+    tiles_per_plane = sum(passes)
+    passes.clear()
+    lazy = restore(da.from_array(stack, chunks=(1, 32, 32)), make_tiny_model(1), "ZYX", **settings)
+    plane_bytes = expected[0].nbytes
+    planes = BackgroundPlanes(lazy, (1, 2), cache_bytes=4 * plane_bytes)  # 4 of the 10 planes
+    for _ in range(30):  # napari refreshing the view as planes come in
+        volume = planes[:]
+        if planes.wait(timeout=20) and (volume != 0).all(axis=(1, 2)).all():
+            break
+    np.testing.assert_array_equal(volume, expected)
+    assert sum(passes) == 10 * tiles_per_plane  # each plane once
+    planes[3]  # back to one plane in 2D: the cache shrinks to its budget, keeping the plane on screen
+    assert len(planes.computed) == 4 and planes.computed[-1] == (3,)
+    np.testing.assert_array_equal(planes[3], expected[3])
+    planes.close()
+
+
 def test_restore_all_counts_what_a_chunk_holds():
     model = make_tiny_model(1)
     lazy = da.zeros((20, 30, 32, 32), chunks=(1, 1, 32, 32))

@@ -21,7 +21,7 @@ class BackgroundPlanes:
     called (from that thread) with the plane's index so the viewer can refresh. A plane is computed
     with the others of its chunk (small planes share one), which all enter the cache; each is
     computed once while it stays in the cache (least recently used planes leave it beyond
-    ``cache_bytes``). Only the ``queue_depth`` most recent requests are kept, so scrolling quickly
+    ``cache_bytes``, except those of the latest request, the whole stack in napari's 3D view). Only the ``queue_depth`` most recent requests are kept, so scrolling quickly
     through thousands of planes restores where the user stopped, not every plane passed on the way.
     With ``cancel``, the event that :func:`napari_gama_ir.restore` was given for ``lazy``, the
     chunk being computed is also given up within a forward pass once a request names only planes
@@ -74,6 +74,7 @@ class BackgroundPlanes:
         self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
         self._wanted: OrderedDict[tuple[int, ...], None] = OrderedDict()
         self._busy: frozenset[tuple[int, ...]] = frozenset()  # the planes of the chunk being computed
+        self._on_screen: frozenset[tuple[int, ...]] = frozenset()  # the planes of the latest request
         self._condition = threading.Condition()
         self._closed = False
         self.errors: list[BaseException] = []
@@ -119,6 +120,8 @@ class BackgroundPlanes:
         """The planes at ``indices`` (one request): cached ones, else placeholders while they are queued."""
         planes = []
         with self._condition:
+            self._on_screen = frozenset(indices)
+            self._evict()  # what a larger view kept beyond the budget
             for index in indices:
                 if index in self._cache:
                     self._cache.move_to_end(index)
@@ -190,11 +193,20 @@ class BackgroundPlanes:
                     self._wanted.pop(neighbour, None)
                 self._cache.move_to_end(index)
                 self._busy = frozenset()
-                while sum(p.nbytes for p in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
-                    self._cache.popitem(last=False)
+                self._evict()
                 self._condition.notify_all()
             if self.on_ready is not None:
                 self.on_ready(index)
+
+    def _evict(self) -> None:
+        """Drop least recently used planes beyond ``cache_bytes`` (under the lock), but never one of
+        the latest request: a 3D view asks for every plane at once, and with planes of its own
+        view dropped it recomputed them at every refresh without ever showing the whole volume."""
+        cached = sum(plane.nbytes for plane in self._cache.values())
+        for index in [i for i in self._cache if i not in self._on_screen]:  # oldest first
+            if cached <= self.cache_bytes or len(self._cache) == 1:
+                break
+            cached -= self._cache.pop(index).nbytes
 
     def count_pixels(self, pixels: int) -> None:
         """``lazy``'s ``on_plane``: ``pixels`` more of the chunk being computed are restored."""
