@@ -493,7 +493,8 @@ def test_a_cpu_step_beyond_the_memory_available_is_refused_before_it_runs(tmp_pa
     model = fresh_model()
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     settings = TrainSettings(steps=3, patch=16, batch=4, device="cpu")
-    trainer = Trainer(model, data_from_arrays(noisy, clean, axes="ZYX"), settings, tmp_path)
+    data = data_from_arrays(noisy, clean, axes="ZYX")
+    trainer = Trainer(model, data, settings, tmp_path / "run")
     peak = training_step_peak_bytes(model, (4, 1, 16, 16))
     monkeypatch.setattr(host_memory, "available_memory", lambda: peak)  # its tensors fit, the allocator's share not
     refused = r"^a training step on 4 patches of 16x16 pixels takes about .* GB of memory, and .* GB is available; "
@@ -501,8 +502,14 @@ def test_a_cpu_step_beyond_the_memory_available_is_refused_before_it_runs(tmp_pa
         list(trainer.run())
     assert trainer.step == 0 and trainer.step_peak_bytes == peak
     assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+    assert not (tmp_path / "run").exists()  # the folder it made, empty, is gone; one that was there stays:
+    (tmp_path / "given").mkdir()
+    with pytest.raises(TrainingMemoryError):
+        list(Trainer(fresh_model(), data, settings, tmp_path / "given").run())
+    assert (tmp_path / "given").is_dir()
     monkeypatch.setattr(host_memory, "available_memory", lambda: 4 * peak)
     assert [event.step for event in trainer.run()] == [1, 2, 3]
+    assert (tmp_path / "run" / "model.json").is_file()
 
 
 def test_normalisation_of_a_new_network_follows_the_choice_or_the_dtype():

@@ -515,7 +515,8 @@ class Trainer:
         """
         settings = self.settings
         main = self.replica.is_main
-        if main:
+        made_output = main and not self.output.exists()
+        if main:  # now, so that an output that cannot be written fails before the first step
             self.output.mkdir(parents=True, exist_ok=True)
         if self.standalone and self.device.type == "cpu" and torch.get_num_threads() != usable_cores():
             torch.set_num_threads(usable_cores())
@@ -558,6 +559,10 @@ class Trainer:
                 yield event
         except GeneratorExit:
             closed_by_caller = True
+            raise
+        except BaseException:
+            if made_output and not any(self.output.iterdir()):
+                self.output.rmdir()  # a run that failed before writing anything (a step refused) leaves nothing
             raise
         finally:
             prefetcher.close()
