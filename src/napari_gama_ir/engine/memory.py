@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -42,19 +42,25 @@ RETURNED_HEAP_GROWTH = 1.25
 _kept_pass = (-1, 0)
 
 
+# A training step's loss: the network (a copy on the meta device) on a batch of images.
+StepLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
 def run_on_meta(
-    model: nn.Module, shape: tuple[int, ...], mode: AbstractContextManager, backward: bool = False
+    model: nn.Module, shape: tuple[int, ...], mode: AbstractContextManager, backward: bool = False,
+    loss: StepLoss | None = None,
 ) -> None:
     """One forward pass of a copy of ``model`` on the meta device, on an input of ``shape``, inside
     ``mode`` (a counter of FLOPs or of memory): shapes are worked out, nothing is computed. With
-    ``backward``, the copy is in training mode and the pass is followed by the backward pass of a
-    loss on its output, as in a training step."""
+    ``backward``, the copy is in training mode and the pass is followed by the backward pass of
+    ``loss`` (default: the mean of the output), as in a training step."""
     meta, inputs = copy.deepcopy(model).to("meta").train(backward), torch.empty(shape, device="meta")
     # Not inference_mode: torch 2.3's FLOP counter then counts nothing.
     with mode, torch.set_grad_enabled(backward):
-        output = meta(inputs)
-        if backward:
-            output.mean().backward()
+        if not backward:
+            meta(inputs)
+        else:
+            (meta(inputs).mean() if loss is None else loss(meta, inputs)).backward()
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -101,13 +107,14 @@ def forward_peak_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
     return counter.peak
 
 
-def training_step_peak_bytes(model: nn.Module, shape: tuple[int, ...]) -> int:
+def training_step_peak_bytes(model: nn.Module, shape: tuple[int, ...], loss: StepLoss | None = None) -> int:
     """The most bytes one float32 training step of ``model`` on a batch of ``shape`` holds at once:
     the feature maps the forward pass keeps for the backward pass, the gradients, and AdamW's two
     moments (twice the weights), worked out on the meta device as :func:`forward_peak_bytes` is.
+    ``loss`` is the step's (default: the mean of the network's output); it must run on the meta device.
     """
     counter = _LiveBytes()
-    run_on_meta(model, shape, counter, backward=True)
+    run_on_meta(model, shape, counter, backward=True, loss=loss)
     weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     return counter.peak + 2 * weights
 

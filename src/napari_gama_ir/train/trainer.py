@@ -445,8 +445,11 @@ class Trainer:
             tensors = {k: t.pin_memory() for k, t in tensors.items()}
         return tensors
 
-    def _step(self, prefetcher: BatchPrefetcher) -> float:
-        tensors = {k: t.to(self.device, non_blocking=True) for k, t in prefetcher.take(self.step).items()}
+    def _take(self, prefetcher: BatchPrefetcher) -> dict[str, torch.Tensor]:
+        """This step's tensors (patches, and noise, masks or cells), on the device."""
+        return {k: t.to(self.device, non_blocking=True) for k, t in prefetcher.take(self.step).items()}
+
+    def _step(self, tensors: dict[str, torch.Tensor]) -> float:
         for group in self.optimiser.param_groups:
             group["lr"] = learning_rate_at(self.step, self.settings)
         autocast = (
@@ -478,7 +481,7 @@ class Trainer:
         GAMA-IR-S 1.15x for the heap, and 1.2x more for a worker thread's step
         (:func:`~napari_gama_ir.engine.heap.on_the_network_thread`)."""
         if self.device.type != "cpu":
-            return self._step(prefetcher)
+            return self._step(self._take(prefetcher))
         return on_the_network_thread(self._memory_checked_step, prefetcher)
 
     def _memory_checked_step(self, prefetcher: BatchPrefetcher) -> float:
@@ -486,11 +489,28 @@ class Trainer:
         step too large for the memory available fails before it runs instead of having the process
         killed (GAMA-IR-S takes about 21 kB a pixel of the batch: 16 patches of 1024 x 1024 had the
         command killed after 65 s on a 24 GB machine)."""
-        share, patch = self.settings.batch // self.replica.world, self.settings.patch
+        tensors = self._take(prefetcher)
         if self.step_peak_bytes is None:  # the same shapes every step: worked out once
-            self.step_peak_bytes = training_step_peak_bytes(self.model, (share, self.model.config.in_channels, patch, patch))
+            self.step_peak_bytes = self._step_peak_bytes(tensors)
+        share, patch = self.settings.batch // self.replica.world, self.settings.patch
         with memory_for_pass(self.step_peak_bytes, f"a training step on {share} patches of {patch}x{patch} pixels"):
-            return self._step(prefetcher)
+            return self._step(tensors)
+
+    def _step_peak_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
+        """The most bytes a step on ``tensors`` holds at once, with the objective's own loss:
+        Neighbor2Neighbor's trains on sub-images of a quarter of the pixels. Noise2Void's picks its
+        pixels with a boolean mask, which the meta device cannot size; a loss on the whole output,
+        which its step also computes, stands in for it."""
+        others = {name: torch.empty_like(tensor, device="meta") for name, tensor in tensors.items() if name != "input"}
+
+        def loss(network: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+            return self.objective(network, {**others, "input": images})
+
+        shape = tuple(tensors["input"].shape)
+        try:
+            return training_step_peak_bytes(self.model, shape, loss)
+        except NotImplementedError:
+            return training_step_peak_bytes(self.model, shape)
 
     def _should_stop(self, session_seconds: float, session_steps: int) -> bool:
         """Stop asked for, or time limit reached, on any replica: all of them stop at the same step.
