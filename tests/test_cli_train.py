@@ -1,6 +1,7 @@
 """The ``train`` and ``evaluate`` commands."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -32,6 +33,8 @@ def test_train_register_and_evaluate(capsys, tmp_path, fluorescence):
     assert code == 0, err
     assert "training: supervised, 6 plane(s) (1 validation crop(s)), 6 steps of 2x32px" in err
     assert (tmp_path / "run" / "model.json").is_file() and "registered as 'my-fluo'" in out
+    # The best validation in words, as the step lines, not a Python dict.
+    assert re.search(r"model: .*model\.json, best validation at step [36]: train_loss [\d.]+, psnr [\d.]+, ssim", out)
     model = create_model("my-fluo")
     assert model.config.normalization["method"] == "percentile"  # uint16 input: auto picks percentiles
     record = model.config.metadata["training"]

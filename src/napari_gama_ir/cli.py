@@ -401,11 +401,19 @@ def run_train(args: argparse.Namespace) -> None:
         result = _follow_training(trainer, args)
     if result.stopped_early:
         print(f"stopped at step {result.steps_done}/{settings.steps}; continue with --resume -o {output}", file=sys.stderr)
-    best = f", best validation {result.best}" if result.best else ""
+    best = ""
+    if result.best:
+        metrics = {name: value for name, value in result.best.items() if name != "step"}
+        best = f", best validation at step {result.best['step']}: {_metrics_text(metrics)}"
     print(f"model: {result.model_path}{best}")
     if args.register and not result.stopped_early:
         path = save_user_model(create_model(str(result.model_path)), args.register)
         print(f"registered as {args.register!r}: {path}")
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    """``psnr 28.31, ssim 0.8123``: metrics as the training lines show them."""
+    return ", ".join(f"{name} {value:.4g}" for name, value in metrics.items())
 
 
 def _follow_training(trainer, args: argparse.Namespace):
@@ -435,7 +443,7 @@ def _follow_training(trainer, args: argparse.Namespace):
             bar.set_postfix(postfix, refresh=False)
             bar.update(event.step - bar.n)
             if event.validation and not args.quiet:
-                bar.write("step {}: {}".format(event.step, ", ".join(f"{k} {v:.4g}" for k, v in event.validation.items())))
+                bar.write(f"step {event.step}: {_metrics_text(event.validation)}")
     finally:
         bar.close()
         if previous is not None:
