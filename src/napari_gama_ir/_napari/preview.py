@@ -21,8 +21,9 @@ class BackgroundPlanes:
     called (from that thread) with the plane's index so the viewer can refresh. A plane is computed
     with the others of its chunk (small planes share one), which all enter the cache; each is
     computed once while it stays in the cache (least recently used planes leave it beyond
-    ``cache_bytes``, except those of the latest request, the whole stack in napari's 3D view). Only the ``queue_depth`` most recent requests are kept, so scrolling quickly
-    through thousands of planes restores where the user stopped, not every plane passed on the way.
+    ``cache_bytes``, except those of the latest request, the whole stack in napari's 3D view).
+    Only the ``queue_depth`` most recent requests are kept, so scrolling quickly through
+    thousands of planes restores where the user stopped, not every plane passed on the way.
     With ``cancel``, the event that :func:`napari_gama_ir.restore` was given for ``lazy``, the
     chunk being computed is also given up within a forward pass once a request names only planes
     of other chunks, instead of being finished first (15-30 s for a 2048 x 2048 plane with GAMA-IR-S
