@@ -1,5 +1,6 @@
 """Headless napari tests of the plugin (Xvfb through pytest-xvfb, PyQt6)."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,28 @@ def test_a_3d_view_larger_than_the_preview_cache_completes_without_restoring_a_p
     planes[3]  # back to one plane in 2D: the cache shrinks to its budget, keeping the plane on screen
     assert len(planes.computed) == 4 and planes.computed[-1] == (3,)
     np.testing.assert_array_equal(planes[3], expected[3])
+    planes.close()
+
+
+def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_nothing(monkeypatch):
+    # Kept whole, the planes of a 3D view of a stack beyond the memory would take what napari
+    # needs for its own copy of the volume, and the viewer would be killed.
+    import napari_gama_ir._napari.preview as preview
+
+    stack = np.random.default_rng(4).random((10, 32, 32), dtype=np.float32)
+    passes = recorded_passes(monkeypatch)
+    lazy = restore(da.from_array(stack, chunks=(1, 32, 32)), make_tiny_model(1), "ZYX", tile=16, overlap=4)
+    reported = []
+    planes = preview.BackgroundPlanes(lazy, (1, 2), cache_bytes=4 * 32 * 32 * 4, on_ready=reported.append)
+    monkeypatch.setattr(preview, "available_memory", lambda: 2 * 10 * 32 * 32 * 4 - 1)  # short of twice the view
+    for _ in range(3):  # napari refreshing after the report
+        assert not planes[:].any()
+    assert planes.wait(timeout=5) and passes == [] and planes.computed == []
+    assert reported == [(0,)] and len(planes.errors) == 1
+    assert re.fullmatch(r"this view needs [\d.]+ GB more of restored planes, and [\d.]+ GB is free; "
+                        r"restore all to a zarr store and view that", str(planes.errors[0]))
+    assert not planes[3].any()  # one plane at a time is restored as usual
+    assert planes.wait(timeout=20) and planes[3].any() and len(planes.errors) == 1
     planes.close()
 
 

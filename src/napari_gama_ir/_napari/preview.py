@@ -10,6 +10,7 @@ from collections.abc import Callable
 import dask.array as da
 import numpy as np
 
+from ..engine.device import available_memory
 from ..engine.io import Cancelled
 
 
@@ -76,6 +77,7 @@ class BackgroundPlanes:
         self._wanted: OrderedDict[tuple[int, ...], None] = OrderedDict()
         self._busy: frozenset[tuple[int, ...]] = frozenset()  # the planes of the chunk being computed
         self._on_screen: frozenset[tuple[int, ...]] = frozenset()  # the planes of the latest request
+        self._refused: frozenset[tuple[int, ...]] = frozenset()  # the last request too large to keep
         self._condition = threading.Condition()
         self._closed = False
         self.errors: list[BaseException] = []
@@ -119,6 +121,12 @@ class BackgroundPlanes:
 
     def _planes(self, indices: list[tuple[int, ...]]) -> list[np.ndarray]:
         """The planes at ``indices`` (one request): cached ones, else placeholders while they are queued."""
+        with self._condition:
+            refusal = self._refusal(indices)
+        if refusal is not None:
+            if refusal and self.on_ready is not None:
+                self.on_ready(indices[0])  # shows the error; the refresh it brings is not refused again
+            return [self._placeholder] * len(indices)
         planes = []
         with self._condition:
             self._on_screen = frozenset(indices)
@@ -140,6 +148,28 @@ class BackgroundPlanes:
             if self._cancel is not None and self._busy and missing and self._busy.isdisjoint(indices):
                 self._cancel.set()  # the planes being computed are not on screen any more
         return planes
+
+    def _refusal(self, indices: list[tuple[int, ...]]) -> bool | None:
+        """``None`` where the planes of a request fit in memory once restored (under the lock);
+        else whether to report it: once per request, so that the refresh the report brings does not
+        report it again. Only a request larger than the cache is checked (napari's 3D view of a
+        large stack): kept whole, its planes would take the memory napari needs for its own copy
+        of the volume, and the viewer would be killed for want of it."""
+        missing = sum(self._placeholder.nbytes for index in indices if index not in self._cache)
+        if missing <= self.cache_bytes:
+            return None
+        available = available_memory()
+        if available is None or missing <= available // 2:
+            return None
+        request = frozenset(indices)
+        if request == self._refused:
+            return False
+        self._refused = request
+        self.errors.append(MemoryError(
+            f"this view needs {missing / 1e9:.1f} GB more of restored planes, and {available / 1e9:.1f} GB is free; "
+            "restore all to a zarr store and view that"
+        ))
+        return True
 
     def _queue(self, index: tuple[int, ...]) -> None:
         """Ask for ``index`` as the newest request (under the lock)."""
