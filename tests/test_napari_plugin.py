@@ -237,7 +237,7 @@ def test_a_3d_view_larger_than_the_preview_cache_completes_without_restoring_a_p
     planes.close()
 
 
-def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_nothing(monkeypatch):
+def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_nothing(monkeypatch, qtbot):
     # Kept whole, the planes of a 3D view of a stack beyond the memory would take what napari
     # needs for its own copy of the volume, and the viewer would be killed.
     import napari_gama_ir._napari.preview as preview
@@ -251,7 +251,8 @@ def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_n
     for _ in range(3):  # napari refreshing after the report
         assert not planes[:].any()
     assert planes.wait(timeout=5) and passes == [] and planes.computed == []
-    assert reported == [(0,)] and len(planes.errors) == 1
+    qtbot.waitUntil(lambda: reported == [(0,)], timeout=5000)
+    assert len(planes.errors) == 1
     assert re.fullmatch(r"this view needs [\d.]+ GB more of restored planes, and [\d.]+ GB is free; "
                         r"restore all to a zarr store and view that", str(planes.errors[0]))
     assert not planes[3].any()  # one plane at a time is restored as usual

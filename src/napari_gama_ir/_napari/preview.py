@@ -125,7 +125,9 @@ class BackgroundPlanes:
             refusal = self._refusal(indices)
         if refusal is not None:
             if refusal and self.on_ready is not None:
-                self.on_ready(indices[0])  # shows the error; the refresh it brings is not refused again
+                # From another thread, so that the report, and the refresh it brings (not refused
+                # again), reach the viewer after this request rather than inside it.
+                threading.Thread(target=self.on_ready, args=(indices[0],), daemon=True).start()
             return [self._placeholder] * len(indices)
         planes = []
         with self._condition:
