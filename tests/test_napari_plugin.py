@@ -247,7 +247,7 @@ def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_n
     lazy = restore(da.from_array(stack, chunks=(1, 32, 32)), make_tiny_model(1), "ZYX", tile=16, overlap=4)
     reported = []
     planes = preview.BackgroundPlanes(lazy, (1, 2), cache_bytes=4 * 32 * 32 * 4, on_ready=reported.append)
-    monkeypatch.setattr(preview, "available_memory", lambda: 2 * 10 * 32 * 32 * 4 - 1)  # short of twice the view
+    monkeypatch.setattr(preview, "available_memory", lambda: 2 * 9 * 32 * 32 * 4 - 1)  # short of twice 9 planes
     for _ in range(3):  # napari refreshing after the report
         assert not planes[:].any()
     assert planes.wait(timeout=5) and passes == [] and planes.computed == []
@@ -257,6 +257,10 @@ def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_n
                         r"restore all to a zarr store and view that", str(planes.errors[0]))
     assert not planes[3].any()  # one plane at a time is restored as usual
     assert planes.wait(timeout=20) and planes[3].any() and len(planes.errors) == 1
+    reported.clear()
+    planes[:]  # the 3D view again: reported again
+    qtbot.waitUntil(lambda: reported == [(0,)], timeout=5000)
+    assert len(planes.errors) == 2 and planes.computed == [(3,)]
     planes.close()
 
 

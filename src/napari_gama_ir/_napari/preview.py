@@ -131,6 +131,7 @@ class BackgroundPlanes:
             return [self._placeholder] * len(indices)
         planes = []
         with self._condition:
+            self._refused = frozenset()  # a view refused before is reported again if asked for again
             self._on_screen = frozenset(indices)
             self._evict()  # what a larger view kept beyond the budget
             for index in indices:
