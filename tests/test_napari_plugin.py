@@ -240,7 +240,7 @@ def test_a_3d_view_larger_than_the_preview_cache_completes_without_restoring_a_p
 def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_nothing(monkeypatch, qtbot):
     # Kept whole, the planes of a 3D view of a stack beyond the memory would take what napari
     # needs for its own copy of the volume, and the viewer would be killed.
-    import napari_gama_ir._napari.preview as preview
+    from napari_gama_ir._napari import preview
 
     stack = np.random.default_rng(4).random((10, 32, 32), dtype=np.float32)
     passes = recorded_passes(monkeypatch)
