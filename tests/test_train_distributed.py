@@ -22,6 +22,7 @@ from napari_gama_ir.train import (
     train,
     train_distributed,
 )
+from napari_gama_ir.train.distributed import _free_port
 
 from .conftest import make_tiny_model
 from .test_cli import run_cli
@@ -141,6 +142,53 @@ def test_a_replica_refuses_a_step_beyond_its_workers_memory_limit_and_the_worker
     finally:
         client.close()
         cluster.close()
+
+
+def test_a_step_refused_by_one_worker_alone_stops_every_replica_at_once(tmp_path):
+    """On workers with different memory limits, the one with less refuses a step the other takes:
+    both stop there. Before, the other waited for it in the step's collective until the timeout,
+    its worker busy (124 s with a 120 s timeout)."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    if (available_memory() or 0) < 8e9:
+        pytest.skip("needs a machine with room for the step on the worker with the higher limit")
+    # Replicas take the workers in address order: the one that refuses is replica 1, so that the
+    # error reported is its own and not replica 0's ReplicaFailedError.
+    ports = sorted(_free_port() for _ in range(2))
+    workers = {
+        name: {"cls": Nanny, "options": {"nthreads": 1, "memory_limit": limit, "worker_port": port}}
+        for name, limit, port in [("large", "8 GB", ports[0]), ("small", "1.5 GB", ports[1])]
+    }
+    cluster = SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                          silence_logs=40)
+    client = Client(cluster)
+    try:
+        client.wait_for_workers(2)
+        assert len({len(str(port)) for port in ports}) == 1  # address order is port order
+        rng = np.random.default_rng(0)
+        clean = rng.random((1, 640, 640)).astype(np.float32)
+        data = data_from_arrays(clean + 0.1 * rng.standard_normal(clean.shape).astype(np.float32), clean, axes="ZYX")
+        refused = r"a training step on 2 patches of 512x512 pixels takes about 1\.1 GB of memory, and [01]\.\d GB"
+        with pytest.raises(TrainingMemoryError, match=refused + " is available; use a smaller batch"):
+            train_distributed(make_tiny_model(1), data, _settings(batch=4, patch=512, steps=2), tmp_path / "run",
+                              client=client, timeout=300)
+        # Each worker's one thread is free for the next task, long before the collective's timeout.
+        for address in client.nthreads():
+            assert client.submit(os.getpid, workers=[address], pure=False).result(timeout=60) > 0
+        assert not (tmp_path / "run").exists()
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_a_checkpoint_replica_zero_cannot_write_stops_every_replica_at_once(client, data, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint").write_text("a file where the checkpoint folder goes")
+    with pytest.raises(FileExistsError):  # the cause, not the other replica's ReplicaFailedError
+        train_distributed(make_tiny_model(1), data, _settings(checkpoint_every=2), tmp_path / "run", client=client,
+                          timeout=300)
+    for address in client.nthreads():  # replica 1 did not stay in the next step's collective
+        assert client.submit(os.getpid, workers=[address], pure=False).result(timeout=60) > 0
 
 
 def test_batch_must_split_equally_over_the_replicas(client, data, tmp_path):

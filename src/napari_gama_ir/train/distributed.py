@@ -37,7 +37,15 @@ from ..engine.distributed import CheckpointBytes, current_worker, worker_device
 from ..engine.heap import reuse_freed_heap
 from ..model import GamaIR
 from .data import TrainingData
-from .trainer import Replica, Trainer, TrainEvent, TrainResult, TrainSettings, check_batch_split
+from .trainer import (
+    Replica,
+    ReplicaFailedError,
+    Trainer,
+    TrainEvent,
+    TrainResult,
+    TrainSettings,
+    check_batch_split,
+)
 
 #: Seconds a replica waits in a collective before giving up (a lost peer, or a slow validation).
 DEFAULT_TIMEOUT = 600.0
@@ -88,7 +96,6 @@ def _run_replica(rank: int, world: int, rendezvous: str, checkpoint: CheckpointB
                 if stop.is_set():
                     trainer.stop()
         result = dataclasses.asdict(trainer.result())
-        torch.distributed.barrier()  # every replica is done with its collectives
         return {**result, "model_path": str(result["model_path"])} if rank == 0 else None
     finally:
         # DDP's reducer holds the process group: release it first, or its destructor, run later,
@@ -234,9 +241,18 @@ class DistributedTrainer:
                 f"worker {lost[0]} left the cluster at about step {self.step}; the last checkpoint in "
                 f"{self.output} is kept: run again with resume"
             )
-        for future in futures:
-            if future.status == "error":
-                future.result()
+        from distributed import wait
+
+        if not any(future.status == "error" for future in futures):
+            return
+        # The others stop at once with a ReplicaFailedError (Replica.together): report the cause.
+        try:
+            wait(futures, timeout=30)
+        except TimeoutError:
+            pass
+        failed = [future for future in futures if future.status == "error"]
+        causes = [future for future in failed if not isinstance(future.exception(), ReplicaFailedError)]
+        (causes or failed)[0].result()
 
     def result(self) -> TrainResult:
         if self._result is None:

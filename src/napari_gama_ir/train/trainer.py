@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,10 @@ class ResumeError(ValueError):
 
 class TrainingMemoryError(ValueError):
     """A training step does not fit in the device's memory."""
+
+
+class ReplicaFailedError(RuntimeError):
+    """Another replica of a data-parallel run failed; this one stops with it (:meth:`Replica.together`)."""
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,33 @@ class Replica:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Run work that can fail on one replica alone, at a point every replica reaches: where it
+        failed on any, all of them raise (the one that failed with its own error).
+
+        Without this, the others would wait for the failed one in their next collective until the
+        timeout (10 minutes by default), holding their workers: seen with a step refused on the
+        worker with the lower memory limit of two.
+        """
+        try:
+            yield
+        except Exception:
+            self._count_failures(failed=True)
+            raise
+        failures = self._count_failures(failed=False)
+        if failures:
+            raise ReplicaFailedError(f"{failures} other replica(s) of this data-parallel run failed; this one stopped too")
+
+    def _count_failures(self, failed: bool) -> int:
+        if self.world == 1:
+            return int(failed)
+        # NCCL takes tensors on this process's GPU only; gloo takes host tensors.
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        count = torch.tensor([float(failed)], device=device)
+        torch.distributed.all_reduce(count)
+        return int(count.item())
+
 
 @dataclass
 class TrainResult:
@@ -280,50 +311,52 @@ class Trainer:
         self.standalone = replica is None
         self.replica = replica or Replica()
         check_batch_split(settings.batch, self.replica.world)
-        noise = NoiseModel.parse(settings.noise) if settings.noise else None
-        self.objective = Objective(settings.objective, settings.loss, noise)
-        if self.objective.needs_clean and not data.has_clean:
-            raise ValueError("supervised training needs clean images; without them use a self-supervised objective")
-        if self.objective.needs_clean and not data.has_noisy and noise is None:
-            raise ValueError("clean images alone need a synthetic noise model (e.g. gaussian:0-55) or noisy images")
-        if data.has_noisy and noise is not None:
-            raise ValueError("a synthetic noise model is for clean images alone; the noisy images are given")
-        if not self.objective.needs_clean and not data.has_noisy:
-            raise ValueError(f"{settings.objective} trains on noisy images; none were given")
-        self.device = resolve_device(settings.device)
-        self.autocast_dtype = check_precision(settings.precision, self.device)
-        self.model = model.to(self.device)
-        self.model.set_mean_mode("global")
-        self.normalizer = Normalizer(model.config.normalization)
-        self.planes = make_planes(data, model.config.in_channels, normalizer=self.normalizer)
-        train_regions, validation_regions = split_validation(
-            self.planes, settings.validation_fraction, settings.patch, settings.seed
-        )
-        self.sampler = PatchSampler(self.planes, train_regions, settings.patch, self.normalizer)
-        self.validation = validation_crops(self.planes, validation_regions, self.normalizer)
-        train_pixels = sum(r.rows * self.planes[r.plane].width for r in train_regions)
-        self.epoch_steps = max(1, math.ceil(train_pixels / (settings.batch * settings.patch**2)))
-        held_out = sorted({(self.planes[r.plane].source, self.planes[r.plane].index) for r in validation_regions})
-        self.data_record = {
-            **data.describe(),
-            "planes": len(self.planes),
-            "validation_planes": [list(plane) for plane in held_out],
-            "validation_crops": len(self.validation),
-        }
-        self.start_record = start or {"from": "given network"}
-        self.optimiser = torch.optim.AdamW(
-            self.model.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type) if settings.precision == "fp16" else None
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
-        self.pending_losses: list[float] = []  # training losses since the last validation
-        self.best: dict[str, Any] | None = None
-        self.seconds = 0.0
-        self.step_peak_bytes: int | None = None  # of a CPU step's tensors (_memory_checked_step)
-        self._stop = threading.Event()
-        if resume:
-            self._resume()
+        # Reading the data or the checkpoint can fail on one worker alone (storage not shared).
+        with self.replica.together():
+            noise = NoiseModel.parse(settings.noise) if settings.noise else None
+            self.objective = Objective(settings.objective, settings.loss, noise)
+            if self.objective.needs_clean and not data.has_clean:
+                raise ValueError("supervised training needs clean images; without them use a self-supervised objective")
+            if self.objective.needs_clean and not data.has_noisy and noise is None:
+                raise ValueError("clean images alone need a synthetic noise model (e.g. gaussian:0-55) or noisy images")
+            if data.has_noisy and noise is not None:
+                raise ValueError("a synthetic noise model is for clean images alone; the noisy images are given")
+            if not self.objective.needs_clean and not data.has_noisy:
+                raise ValueError(f"{settings.objective} trains on noisy images; none were given")
+            self.device = resolve_device(settings.device)
+            self.autocast_dtype = check_precision(settings.precision, self.device)
+            self.model = model.to(self.device)
+            self.model.set_mean_mode("global")
+            self.normalizer = Normalizer(model.config.normalization)
+            self.planes = make_planes(data, model.config.in_channels, normalizer=self.normalizer)
+            train_regions, validation_regions = split_validation(
+                self.planes, settings.validation_fraction, settings.patch, settings.seed
+            )
+            self.sampler = PatchSampler(self.planes, train_regions, settings.patch, self.normalizer)
+            self.validation = validation_crops(self.planes, validation_regions, self.normalizer)
+            train_pixels = sum(r.rows * self.planes[r.plane].width for r in train_regions)
+            self.epoch_steps = max(1, math.ceil(train_pixels / (settings.batch * settings.patch**2)))
+            held_out = sorted({(self.planes[r.plane].source, self.planes[r.plane].index) for r in validation_regions})
+            self.data_record = {
+                **data.describe(),
+                "planes": len(self.planes),
+                "validation_planes": [list(plane) for plane in held_out],
+                "validation_crops": len(self.validation),
+            }
+            self.start_record = start or {"from": "given network"}
+            self.optimiser = torch.optim.AdamW(
+                self.model.parameters(), lr=settings.learning_rate, betas=settings.betas, weight_decay=settings.weight_decay
+            )
+            self.scaler = torch.amp.GradScaler(self.device.type) if settings.precision == "fp16" else None
+            self.step = 0
+            self.history: list[dict[str, Any]] = []
+            self.pending_losses: list[float] = []  # training losses since the last validation
+            self.best: dict[str, Any] | None = None
+            self.seconds = 0.0
+            self.step_peak_bytes: int | None = None  # of a CPU step's tensors (_memory_checked_step)
+            self._stop = threading.Event()
+            if resume:
+                self._resume()
         # The replicas' gradients are averaged in backward; the network itself stays self.model.
         self.network: torch.nn.Module = self.model
         if self.replica.world > 1:
@@ -481,7 +514,9 @@ class Trainer:
         GAMA-IR-S 1.15x for the heap, and 1.2x more for a worker thread's step
         (:func:`~napari_gama_ir.engine.heap.on_the_network_thread`)."""
         if self.device.type != "cpu":
-            return self._step(self._take(prefetcher))
+            with self.replica.together():  # reading the batch can fail on one worker alone
+                tensors = self._take(prefetcher)
+            return self._step(tensors)
         return on_the_network_thread(self._memory_checked_step, prefetcher)
 
     def _memory_checked_step(self, prefetcher: BatchPrefetcher) -> float:
@@ -489,11 +524,16 @@ class Trainer:
         step too large for the memory available fails before it runs instead of having the process
         killed (GAMA-IR-S takes about 21 kB a pixel of the batch: 16 patches of 1024 x 1024 had the
         command killed after 65 s on a 24 GB machine)."""
-        tensors = self._take(prefetcher)
-        if self.step_peak_bytes is None:  # the same shapes every step: worked out once
-            self.step_peak_bytes = self._step_peak_bytes(tensors)
         share, patch = self.settings.batch // self.replica.world, self.settings.patch
-        with memory_for_pass(self.step_peak_bytes, f"a training step on {share} patches of {patch}x{patch} pixels"):
+        with ExitStack() as room:
+            # Workers with less memory than others refuse a step the others take.
+            with self.replica.together():
+                tensors = self._take(prefetcher)
+                if self.step_peak_bytes is None:  # the same shapes every step: worked out once
+                    self.step_peak_bytes = self._step_peak_bytes(tensors)
+                room.enter_context(memory_for_pass(
+                    self.step_peak_bytes, f"a training step on {share} patches of {patch}x{patch} pixels"
+                ))
             return self._step(tensors)
 
     def _step_peak_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
@@ -571,11 +611,15 @@ class Trainer:
                 session_seconds = time.monotonic() - session_started
                 self.seconds = seconds_before + session_seconds
                 event = TrainEvent(self.step, settings.steps, loss, learning_rate_at(self.step - 1, settings), self.seconds)
-                if main and (self.step % self.validate_every == 0 or self.step == settings.steps):
-                    event.validation = self._validate_and_keep()
-                if main and (self.step % settings.checkpoint_every == 0 or self.step == settings.steps):
-                    self.save_checkpoint()
-                    event.checkpoint = True
+                validating = self.step % self.validate_every == 0 or self.step == settings.steps
+                checkpointing = self.step % settings.checkpoint_every == 0 or self.step == settings.steps
+                if validating or checkpointing:
+                    with self.replica.together():  # replica 0's writes can fail (a full disk)
+                        if main and validating:
+                            event.validation = self._validate_and_keep()
+                        if main and checkpointing:
+                            self.save_checkpoint()
+                            event.checkpoint = True
                 yield event
         except GeneratorExit:
             closed_by_caller = True
@@ -591,9 +635,12 @@ class Trainer:
                 # The caller closed the run after a step (or dropped it, and it was collected):
                 # keep that step, as a stop would.
                 self.save_checkpoint()
-        if not main:
-            return
-        if self.step < settings.steps:  # stopped early: keep everything needed to resume
+        with self.replica.together():  # the last collective: every replica learns whether these writes failed
+            if main:
+                self._save_at_end()
+
+    def _save_at_end(self) -> None:
+        if self.step < self.settings.steps:  # stopped early: keep everything needed to resume
             self.save_checkpoint()
         model_path = self.output / f"{MODEL_STEM}.json"
         if self.validation and model_path.is_file():
