@@ -1,3 +1,6 @@
+import errno
+import os
+import shutil
 import threading
 
 import dask.array as da
@@ -223,6 +226,44 @@ def test_formats_refuse_what_they_cannot_hold_before_computing(tmp_path, name, d
     with pytest.raises(ImageIOError, match=message):
         write_image(lazy, tmp_path / name, axes)
     assert list(tmp_path.iterdir()) == []
+
+
+def _disk_with_free_space(monkeypatch, free: int) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+@pytest.mark.parametrize("name", ["x.tif", "x.ome.tif", "x.npy"])
+def test_an_uncompressed_output_its_disk_has_no_room_for_is_refused_before_computing(tmp_path, monkeypatch, name):
+    """Found out at the end, a TIFF failed with "262144 requested and 261964 written", and a .npy
+    had the process killed (SIGBUS), after all the work."""
+    _disk_with_free_space(monkeypatch, 1_900_000)
+    data = np.zeros((4, 250, 500), np.float32)  # 2.0 MB: just over the room
+    lazy = da.from_array(data).map_blocks(lambda block: 1 / 0, dtype=data.dtype)
+    with pytest.raises(ImageIOError, match=r"x\..* the result takes 2\.0 MB, and the disk of .* has 1\.9 MB free"):
+        write_image(lazy, tmp_path / name, "ZYX")
+    assert list(tmp_path.iterdir()) == []
+    write_image(data[:3], tmp_path / name, "ZYX")  # 1.5 MB fits
+    write_image(data, tmp_path / "x.zarr", "ZYX")  # compressed: its size is not known before
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="macOS and Windows have no posix_fallocate")
+def test_a_npy_output_takes_its_disk_space_before_it_is_written(tmp_path, monkeypatch):
+    """numpy leaves a memory-mapped file sparse: a disk that fills up meanwhile (another writer)
+    killed the process with SIGBUS at the first page without room, instead of raising."""
+    allocated = []
+    real = os.posix_fallocate
+    monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, size: (allocated.append(size), real(fd, offset, size)))
+    write_image(np.ones((3, 64, 64), np.float32), tmp_path / "a.npy", "ZYX")
+    assert allocated == [(tmp_path / "a.npy").stat().st_size] and allocated[0] > 3 * 64 * 64 * 4
+
+    def full_disk(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(ImageIOError, match=r"b\.npy: its disk has no room left for the result"):
+        write_image(np.ones((3, 64, 64), np.float32), tmp_path / "b.npy", "ZYX")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
 
 
 def test_npy_round_trip_and_memory_map(tmp_path):

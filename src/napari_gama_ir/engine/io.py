@@ -8,8 +8,10 @@ cancelled run never leaves an output that looks complete.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
+import math
 import os
 import shutil
 import socket
@@ -52,6 +54,8 @@ WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".pn
 #: a folder of 20 such photos took 6.7-7.5 s to restore instead of 8.3-8.7 s (docs/engine.md).
 PNG_COMPRESS_LEVEL = 3
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
+#: Outputs that hold the pixels as they are, so that their size is known before they are written.
+UNCOMPRESSED_SUFFIXES = TIFF_SUFFIXES + NUMPY_SUFFIXES
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 
 
@@ -299,6 +303,41 @@ def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes:
         raise ImageIOError(f"{output}: OME-TIFF axes are T, C, Z, Y and X, not {axes!r}; write .tif, .zarr or .npy")
     if suffix == ".png":
         png_shape(Path(output), shape, axes, dtype)
+    if suffix in UNCOMPRESSED_SUFFIXES:
+        _check_free_space(Path(output), math.prod(shape) * np.dtype(dtype).itemsize)
+
+
+def _check_free_space(output: Path, size: int) -> None:
+    """Refuse an output of ``size`` bytes that its disk has no room for: found out at the end, a
+    TIFF failed with tifffile's "262144 requested and 261964 written", and a memory-mapped
+    ``.npy`` had the process killed (SIGBUS), after all the work. A zarr store compresses: its
+    size is not known, and a full disk fails it with "No space left on device"."""
+    folder = output.resolve().parent
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise ImageIOError(
+            f"{output}: the result takes {_in_units(size)}, and the disk of {folder} has {_in_units(free)} free"
+        )
+
+
+def _allocate(path: Path, output: Path) -> None:
+    """Give the file at ``path`` its disk blocks now. numpy leaves a memory-mapped ``.npy`` sparse,
+    and a write into a page that the disk then has no room for kills the process (SIGBUS) instead
+    of raising; the check of the free space before cannot see other writers filling the disk."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: the check of the free space alone
+        return
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise ImageIOError(f"{output}: its disk has no room left for the result") from None
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):  # filesystems without it
+                raise
+
+
+def _in_units(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 @contextmanager
@@ -499,6 +538,7 @@ def write_image_steps(
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
+                _allocate(temporary, output)
                 yield from store_chunks(array, target, workers, cancel)
                 target.flush()
             finally:
