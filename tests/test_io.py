@@ -364,6 +364,31 @@ def test_cancel_stops_the_write_and_removes_the_partial_output(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kind, keep, message", [
+    ("contiguous", 0.6, r"it ends at byte [\d,]+, and its pixels run to byte [\d,]+"),
+    ("imagej", 0.9, r"it ends at byte [\d,]+, and its page 2 would start at byte"),  # opened as its first plane
+    ("pages", 0.6, r"it ends at byte [\d,]+, and its page 2 would start at byte"),
+    ("compressed", 0.6, r"its pages hold an image of shape \(40, 52\) of the \(5, 2, 40, 52\) written"),
+])
+def test_a_tiff_cut_short_is_refused_when_opened(tmp_path, kind, keep, message):
+    """A TIFF whose copy was interrupted opened as its first plane or planes (or failed only at
+    its first missing plane, after restoring the ones before it)."""
+    data = (np.random.default_rng(0).random((5, 2, 40, 52)) * 1000).astype(np.uint16)
+    if kind == "contiguous":
+        data = np.tile(data, (1, 1, 10, 10))  # larger than the IFDs, so that the cut falls in the pixels
+    options = {
+        "contiguous": {}, "imagej": {"imagej": True, "metadata": {"axes": "ZCYX"}},
+        "pages": {"metadata": None}, "compressed": {"compression": "zlib"},
+    }[kind]
+    whole = tmp_path / "whole.tif"
+    tifffile.imwrite(whole, data.reshape(10, *data.shape[2:]) if kind == "pages" else data, **options)
+    assert open_image(whole).array.size == data.size
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * keep)])
+    with pytest.raises(ImageIOError, match=r"cut\.tif: the file is cut short: " + message):
+        open_image(cut)
+
+
 def test_pyramidal_tiff_opens_at_full_resolution(tmp_path):
     data = np.random.default_rng(0).integers(0, 255, (64, 96), dtype=np.uint8)
     with tifffile.TiffWriter(tmp_path / "pyramid.ome.tif") as tif:

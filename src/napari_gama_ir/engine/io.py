@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import socket
+import struct
 import threading
 import warnings
 from collections import deque
@@ -174,6 +175,9 @@ def _open_tiff(path: Path) -> ImageSource:
             # EXTRASAMPLE 1 and 2: associated and unassociated alpha, stored after the colours.
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
             pixel_size = from_tiff(tif, axes)
+            cut = _tiff_cut_short(tif, series, path.stat().st_size)
+        if cut:
+            raise ImageIOError(f"{path}: the file is cut short: {cut} (an unfinished copy or download?)")
         if others:  # e.g. several positions of one acquisition, or a thumbnail
             shape = " x ".join(map(str, series.shape))
             warnings.warn(
@@ -192,6 +196,42 @@ def _open_tiff(path: Path) -> ImageSource:
         axes = None
     alpha = alpha and axes is not None and axes.endswith("C")
     return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {})
+
+
+def _tiff_cut_short(tif, series, size: int) -> str | None:
+    """How a TIFF of ``size`` bytes is cut short (an interrupted copy), or None.
+
+    A truncated stack opened anyway: an ImageJ hyperstack of 5 x 2 planes, or a stack of 5 pages,
+    cut at 90% of its bytes, opened as its single first plane (tifffile stops at the first page
+    whose place lies past the end, and reads the pages before it as the whole image), and a
+    contiguous stack cut at 60% failed at its first missing plane, with "corrupted strip cannot be
+    reshaped", after the planes before it were restored.
+    """
+    if series.dataoffset is not None:  # contiguous, as most microscopy stacks
+        data_end = series.dataoffset + series.nbytes
+    else:
+        last = series.pages[-1] or series.keyframe
+        data_end = max((offset + count for offset, count in zip(last.dataoffsets, last.databytecounts)), default=0)
+    if data_end > size:
+        return f"it ends at byte {size:,}, and its pixels run to byte {data_end:,}"
+    if series.kind == "shaped":  # tifffile's own: its first page says the whole shape
+        written = tif.shaped_metadata[0].get("shape") if tif.shaped_metadata else None
+        if written and math.prod(written) > math.prod(series.shape):
+            return f"its pages hold an image of shape {tuple(series.shape)} of the {tuple(written)} written"
+        return None
+    if series.kind not in ("generic", "uniform"):  # read without every page's entry: no chain to follow
+        return None
+    # Every page's entry is loaded by now: the last one's link to the next must be 0, or within the file.
+    form, handle = tif.tiff, tif.filehandle
+    last_entry = tif.pages[len(tif.pages) - 1].offset
+    handle.seek(last_entry)
+    (tags,) = struct.unpack(form.tagnoformat, handle.read(form.tagnosize))
+    handle.seek(last_entry + form.tagnosize + tags * form.tagsize)
+    link = handle.read(form.offsetsize)
+    (following,) = struct.unpack(form.offsetformat, link) if len(link) == form.offsetsize else (size,)
+    if following >= size:
+        return f"it ends at byte {size:,}, and its page {len(tif.pages) + 1} would start at byte {following:,}"
+    return None
 
 
 def folder_images(folder: Path) -> dict[str, Path]:
