@@ -351,3 +351,26 @@ def test_ctrl_c_stops_a_large_plane_within_a_few_passes_and_writes_nothing(capsy
     time.sleep(0.5)  # dask's threads, which compute a PNG, are not waited for: they must stop too
     assert 3 <= len(passes) <= 6  # of the plane's 289 tiles
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "scan.npy"]
+
+
+@pytest.mark.parametrize("name", ["out.tif", "out.zarr"])
+def test_sigterm_stops_a_restore_and_writes_nothing(tmp_path, grey_checkpoint, name):
+    """SIGTERM (a batch system's wall-time limit, ``kill``) ends a restore as Ctrl-C does; it used to
+    end the process on the spot, leaving the partial output for the next run to remove."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    np.save(tmp_path / "stack.npy", np.random.default_rng(3).random((64, 256, 256), dtype=np.float32))
+    command = [sys.executable, "-m", "napari_gama_ir.cli", "restore", tmp_path / "stack.npy", "-o", tmp_path / name,
+               "--model", grey_checkpoint, "--tile", 64, "--overlap", 16, "-q"]
+    process = subprocess.Popen([str(part) for part in command], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(f".{name}.partial") for p in tmp_path.iterdir()):  # writing: handlers set
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "interrupted; no output was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "stack.npy"]

@@ -1,7 +1,11 @@
 """The ``train`` and ``evaluate`` commands."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,3 +124,27 @@ def test_bad_training_input_gets_one_line(case, capsys, tmp_path, fluorescence):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_sigterm_stops_training_after_its_step_with_a_checkpoint(tmp_path, fluorescence):
+    """SIGTERM, which a batch system sends at the wall-time limit, stops training as a first Ctrl-C
+    does; it used to end the process on the spot, losing the steps since the last checkpoint."""
+    noisy, clean = fluorescence
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "napari_gama_ir.cli", "train", "--noisy", noisy, "--clean", clean, "-o", run,
+               "--steps", 100000, "--batch", 2, "--patch", 32, "--val-every", 2, "--checkpoint-every", 100000]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   env=env)
+        for line in process.stdout:
+            if line.startswith("step 2:"):  # the loop runs, its handlers in place
+                break
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=300)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 0, err
+    stopped = re.search(r"stopped at step (\d+)/100000; continue with --resume", err)
+    assert stopped and "model: " in out
+    state = json.loads((run / "checkpoint" / "training.json").read_text())
+    assert state["step"] == int(stopped.group(1)) >= 2

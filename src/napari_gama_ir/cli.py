@@ -14,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -430,7 +431,8 @@ def _follow_training(trainer, args: argparse.Namespace):
         interrupted.append(True)
         trainer.stop()
 
-    previous = signal.signal(signal.SIGINT, on_interrupt) if threading.current_thread() is threading.main_thread() else None
+    # SIGTERM too: what a batch system sends at the wall-time limit, some 30 s before SIGKILL (SLURM).
+    previous = _handle_signals((signal.SIGINT, signal.SIGTERM), on_interrupt)
     validation: dict[str, float] = {}
     try:
         for event in trainer.run():
@@ -446,9 +448,28 @@ def _follow_training(trainer, args: argparse.Namespace):
                 bar.write(f"step {event.step}: {_metrics_text(event.validation)}")
     finally:
         bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        _restore_signal_handlers(previous)
     return trainer.result()
+
+
+def _handle_signals(signals: tuple[signal.Signals, ...], handler) -> dict[signal.Signals, Any]:
+    """Install ``handler`` for ``signals`` (only the main thread may); the handlers replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in signals}
+
+
+def _restore_signal_handlers(previous: dict[signal.Signals, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+def _terminate_as_interrupt(signum, frame):
+    """SIGTERM (a batch system's wall-time limit, ``kill``) ends a command as Ctrl-C does: partial
+    outputs removed, or kept for ``--resume`` where that is possible. By default it ended the
+    process on the spot, with no clean-up and, for training, no checkpoint of the steps since the
+    last one (up to 500)."""
+    raise KeyboardInterrupt
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
@@ -763,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         "restore": run_restore, "train": run_train, "evaluate": run_evaluate, "models": run_models, "demo": run_demo,
         "benchmark": run_benchmark,
     }
+    previous = _handle_signals((signal.SIGTERM,), _terminate_as_interrupt)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -782,6 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _restore_signal_handlers(previous)
     return 0
 
 
