@@ -245,9 +245,10 @@ class DistributedTrainer:
 
         if not any(future.status == "error" for future in futures):
             return
-        # The others stop at once with a ReplicaFailedError (Replica.together): report the cause.
+        # The others stop at once with a ReplicaFailedError (Replica.together): report the cause. After a
+        # failure inside a step they wait in its collective instead, so not for long.
         try:
-            wait(futures, timeout=30)
+            wait(futures, timeout=10)
         except TimeoutError:
             pass
         failed = [future for future in futures if future.status == "error"]
