@@ -461,7 +461,8 @@ def _handle_signals(signals: tuple[signal.Signals, ...], handler) -> dict[signal
 
 def _restore_signal_handlers(previous: dict[signal.Signals, Any]) -> None:
     for signum, handler in previous.items():
-        signal.signal(signum, handler)
+        if handler is not None:  # None: installed outside Python, and cannot be put back from it
+            signal.signal(signum, handler)
 
 
 def _terminate_as_interrupt(signum, frame):

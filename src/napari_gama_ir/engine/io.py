@@ -175,7 +175,10 @@ def _open_tiff(path: Path) -> ImageSource:
             # EXTRASAMPLE 1 and 2: associated and unassociated alpha, stored after the colours.
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
             pixel_size = from_tiff(tif, axes)
-            cut = _tiff_cut_short(tif, series, path.stat().st_size)
+            try:
+                cut = _tiff_cut_short(tif, series, path.stat().st_size)
+            except (AttributeError, TypeError, struct.error):  # a layout this check does not know
+                cut = None
         if cut:
             raise ImageIOError(f"{path}: the file is cut short: {cut} (an unfinished copy or download?)")
         if others:  # e.g. several positions of one acquisition, or a thumbnail
