@@ -247,6 +247,21 @@ def test_an_uncompressed_output_its_disk_has_no_room_for_is_refused_before_compu
     write_image(data, tmp_path / "x.zarr", "ZYX")  # compressed: its size is not known before
 
 
+@pytest.mark.parametrize("fills_the_disk", [True, False])
+def test_a_tiff_whose_disk_fills_while_it_is_written_says_so(tmp_path, monkeypatch, fills_the_disk):
+    def failing_write(path, **options):
+        if fills_the_disk:
+            _disk_with_free_space(monkeypatch, 100)  # another writer took the rest after the check
+        raise OSError("262144 requested and 261964 written")  # tifffile's words for it
+
+    monkeypatch.setattr(tifffile, "imwrite", failing_write)
+    expected = (ImageIOError, "its disk ran out of space while the TIFF was written") if fills_the_disk else (
+        OSError, "^262144 requested")  # any other failure as it came
+    with pytest.raises(expected[0], match=expected[1]):
+        write_image(np.ones((2, 64, 64), np.float32), tmp_path / "out.tif", "ZYX")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="macOS and Windows have no posix_fallocate")
 def test_a_npy_output_takes_its_disk_space_before_it_is_written(tmp_path, monkeypatch):
     """numpy leaves a memory-mapped file sparse: a disk that fills up meanwhile (another writer)

@@ -668,18 +668,25 @@ def _write_tiff(
         metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
     else:
         metadata.update(attrs)
-    tifffile.imwrite(
-        path,
-        data=data,
-        tile=tile,
-        shape=array.shape,
-        dtype=array.dtype,
-        bigtiff=True,
-        photometric="rgb" if rgb else "minisblack",
-        metadata=metadata,
-        ome=ome,
-        **tiff_resolution(sizes),
-    )
+    try:
+        tifffile.imwrite(
+            path,
+            data=data,
+            tile=tile,
+            shape=array.shape,
+            dtype=array.dtype,
+            bigtiff=True,
+            photometric="rgb" if rgb else "minisblack",
+            metadata=metadata,
+            ome=ome,
+            **tiff_resolution(sizes),
+        )
+    except OSError as error:
+        # A disk that others filled after the check of its free space: tifffile says only
+        # "262144 requested and 261964 written".
+        if shutil.disk_usage(path.parent).free >= pages[0].nbytes:
+            raise
+        raise ImageIOError(f"{path.parent}: its disk ran out of space while the TIFF was written ({error})") from None
     yield pages.shape[0], pages.shape[0]
 
 
