@@ -1,7 +1,9 @@
 """Training: data, patch sampling, masking, schedule, checkpoints, exact resume, fine-tuning."""
 
+import gc
 import json
 import warnings
+import weakref
 
 import dask.array as da
 import numpy as np
@@ -13,6 +15,7 @@ from napari_gama_ir import load_checkpoint, save_checkpoint
 from napari_gama_ir.model import GamaIR
 from napari_gama_ir.train import (
     NoiseModel,
+    Replica,
     ResumeError,
     Trainer,
     TrainingDataError,
@@ -28,6 +31,7 @@ from napari_gama_ir.train import (
 )
 from napari_gama_ir.train.data import Normalizer, PatchSampler, make_planes, split_validation
 from napari_gama_ir.train.objectives import blind_spot_mask, neighbour_cells, neighbour_subsample
+from napari_gama_ir.train.trainer import ReplicaFailedError
 
 from .conftest import make_tiny_model, tiny_config
 
@@ -560,3 +564,29 @@ def test_psnr_of_equal_images_is_infinite_without_a_warning():
         warnings.simplefilter("error")  # a training run on pairs that match printed numpy's divide warning
         assert psnr(image, image) == np.inf
     assert psnr(image, image + 0.1) == pytest.approx(20.0)
+
+
+def test_a_replica_keeps_the_tensors_of_its_collectives(monkeypatch):
+    """torch's gloo thread may drop a collective's tensor after the collective returned; where that
+    was the last reference, it needs the GIL, and torch 2.3 destroys a gloo group holding the GIL
+    while it waits for that thread: a deadlock (a CI run hung 10 minutes; 2 of 2 stress runs under
+    load, benchmarks/replica_teardown.py). So every tensor a replica sends outlives its calls."""
+    sent, other_replica_sends = [], [0.0]
+
+    def all_reduce(tensor):
+        sent.append(weakref.ref(tensor))
+        tensor.add_(other_replica_sends[0])
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda: "gloo")
+    replica = Replica(rank=1, world=2)
+    with replica.together():
+        pass
+    with pytest.raises(OSError, match="disk full"), replica.together():  # this replica's own failure
+        raise OSError("disk full")
+    other_replica_sends[0] = 1.0
+    assert replica.any(False) and replica.mean(torch.tensor(0.5, requires_grad=True) * 1) == 0.75
+    with pytest.raises(ReplicaFailedError, match="1 other replica"), replica.together():
+        pass
+    gc.collect()
+    assert len(sent) == 5 and all(tensor() is not None for tensor in sent)

@@ -82,10 +82,11 @@ def _run_replica(rank: int, world: int, rendezvous: str, checkpoint: CheckpointB
         "nccl" if device.type == "cuda" else "gloo", init_method=rendezvous, rank=rank, world_size=world,
         timeout=timedelta(seconds=timeout),
     )
-    trainer = None
+    # Referenced until the group is destroyed: its tensors must outlive it (Replica._exchange).
+    replica, trainer = Replica(rank, world), None
     try:
         trainer = Trainer(checkpoint.load(), data, TrainSettings.from_dict(settings), output, start=start,
-                          resume=resume, replica=Replica(rank, world))
+                          resume=resume, replica=replica)
         stop, asked = Event(f"{run_id}-stop") if rank == 0 else None, time.monotonic()
         for event in trainer.run():
             if stop is None:
@@ -103,6 +104,7 @@ def _run_replica(rank: int, world: int, rendezvous: str, checkpoint: CheckpointB
         del trainer
         gc.collect()
         torch.distributed.destroy_process_group()
+        del replica
 
 
 class DistributedTrainer:

@@ -180,11 +180,14 @@ class Replica:
     Every replica draws the same global batch from the step's generator and trains on its own
     equal share; torch.distributed averages the gradients, so the replicas stay identical and a
     step equals a single-process step on the whole batch. Replica 0 validates and writes the
-    checkpoints and the model. The process group must be initialised before the trainer is built.
+    checkpoints and the model. The process group must be initialised before the trainer is built,
+    and destroyed while the replica is still referenced (see :meth:`_exchange`).
     """
 
     rank: int = 0
     world: int = 1
+    # The tensors this replica's own collectives run on, one per device (see _exchange).
+    _exchanged: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -202,20 +205,44 @@ class Replica:
         try:
             yield
         except Exception:
-            self._count_failures(failed=True)
+            self._exchange(1.0)
             raise
-        failures = self._count_failures(failed=False)
+        failures = int(self._exchange(0.0)) if self.world > 1 else 0
         if failures:
             raise ReplicaFailedError(f"{failures} other replica(s) of this data-parallel run failed; this one stopped too")
 
-    def _count_failures(self, failed: bool) -> int:
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any replica."""
+        return bool(self._exchange(float(flag))) if self.world > 1 else flag
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a one-element ``value`` over the replicas."""
         if self.world == 1:
-            return int(failed)
+            return float(value.detach())
+        return self._exchange(value.detach()) / self.world
+
+    def _exchange(self, value: float | torch.Tensor) -> float:
+        """The sum of ``value`` over the replicas.
+
+        It runs on a tensor this replica keeps, not a fresh one: torch's gloo thread may drop its
+        reference to a collective's tensor after the collective has returned, and where that is the
+        last reference it takes the GIL to free the Python object. torch 2.3 destroys a gloo process
+        group holding the GIL while it waits for that thread, so the two deadlocked: the worker
+        stopped answering until dask restarted it, 10 minutes on (once in CI; in 2 of 2 stress runs
+        under load, benchmarks/replica_teardown.py; torch 2.13 did not hang). Kept here, the
+        tensors outlive the process group (the replica's task destroys the group first).
+        """
+        if self.world == 1:
+            return float(value)
         # NCCL takes tensors on this process's GPU only; gloo takes host tensors.
         device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-        count = torch.tensor([float(failed)], device=device)
-        torch.distributed.all_reduce(count)
-        return int(count.item())
+        exchanged = self._exchanged.setdefault(device, torch.zeros(1, dtype=torch.float64, device=device))
+        if isinstance(value, float):
+            exchanged.fill_(value)
+        else:
+            exchanged.copy_(value.reshape(1))
+        torch.distributed.all_reduce(exchanged)
+        return float(exchanged.item())
 
 
 @dataclass
@@ -502,11 +529,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
             self.optimiser.step()
         self.step += 1
-        if self.replica.world > 1:  # report the whole batch's loss, as one process would
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss /= self.replica.world
-        return float(loss.detach())
+        return self.replica.mean(loss)  # the whole batch's loss, as one process would report
 
     def _run_step(self, prefetcher: BatchPrefetcher) -> float:
         """One step. On a CPU it runs on the network thread, whichever thread trains (napari's
@@ -560,12 +583,7 @@ class Trainer:
         """
         limit = self.settings.time_limit
         out_of_time = limit is not None and session_steps > 0 and session_seconds > limit
-        local = self._stop.is_set() or out_of_time
-        if self.replica.world == 1:
-            return local
-        vote = torch.tensor([float(local)], device=self.device)
-        torch.distributed.all_reduce(vote)
-        return bool(vote.item())
+        return self.replica.any(self._stop.is_set() or out_of_time)
 
     def run(self) -> Iterator[TrainEvent]:
         """Train until ``settings.steps`` (or a stop, or the time limit), yielding after every step.
