@@ -207,22 +207,20 @@ class Replica:
         except Exception:
             self._exchange(1.0)
             raise
-        failures = int(self._exchange(0.0)) if self.world > 1 else 0
+        failures = int(self._exchange(0.0))
         if failures:
             raise ReplicaFailedError(f"{failures} other replica(s) of this data-parallel run failed; this one stopped too")
 
     def any(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any replica."""
-        return bool(self._exchange(float(flag))) if self.world > 1 else flag
+        return bool(self._exchange(float(flag)))
 
     def mean(self, value: torch.Tensor) -> float:
         """The mean of a one-element ``value`` over the replicas."""
-        if self.world == 1:
-            return float(value.detach())
         return self._exchange(value.detach()) / self.world
 
     def _exchange(self, value: float | torch.Tensor) -> float:
-        """The sum of ``value`` over the replicas.
+        """The sum of ``value`` over the replicas (no collective where there is one).
 
         It runs on a tensor this replica keeps, not a fresh one: torch's gloo thread may drop its
         reference to a collective's tensor after the collective has returned, and where that is the
