@@ -372,5 +372,5 @@ def test_sigterm_stops_a_restore_and_writes_nothing(tmp_path, grey_checkpoint, n
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "interrupted; no output was written" in err
+    assert process.returncode == 130 and "interrupted; no output was written" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "stack.npy"]
