@@ -220,7 +220,7 @@ class Replica:
         return self._exchange(value.detach()) / self.world
 
     def _exchange(self, value: float | torch.Tensor) -> float:
-        """The sum of ``value`` over the replicas (no collective where there is one).
+        """The sum of ``value`` over the replicas (no collective for a run of one replica).
 
         It runs on a tensor this replica keeps, not a fresh one: torch's gloo thread may drop its
         reference to a collective's tensor after the collective has returned, and where that is the
