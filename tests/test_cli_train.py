@@ -101,6 +101,9 @@ BAD_TRAINING = {
     "3-channel model, grey data": (["--noisy", "{noisy}", "--clean", "{clean}", "--from", "{three}"], "takes 3 channel"),
     "bad noise": (["--clean", "{clean}", "--noise", "gaussian:x"], "LOW-HIGH"),
     "existing run": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/done"], "holds a training run already"),
+    "existing model": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/model"], "holds a training run already"),
+    # Before, training went on to its end and then failed with "[Errno 17] File exists".
+    "output is a file": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{clean}"], "clean.tif: not a folder"),
     "bad model name": (["--noisy", "{noisy}", "--clean", "{clean}", "--register", "a/b"], "model name 'a/b' must be"),
     "no data": ([], "give --noisy"),
     # --minutes 0 once trained without a limit, and a negative one stopped after a step.
@@ -115,6 +118,7 @@ def test_bad_training_input_gets_one_line(case, capsys, tmp_path, fluorescence):
     tifffile.imwrite(tmp_path / "short.tif", np.zeros((6, 64, 60), np.float32), metadata={"axes": "ZYX"})
     three = save_checkpoint(make_tiny_model(3, channel_meaning="3 channels"), tmp_path / "three")
     (tmp_path / "done" / "checkpoint").mkdir(parents=True)
+    save_checkpoint(make_tiny_model(1), tmp_path / "model" / "model")
     paths = {"noisy": noisy, "clean": clean, "short": tmp_path / "short.tif", "three": three, "tmp": tmp_path}
     arguments, message = BAD_TRAINING[case]
     arguments = [a.format(**paths) for a in arguments]
@@ -124,6 +128,27 @@ def test_bad_training_input_gets_one_line(case, capsys, tmp_path, fluorescence):
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out" / "model.json").exists()
+
+
+def test_overwrite_replaces_the_run_and_keeps_the_users_files(capsys, tmp_path, fluorescence):
+    """--overwrite in the folder of the training images: it once removed the whole folder, images too."""
+    noisy, clean = fluorescence
+    (tmp_path / "checkpoint" / "notes").mkdir(parents=True)  # a folder of the user's that shares a run's name
+    (tmp_path / "checkpoint" / "notes" / "todo.txt").write_text("keep me")
+    images = {path: path.read_bytes() for path in (noisy, clean)}
+    arguments = ["train", "--noisy", noisy, "--clean", clean, "-o", tmp_path, *FAST]
+    code, _, err = run_cli(capsys, *arguments, "--overwrite")
+    assert code == 0, err
+    first = (tmp_path / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, *arguments, "--steps", 7)
+    assert code == 2 and "holds a training run already" in err
+    code, _, err = run_cli(capsys, *arguments, "--steps", 7, "--overwrite")
+    assert code == 0, err
+    assert all(path.read_bytes() == data for path, data in images.items())
+    assert (tmp_path / "checkpoint" / "notes" / "todo.txt").read_text() == "keep me"
+    state = json.loads((tmp_path / "checkpoint" / "training.json").read_text())
+    assert state["step"] == 7 and state["settings"]["steps"] == 7  # a new run, not the old one resumed
+    assert (tmp_path / "model.safetensors").read_bytes() != first
 
 
 def test_sigterm_stops_training_after_its_step_with_a_checkpoint(tmp_path, fluorescence):

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -355,14 +354,16 @@ def _train_settings(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> None:
     """Train or fine-tune a network on the user's images; Ctrl-C stops with a resumable checkpoint."""
-    from .train import Trainer, default_normalization, resume_point, starting_model
+    from .train import Trainer, default_normalization, holds_run, remove_run, resume_point, starting_model
 
     _check_minimum(args, 1, "workers", "threads_per_worker")
     _check_minimum(args, 0, "minutes", exclusive=True)
     if args.register:
         check_user_model_name(args.register)  # before hours of training, not after
-    data = _training_data(args)
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: not a folder (a training run writes its model and checkpoint into a folder)")
+    data = _training_data(args)
     if args.resume:
         fixed = [f"--{o.replace('_', '-')}" for o in (*TRAIN_OPTIONS, "self_supervised", "from_", "arch") if getattr(args, o)]
         if fixed:
@@ -373,10 +374,10 @@ def run_train(args: argparse.Namespace) -> None:
         model, settings = resume_point(output, **changes)
         start = None
     else:
-        if (output / "checkpoint").exists() and not args.overwrite:
-            raise UsageError(f"{output} holds a training run already; use --resume to continue it or --overwrite")
-        if args.overwrite and output.is_dir():
-            shutil.rmtree(output)
+        if holds_run(output):
+            if not args.overwrite:
+                raise UsageError(f"{output} holds a training run already; use --resume to continue it or --overwrite")
+            remove_run(output)  # the run's files only: --output may be the folder of the training images
         settings = _train_settings(args)
         model, start = starting_model(
             data.channels, source=args.from_, architecture=args.arch or "gama_ir_xs", patch=settings.patch,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +25,15 @@ from ..model import (
     user_model_names,
     user_models_dir,
 )
-from ..train import Trainer, TrainSettings, data_from_arrays, default_normalization, resume_trainer, starting_model
+from ..train import (
+    Trainer,
+    TrainSettings,
+    data_from_arrays,
+    default_normalization,
+    remove_run,
+    resume_trainer,
+    starting_model,
+)
 from ..train.trainer import CHECKPOINT_DIR, STATE_FILE
 from .layers import (
     axes_guess,
@@ -230,8 +237,7 @@ class FineTuneWidget(QWidget):
                 model, start = starting_model(
                     data.channels, source=choice, normalization=default_normalization(data.dtype),
                 )
-            if folder.exists():
-                shutil.rmtree(folder)  # Start begins again; Resume continues
+            remove_run(folder)  # Start begins again; Resume continues
             return Trainer(model, data, settings, folder, start=start)
 
         return self._launch(make_trainer, name)

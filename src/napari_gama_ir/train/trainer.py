@@ -44,6 +44,26 @@ MODEL_STEM = "model"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "training.json"
 OPTIMISER_FILE = "optimiser.safetensors"
+MODEL_FILES = (f"{MODEL_STEM}.json", f"{MODEL_STEM}.safetensors")
+
+
+def holds_run(output: str | os.PathLike) -> bool:
+    """Whether ``output`` holds a training run's model or checkpoint."""
+    output = Path(output)
+    return (output / CHECKPOINT_DIR).exists() or (output / f"{MODEL_STEM}.json").exists()
+
+
+def remove_run(output: str | os.PathLike) -> None:
+    """Remove what a training run wrote into ``output`` -- its model and its checkpoint -- and
+    nothing else: ``output`` may be a folder of the user's own (the training images, say)."""
+    output = Path(output)
+    checkpoint = output / CHECKPOINT_DIR
+    for folder, names in ((output, MODEL_FILES), (checkpoint, (*MODEL_FILES, STATE_FILE, OPTIMISER_FILE))):
+        for name in names:
+            for path in (folder / name, folder / f"{name}.tmp"):  # .tmp: a write cut short
+                path.unlink(missing_ok=True)
+    if checkpoint.is_dir() and not any(checkpoint.iterdir()):
+        checkpoint.rmdir()
 
 
 class ResumeError(ValueError):
