@@ -243,6 +243,18 @@ def test_bad_input_gets_one_line_and_no_output(case, capsys, tmp_path, grey_chec
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(capsys, tmp_path, grey_checkpoint):
+    """Replacing a zarr group with a restore of one of its own arrays once removed that array."""
+    group = zarr.open_group(tmp_path / "experiment.zarr", mode="w")
+    raw = group.create_array("raw", shape=(2, 40, 48), dtype="uint16")
+    raw[:] = np.arange(2 * 40 * 48, dtype=np.uint16).reshape(2, 40, 48)
+    code, out, err = run_cli(capsys, "restore", tmp_path / "experiment.zarr" / "raw", "-o", tmp_path / "experiment.zarr",
+                             "--overwrite", "--axes", "ZYX", "--model", grey_checkpoint, "-q")
+    assert code == 2 and err.strip().endswith(f"the output must not hold the input {tmp_path / 'experiment.zarr' / 'raw'}")
+    kept = zarr.open_array(tmp_path / "experiment.zarr" / "raw", mode="r")
+    assert np.array_equal(kept[:], raw[:])
+
+
 def test_unwritable_output_folder_is_refused(capsys, tmp_path, grey_checkpoint, stack_zarr, monkeypatch):
     # Root may write anywhere, so the permission answer is simulated.
     import os

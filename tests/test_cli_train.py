@@ -64,6 +64,16 @@ def test_evaluate_checks_the_report_folder_before_restoring(capsys, tmp_path, fl
     assert err.strip() == f"napari-gama-ir: error: the folder of {tmp_path / 'missing' / 'scores.json'} does not exist"
 
 
+def test_evaluate_never_writes_its_report_over_an_input(capsys, tmp_path, fluorescence):
+    noisy, clean = fluorescence
+    image = clean.read_bytes()
+    code, out, err = run_cli(capsys, "evaluate", "--model", save_checkpoint(make_tiny_model(1), tmp_path / "tiny"),
+                             "--noisy", noisy, "--clean", clean, "-q", "--json", clean)
+    assert code == 2 and out == ""  # refused before restoring anything
+    assert err.strip() == f"napari-gama-ir: error: {clean}: a report must not be written over or into the input {clean}"
+    assert clean.read_bytes() == image
+
+
 def test_evaluate_writes_strict_json_when_a_psnr_is_infinite(capsys, tmp_path, fluorescence):
     _, clean = fluorescence
     code, out, err = run_cli(capsys, "evaluate", "--model", save_checkpoint(make_tiny_model(1), tmp_path / "tiny"),

@@ -71,11 +71,17 @@ def _check_minimum(args: argparse.Namespace, minimum: float, *options: str, excl
                 raise UsageError(f"--{option.replace('_', '-')} must be {bound}, got {value}")
 
 
-def _check_report_folders(*paths: str | None) -> None:
-    """Fail before minutes of work, not after, when a report's folder is missing."""
+def _check_reports(*paths: str | None, inputs: tuple[str | None, ...] = ()) -> None:
+    """Fail before minutes of work, not after, when a report's folder is missing, and refuse a
+    report that would be written over an input (a mistyped ``--json clean.tif`` replaced the image)."""
     for path in paths:
-        if path and not Path(path).resolve().parent.is_dir():
+        if not path:
+            continue
+        if not Path(path).resolve().parent.is_dir():
             raise UsageError(f"the folder of {path} does not exist")
+        for source in filter(None, inputs):
+            if Path(path).resolve().is_relative_to(Path(source).resolve()):
+                raise UsageError(f"{path}: a report must not be written over or into the input {source}")
 
 
 def load_model(name: str, untrained: bool = False, in_channels: int | None = None) -> GamaIR:
@@ -485,7 +491,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
     if args.noisy is None or args.clean is None:
         raise UsageError("evaluate needs --noisy and --clean")
-    _check_report_folders(args.json)
+    _check_reports(args.json, inputs=(args.noisy, args.clean))
     data = data_from_paths(args.noisy, args.clean, axes=args.axes)
     args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type)
     model = load_model(args.model)
@@ -613,7 +619,7 @@ def run_benchmark(args: argparse.Namespace) -> None:
     _check_minimum(args, 1, "runs", "channels", "batch", "threads")
     _check_minimum(args, 0, "warmup")
     _check_minimum(args, 0, "budget", exclusive=True)
-    _check_report_folders(args.json, args.plot)
+    _check_reports(args.json, args.plot)
     if args.plot:
         try:
             from matplotlib.backend_bases import FigureCanvasBase

@@ -302,6 +302,8 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
             raise ImageIOError(f"{output}: the output must not be the input")
         if source and output.resolve().is_relative_to(Path(source).resolve()):  # a store is a folder
             raise ImageIOError(f"{output}: the output must not be inside the input {source}")
+        if source and Path(source).resolve().is_relative_to(output.resolve()):  # replacing it removes the input
+            raise ImageIOError(f"{output}: the output must not hold the input {source}")
     if output.exists() and not overwrite:
         raise ImageIOError(f"{output}: already exists (pass --overwrite to replace it)")
     parent = output.resolve().parent
