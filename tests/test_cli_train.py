@@ -106,6 +106,7 @@ def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
 BAD_TRAINING = {
     "no clean, not self-supervised": (["--noisy", "{noisy}"], "supervised training needs clean images"),
     "clean only, no noise model": (["--clean", "{clean}"], "synthetic noise model"),
+    "clean is noisy": (["--noisy", "{noisy}", "--clean", "{noisy}"], "--noisy and --clean are the same"),
     "shapes differ": (["--noisy", "{noisy}", "--clean", "{short}"], "differ in shape"),
     # An RGB model is made grey (test_train.py); three channels of another meaning are not.
     "3-channel model, grey data": (["--noisy", "{noisy}", "--clean", "{clean}", "--from", "{three}"], "takes 3 channel"),

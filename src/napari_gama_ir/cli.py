@@ -346,6 +346,9 @@ def _training_data(args: argparse.Namespace):
 
     if args.noisy is None and args.clean is None:
         raise UsageError("give --noisy (and --clean for supervised training)")
+    if args.noisy and args.clean and Path(args.noisy).resolve() == Path(args.clean).resolve():
+        # As napari's Fine-tune widget: a network trained to give back its input learns nothing.
+        raise UsageError(f"--noisy and --clean are the same ({args.clean}); give the clean images of the noisy ones")
     return data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
 
 
