@@ -248,7 +248,7 @@ def test_an_output_that_holds_the_input_is_refused_even_with_overwrite(capsys, t
     group = zarr.open_group(tmp_path / "experiment.zarr", mode="w")
     raw = group.create_array("raw", shape=(2, 40, 48), dtype="uint16")
     raw[:] = np.arange(2 * 40 * 48, dtype=np.uint16).reshape(2, 40, 48)
-    code, out, err = run_cli(capsys, "restore", tmp_path / "experiment.zarr" / "raw", "-o", tmp_path / "experiment.zarr",
+    code, _, err = run_cli(capsys, "restore", tmp_path / "experiment.zarr" / "raw", "-o", tmp_path / "experiment.zarr",
                              "--overwrite", "--axes", "ZYX", "--model", grey_checkpoint, "-q")
     assert code == 2 and err.strip().endswith(f"the output must not hold the input {tmp_path / 'experiment.zarr' / 'raw'}")
     kept = zarr.open_array(tmp_path / "experiment.zarr" / "raw", mode="r")

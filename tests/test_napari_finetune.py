@@ -69,6 +69,22 @@ def test_train_plot_cancel_resume_and_register(make_napari_viewer, qtbot):
     model = create_model("tuned")
     assert model.config.metadata["training"]["step"] == 40
     assert "tuned" in restore_widget.model.choices  # offered at once by the Restore widget
+    # Start never replaces a saved model: the name moves on, and the old name is refused.
+    assert widget.name.value == "tuned-2"
+    widget.name.value = "tuned"
+    assert widget.start() is None and "a model named 'tuned' exists already" in widget.status.value
+    assert create_model("tuned").config.metadata["training"]["step"] == 40
+
+
+def test_the_default_name_is_one_no_model_or_run_has(make_napari_viewer):
+    """The default name was always "my-model", so each new fine-tuning replaced the last one's model."""
+    from napari_gama_ir.model import save_user_model
+
+    viewer = make_napari_viewer()
+    assert open_widget(viewer, "Fine-tune").name.value == "my-model"
+    save_user_model(make_tiny_model(1), "my-model")
+    (runs_dir() / "my-model-2").mkdir(parents=True)  # a run stopped before it saved a model
+    assert FineTuneWidget(viewer).name.value == "my-model-3"
 
 
 def run_to_its_end(make_napari_viewer, qtbot, monkeypatch) -> tuple[FineTuneWidget, list[str]]:

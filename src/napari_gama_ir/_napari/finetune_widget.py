@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +65,13 @@ def starting_choices() -> list[str]:
 def runs_dir() -> Path:
     """Where fine-tuning runs keep their checkpoints, beside the user's models."""
     return user_models_dir().parent / "runs"
+
+
+def free_name(stem: str = "my-model") -> str:
+    """``stem``, else ``stem-2``, ``stem-3``...: the first name of no saved model and no run, so that
+    the default name never replaces yesterday's model."""
+    taken = set(user_model_names()) | ({p.name for p in runs_dir().iterdir()} if runs_dir().is_dir() else set())
+    return next(name for n in itertools.count(1) if (name := stem if n == 1 else f"{stem}-{n}") not in taken)
 
 
 class LossPlot(FigureCanvasQTAgg):
@@ -137,7 +145,7 @@ class FineTuneWidget(QWidget):
         self.batch = SpinBox(label="batch", min=1, max=1024, value=8)
         self.learning_rate = FloatSpinBox(label="learning rate", min=1e-6, max=1.0, step=1e-4, value=1e-3)
         self.device = ComboBox(label="device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
-        self.name = LineEdit(label="save as", value="my-model")
+        self.name = LineEdit(label="save as", value=free_name())
         self.start_button = PushButton(text="Start")
         self.pause_button = PushButton(text="Pause", enabled=False)
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -220,7 +228,7 @@ class FineTuneWidget(QWidget):
     def start(self, _=None):
         """Check the settings, then build the data and the network and train in a worker thread."""
         try:
-            name = check_user_model_name(self.name.value, overwrite=True)
+            name = check_user_model_name(self.name.value)  # Start never replaces a saved model
             data, settings = self._data(), self._settings()
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
@@ -337,6 +345,7 @@ class FineTuneWidget(QWidget):
         path = save_user_model(create_model(str(result.model_path)), name, overwrite=True)
         model_events.registered.emit(name)
         best = f", best validation {result.best['psnr']:.2f} dB" if result.best and "psnr" in result.best else ""
+        self.name.value = free_name(name)  # the next Start saves beside this model, not over it
         self.status.value = f"done: saved as {name!r}{best}"
         show_info(f"GAMA-IR: model {name!r} saved to {path}; it is now in the Restore widget's model list")
 

@@ -78,7 +78,7 @@ def check_user_model_name(name: str, overwrite: bool = False) -> str:
     if name in _REGISTRY:
         raise ValueError(f"{name!r} is the name of a registered architecture; choose another name")
     if not overwrite and (user_models_dir() / f"{name}.json").exists():
-        raise ValueError(f"a model named {name!r} exists already in {user_models_dir()}")
+        raise ValueError(f"a model named {name!r} exists already in {user_models_dir()}; choose another name")
     return name
 
 
