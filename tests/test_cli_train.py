@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -90,15 +91,20 @@ def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
     noisy, _ = fluorescence
     run = tmp_path / "n2v"
     code, out, err = run_cli(capsys, "train", "--noisy", noisy, "--self-supervised", "-o", run,
-                             "--minutes", 1e-6, "--checkpoint-every", 100, *FAST)
+                             "--minutes", 1e-6, "--checkpoint-every", 100, "--register", "n2v", *FAST)
     assert code == 0, err
-    assert "training: noise2void" in err and "stopped at step 1/6; continue with --resume" in err
+    assert "training: noise2void" in err and "registered" not in out  # a stopped run registers nothing
+    # The command printed continues the run with its data and registers it (it said "--resume -o" alone).
+    resume = re.search(r"stopped at step 1/6; continue with: (.*)", err).group(1)
+    assert shlex.split(resume) == ["napari-gama-ir", "train", "--noisy", str(noisy), "--resume", "-o", str(run),
+                                   "--register", "n2v"]
     code, out, err = run_cli(capsys, "train", "--noisy", noisy, "-o", run, "--resume", "--steps", 9)
     assert code == 2 and err.strip() == (
         "napari-gama-ir: error: --steps cannot be given with --resume: the checkpoint's settings are used"
     )
-    code, out, err = run_cli(capsys, "train", "--noisy", noisy, "-o", run, "--resume", "-q")
+    code, out, err = run_cli(capsys, *shlex.split(resume)[1:], "-q")
     assert code == 0, err
+    assert "registered as 'n2v'" in out
     state = json.loads((run / "checkpoint" / "training.json").read_text())
     assert state["step"] == 6 and state["settings"]["objective"] == "noise2void"
 
@@ -180,7 +186,7 @@ def test_sigterm_stops_training_after_its_step_with_a_checkpoint(tmp_path, fluor
         out, _ = process.communicate(timeout=300)
     err = (tmp_path / "stderr.txt").read_text()
     assert process.returncode == 0, err
-    stopped = re.search(r"stopped at step (\d+)/100000; continue with --resume", err)
+    stopped = re.search(r"stopped at step (\d+)/100000; continue with: napari-gama-ir train .* --resume", err)
     assert stopped and "model: " in out
     state = json.loads((run / "checkpoint" / "training.json").read_text())
     assert state["step"] == int(stopped.group(1)) >= 2

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import shlex
 import signal
 import sys
 import threading
@@ -411,7 +412,8 @@ def run_train(args: argparse.Namespace) -> None:
         )
         result = _follow_training(trainer, args)
     if result.stopped_early:
-        print(f"stopped at step {result.steps_done}/{settings.steps}; continue with --resume -o {output}", file=sys.stderr)
+        print(f"stopped at step {result.steps_done}/{settings.steps}; continue with: {_resume_command(args)}",
+              file=sys.stderr)
     best = ""
     if result.best:
         metrics = {name: value for name, value in result.best.items() if name != "step"}
@@ -420,6 +422,19 @@ def run_train(args: argparse.Namespace) -> None:
     if args.register and not result.stopped_early:
         path = save_user_model(create_model(str(result.model_path)), args.register)
         print(f"registered as {args.register!r}: {path}")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues a stopped run: the same data, and the registration still to do
+    (a stopped run registers nothing)."""
+    words = ["napari-gama-ir", "train"]
+    for option in ("noisy", "clean", "axes"):
+        if getattr(args, option):
+            words += [f"--{option}", getattr(args, option)]
+    words += ["--grey"] * args.grey + ["--resume", "-o", args.output]
+    if args.register:
+        words += ["--register", args.register]
+    return shlex.join(map(str, words))
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:
