@@ -315,6 +315,8 @@ def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_check
     assert open_image(tmp_path / "out.zarr").pixel_size == {  # the store keeps the layer's calibration
         "Z": (0.5, "micrometer"), "Y": (0.2, "micrometer"), "X": (0.2, "micrometer")}
     assert workers == [2, 2]  # a plane per host thread on the CPU, in memory as into a store, as the CLI
+    assert widget.restore_all() is None  # the store exists: refused in napari's words, not the command line's
+    assert widget.status.value == f"error: {tmp_path / 'out.zarr'}: already exists; choose another zarr path"
 
 
 def test_restore_all_of_a_plane_too_large_for_memory_goes_block_by_block(

@@ -23,7 +23,14 @@ from ..engine.axes import parse_axes, plane_layout
 from ..engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from ..engine.calibration import to_attribute
 from ..engine.device import available_memory, resolve_device
-from ..engine.io import Cancelled, check_output_format, check_output_path, store_chunks, write_image_steps
+from ..engine.io import (
+    Cancelled,
+    OutputExistsError,
+    check_output_format,
+    check_output_path,
+    store_chunks,
+    write_image_steps,
+)
 from ..engine.restore import DEFAULT_MEAN_MODE, MEAN_MODES, chunks_at_once, plan_restore
 from ..model import create_model, default_model_name, shipped_model_names, user_model_names
 from .layers import (
@@ -272,7 +279,10 @@ class RestoreWidget(QWidget):
             layer, restored, axes, model, provenance, plan = self._prepare(self._count_pixels, self._cancel)
             target = str(self.output.value) if self.destination.value == TO_ZARR else None
             if target is not None:
-                check_output_path(target, [layer.source.path or ""], overwrite=False)
+                try:
+                    check_output_path(target, [layer.source.path or ""], overwrite=False)
+                except OutputExistsError:  # its advice is the command line's --overwrite
+                    raise ValueError(f"{target}: already exists; choose another zarr path") from None
                 check_output_format(target, restored.shape, axes, restored.dtype)
             else:
                 _check_fits_in_memory(restored.nbytes)

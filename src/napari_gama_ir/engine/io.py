@@ -65,6 +65,10 @@ class ImageIOError(ValueError):
     """A file that cannot be read or written as asked."""
 
 
+class OutputExistsError(ImageIOError):
+    """An output that exists already, where replacing it was not asked for."""
+
+
 class Cancelled(Exception):
     """Raised inside a write when its cancel event is set."""
 
@@ -305,7 +309,7 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
         if source and Path(source).resolve().is_relative_to(output.resolve()):  # replacing it removes the input
             raise ImageIOError(f"{output}: the output must not hold the input {source}")
     if output.exists() and not overwrite:
-        raise ImageIOError(f"{output}: already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{output}: already exists (pass --overwrite to replace it)")
     parent = output.resolve().parent
     if parent.exists() and not parent.is_dir():
         raise ImageIOError(f"{output}: {parent} is not a folder")
