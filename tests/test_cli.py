@@ -326,8 +326,18 @@ def test_demo_restores_and_reports_psnr(capsys, tmp_path):
     gains = [float(part.split(" dB)")[0]) for part in out.split("dB (")[1:]]
     assert len(gains) == 2 and min(gains) > 5  # real restorations (the model cards give the measured figures)
     psnr_line = [line for line in out.splitlines() if "PSNR" in line]
-    code, again, _ = run_cli(capsys, "demo", "-o", tmp_path / "demo2", "-q", "--tile", 128)
+    code, again, _ = run_cli(capsys, "demo", "-o", tmp_path / "demo", "-q", "--tile", 128)  # its own files replaced
     assert psnr_line == [line for line in again.splitlines() if "PSNR" in line]  # reproducible
+
+
+def test_the_demo_never_writes_over_files_of_the_users(capsys, tmp_path):
+    """``demo -o`` a folder of one's own replaced any noisy.tif or restored.tif in it."""
+    (tmp_path / "restored.tif").write_bytes(b"my own work")
+    code, _, err = run_cli(capsys, "demo", "-o", tmp_path, "-q")
+    assert code == 2
+    assert err.strip().endswith(f"{tmp_path / 'restored.tif'}: exists and was not written by the demo; choose another --output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["restored.tif"]
+    assert (tmp_path / "restored.tif").read_bytes() == b"my own work"
 
 
 def test_warnings_show_as_one_line(capsys, monkeypatch):

@@ -568,18 +568,33 @@ def run_models(args: argparse.Namespace) -> None:
             print(f"  {path.stem:<24} unreadable: {error}")
 
 
+DEMO_FILES = ("noisy.tif", "restored.tif", "fluorescence_noisy.tif", "fluorescence_restored.tif")
+DEMO_FOLDER = "gama-ir-demo"
+DEMO_MARK = ".napari-gama-ir-demo"  # in a folder the demo wrote into
+
+
 def run_demo(args: argparse.Namespace) -> None:
     """Make noisy sample stacks (RGB photos, fluorescence), restore them through ``run_restore``, report PSNR."""
     from .samples import noisy_fluorescence_stack, noisy_rgb_photos
 
     folder = Path(args.output)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder")
+    # The demo replaces its own files when run again, never files of the same names of the user's
+    # (its default folder is its own: earlier versions left no mark in it).
+    if folder.name != DEMO_FOLDER and not (folder / DEMO_MARK).exists():
+        for name in DEMO_FILES:
+            if (folder / name).exists():
+                raise UsageError(f"{folder / name}: exists and was not written by the demo; choose another --output")
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / DEMO_MARK).touch()
+    photos_noisy, photos_restored, fluorescence_noisy, fluorescence_restored = (folder / name for name in DEMO_FILES)
     sigma = 25.0
     noisy, clean = noisy_rgb_photos(sigma=sigma, seed=0)
-    _demo_restore(args, noisy, clean, "ZYXC", folder / "noisy.tif", folder / "restored.tif", 255.0,
+    _demo_restore(args, noisy, clean, "ZYXC", photos_noisy, photos_restored, 255.0,
                   f"3 RGB images 256x256, Gaussian noise sigma {sigma:g} (seed 0)")
     noisy, clean = noisy_fluorescence_stack(planes=8, size=256, seed=0)
-    _demo_restore(args, noisy, clean, "ZYX", folder / "fluorescence_noisy.tif", folder / "fluorescence_restored.tif",
+    _demo_restore(args, noisy, clean, "ZYX", fluorescence_noisy, fluorescence_restored,
                   float(clean.max() - clean.min()),
                   "fluorescence stack 8x256x256, Poisson noise (30 photons at the brightest) and read noise 3 (seed 0)")
 
@@ -791,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     demo_cmd = commands.add_parser("demo", help="restore a noisy sample stack and print the PSNR gain")
-    demo_cmd.add_argument("-o", "--output", default="gama-ir-demo", help="folder for the demo files")
+    demo_cmd.add_argument("-o", "--output", default=DEMO_FOLDER, help="folder for the demo files")
     add_engine_options(demo_cmd)
     return parser
 
