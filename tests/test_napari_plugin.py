@@ -559,3 +559,25 @@ def test_restore_all_checks_the_output_format_before_starting(make_napari_viewer
     widget.output.value = tmp_path / "photo.ome.zarr"
     assert widget.restore_all() is None and widget.worker is None
     assert "OME-Zarr images have axes in the order T, C, Z, Y, X" in shown[-1]
+
+
+def test_a_renamed_layer_stays_chosen_under_its_new_name(make_napari_viewer, grey_checkpoint):
+    """The widgets kept a renamed layer's old name: restoring said "choose an image layer"."""
+    from napari_gama_ir._napari.finetune_widget import FineTuneWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((32, 32), np.float32), name="first")
+    viewer.add_image(np.ones((32, 32), np.float32), name="second")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    tuner = FineTuneWidget(viewer)
+    widget.image.value = tuner.noisy.value = "second"
+    tuner.clean.value = "first"
+    viewer.layers["second"].name = "renamed"
+    viewer.add_image(np.ones((32, 32), np.float32), name="added")
+    viewer.layers["first"].name = "clean"  # a layer added after the widgets were made, and one from before
+    assert widget.image.value == tuner.noisy.value == "renamed" and tuner.clean.value == "clean"
+    assert set(widget.image.choices) == {"renamed", "added", "clean"}
+    # The viewer closes with the plane still being restored: its reports, queued for widgets that
+    # no longer exist, failed the teardown with "wrapped C/C++ object ... deleted" (3 of 4 runs).
+    assert widget.preview().name == "renamed restored (preview)"

@@ -42,8 +42,10 @@ from .layers import (
     has_alpha,
     image_layer_names,
     layer_data,
+    refresh_after_rename,
     report_error,
     runtime_errors_reported,
+    watch_layer_names,
 )
 from .model_events import model_events
 
@@ -183,11 +185,15 @@ class FineTuneWidget(QWidget):
         return image_layer_names(self.viewer)
 
     def _refresh_layers(self, _=None) -> None:
+        watch_layer_names(self.viewer, self._layer_renamed)
         self.noisy.reset_choices()
         self.clean.reset_choices()
         self._guess_axes()
         self._show_method()
         self._update_resume()
+
+    def _layer_renamed(self, event) -> None:
+        refresh_after_rename([self.noisy, self.clean], self._refresh_layers, event.source)
 
     def _show_method(self, _=None) -> None:
         self.method.visible = self.clean.value == SELF_SUPERVISED

@@ -17,6 +17,25 @@ def image_layer_names(viewer) -> list[str]:
     return [layer.name for layer in viewer.layers if isinstance(layer, Image)]
 
 
+def watch_layer_names(viewer, on_renamed) -> None:
+    """Connect ``on_renamed``, a widget's method, to the name events of every layer of ``viewer``:
+    call again as layers are added (napari ignores a second connection, and keeps only a weak
+    reference to the widget)."""
+    for layer in viewer.layers:
+        layer.events.name.connect(on_renamed)
+
+
+def refresh_after_rename(boxes: list, refresh: Callable[[], None], layer) -> None:
+    """Refresh layer choices (``refresh``) after ``layer`` was renamed; those of ``boxes`` that showed
+    it show it under its new name. They kept the old name, which named no layer any more: restoring
+    then failed with "choose an image layer", and a refresh alone would pick another layer."""
+    shown = [box.value for box in boxes]
+    refresh()
+    for box, value in zip(boxes, shown):
+        if value not in box.choices:
+            box.value = layer.name
+
+
 def find_layer(viewer, name):
     return viewer.layers[name] if name in viewer.layers else None
 

@@ -40,8 +40,10 @@ from .layers import (
     image_layer_names,
     layer_data,
     layer_pixel_size,
+    refresh_after_rename,
     report_error,
     runtime_errors_reported,
+    watch_layer_names,
 )
 from .model_events import model_events
 from .preview import BackgroundPlanes
@@ -114,6 +116,7 @@ class RestoreWidget(QWidget):
         layout.addWidget(self.form.native)
         layout.addStretch()
         self.previews: list[BackgroundPlanes] = []
+        self._released = False  # the viewer closed: a preview's reports still queued find no widgets
         self.worker = None
         self._worker_handlers: dict[str, Any] = {}  # what the worker reports to, while it runs
         self._cancel = threading.Event()
@@ -131,6 +134,7 @@ class RestoreWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._close_removed_preview)
+        watch_layer_names(self.viewer, self._layer_renamed)
         model_events.registered.connect(self._refresh_models)
         # Closing the viewer deletes this widget without a closeEvent: let go then too.
         self.destroyed.connect(lambda: self._release())
@@ -142,8 +146,12 @@ class RestoreWidget(QWidget):
         return image_layer_names(self.viewer)
 
     def _refresh_layers(self, _=None) -> None:
+        watch_layer_names(self.viewer, self._layer_renamed)
         self.image.reset_choices()
         self.model.reset_choices()
+
+    def _layer_renamed(self, event) -> None:
+        refresh_after_rename([self.image], self._refresh_layers, event.source)
 
     def _refresh_models(self, _=None) -> None:
         self.model.reset_choices()
@@ -258,10 +266,14 @@ class RestoreWidget(QWidget):
 
     @ensure_main_thread
     def _show_preview_progress(self, label: str, share: float) -> None:
+        if self._released:
+            return
         self.status.value = f"preview: restoring {label}: {share:.0%}"
 
     @ensure_main_thread
     def _plane_ready(self, layer, planes: BackgroundPlanes, label: str) -> None:
+        if self._released:
+            return
         if planes.errors:
             self._fail(planes.errors.pop())
         else:
@@ -376,6 +388,7 @@ class RestoreWidget(QWidget):
         """Stop the previews' thread, cancel a "Restore all" (which ran on to its end after the
         viewer closed, its result lost), and stop listening for new models and for that restore
         (a deleted model list made the Fine-tune widget's registration fail)."""
+        self._released = True
         model_events.registered.disconnect(self._refresh_models)
         for planes in self.previews:
             planes.close()
