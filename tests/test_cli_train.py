@@ -109,6 +109,18 @@ def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
     assert state["step"] == 6 and state["settings"]["objective"] == "noise2void"
 
 
+def test_the_command_that_continues_a_run_keeps_its_cluster_and_device():
+    from napari_gama_ir.cli import _resume_command, build_parser
+
+    args = build_parser().parse_args(["train", "--noisy", "my noisy", "--clean", "c.tif", "--axes", "ZYX", "-o", "run",
+                                      "--workers", "3", "--threads-per-worker", "2", "--device", "cpu", "--grey",
+                                      "--steps", "10", "--lr", "1e-4"])
+    assert shlex.split(_resume_command(args)) == [
+        "napari-gama-ir", "train", "--noisy", "my noisy", "--clean", "c.tif", "--axes", "ZYX", "--workers", "3",
+        "--threads-per-worker", "2", "--device", "cpu", "--grey", "--resume", "-o", "run",
+    ]  # and none of the settings, which --resume refuses
+
+
 BAD_TRAINING = {
     "no clean, not self-supervised": (["--noisy", "{noisy}"], "supervised training needs clean images"),
     "clean only, no noise model": (["--clean", "{clean}"], "synthetic noise model"),

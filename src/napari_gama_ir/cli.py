@@ -425,12 +425,16 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The command that continues a stopped run: the same data, and the registration still to do
-    (a stopped run registers nothing)."""
+    """The command that continues a stopped run: the same data, device and cluster, and the
+    registration still to do (a stopped run registers nothing)."""
     words = ["napari-gama-ir", "train"]
-    for option in ("noisy", "clean", "axes"):
+    for option in ("noisy", "clean", "axes", "scheduler", "workers"):
         if getattr(args, option):
             words += [f"--{option}", getattr(args, option)]
+    if args.workers and args.threads_per_worker != 1:
+        words += ["--threads-per-worker", args.threads_per_worker]
+    if args.device != "auto":
+        words += ["--device", args.device]
     words += ["--grey"] * args.grey + ["--resume", "-o", args.output]
     if args.register:
         words += ["--register", args.register]
