@@ -109,6 +109,17 @@ def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
     assert state["step"] == 6 and state["settings"]["objective"] == "noise2void"
 
 
+def test_a_models_folder_that_cannot_be_written_is_named_before_training(capsys, tmp_path, fluorescence, monkeypatch):
+    """--register failed after the training, with "[Errno 20] Not a directory"."""
+    noisy, clean = fluorescence
+    monkeypatch.setenv("NAPARI_GAMA_IR_HOME", str(noisy / "home"))  # under a file
+    code, _, err = run_cli(capsys, "train", "--noisy", noisy, "--clean", clean, "-o", tmp_path / "run",
+                           "--register", "mine", *FAST)
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert err.strip() == (f"napari-gama-ir: error: your models folder {noisy / 'home' / 'models'} cannot be made or "
+                           "written; set NAPARI_GAMA_IR_HOME to a folder that can")
+
+
 def test_the_command_that_continues_a_run_keeps_its_cluster_and_device():
     from napari_gama_ir.cli import _resume_command, build_parser
 

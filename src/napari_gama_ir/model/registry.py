@@ -77,8 +77,13 @@ def check_user_model_name(name: str, overwrite: bool = False) -> str:
         raise ValueError(f"model name {name!r} must be letters, digits, '_', '-' or '.', with no file suffix")
     if name in _REGISTRY:
         raise ValueError(f"{name!r} is the name of a registered architecture; choose another name")
-    if not overwrite and (user_models_dir() / f"{name}.json").exists():
-        raise ValueError(f"a model named {name!r} exists already in {user_models_dir()}; choose another name")
+    folder = user_models_dir()
+    if not overwrite and (folder / f"{name}.json").exists():
+        raise ValueError(f"a model named {name!r} exists already in {folder}; choose another name")
+    # Checked now, before the hours of training that precede the saving, not after them.
+    nearest = next(path for path in (folder, *folder.parents) if path.exists())
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK):
+        raise ValueError(f"your models folder {folder} cannot be made or written; set NAPARI_GAMA_IR_HOME to a folder that can")
     return name
 
 
