@@ -133,6 +133,7 @@ def test_restore_a_folder_of_images(capsys, tmp_path):
     iio.imwrite(photos / "rgb.bmp", rgb)
     np.save(photos / "cells.npy", cells)
     (photos / "notes.txt").write_text("not an image")
+    (photos / "._grey.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's companion on a FAT drive: hidden, left out
     code, out, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q")
     assert code == 0, err
     assert err.strip() == f"restored 3 images into {tmp_path / 'restored'}"

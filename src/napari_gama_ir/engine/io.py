@@ -243,8 +243,14 @@ def _tiff_cut_short(tif, series, size: int) -> str | None:
 
 
 def folder_images(folder: Path) -> dict[str, Path]:
-    """The images of ``folder`` (files and zarr stores it holds directly, of a readable format), by name."""
-    return {p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(READABLE)}
+    """The images of ``folder`` (files and zarr stores it holds directly, of a readable format), by name.
+
+    Hidden files are left out: macOS writes a ``._NAME`` companion beside every file it copies to
+    a FAT or exFAT drive (a camera's card), and ``._IMG_0001.JPG``, no picture, failed the folder.
+    """
+    return {
+        p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(READABLE) and not p.name.startswith(".")
+    }
 
 
 def is_zarr_store(path: Path) -> bool:
