@@ -194,6 +194,23 @@ def test_pictures_open_with_their_axes_and_broken_ones_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_opens_upright_as_its_exif_orientation_says(tmp_path, orientation):
+    """A phone's portrait photo is stored sideways with an EXIF orientation tag; it was restored
+    sideways. Pillow's own turn is the reference."""
+    from PIL import Image, ImageOps
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    photo = Image.fromarray(stored)
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    photo.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    with Image.open(tmp_path / "photo.jpg") as saved:
+        upright = np.asarray(ImageOps.exif_transpose(saved))
+    assert upright.shape == ((40, 60, 3) if orientation < 5 else (60, 40, 3))
+    assert np.array_equal(open_image(tmp_path / "photo.jpg").array.compute(), upright)
+
+
 def test_alpha_channels_are_recognised(tmp_path):
     import imageio.v3 as iio
 

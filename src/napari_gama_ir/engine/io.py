@@ -48,6 +48,17 @@ from .calibration import (
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+# A picture's EXIF orientation (tag 274) -> its stored pixels turned as viewers show them. Done here:
+# imageio 2.31's own rotation turned them the wrong way.
+UPRIGHT = {
+    2: lambda pixels: pixels[:, ::-1],
+    3: lambda pixels: pixels[::-1, ::-1],
+    4: lambda pixels: pixels[::-1],
+    5: lambda pixels: pixels.swapaxes(0, 1),
+    6: lambda pixels: np.rot90(pixels, -1),
+    7: lambda pixels: pixels[::-1, ::-1].swapaxes(0, 1),
+    8: lambda pixels: np.rot90(pixels),
+}
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
 WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
@@ -290,10 +301,15 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         import imageio.v3 as iio
 
         try:
-            array = np.asarray(iio.imread(path))
+            array = np.asarray(iio.imread(path, plugin="pillow"))
+            orientation = iio.immeta(path, plugin="pillow", exclude_applied=False).get("Orientation", 1)
         except Exception as error:  # imageio raises plugin-specific errors
             reason = str(error).partition("\n")[0]  # some explain over several lines
             raise ImageIOError(f"{path}: not a readable picture ({reason})") from None
+        if orientation in UPRIGHT:
+            # As viewers show it: a phone's portrait photo is stored sideways, with an EXIF
+            # orientation tag, which the restored PNG cannot carry (it came out sideways).
+            array = np.ascontiguousarray(UPRIGHT[orientation](array))
         # A picture's third axis is its colours (grey + alpha too), never a stack.
         axes = {2: "YX", 3: "YXC"}.get(array.ndim)
         alpha = axes == "YXC" and array.shape[-1] in (2, 4)
