@@ -73,7 +73,8 @@ def free_name(stem: str = "my-model") -> str:
     """``stem``, else ``stem-2``, ``stem-3``...: the first name of no saved model and no run, so that
     the default name never replaces yesterday's model."""
     taken = set(user_model_names()) | ({p.name for p in runs_dir().iterdir()} if runs_dir().is_dir() else set())
-    return next(name for n in itertools.count(1) if (name := stem if n == 1 else f"{stem}-{n}") not in taken)
+    names = itertools.chain([stem], (f"{stem}-{number}" for number in itertools.count(2)))
+    return next(name for name in names if name not in taken)
 
 
 class LossPlot(FigureCanvasQTAgg):

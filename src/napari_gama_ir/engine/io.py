@@ -48,6 +48,9 @@ from .calibration import (
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+NUMPY_SUFFIXES = (".npy",)
+READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
+WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
 # A picture's EXIF orientation (tag 274) -> its stored pixels turned as viewers show them. Done here:
 # imageio 2.31's own rotation turned them the wrong way.
 UPRIGHT = {
@@ -59,9 +62,6 @@ UPRIGHT = {
     7: lambda pixels: pixels[::-1, ::-1].swapaxes(0, 1),
     8: lambda pixels: np.rot90(pixels),
 }
-NUMPY_SUFFIXES = (".npy",)
-READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
-WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
 #: zlib level of PNG outputs. Pillow's default, 6, took 101 ms to write a restored 512 x 512 RGB
 #: photo (346 kB), half the shipped CPU model's time to restore it; level 3 took 26 ms (394 kB), and
 #: a folder of 20 such photos took 6.7-7.5 s to restore instead of 8.3-8.7 s (docs/engine.md).
