@@ -572,12 +572,12 @@ def test_a_renamed_layer_stays_chosen_under_its_new_name(make_napari_viewer, gre
     use_checkpoint(widget, grey_checkpoint)
     tuner = FineTuneWidget(viewer)
     widget.image.value = tuner.noisy.value = "second"
-    tuner.clean.value = "first"
-    viewer.layers["second"].name = "renamed"
+    viewer.layers["second"].name = "renamed"  # a layer from before the widgets were made
     viewer.add_image(np.ones((32, 32), np.float32), name="added")
-    viewer.layers["first"].name = "clean"  # a layer added after the widgets were made, and one from before
-    assert widget.image.value == tuner.noisy.value == "renamed" and tuner.clean.value == "clean"
-    assert set(widget.image.choices) == {"renamed", "added", "clean"}
+    tuner.clean.value = "added"
+    viewer.layers["added"].name = "later"  # and one added after them
+    assert widget.image.value == tuner.noisy.value == "renamed" and tuner.clean.value == "later"
+    assert set(widget.image.choices) == {"first", "renamed", "later"}
     # The viewer closes with the plane still being restored: its reports, queued for widgets that
     # no longer exist, failed the teardown with "wrapped C/C++ object ... deleted" (3 of 4 runs).
     assert widget.preview().name == "renamed restored (preview)"
