@@ -211,6 +211,24 @@ def test_a_photo_opens_upright_as_its_exif_orientation_says(tmp_path, orientatio
     assert np.array_equal(open_image(tmp_path / "photo.jpg").array.compute(), upright)
 
 
+def test_cmyk_and_1_bit_pictures_open_as_the_colours_and_greys_they_show(tmp_path):
+    """A CMYK JPEG (print workflows) was read as RGB plus alpha: colours inverted, black ink as
+    opacity. A 1-bit scan was refused as a bool image. Pillow's conversions are the reference."""
+    from PIL import Image
+
+    colours = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    colours.convert("CMYK").save(tmp_path / "print.jpg", quality=95)
+    colours.convert("1").save(tmp_path / "scan.png")
+    with Image.open(tmp_path / "print.jpg") as saved:
+        shown = np.asarray(saved.convert("RGB"))
+    source = open_image(tmp_path / "print.jpg")
+    assert (source.axes, source.alpha) == ("YXC", False)
+    assert np.array_equal(source.array.compute(), shown)
+    scan = open_image(tmp_path / "scan.png")
+    assert scan.axes == "YX" and scan.array.dtype == np.uint8
+    assert np.array_equal(scan.array.compute(), np.asarray(Image.open(tmp_path / "scan.png")).astype(np.uint8) * 255)
+
+
 def test_alpha_channels_are_recognised(tmp_path):
     import imageio.v3 as iio
 

@@ -62,6 +62,10 @@ UPRIGHT = {
     7: lambda pixels: pixels[::-1, ::-1].swapaxes(0, 1),
     8: lambda pixels: np.rot90(pixels),
 }
+# Pictures whose pixels are not colours as shown -> the mode they are read in. A CMYK JPEG's four
+# channels were taken for RGB and alpha (colours inverted, the black ink as opacity); a 1-bit scan
+# was refused as a bool image.
+PICTURE_MODES = {"CMYK": "RGB", "1": "L"}
 #: zlib level of PNG outputs. Pillow's default, 6, took 101 ms to write a restored 512 x 512 RGB
 #: photo (346 kB), half the shipped CPU model's time to restore it; level 3 took 26 ms (394 kB), and
 #: a folder of 20 such photos took 6.7-7.5 s to restore instead of 8.3-8.7 s (docs/engine.md).
@@ -301,8 +305,10 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         import imageio.v3 as iio
 
         try:
-            array = np.asarray(iio.imread(path, plugin="pillow"))
-            orientation = iio.immeta(path, plugin="pillow", exclude_applied=False).get("Orientation", 1)
+            meta = iio.immeta(path, plugin="pillow", exclude_applied=False)
+            mode = PICTURE_MODES.get(meta.get("mode"))
+            array = np.asarray(iio.imread(path, plugin="pillow", mode=mode))
+            orientation = meta.get("Orientation", 1)
         except Exception as error:  # imageio raises plugin-specific errors
             reason = str(error).partition("\n")[0]  # some explain over several lines
             raise ImageIOError(f"{path}: not a readable picture ({reason})") from None
