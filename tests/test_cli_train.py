@@ -144,6 +144,9 @@ BAD_TRAINING = {
     "existing model": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/model"], "holds a training run already"),
     # Before, training went on to its end and then failed with "[Errno 17] File exists".
     "output is a file": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{clean}"], "clean.tif: not a folder"),
+    # --overwrite failed with "[Errno 20] Not a directory".
+    "checkpoint is a file": (["--noisy", "{noisy}", "--clean", "{clean}", "-o", "{tmp}/noted", "--overwrite"],
+                             "noted/checkpoint: a file, where a training run keeps its checkpoint folder"),
     "bad model name": (["--noisy", "{noisy}", "--clean", "{clean}", "--register", "a/b"], "model name 'a/b' must be"),
     "no data": ([], "give --noisy"),
     # --minutes 0 once trained without a limit, and a negative one stopped after a step.
@@ -158,6 +161,8 @@ def test_bad_training_input_gets_one_line(case, capsys, tmp_path, fluorescence):
     tifffile.imwrite(tmp_path / "short.tif", np.zeros((6, 64, 60), np.float32), metadata={"axes": "ZYX"})
     three = save_checkpoint(make_tiny_model(3, channel_meaning="3 channels"), tmp_path / "three")
     (tmp_path / "done" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "noted").mkdir()
+    (tmp_path / "noted" / "checkpoint").write_text("notes of the user's")
     save_checkpoint(make_tiny_model(1), tmp_path / "model" / "model")
     paths = {"noisy": noisy, "clean": clean, "short": tmp_path / "short.tif", "three": three, "tmp": tmp_path}
     arguments, message = BAD_TRAINING[case]

@@ -48,9 +48,19 @@ MODEL_FILES = (f"{MODEL_STEM}.json", f"{MODEL_STEM}.safetensors")
 
 
 def holds_run(output: str | os.PathLike) -> bool:
-    """Whether ``output`` holds a training run's model or checkpoint."""
+    """Whether ``output`` holds a training run's model or checkpoint.
+
+    Raises
+    ------
+    ValueError
+        A file of the user's has the name of the run's checkpoint folder; a run could neither be
+        written there nor replaced (it failed with "[Errno 20] Not a directory").
+    """
     output = Path(output)
-    return (output / CHECKPOINT_DIR).exists() or (output / f"{MODEL_STEM}.json").exists()
+    checkpoint = output / CHECKPOINT_DIR
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise ValueError(f"{checkpoint}: a file, where a training run keeps its checkpoint folder; choose another folder")
+    return checkpoint.exists() or (output / f"{MODEL_STEM}.json").exists()
 
 
 def remove_run(output: str | os.PathLike) -> None:
