@@ -126,7 +126,9 @@ def create_model(name: str | os.PathLike, pretrained: bool = False, **overrides:
     spec = get_spec(name)
     if pretrained:
         if spec.weights is None:
-            raise ValueError(f"no pretrained weights are shipped for {name!r} yet")
+            shipped = ", ".join(n for n in shipped_model_names() if n.startswith(f"{name}-"))
+            raise ValueError(f"no pretrained weights are shipped for the architecture {name!r}"
+                             + (f"; its trained models: {shipped}" if shipped else ""))
         if overrides:
             raise ValueError("config overrides cannot be applied to pretrained weights")
         with resources.as_file(resources.files("napari_gama_ir") / "weights" / spec.weights) as stem:
