@@ -203,6 +203,35 @@ def test_restore_rgba_png_keeps_its_opacity(capsys, tmp_path):
     assert code == 2 and "has an alpha channel, which restoring on a cluster does not handle" in err
 
 
+def test_a_restored_photo_keeps_its_colour_profile_and_exif(capsys, tmp_path):
+    """A phone's photo is in Display P3, named by its ICC profile; without it viewers took the
+    restored PNG for sRGB and showed other colours. Its camera and date were lost too."""
+    from PIL import Image, ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    exif = photo.getexif()
+    exif.update({0x0110: "Phone 15", 0x0132: "2026:11:28 12:00:00", 0x0112: 6})  # model, date, orientation
+    photo.save(tmp_path / "photo.jpg", icc_profile=profile, exif=exif.tobytes())
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
+    for name in ("out.png", "out.tif"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / "photo.jpg", "-o", tmp_path / name, "--model", rgb, "-q")
+        assert code == 0, err
+    with Image.open(tmp_path / "out.png") as restored:
+        assert restored.size == (24, 32) and restored.info["icc_profile"] == profile
+        kept = restored.getexif()
+    # Upright as read, so the tag says so: a tag 6 kept would have the viewer turn it again.
+    assert (kept[0x0110], kept[0x0132], kept[0x0112]) == ("Phone 15", "2026:11:28 12:00:00", 1)
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.pages[0].iccprofile == profile
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).convert("CMYK").save(
+        tmp_path / "print.jpg", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes())
+    code, _, err = run_cli(capsys, "restore", tmp_path / "print.jpg", "-o", tmp_path / "print.png", "--model", rgb, "-q")
+    assert code == 0, err
+    with Image.open(tmp_path / "print.png") as restored:  # converted to RGB: the profile no longer applies
+        assert restored.mode == "RGB" and "icc_profile" not in restored.info
+
+
 BAD_INPUTS = {
     "missing file": (["restore", "{tmp}/nope.tif", "-o", "{tmp}/o.zarr"], "no such file"),
     "unknown format": (["restore", "{tmp}/notes.txt", "-o", "{tmp}/o.zarr"], "unknown image format"),

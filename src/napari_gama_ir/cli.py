@@ -177,7 +177,8 @@ def _restore_image(
     workers = chunks_at_once(plan, model.config.out_channels, args.device)
     progress.start()
     try:
-        write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers, cancel=stop)
+        write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers, cancel=stop,
+                    icc_profile=source.icc_profile, exif=source.exif)
     finally:
         progress.close()
     return output

@@ -51,7 +51,9 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
 WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
-# A picture's EXIF orientation (tag 274) -> its stored pixels turned as viewers show them. Done here:
+#: The EXIF tag of a picture's orientation.
+ORIENTATION_TAG = 274
+# A picture's EXIF orientation -> its stored pixels turned as viewers show them. Done here:
 # imageio 2.31's own rotation turned them the wrong way.
 UPRIGHT = {
     2: lambda pixels: pixels[:, ::-1],
@@ -94,7 +96,10 @@ class ImageSource:
 
     ``alpha`` says that the last channel of the ``C`` axis is opacity (RGBA or grey and alpha
     pictures, TIFFs whose extra sample is alpha); ``pixel_size`` gives the physical size of a
-    pixel along the axes the file calibrates (see :mod:`.calibration`).
+    pixel along the axes the file calibrates (see :mod:`.calibration`). ``icc_profile`` is the
+    colour profile of a picture or TIFF (a phone's photo is in Display P3, not sRGB), ``exif`` a
+    picture's EXIF block with its orientation made upright, as the pixels are: outputs that can
+    hold them keep them (:func:`write_image_steps`).
     """
 
     array: da.Array
@@ -103,6 +108,8 @@ class ImageSource:
     metadata: dict[str, Any] = field(default_factory=dict)
     alpha: bool = False
     pixel_size: PixelSizes = field(default_factory=dict)
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
 
 def image_suffix(path: Path) -> str:
@@ -184,6 +191,20 @@ class _ReopenableFile:
         return str(self.path.resolve()), self.kind, stat.st_mtime_ns, stat.st_size
 
 
+def _upright_exif(exif: bytes | None) -> bytes | None:
+    """A picture's EXIF block (camera, date taken...) with its orientation 1, since the pixels are
+    turned upright when read (a restored photo kept its tag 6 and was shown turned twice)."""
+    if not exif:
+        return None
+    from PIL import Image
+
+    tags = Image.Exif()
+    tags.load(exif)
+    if ORIENTATION_TAG in tags:
+        tags[ORIENTATION_TAG] = 1
+    return tags.tobytes()
+
+
 def _open_tiff(path: Path) -> ImageSource:
     import tifffile
 
@@ -195,6 +216,7 @@ def _open_tiff(path: Path) -> ImageSource:
             # EXTRASAMPLE 1 and 2: associated and unassociated alpha, stored after the colours.
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
             pixel_size = from_tiff(tif, axes)
+            icc_profile = series.keyframe.iccprofile
             try:
                 cut = _tiff_cut_short(tif, series, path.stat().st_size)
             except (AttributeError, TypeError, struct.error):  # a layout this check does not know
@@ -218,7 +240,7 @@ def _open_tiff(path: Path) -> ImageSource:
     except AxesError:
         axes = None
     alpha = alpha and axes is not None and axes.endswith("C")
-    return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {})
+    return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile)
 
 
 def _tiff_cut_short(tif, series, size: int) -> str | None:
@@ -319,7 +341,10 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         # A picture's third axis is its colours (grey + alpha too), never a stack.
         axes = {2: "YX", 3: "YXC"}.get(array.ndim)
         alpha = axes == "YXC" and array.shape[-1] in (2, 4)
-        return ImageSource(as_dask(array)[0], axes, path, alpha=alpha)
+        # A CMYK profile does not describe the RGB the pixels were converted to.
+        icc_profile = None if mode else meta.get("icc_profile")
+        return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
+                           exif=_upright_exif(meta.get("exif")))
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 
@@ -610,10 +635,13 @@ def write_image_steps(
     attrs: dict[str, Any] | None = None,
     workers: int = 2,
     cancel: threading.Event | None = None,
+    icc_profile: bytes | None = None,
+    exif: bytes | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Write ``array`` into ``output``, yielding ``(chunks written, total)`` as it goes.
 
-    ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata; an existing output is
+    ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata, ``icc_profile`` (the
+    input's colours, :class:`ImageSource`) to a TIFF or PNG, ``exif`` to a PNG; an existing output is
     replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting ``cancel``
     raises :class:`Cancelled` at the next chunk, and stops the chunks being computed where they
     check it too (:func:`~.restore.restore` does, at each forward pass); an error, Ctrl-C or
@@ -635,7 +663,8 @@ def write_image_steps(
             set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
             yield from store_chunks(array, target, workers, cancel)
         elif suffix in TIFF_SUFFIXES:
-            yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers, cancel)
+            yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers, cancel,
+                                   icc_profile)
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
@@ -648,7 +677,8 @@ def write_image_steps(
             import imageio.v3 as iio
 
             picture = np.asarray(array.compute()).reshape(png_shape(output, array.shape, axes, array.dtype))
-            iio.imwrite(temporary, picture, extension=suffix, compress_level=PNG_COMPRESS_LEVEL)
+            kept = {name: value for name, value in (("icc_profile", icc_profile), ("exif", exif)) if value}
+            iio.imwrite(temporary, picture, extension=suffix, compress_level=PNG_COMPRESS_LEVEL, **kept)
             yield 1, 1
 
 
@@ -694,6 +724,7 @@ def store_chunks(
 
 def _write_tiff(
     array: da.Array, path: Path, axes: str, attrs: dict, ome: bool, workers: int, cancel: threading.Event | None,
+    icc_profile: bytes | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Write a BigTIFF page by page, in order, while ``workers`` threads compute the chunks after
     the one being written (:func:`_computed_in_order`, which ``cancel`` stops as :func:`store_chunks`).
@@ -737,6 +768,7 @@ def _write_tiff(
             photometric="rgb" if rgb else "minisblack",
             metadata=metadata,
             ome=ome,
+            iccprofile=icc_profile,
             **tiff_resolution(sizes),
         )
     except OSError as error:
