@@ -178,7 +178,7 @@ def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
         assert restored.dtype == np.uint8 and restored.shape == picture.shape
     code, out, err = run_cli(capsys, "restore", tmp_path / "grey.png", "-o", tmp_path / "float.png",
                              "--model", grey_checkpoint, "--output-dtype", "float32")
-    assert code == 2 and "a PNG holds 8-bit integers (16-bit for grey pictures), not float32" in err
+    assert code == 2 and "a PNG holds 8- or 16-bit integers, not float32" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "float.png").exists()
 
 

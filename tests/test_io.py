@@ -261,17 +261,35 @@ def test_alpha_channels_are_recognised(tmp_path):
     assert found == {"rgba.png": True, "grey_alpha.png": True, "rgb.png": False, "rgba.tif": True, "rgbx.tif": False}
 
 
-def test_png_takes_one_8_bit_picture_or_a_16_bit_grey_one(tmp_path):
+def test_png_takes_one_8_or_16_bit_picture(tmp_path):
     grey = np.random.default_rng(0).integers(0, 60000, (1, 20, 30, 1), dtype=np.uint16)
     write_image(grey, tmp_path / "grey.png", "ZYXC")  # axes of length 1 are dropped
     assert np.array_equal(open_image(tmp_path / "grey.png").array.compute(), grey[0, ..., 0])
 
 
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_16_bit_colour_pngs_keep_their_16_bits(tmp_path, channels):
+    """Pillow reads and writes 16-bit colour PNGs as 8-bit ones: a 16-bit RGB PNG was restored at
+    8 bits without a word. Pillow still reads the colour profile and EXIF written with them."""
+    from PIL import Image, ImageCms
+
+    deep = np.random.default_rng(channels).integers(0, 65536, (20, 30, channels), dtype=np.uint16)
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    exif = Image.Exif()
+    exif[0x0110] = "Camera"
+    write_image(deep, tmp_path / "deep.png", "YXC", icc_profile=profile, exif=exif.tobytes())
+    source = open_image(tmp_path / "deep.png")
+    assert source.array.dtype == np.uint16 and np.array_equal(source.array.compute(), deep)
+    assert source.alpha == (channels in (2, 4)) and source.icc_profile == profile
+    with Image.open(tmp_path / "deep.png") as picture:
+        assert picture.info["icc_profile"] == profile and picture.getexif()[0x0110] == "Camera"
+
+
 @pytest.mark.parametrize("name, data, axes, message", [
     ("x.png", np.zeros((2, 20, 30), np.uint8), "ZYX", r"a PNG holds one picture .* not axes ZYX of shape \(2, 20, 30\)"),
     ("x.png", np.zeros((3, 20, 30), np.uint8), "CYX", "not axes CYX"),
-    ("x.png", np.zeros((20, 30), np.float32), "YX", "a PNG holds 8-bit integers .* not float32"),
-    ("x.png", np.zeros((20, 30, 3), np.uint16), "YXC", "not uint16"),
+    ("x.png", np.zeros((20, 30), np.float32), "YX", "a PNG holds 8- or 16-bit integers, not float32"),
+    ("x.png", np.zeros((20, 30, 3), np.int16), "YXC", "not int16"),
     ("x.tif", np.zeros((20, 30, 2), np.uint8), "YXZ", "TIFF output needs axes ending in YX or YXC"),
 ])
 def test_formats_refuse_what_they_cannot_hold_before_computing(tmp_path, name, data, axes, message):

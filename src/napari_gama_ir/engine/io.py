@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -72,6 +73,7 @@ PICTURE_MODES = {"CMYK": "RGB", "1": "L"}
 #: photo (346 kB), half the shipped CPU model's time to restore it; level 3 took 26 ms (394 kB), and
 #: a folder of 20 such photos took 6.7-7.5 s to restore instead of 8.3-8.7 s (docs/engine.md).
 PNG_COMPRESS_LEVEL = 3
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: Outputs that hold the pixels as they are, so that their size is known before they are written.
 UNCOMPRESSED_SUFFIXES = TIFF_SUFFIXES + NUMPY_SUFFIXES
@@ -189,6 +191,28 @@ class _ReopenableFile:
     def __dask_tokenize__(self):
         stat = self.path.stat()
         return str(self.path.resolve()), self.kind, stat.st_mtime_ns, stat.st_size
+
+
+def _is_deep_colour_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG of 16-bit colours (with or without alpha), which Pillow reads as
+    8-bit ones without a word (imagecodecs reads them whole)."""
+    with open(path, "rb") as file:
+        header = file.read(26)  # the signature, then the IHDR chunk up to its colour type
+    return header[:8] == PNG_SIGNATURE and header[24] == 16 and header[25] != 0
+
+
+def _png_with_chunks(encoded: bytes, icc_profile: bytes | None, exif: bytes | None) -> bytes:
+    """``encoded`` (a PNG) with the colour profile and EXIF chunks that Pillow would have written."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    extra = b""
+    if icc_profile:  # a profile name, its end, and the compression method (0: zlib)
+        extra += chunk(b"iCCP", b"ICC profile\0\0" + zlib.compress(icc_profile))
+    if exif:  # a PNG's eXIf chunk holds the TIFF structure without JPEG's "Exif" prefix
+        extra += chunk(b"eXIf", exif.removeprefix(b"Exif\0\0"))
+    header_end = len(PNG_SIGNATURE) + 25  # IHDR, always first: length, type, 13 bytes, CRC
+    return encoded[:header_end] + extra + encoded[header_end:]
 
 
 def _upright_exif(exif: bytes | None) -> bytes | None:
@@ -329,7 +353,12 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         try:
             meta = iio.immeta(path, plugin="pillow", exclude_applied=False)
             mode = PICTURE_MODES.get(meta.get("mode"))
-            array = np.asarray(iio.imread(path, plugin="pillow", mode=mode))
+            if _is_deep_colour_png(path):
+                import imagecodecs
+
+                array = imagecodecs.png_decode(path.read_bytes())
+            else:
+                array = np.asarray(iio.imread(path, plugin="pillow", mode=mode))
             orientation = meta.get("Orientation", 1)
         except Exception as error:  # imageio raises plugin-specific errors
             reason = str(error).partition("\n")[0]  # some explain over several lines
@@ -376,8 +405,8 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
 def png_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) -> tuple[int, ...]:
     """The shape in which an image of ``shape``, ``axes`` and ``dtype`` goes into a PNG.
 
-    A PNG holds one picture, grey (``YX``) or with 2-4 channels last (``YXC``), of 8-bit integers,
-    or a grey one of 16-bit integers; other axes of length 1, a single channel included, are
+    A PNG holds one picture, grey (``YX``) or with 2-4 channels last (``YXC``), of 8- or 16-bit
+    integers; other axes of length 1, a single channel included, are
     dropped. Anything else raises :class:`ImageIOError`, before any pixel is computed.
     """
     kept = [(a, n) for a, n in zip(axes, shape) if a in "YX" or n != 1]
@@ -388,10 +417,8 @@ def png_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) 
             f"{tuple(shape)}; write .tif, .zarr or .npy"
         )
     dtype = np.dtype(dtype)
-    if dtype != np.uint8 and not (dtype == np.uint16 and picture_axes == "YX"):
-        raise ImageIOError(
-            f"{output}: a PNG holds 8-bit integers (16-bit for grey pictures), not {dtype}; write .tif, .zarr or .npy"
-        )
+    if dtype not in (np.uint8, np.uint16):
+        raise ImageIOError(f"{output}: a PNG holds 8- or 16-bit integers, not {dtype}; write .tif, .zarr or .npy")
     return tuple(n for _, n in kept)
 
 
@@ -677,8 +704,14 @@ def write_image_steps(
             import imageio.v3 as iio
 
             picture = np.asarray(array.compute()).reshape(png_shape(output, array.shape, axes, array.dtype))
-            kept = {name: value for name, value in (("icc_profile", icc_profile), ("exif", exif)) if value}
-            iio.imwrite(temporary, picture, extension=suffix, compress_level=PNG_COMPRESS_LEVEL, **kept)
+            if picture.dtype == np.uint16 and picture.ndim == 3:  # Pillow writes 16-bit colours as 8-bit ones
+                import imagecodecs
+
+                encoded = imagecodecs.png_encode(picture, level=PNG_COMPRESS_LEVEL)
+                temporary.write_bytes(_png_with_chunks(encoded, icc_profile, exif))
+            else:
+                kept = {name: value for name, value in (("icc_profile", icc_profile), ("exif", exif)) if value}
+                iio.imwrite(temporary, picture, extension=suffix, compress_level=PNG_COMPRESS_LEVEL, **kept)
             yield 1, 1
 
 
