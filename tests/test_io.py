@@ -229,6 +229,17 @@ def test_a_photo_opens_upright_as_its_exif_orientation_says(tmp_path, orientatio
     assert np.array_equal(open_image(tmp_path / "photo.jpg").array.compute(), upright)
 
 
+def test_webp_pictures_open_with_their_opacity(tmp_path):
+    """WebP, the web's and many phones' format, was an unknown image format."""
+    from PIL import Image
+
+    rgba = np.random.default_rng(0).integers(0, 256, (40, 60, 4), dtype=np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "web.webp", lossless=True, exact=True)
+    source = open_image(tmp_path / "web.webp")
+    assert (source.axes, source.alpha) == ("YXC", True)
+    assert np.array_equal(source.array.compute(), rgba)
+
+
 def test_cmyk_and_1_bit_pictures_open_as_the_colours_and_greys_they_show(tmp_path):
     """A CMYK JPEG (print workflows) was read as RGB plus alpha: colours inverted, black ink as
     opacity. A 1-bit scan was refused as a bool image. Pillow's conversions are the reference."""

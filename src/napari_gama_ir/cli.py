@@ -187,7 +187,7 @@ def _restore_image(
 def _restore_folder(args: argparse.Namespace) -> Path:
     """Every image of the folder ``args.input`` into the folder ``args.output``, under its own name.
 
-    Outputs keep the input's format where it can be written; other pictures (JPEG, BMP) become
+    Outputs keep the input's format where it can be written; other pictures (JPEG, BMP, WebP) become
     PNG. Every input is opened, and every output checked, before the first
     image is restored; an error stops the run there, with the images before it complete.
     """
@@ -225,7 +225,7 @@ def _restore_folder(args: argparse.Namespace) -> Path:
 
 
 def _output_name(path: Path) -> str:
-    """``path``'s name with a suffix that can be written: its own, else PNG (JPEG and BMP pictures)."""
+    """``path``'s name with a suffix that can be written: its own, else PNG (JPEG, BMP and WebP pictures)."""
     suffix = image_suffix(path)
     return path.name if suffix in WRITABLE else path.name[: len(path.name) - len(suffix)] + ".png"
 

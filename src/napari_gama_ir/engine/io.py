@@ -48,7 +48,7 @@ from .calibration import (
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
 WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
@@ -325,7 +325,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     """Open an image file or store lazily.
 
     Supports zarr arrays and groups (OME-Zarr 0.4 and 0.5 multiscales), TIFF (through tifffile's
-    zarr store), ``.npy`` (memory-mapped) and PNG/JPEG/BMP pictures (small, read whole).
+    zarr store), ``.npy`` (memory-mapped) and PNG/JPEG/BMP/WebP pictures (small, read whole).
 
     Raises
     ------
