@@ -75,6 +75,27 @@ def test_evaluate_never_writes_its_report_over_an_input(capsys, tmp_path, fluore
     assert clean.read_bytes() == image
 
 
+def test_evaluate_takes_a_folder_of_grey_and_colour_pictures_with_grey(capsys, tmp_path):
+    """It refused them with the advice "(--grey)", an option only train had."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for version in ("noisy", "clean"):
+        (tmp_path / version).mkdir()
+    for name, mode in (("a.png", "RGB"), ("b.png", "L")):
+        clean = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        noisy = np.clip(clean + rng.normal(0, 20, clean.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(clean).convert(mode).save(tmp_path / "clean" / name)
+        Image.fromarray(noisy).convert(mode).save(tmp_path / "noisy" / name)
+    arguments = ["evaluate", "--model", save_checkpoint(make_tiny_model(1), tmp_path / "tiny"),
+                 "--noisy", tmp_path / "noisy", "--clean", tmp_path / "clean"]
+    code, _, err = run_cli(capsys, *arguments)
+    assert code == 2 and "the images have different channel counts: 1 (b.png), 3 (a.png); convert colour images to grey (--grey)" in err
+    code, out, err = run_cli(capsys, *arguments, "--grey")
+    assert code == 0, err
+    assert [line.split()[0] for line in out.strip().splitlines()] == ["image", "a.png", "b.png", "mean"]
+
+
 def test_evaluate_writes_strict_json_when_a_psnr_is_infinite(capsys, tmp_path, fluorescence):
     _, clean = fluorescence
     code, out, err = run_cli(capsys, "evaluate", "--model", save_checkpoint(make_tiny_model(1), tmp_path / "tiny"),

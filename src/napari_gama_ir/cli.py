@@ -515,7 +515,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.noisy is None or args.clean is None:
         raise UsageError("evaluate needs --noisy and --clean")
     _check_reports(args.json, inputs=(args.noisy, args.clean))
-    data = data_from_paths(args.noisy, args.clean, axes=args.axes)
+    data = data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
     args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type)
     model = load_model(args.model)
     rows = []
@@ -777,6 +777,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--noisy", help="noisy images (folder or image/stack file)")
     evaluate_cmd.add_argument("--clean", help="clean images, same layout as --noisy")
     evaluate_cmd.add_argument("--axes", help="axes of the images (default: from the files, else guessed)")
+    evaluate_cmd.add_argument("--grey", action="store_true", help="convert RGB images to grey first")
     evaluate_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE)
     evaluate_cmd.add_argument("--json", help="also write the figures to this JSON file")
     add_engine_options(evaluate_cmd)

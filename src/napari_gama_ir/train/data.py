@@ -78,7 +78,7 @@ class TrainingData:
         if len(examples) != 1:
             found = ", ".join(f"{count} ({name})" for count, name in sorted(examples.items()))
             raise TrainingDataError(
-                f"training images have different channel counts: {found}; convert colour images to grey (--grey)"
+                f"the images have different channel counts: {found}; convert colour images to grey (--grey)"
             )
 
     @property
