@@ -118,8 +118,13 @@ def test_ome_zarr_output_on_a_cluster(client, stack, tmp_path):
     assert result.axes == "ZYX" and result.pixel_size == {"Z": (0.5, "micrometer")}
     assert zarr.open_group(str(output), mode="r").attrs["multiscales"][0]["datasets"][0]["path"] == "0"
     assert_alike(result.array.compute(), restore(data, model, "ZYX", device="cpu", **SETTINGS))
-    with pytest.raises(ImageIOError, match="OME-Zarr images have axes in the order"):
-        restore_distributed(array, model, tmp_path / "bad.ome.zarr", "YXZ", client=client)
+    # Written in OME-Zarr's order by the workers, a chunk at a time.
+    output = restore_distributed(data.transpose(1, 2, 0), model, tmp_path / "yxz.ome.zarr", "YXZ", client=client,
+                                 device="cpu", **SETTINGS)
+    assert open_image(output).axes == "ZYX"
+    assert np.array_equal(open_image(output).array.compute(), result.array.compute())
+    with pytest.raises(ImageIOError, match="OME-Zarr images have the axes T, C, Z, Y and X only, not 'S'"):
+        restore_distributed(array, model, tmp_path / "bad.ome.zarr", "SYX", client=client)
 
 
 def test_an_interrupted_run_resumes_to_the_identical_result(client, stack, tmp_path):

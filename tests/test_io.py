@@ -111,9 +111,14 @@ def test_ome_zarr_output_says_its_axes_and_pixel_sizes(tmp_path):
     source = open_image(tmp_path / "out.ome.zarr")
     assert source.axes == "TCYX" and np.array_equal(source.array.compute(), data)
     assert source.pixel_size == {axis: tuple(entry) for axis, entry in sizes.items()}
-    with pytest.raises(ImageIOError, match=r"order T, C, Z, Y, X .* not 'YXC'; write .zarr"):
-        write_image(data[0].transpose(1, 2, 0), tmp_path / "rgb.ome.zarr", "YXC")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr"]
+    # Other orders are written in OME-Zarr's (a photo's YXC was refused, and so was an ImageJ stack's TZCYX).
+    write_image(data.transpose(2, 0, 3, 1), tmp_path / "yxtc.ome.zarr", "YTXC", attrs={"pixel_size": sizes})
+    source = open_image(tmp_path / "yxtc.ome.zarr")
+    assert source.axes == "TCYX" and np.array_equal(source.array.compute(), data)
+    assert source.pixel_size == {axis: tuple(entry) for axis, entry in sizes.items()}
+    with pytest.raises(ImageIOError, match=r"the axes T, C, Z, Y and X only, not 'S' \(of 'SCYX'\); write .zarr"):
+        write_image(data, tmp_path / "s.ome.zarr", "SCYX")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr", "yxtc.ome.zarr"]
 
 
 def test_ome_tiff_output_holds_the_pixel_sizes_and_attributes_in_its_ome_xml(tmp_path):

@@ -548,17 +548,40 @@ def test_restore_all_in_memory_runs_fewer_planes_at_once_beside_its_result(
     assert np.allclose(viewer.layers["noisy restored"].data, restore(data, make_tiny_model(1), "ZYX"), atol=1e-6)
 
 
-def test_restore_all_checks_the_output_format_before_starting(make_napari_viewer, tmp_path, monkeypatch):
+def test_restore_all_checks_the_output_format_before_starting(make_napari_viewer, tmp_path, monkeypatch,
+                                                              grey_checkpoint):
     shown = []
     monkeypatch.setattr("napari_gama_ir._napari.layers.show_error", shown.append)
     viewer = make_napari_viewer()
-    viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="photo", rgb=True)
+    viewer.add_image(np.zeros((2, 32, 32), np.uint16), name="positions")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.axes.value = "QYX"
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "positions.ome.zarr"
+    assert widget.restore_all() is None and widget.worker is None
+    assert "OME-Zarr images have the axes T, C, Z, Y and X only, not 'Q'" in shown[-1]
+
+
+def test_a_photo_restored_into_an_ome_zarr_is_stored_as_cyx_and_shown_as_the_photo(make_napari_viewer, qtbot,
+                                                                                   tmp_path):
+    """A photo was refused (its axes are YXC), and any layer written into an OME-Zarr failed after
+    the write, when the widget opened the group as an array ("No array found")."""
+    photo = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    viewer = make_napari_viewer()
+    viewer.add_image(photo, name="photo", rgb=True)
     widget = open_widget(viewer)
     use_checkpoint(widget, save_checkpoint(make_tiny_model(3), tmp_path / "rgb"))
     widget.destination.value = "zarr store"
     widget.output.value = tmp_path / "photo.ome.zarr"
-    assert widget.restore_all() is None and widget.worker is None
-    assert "OME-Zarr images have axes in the order T, C, Z, Y, X" in shown[-1]
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    assert widget.status.value == "done"
+    expected = restore(photo, make_tiny_model(3), "YXC", output_dtype="input")
+    stored = open_image(tmp_path / "photo.ome.zarr")
+    assert stored.axes == "CYX" and np.array_equal(stored.array.compute(), expected.transpose(2, 0, 1))
+    shown = viewer.layers["photo restored"]
+    assert shown.rgb and np.array_equal(np.asarray(shown.data), expected)
 
 
 def test_a_renamed_layer_stays_chosen_under_its_new_name(make_napari_viewer, grey_checkpoint):

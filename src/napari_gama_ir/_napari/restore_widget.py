@@ -28,6 +28,7 @@ from ..engine.io import (
     OutputExistsError,
     check_output_format,
     check_output_path,
+    open_image,
     store_chunks,
     write_image_steps,
 )
@@ -336,7 +337,10 @@ class RestoreWidget(QWidget):
             steps = store_chunks(restored, result, workers, self._cancel)
         for done, _ in steps:
             yield done
-        return da.from_zarr(target) if target is not None else result
+        if target is None:
+            return result
+        written = open_image(target)  # an OME-Zarr's axes are in its own order: back to the layer's
+        return written.array.transpose([written.axes.index(a) for a in axes])
 
     def _count_pixels(self, pixels: int) -> None:
         """The engine's ``on_plane``, on its threads: ``pixels`` more are restored."""

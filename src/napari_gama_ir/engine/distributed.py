@@ -41,6 +41,7 @@ from .io import (
     create_ome_zarr_output,
     create_zarr_output,
     is_ome_zarr_output,
+    ome_order,
     set_output_attrs,
 )
 from .normalize import Affine, percentile_affine
@@ -144,9 +145,11 @@ def worker_restorer(checkpoint: CheckpointBytes, settings: dict[str, Any]) -> Pl
 
 
 def _restore_chunk(block: np.ndarray, region: tuple[slice, ...], window: Window | None, affine: Affine | None,
-                   layout, checkpoint, settings: dict[str, Any], store: str, marker: str) -> int:
+                   layout, checkpoint, settings: dict[str, Any], store: str, marker: str,
+                   order: tuple[int, ...]) -> int:
     """Restore one input block (a plane in the input's axes or a few small ones, or with ``window``
-    a block of one with the tiles around it), write it to ``region`` of ``store`` and mark it done."""
+    a block of one with the tiles around it), write it to ``region`` of ``store``, whose axes are
+    the input's transposed by ``order``, and mark it done."""
     restorer = worker_restorer(checkpoint, settings)
     canonical = to_canonical(block, layout)
     planes = canonical.reshape((-1,) + canonical.shape[-3:])
@@ -158,7 +161,8 @@ def _restore_chunk(block: np.ndarray, region: tuple[slice, ...], window: Window 
         where = plane_name(layout.iterated, tuple(region[layout.axes.index(a)].start for a in layout.iterated))
         restored = restorer(planes[0], where, window, affine)
     restored = restored.reshape(canonical.shape[:-2] + restored.shape[-2:])
-    zarr.open_array(store, mode="r+")[region] = from_canonical(restored, layout)
+    target = tuple(region[i] for i in order)
+    zarr.open_array(store, mode="r+")[target] = from_canonical(restored, layout).transpose(order)
     Path(marker).touch()  # after the chunk: a marker always means a complete chunk
     return int(restored.size)
 
@@ -243,6 +247,9 @@ def restore_distributed(
     ome = is_ome_zarr_output(output)
     if ome:
         check_ome_axes(output, plan.axes)
+    # The written axes: an OME-Zarr's in its fixed order, else the input's.
+    order = ome_order(plan.axes) if ome else tuple(range(len(plan.axes)))
+    written_axes = "".join(plan.axes[i] for i in order)
     check_output_path(output, [source] if source else [], overwrite)
     array = plan.array.rechunk(_output_chunks(plan))
     checkpoint = CheckpointBytes.from_model(model)
@@ -276,11 +283,11 @@ def restore_distributed(
         if plan.normalization["method"] == "percentile" and plan.normalization["scope"] == "stack":
             affine = client.submit(_stack_affine, plan, pure=False).result()
             settings["stack_affine"] = [affine.offset, affine.scale]
-        chunks = tuple(c[0] for c in array.chunks)
+        shape, chunks = tuple(array.shape[i] for i in order), tuple(array.chunks[i][0] for i in order)
         if ome:
-            create_ome_zarr_output(store, array.shape, chunks, plan.output_dtype, plan.axes)
+            create_ome_zarr_output(store, shape, chunks, plan.output_dtype, written_axes)
         else:
-            create_zarr_output(store, array.shape, chunks, plan.output_dtype)
+            create_zarr_output(store, shape, chunks, plan.output_dtype)
         (run / "run.json").write_text(json.dumps({"record": record, "stack_affine": settings["stack_affine"]}))
 
     regions = block_regions(array)
@@ -298,7 +305,7 @@ def restore_distributed(
             reads, window = _chunk_input(plan, array, index, region)
             affine = affines(region) if affines else None
             work.append(restore_chunk(reads, region, window, affine, plan.layout, shared_checkpoint, settings,
-                                      str(pixels), str(done / str(flat[index]))))
+                                      str(pixels), str(done / str(flat[index])), order))
         tasks = client.compute(work)
         try:
             for future in as_completed(tasks):
@@ -309,7 +316,7 @@ def restore_distributed(
         except BaseException:
             client.cancel(tasks)
             raise
-    set_output_attrs(store, plan.axes, attrs or {}, ome)
+    set_output_attrs(store, written_axes, attrs or {}, ome)
     if output.exists():  # check_output_path allowed it: overwrite
         shutil.rmtree(output)
     os.replace(store, output)

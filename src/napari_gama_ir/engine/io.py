@@ -591,13 +591,19 @@ def is_ome_zarr_output(output: str | os.PathLike) -> bool:
     return image_suffix(Path(output)) == ".ome.zarr"
 
 
+def ome_order(axes: str) -> tuple[int, ...]:
+    """The transposition that puts ``axes`` in an OME-Zarr image's order: T, C, then Z, Y, X."""
+    return tuple(axes.index(a) for a in "TCZYX" if a in axes)
+
+
 def check_ome_axes(output: str | os.PathLike, axes: str) -> None:
-    """Refuse axes that an OME-Zarr (0.4) image cannot have: T, C, then 2 or 3 of Z, Y, X, in that order."""
-    order = "".join(a for a in "TCZYX" if a in axes)
-    if axes != order:
+    """Refuse axes that an OME-Zarr (0.4) image cannot have: any but T, C, Z, Y and X. The writers
+    put them in the order OME-Zarr fixes (a photo's YXC, an ImageJ stack's TZCYX were refused)."""
+    others = "".join(a for a in axes if a not in "TCZYX")
+    if others:
         raise ImageIOError(
-            f"{output}: OME-Zarr images have axes in the order T, C, Z, Y, X (some may be missing), "
-            f"not {axes!r}; write .zarr, .tif or .npy"
+            f"{output}: OME-Zarr images have the axes T, C, Z, Y and X only, not {others!r} (of {axes!r}); "
+            "write .zarr, .tif or .npy"
         )
 
 
@@ -682,6 +688,9 @@ def write_image_steps(
     with cancelling_on_exit(cancel), _atomic_path(output, overwrite) as temporary, \
             dask.config.set(scheduler="threads", num_workers=workers):
         if suffix in (".zarr", ".ome.zarr"):
+            if is_ome_zarr_output(output):
+                order = ome_order(axes)
+                array, axes = array.transpose(order), "".join(axes[i] for i in order)
             chunks = tuple(c[0] for c in array.chunks)
             if is_ome_zarr_output(output):
                 target = create_ome_zarr_output(temporary, array.shape, chunks, array.dtype, axes)
