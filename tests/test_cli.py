@@ -118,6 +118,38 @@ def test_restore_keeps_the_input_calibration(capsys, tmp_path, grey_checkpoint):
         assert open_image(tmp_path / name).pixel_size == expected
 
 
+def test_a_restored_imagej_hyperstack_is_written_as_one(capsys, tmp_path, grey_checkpoint):
+    """Fiji took a TZCYX stack written as a plain BigTIFF for one long stack of 2 x 3 x 2 planes,
+    without its Z spacing or frame interval."""
+    import json
+
+    from napari_gama_ir import create_model, restore
+
+    stack = np.random.default_rng(0).integers(0, 4000, (2, 3, 2, 24, 32), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "in.tif", stack, imagej=True, resolution=(4, 4),
+                     metadata={"axes": "TZCYX", "spacing": 0.5, "unit": "um", "finterval": 30.0})
+    code, _, err = run_cli(capsys, "restore", tmp_path / "in.tif", "-o", tmp_path / "out.tif",
+                           "--model", grey_checkpoint, "--output-dtype", "input", "-q")
+    assert code == 0, err
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "TZCYX" and tif.series[0].shape == stack.shape
+        calibration = tif.imagej_metadata
+        assert (calibration["unit"], calibration["spacing"], calibration["finterval"]) == ("micron", 0.5, 30.0)
+        assert tif.pages[0].resolution == pytest.approx((4, 4))
+        assert json.loads(calibration["Info"])["model"] == str(grey_checkpoint)  # the provenance, in Image > Show Info
+        written = tif.asarray()
+    expected = restore(stack, create_model(str(grey_checkpoint)), "TZCYX", output_dtype="input")
+    assert np.array_equal(written, expected)
+    photo = np.random.default_rng(1).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "photo.tif", photo, photometric="rgb")
+    rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
+    code, _, err = run_cli(capsys, "restore", tmp_path / "photo.tif", "-o", tmp_path / "photo-out.tif",
+                           "--model", rgb, "--output-dtype", "input", "-q")
+    assert code == 0, err
+    with tifffile.TiffFile(tmp_path / "photo-out.tif") as tif:
+        assert tif.is_imagej and tif.series[0].axes == "YXS" and tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+
+
 @pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio, trying broken.png
 def test_restore_a_folder_of_images(capsys, tmp_path):
     import imageio.v3 as iio

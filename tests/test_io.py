@@ -86,12 +86,15 @@ def test_pixel_sizes_are_read_from_ome_zarr_ome_tiff_imagej_and_resolution_tags(
 
 def test_outputs_keep_the_pixel_sizes_given_in_their_attributes(tmp_path):
     sizes = {"Z": [0.5, "micrometer"], "Y": [0.2, "micrometer"], "X": [0.2, "micrometer"]}
-    data = np.zeros((2, 8, 10), np.float32)
-    for name in ("out.zarr", "out.tif"):
-        write_image(data, tmp_path / name, "ZYX", attrs={"pixel_size": sizes})
+    # float64 is no ImageJ type: that TIFF is a plain one.
+    for name, dtype in (("out.zarr", np.float32), ("imagej.tif", np.float32), ("out.tif", np.float64)):
+        write_image(np.zeros((2, 8, 10), dtype), tmp_path / name, "ZYX", attrs={"pixel_size": sizes})
         assert open_image(tmp_path / name).pixel_size == {axis: tuple(entry) for axis, entry in sizes.items()}
-    with tifffile.TiffFile(tmp_path / "out.tif") as tif:  # what Fiji and other readers see: pixels per cm
-        assert tif.pages[0].resolutionunit == tifffile.RESUNIT.CENTIMETER
+    with tifffile.TiffFile(tmp_path / "imagej.tif") as tif:  # what Fiji reads: ImageJ's calibration
+        assert tif.is_imagej and tif.imagej_metadata["unit"] == "micron" and tif.imagej_metadata["spacing"] == 0.5
+        assert tif.pages[0].resolution == pytest.approx((5, 5))
+    with tifffile.TiffFile(tmp_path / "out.tif") as tif:  # what other readers see: pixels per cm
+        assert not tif.is_imagej and tif.pages[0].resolutionunit == tifffile.RESUNIT.CENTIMETER
         assert tif.pages[0].resolution == pytest.approx((50000, 50000), rel=1e-5)  # a rational: 50000.2 in older tifffile
 
 

@@ -2,8 +2,9 @@
 
 Read from OME-Zarr scale transforms, OME-TIFF and ImageJ TIFF metadata, TIFF resolution tags and
 this package's own outputs; written into the output's attributes (zarr), OME metadata (OME-Zarr,
-OME-TIFF) or description (TIFF), and into a TIFF's resolution tags, so that a restored stack keeps
-its input's voxel size in napari, Fiji and later runs of this package.
+OME-TIFF), ImageJ metadata (a TIFF that ImageJ's format can hold) or description (other TIFFs), and
+into a TIFF's resolution tags, so that a restored stack keeps its input's voxel size in napari,
+Fiji and later runs of this package.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ _UNIT_NAMES = {
     "s": "second", "sec": "second", "ms": "millisecond", "min": "minute", "h": "hour",
 }
 _CENTIMETERS = {"nanometer": 1e-7, "micrometer": 1e-4, "millimeter": 0.1, "centimeter": 1.0, "meter": 100.0}
+# ImageJ's spellings of the length units above (it shows "micron" as µm).
+_IMAGEJ_UNITS = {
+    "nanometer": "nm", "micrometer": "micron", "millimeter": "mm", "centimeter": "cm", "meter": "m", "inch": "inch",
+}
 # OME-XML's symbols (UnitsLength, UnitsTime) for the units above.
 _OME_SYMBOLS = {
     "nanometer": "nm", "micrometer": "µm", "millimeter": "mm", "centimeter": "cm", "meter": "m", "inch": "in",
@@ -145,6 +150,23 @@ def tiff_resolution(sizes: PixelSizes) -> dict[str, Any]:
         per = _CENTIMETERS[x_unit]
         return {"resolution": (1.0 / (x * per), 1.0 / (y * per)), "resolutionunit": "CENTIMETER"}
     return {}
+
+
+def imagej_calibration(sizes: PixelSizes) -> dict[str, Any]:
+    """``tifffile.imwrite`` arguments for an ImageJ hyperstack's calibration: X and Y as resolution
+    tags in the ``unit`` of its description, Z as its ``spacing``, T as its ``finterval``. ImageJ has
+    one length unit: X and Y must share theirs, and Z is left out where its unit differs."""
+    metadata: dict[str, Any] = {}
+    if _usable(sizes.get("T", (0.0,))[0]) and sizes["T"][1] == "second":
+        metadata["finterval"] = sizes["T"][0]
+    (x, unit), (y, y_unit) = sizes.get("X", (0.0, None)), sizes.get("Y", (0.0, None))
+    if not (_usable(x) and _usable(y)) or unit != y_unit or unit not in _IMAGEJ_UNITS:
+        return {"metadata": metadata}
+    metadata["unit"] = _IMAGEJ_UNITS[unit]
+    z, z_unit = sizes.get("Z", (0.0, None))
+    if _usable(z) and z_unit == unit:
+        metadata["spacing"] = z
+    return {"metadata": metadata, "resolution": (1.0 / x, 1.0 / y)}
 
 
 def ome_tiff_metadata(sizes: PixelSizes) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from .calibration import (
     from_attribute,
     from_ome_multiscale,
     from_tiff,
+    imagej_calibration,
     ome_tiff_metadata,
     tiff_resolution,
 )
@@ -77,6 +78,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: Outputs that hold the pixels as they are, so that their size is known before they are written.
 UNCOMPRESSED_SUFFIXES = TIFF_SUFFIXES + NUMPY_SUFFIXES
+IMAGEJ_ORDER = "TZCYXS"
+IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+CLASSIC_TIFF_BYTES = 2**32 - 2**26  # pixels that leave room for the page entries below 4 GiB
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 
 
@@ -794,9 +798,17 @@ def _write_tiff(
             for col in range(0, pages.shape[2], tile[1])
         ), workers, cancel)
     sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
-    metadata = {"axes": axes.replace("C", "S") if rgb else axes}
+    page_axes = axes.replace("C", "S") if rgb else axes
+    metadata = {"axes": page_axes}
+    options = {"bigtiff": True, **tiff_resolution(sizes)}
     if ome:
         metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
+    elif _imagej_holds(page_axes, array.dtype, array.nbytes, rgb, tile):
+        # Fiji opens an ImageJ hyperstack with its axes and calibration; it took a TZCYX stack
+        # written as a plain BigTIFF for one long stack, and lost its Z spacing.
+        calibration = imagej_calibration(sizes)
+        metadata.update(calibration["metadata"], Info=json.dumps(attrs))
+        options = {"imagej": True, "resolution": calibration.get("resolution")}
     else:
         metadata.update(attrs)
     try:
@@ -806,12 +818,11 @@ def _write_tiff(
             tile=tile,
             shape=array.shape,
             dtype=array.dtype,
-            bigtiff=True,
             photometric="rgb" if rgb else "minisblack",
             metadata=metadata,
             ome=ome,
             iccprofile=icc_profile,
-            **tiff_resolution(sizes),
+            **options,
         )
     except OSError as error:
         # A disk that others filled after the check of its free space: tifffile says only
@@ -820,6 +831,16 @@ def _write_tiff(
             raise
         raise ImageIOError(f"{path.parent}: its disk ran out of space while the TIFF was written ({error})") from None
     yield pages.shape[0], pages.shape[0]
+
+
+def _imagej_holds(page_axes: str, dtype: np.dtype, size: int, rgb: bool, tile: tuple[int, int] | None) -> bool:
+    """Whether ImageJ's hyperstack format holds these pages: axes in its order T, Z, C, Y, X (S:
+    RGB samples, 8-bit only), 8- or 16-bit integers or float32, whole pages (ImageJ reads no
+    tiles), and within a classic TIFF's 4 GB (ImageJ's format is no BigTIFF)."""
+    in_order = "".join(a for a in IMAGEJ_ORDER if a in page_axes) == page_axes
+    dtype = np.dtype(dtype)
+    return (in_order and tile is None and dtype in IMAGEJ_DTYPES and (not rgb or dtype == np.uint8)
+            and size < CLASSIC_TIFF_BYTES)
 
 
 def _computed_in_order(
