@@ -6,7 +6,7 @@ import zarr
 
 from napari_gama_ir import save_checkpoint
 from napari_gama_ir.cli import main
-from napari_gama_ir.engine.io import open_image
+from napari_gama_ir.engine.io import open_image, write_image
 
 from .conftest import make_tiny_model, recorded_passes
 
@@ -212,6 +212,29 @@ def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
                              "--model", grey_checkpoint, "--output-dtype", "float32")
     assert code == 2 and "a PNG holds 8- or 16-bit integers, not float32" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "float.png").exists()
+
+
+def test_a_microscopes_three_channels_get_the_grey_model_and_a_photos_colours_the_colour_one(capsys, tmp_path):
+    """Three fluorescence channels (an ImageJ or OME file's C axis) went to the colour model, trained
+    on photos, which mixes them as red, green and blue."""
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tmp_path / "cells.tif", rng.integers(0, 4000, (2, 3, 32, 32), dtype=np.uint16), imagej=True,
+                     metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "cells.ome.tif", rng.integers(0, 4000, (3, 32, 32), dtype=np.uint16),
+                     metadata={"axes": "CYX"})
+    write_image(rng.integers(0, 4000, (3, 32, 32), dtype=np.uint16), tmp_path / "in.ome.zarr", "CYX")
+    tifffile.imwrite(tmp_path / "photo.tif", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), photometric="rgb")
+    iio.imwrite(tmp_path / "photo.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    models = {}
+    for name in ("cells.tif", "cells.ome.tif", "in.ome.zarr", "photo.tif", "photo.png"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / name, "-o", tmp_path / f"{name}.zarr", "-q")
+        assert code == 0, err
+        models[name] = zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="r").attrs["model"]
+    assert models == {"cells.tif": "gama_ir_xs-denoise-grey", "cells.ome.tif": "gama_ir_xs-denoise-grey",
+                      "in.ome.zarr": "gama_ir_xs-denoise-grey", "photo.tif": "gama_ir_xs-denoise-rgb",
+                      "photo.png": "gama_ir_xs-denoise-rgb"}
 
 
 def test_restore_rgba_png_keeps_its_opacity(capsys, tmp_path):

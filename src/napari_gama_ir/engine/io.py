@@ -105,7 +105,9 @@ class ImageSource:
     pixel along the axes the file calibrates (see :mod:`.calibration`). ``icc_profile`` is the
     colour profile of a picture or TIFF (a phone's photo is in Display P3, not sRGB), ``exif`` a
     picture's EXIF block with its orientation made upright, as the pixels are: outputs that can
-    hold them keep them (:func:`write_image_steps`).
+    hold them keep them (:func:`write_image_steps`). ``colour`` says whether the ``C`` axis holds a
+    picture's colours (True: a photo, an RGB TIFF) or channels the file names as such (False: a
+    microscope's, in an ImageJ, OME-TIFF or OME-Zarr image), and is None where the file does not say.
     """
 
     array: da.Array
@@ -116,6 +118,7 @@ class ImageSource:
     pixel_size: PixelSizes = field(default_factory=dict)
     icc_profile: bytes | None = None
     exif: bytes | None = None
+    colour: bool | None = None
 
 
 def image_suffix(path: Path) -> str:
@@ -150,7 +153,8 @@ def _open_zarr(path: Path) -> ImageSource:
         array = node[first["datasets"][0]["path"]]
         axes = _axes_from_names(names) if names else None
         pixel_size = from_ome_multiscale(first, axes if axes and len(axes) == array.ndim else None)
-        return ImageSource(da.from_zarr(array), axes, path, attrs, pixel_size=pixel_size)
+        colour = False if axes and "C" in axes else None  # OME-Zarr's channel axis: a microscope's channels
+        return ImageSource(da.from_zarr(array), axes, path, attrs, pixel_size=pixel_size, colour=colour)
     arrays = [name for name, item in node.members() if isinstance(item, zarr.Array)]
     if len(arrays) != 1:
         raise ImageIOError(f"{path}: zarr group with {len(arrays)} arrays and no OME-Zarr metadata; open one array")
@@ -245,6 +249,7 @@ def _open_tiff(path: Path) -> ImageSource:
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
             pixel_size = from_tiff(tif, axes)
             icc_profile = series.keyframe.iccprofile
+            colour = series.keyframe.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
             try:
                 cut = _tiff_cut_short(tif, series, path.stat().st_size)
             except (AttributeError, TypeError, struct.error):  # a layout this check does not know
@@ -268,7 +273,9 @@ def _open_tiff(path: Path) -> ImageSource:
     except AxesError:
         axes = None
     alpha = alpha and axes is not None and axes.endswith("C")
-    return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile)
+    colour = True if colour else False if axes and "C" in axes else None
+    return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile,
+                       colour=colour)
 
 
 def _tiff_cut_short(tif, series, size: int) -> str | None:
@@ -377,7 +384,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         # A CMYK profile does not describe the RGB the pixels were converted to.
         icc_profile = None if mode else meta.get("icc_profile")
         return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
-                           exif=_upright_exif(meta.get("exif")))
+                           exif=_upright_exif(meta.get("exif")), colour=axes == "YXC")
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 
