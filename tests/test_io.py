@@ -237,6 +237,18 @@ def test_a_photo_opens_upright_as_its_exif_orientation_says(tmp_path, orientatio
     assert np.array_equal(open_image(tmp_path / "photo.jpg").array.compute(), upright)
 
 
+def test_pictures_above_pillows_size_limit_open(tmp_path, monkeypatch):
+    """A stitched scan of 182 million pixels would not open: Pillow refuses pictures above twice its
+    MAX_IMAGE_PIXELS as possible decompression bombs. The limit is lowered here to stand for it."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    picture = np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "scan.png")
+    assert np.array_equal(open_image(tmp_path / "scan.png").array.compute(), picture)
+    assert Image.MAX_IMAGE_PIXELS == 100  # lifted for the user's own file only, not for napari's others
+
+
 def test_webp_pictures_open_with_their_opacity(tmp_path):
     """WebP, the web's and many phones' format, was an unknown image format."""
     from PIL import Image

@@ -201,6 +201,51 @@ class _ReopenableFile:
         return str(self.path.resolve()), self.kind, stat.st_mtime_ns, stat.st_size
 
 
+def _open_picture(path: Path) -> ImageSource:
+    """A PNG, JPEG, BMP or WebP picture, read whole, upright, in the colours it shows."""
+    import imageio.v3 as iio
+
+    try:
+        with _pictures_of_any_size():
+            meta = iio.immeta(path, plugin="pillow", exclude_applied=False)
+            mode = PICTURE_MODES.get(meta.get("mode"))
+            if _is_deep_colour_png(path):
+                import imagecodecs
+
+                array = imagecodecs.png_decode(path.read_bytes())
+            else:
+                array = np.asarray(iio.imread(path, plugin="pillow", mode=mode))
+    except Exception as error:  # imageio raises plugin-specific errors
+        reason = str(error).partition("\n")[0]  # some explain over several lines
+        raise ImageIOError(f"{path}: not a readable picture ({reason})") from None
+    orientation = meta.get("Orientation", 1)
+    if orientation in UPRIGHT:
+        # As viewers show it: a phone's portrait photo is stored sideways, with an EXIF
+        # orientation tag, which the restored PNG cannot carry (it came out sideways).
+        array = np.ascontiguousarray(UPRIGHT[orientation](array))
+    # A picture's third axis is its colours (grey + alpha too), never a stack.
+    axes = {2: "YX", 3: "YXC"}.get(array.ndim)
+    alpha = axes == "YXC" and array.shape[-1] in (2, 4)
+    # A CMYK profile does not describe the RGB the pixels were converted to.
+    icc_profile = None if mode else meta.get("icc_profile")
+    return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
+                       exif=_upright_exif(meta.get("exif")), colour=axes == "YXC")
+
+
+@contextmanager
+def _pictures_of_any_size() -> Iterator[None]:
+    """Lift Pillow's limit of 179 million pixels a picture, a guard against decompression bombs in
+    uploads that a server opens; here the user opens their own (a stitched scan would not open:
+    "An unknown error occurred while initializing plugin `pillow`")."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def _is_deep_colour_png(path: Path) -> bool:
     """Whether ``path`` is a PNG of 16-bit colours (with or without alpha), which Pillow reads as
     8-bit ones without a word (imagecodecs reads them whole)."""
@@ -359,32 +404,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         chunks = (1,) * (pixels.ndim - 2) + pixels.shape[-2:] if pixels.ndim > 2 else pixels.shape
         return ImageSource(da.from_array(pixels, chunks=chunks), None, path)
     if suffix in PICTURE_SUFFIXES:
-        import imageio.v3 as iio
-
-        try:
-            meta = iio.immeta(path, plugin="pillow", exclude_applied=False)
-            mode = PICTURE_MODES.get(meta.get("mode"))
-            if _is_deep_colour_png(path):
-                import imagecodecs
-
-                array = imagecodecs.png_decode(path.read_bytes())
-            else:
-                array = np.asarray(iio.imread(path, plugin="pillow", mode=mode))
-            orientation = meta.get("Orientation", 1)
-        except Exception as error:  # imageio raises plugin-specific errors
-            reason = str(error).partition("\n")[0]  # some explain over several lines
-            raise ImageIOError(f"{path}: not a readable picture ({reason})") from None
-        if orientation in UPRIGHT:
-            # As viewers show it: a phone's portrait photo is stored sideways, with an EXIF
-            # orientation tag, which the restored PNG cannot carry (it came out sideways).
-            array = np.ascontiguousarray(UPRIGHT[orientation](array))
-        # A picture's third axis is its colours (grey + alpha too), never a stack.
-        axes = {2: "YX", 3: "YXC"}.get(array.ndim)
-        alpha = axes == "YXC" and array.shape[-1] in (2, 4)
-        # A CMYK profile does not describe the RGB the pixels were converted to.
-        icc_profile = None if mode else meta.get("icc_profile")
-        return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
-                           exif=_upright_exif(meta.get("exif")), colour=axes == "YXC")
+        return _open_picture(path)
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 
