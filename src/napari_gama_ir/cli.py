@@ -708,10 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
-    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg or .npy; or a "
+    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg, .bmp, .webp or .npy; or a "
                              "folder of them, restored into the --output folder")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png or .npy")
-    restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels)")
+    restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, the grey one, channel by channel, for a microscope's)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")
     restore_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE, help=f"GAMA averaging (default {DEFAULT_MEAN_MODE})")
