@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -235,6 +237,11 @@ def test_a_microscopes_three_channels_get_the_grey_model_and_a_photos_colours_th
     assert models == {"cells.tif": "gama_ir_xs-denoise-grey", "cells.ome.tif": "gama_ir_xs-denoise-grey",
                       "in.ome.zarr": "gama_ir_xs-denoise-grey", "photo.tif": "gama_ir_xs-denoise-rgb",
                       "photo.png": "gama_ir_xs-denoise-rgb"}
+    for name in ("cells.tif", "photo.png"):  # evaluate chooses as restore does
+        code, _, err = run_cli(capsys, "evaluate", "--noisy", tmp_path / name, "--clean", tmp_path / name,
+                               "--json", tmp_path / f"{name}.json")
+        assert code == 0, err
+        assert json.loads((tmp_path / f"{name}.json").read_text())["model"] == models[name]
 
 
 def test_restore_rgba_png_keeps_its_opacity(capsys, tmp_path):

@@ -520,7 +520,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise UsageError("evaluate needs --noisy and --clean")
     _check_reports(args.json, inputs=(args.noisy, args.clean))
     data = data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
-    args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type)
+    args.model = args.model or default_model_name(data.default_channels, resolve_device(args.device).type)
     model = load_model(args.model)
     rows = []
     for pair in data.pairs:

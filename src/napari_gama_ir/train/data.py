@@ -36,12 +36,14 @@ class TrainingDataError(ValueError):
 
 @dataclass
 class ImagePair:
-    """One image or stack: its noisy and/or clean version (same shape) and their axes."""
+    """One image or stack: its noisy and/or clean version (same shape) and their axes; ``colour``
+    as :attr:`napari_gama_ir.engine.io.ImageSource.colour` says of its files."""
 
     name: str
     axes: str
     noisy: da.Array | None
     clean: da.Array | None
+    colour: bool | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -97,6 +99,12 @@ class TrainingData:
     def channels(self) -> int:
         """Channels per pixel (the ``C`` axis, 1 without one)."""
         return self.channels_of(self.pairs[0])
+
+    @property
+    def default_channels(self) -> int:
+        """The channel count whose shipped model restores these images by default: 1 (the grey
+        model, channel by channel) for a microscope's channels, as ``restore`` chooses."""
+        return 1 if all(pair.colour is False for pair in self.pairs) else self.channels
 
     @property
     def dtype(self) -> np.dtype:
@@ -252,7 +260,8 @@ def _file_pair(name: str, sources: list[ImageSource | None], axes: str | None) -
         split_alpha(s.array, axes)[0] if s is not None and s.alpha and axes.endswith("C") else a
         for s, a in zip(sources, arrays)
     ]
-    return ImagePair(name, axes, *arrays)
+    colours = {s.colour for s in sources if s is not None}
+    return ImagePair(name, axes, *arrays, colour=colours.pop() if len(colours) == 1 else None)
 
 
 def _reopen_training_data(recipe: dict[str, Any]) -> TrainingData:
