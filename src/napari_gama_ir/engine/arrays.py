@@ -25,13 +25,13 @@ def as_dask(image: Any) -> tuple[da.Array, bool]:
     """``image`` as a dask array that refers to it, and whether it was lazy already.
 
     Dask arrays are returned as they are (refused, with a ValueError, where their chunk sizes are
-    unknown); arrays read in chunks (zarr, h5py) keep their chunks and
-    count as lazy; anything else (numpy, memory maps, napari layer data, nested lists) is one chunk,
-    from which slicing a plane or a patch is a numpy view.
+    unknown); arrays read in chunks (zarr, h5py) keep their chunks and count as lazy; anything else
+    (numpy, memory maps, napari layer data, nested lists) is one chunk, from which slicing a plane
+    or a patch is a numpy view.
     """
     if isinstance(image, da.Array):
         if any(np.isnan(size) for sizes in image.chunks for size in sizes):
-            # Tiling needs each plane's place; the error came from deep inside, "cannot convert float NaN to integer".
+            # Tiling needs each plane's place: it failed deep inside, "cannot convert float NaN to integer".
             raise ValueError("the dask array's chunk sizes are unknown (as after boolean indexing); "
                              "call its compute_chunk_sizes() first")
         return image, True

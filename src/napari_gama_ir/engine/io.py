@@ -294,7 +294,7 @@ def _open_tiff(path: Path) -> ImageSource:
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
             pixel_size = from_tiff(tif, axes)
             icc_profile = series.keyframe.iccprofile
-            colour = series.keyframe.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+            rgb_pages = series.keyframe.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
             try:
                 cut = _tiff_cut_short(tif, series, path.stat().st_size)
             except (AttributeError, TypeError, struct.error):  # a layout this check does not know
@@ -318,7 +318,8 @@ def _open_tiff(path: Path) -> ImageSource:
     except AxesError:
         axes = None
     alpha = alpha and axes is not None and axes.endswith("C")
-    colour = True if colour else False if axes and "C" in axes else None
+    # RGB pages hold colours; any other C axis, a microscope's channels.
+    colour = True if rgb_pages else (False if axes and "C" in axes else None)
     return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile,
                        colour=colour)
 
@@ -437,8 +438,8 @@ def png_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) 
     """The shape in which an image of ``shape``, ``axes`` and ``dtype`` goes into a PNG.
 
     A PNG holds one picture, grey (``YX``) or with 2-4 channels last (``YXC``), of 8- or 16-bit
-    integers; other axes of length 1, a single channel included, are
-    dropped. Anything else raises :class:`ImageIOError`, before any pixel is computed.
+    integers; other axes of length 1, a single channel included, are dropped. Anything else raises
+    :class:`ImageIOError`, before any pixel is computed.
     """
     kept = [(a, n) for a, n in zip(axes, shape) if a in "YX" or n != 1]
     picture_axes = "".join(a for a, _ in kept)
@@ -719,15 +720,16 @@ def write_image_steps(
     with cancelling_on_exit(cancel), _atomic_path(output, overwrite) as temporary, \
             dask.config.set(scheduler="threads", num_workers=workers):
         if suffix in (".zarr", ".ome.zarr"):
-            if is_ome_zarr_output(output):
+            ome = is_ome_zarr_output(output)
+            if ome:
                 order = ome_order(axes)
                 array, axes = array.transpose(order), "".join(axes[i] for i in order)
             chunks = tuple(c[0] for c in array.chunks)
-            if is_ome_zarr_output(output):
+            if ome:
                 target = create_ome_zarr_output(temporary, array.shape, chunks, array.dtype, axes)
             else:
                 target = create_zarr_output(temporary, array.shape, chunks, array.dtype)
-            set_output_attrs(temporary, axes, attrs or {}, ome=is_ome_zarr_output(output))
+            set_output_attrs(temporary, axes, attrs or {}, ome=ome)
             yield from store_chunks(array, target, workers, cancel)
         elif suffix in TIFF_SUFFIXES:
             yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers, cancel,
@@ -799,13 +801,15 @@ def _write_tiff(
     array: da.Array, path: Path, axes: str, attrs: dict, ome: bool, workers: int, cancel: threading.Event | None,
     icc_profile: bytes | None = None,
 ) -> Iterator[tuple[int, int]]:
-    """Write a BigTIFF page by page, in order, while ``workers`` threads compute the chunks after
-    the one being written (:func:`_computed_in_order`, which ``cancel`` stops as :func:`store_chunks`).
+    """Write a TIFF page by page, in order, while ``workers`` threads compute the chunks after
+    the one being written (:func:`_computed_in_order`, which ``cancel`` stops as :func:`store_chunks`):
+    an ImageJ hyperstack where ImageJ's format holds the image (:func:`_imagej_holds`), else a BigTIFF.
 
     An array restored in blocks (square chunks of a multiple of 16 along Y and X, smaller than a
     page) is written as a tiled TIFF, a block a tile, so that no page is ever held whole.
-    ``attrs`` go into the description as JSON; an OME-TIFF's description is its OME-XML, which
-    then holds the pixel sizes, and ``attrs`` as the image's description.
+    ``attrs`` go into the description as JSON (an ImageJ hyperstack's: into its Info, beside its
+    calibration); an OME-TIFF's description is its OME-XML, which then holds the pixel sizes, and
+    ``attrs`` as the image's description.
     """
     import tifffile
 
