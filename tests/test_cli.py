@@ -197,6 +197,22 @@ def test_restore_a_folder_of_images(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before  # nothing written
 
 
+def test_an_image_restored_into_an_existing_folder_goes_there_under_its_name(capsys, tmp_path, grey_checkpoint):
+    """As cp puts a file into a folder; it said "out: cannot write this format"."""
+    import imageio.v3 as iio
+
+    iio.imwrite(tmp_path / "scan.jpg", np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8))
+    tifffile.imwrite(tmp_path / "cells.tif", np.zeros((2, 24, 32), np.uint16), metadata={"axes": "ZYX"})
+    (tmp_path / "out").mkdir()
+    for name in ("scan.jpg", "cells.tif"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / name, "-o", tmp_path / "out", "--model", grey_checkpoint,
+                               "-q")
+        assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells.tif", "scan.png"]  # JPEG as PNG
+    code, _, err = run_cli(capsys, "restore", tmp_path / "cells.tif", "-o", tmp_path, "--model", grey_checkpoint)
+    assert code == 2 and "cells.tif: the output must not be the input" in err
+
+
 def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):
     # The default float32 output cannot go into a PNG: it failed after the restoration, with a traceback for RGB.
     import imageio.v3 as iio

@@ -110,7 +110,8 @@ def _untrained_banner() -> str:
 def run_restore(args: argparse.Namespace) -> Path:
     """Everything ``restore`` does, shared with ``demo``: open, check, restore lazily, write.
 
-    A folder of images (not a zarr store) is restored image by image into the ``--output`` folder.
+    A folder of images (not a zarr store) is restored image by image into the ``--output`` folder;
+    an image into an existing folder goes there under its own name, as ``cp`` would put it.
     """
     _check_minimum(args, 1, "workers", "threads_per_worker")
     if args.untrained:
@@ -118,7 +119,10 @@ def run_restore(args: argparse.Namespace) -> Path:
     if Path(args.input).is_dir() and not is_zarr_store(Path(args.input)):
         return _restore_folder(args)
     source = open_image(args.input)
-    output = check_output_path(args.output, [args.input], args.overwrite)
+    output = Path(args.output)
+    if output.is_dir() and not is_zarr_store(output):  # it said "outdir: cannot write this format"
+        output = output / _output_name(source.path)
+    output = check_output_path(output, [args.input], args.overwrite)
     return _restore_image(args, source, output)
 
 
