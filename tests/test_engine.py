@@ -263,7 +263,7 @@ def test_bad_axes_and_channels_are_refused():
     # Boolean indexing leaves the chunk sizes unknown; it failed with "cannot convert float NaN to integer".
     (da.ones((4, 20, 30), chunks=(2, 20, 30))[da.arange(4) > 0], r"chunk sizes are unknown .* compute_chunk_sizes"),
 ])
-def test_images_without_intensities_are_refused_before_any_work(image, message):
+def test_images_that_cannot_be_restored_are_refused_before_any_work(image, message):
     # They ended in numpy's own errors (a traceback from the CLI), an empty one in an IndexError.
     with pytest.raises(ValueError, match=message):
         restore(image, make_tiny_model(1), "ZYX"[-image.ndim:])
