@@ -152,6 +152,25 @@ def test_tiff_is_read_through_a_zarr_store(tmp_path):
     assert np.array_equal(source.array[3].compute(), data[3])
 
 
+def test_a_palette_tiff_opens_as_its_colours_and_an_imagej_lut_as_intensities(tmp_path):
+    """A palette picture's pixels are indices into its colours, and were restored as intensities.
+    ImageJ writes an 8-bit image with a colour LUT as a palette TIFF too: there the indices are the
+    data, and stay so."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    colours = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE)
+    colours.save(tmp_path / "indexed.tif")
+    source = open_image(tmp_path / "indexed.tif")
+    assert (source.axes, source.colour) == ("YXC", True)
+    assert np.array_equal(source.array.compute(), np.asarray(colours.convert("RGB")))
+    intensities = rng.integers(0, 256, (2, 20, 30), dtype=np.uint8)
+    fire = (np.stack([np.arange(256), np.arange(256)[::-1], np.zeros(256)]) * 257).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "lut.tif", intensities, imagej=True, colormap=fire, metadata={"axes": "ZYX"})
+    source = open_image(tmp_path / "lut.tif")
+    assert source.axes == "ZYX" and np.array_equal(source.array.compute(), intensities)
+
+
 def test_lzw_and_jpeg_compressed_tiffs_are_read(tmp_path):
     """Scanners, Photoshop and many microscopes' exports compress TIFFs with LZW or JPEG, which
     tifffile decodes only through imagecodecs; they failed with "requires the 'imagecodecs' package".

@@ -295,6 +295,10 @@ def _open_tiff(path: Path) -> ImageSource:
             pixel_size = from_tiff(tif, axes)
             icc_profile = series.keyframe.iccprofile
             rgb_pages = series.keyframe.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.YCBCR)
+            # A palette picture's pixels are indices into its colours: restored as intensities, they
+            # became noise. ImageJ's palette is a display LUT over the intensities, so it stays.
+            palette = series.keyframe.photometric == tifffile.PHOTOMETRIC.PALETTE and not tif.is_imagej
+            colour_map = series.keyframe.colormap if palette else None
             try:
                 cut = _tiff_cut_short(tif, series, path.stat().st_size)
             except (AttributeError, TypeError, struct.error):  # a layout this check does not know
@@ -311,6 +315,12 @@ def _open_tiff(path: Path) -> ImageSource:
         array = da.from_array(pixels, chunks=pixels.chunks)
     except (OSError, tifffile.TiffFileError, IndexError) as error:
         raise ImageIOError(f"{path}: not a readable TIFF ({error})") from None
+    if colour_map is not None:
+        # TIFF colour maps are 16-bit; an 8-bit colour v is stored as v * 257, which >> 8 gives back.
+        colours = np.ascontiguousarray((colour_map >> 8).astype(np.uint8).T)
+        array = array.map_blocks(lambda block: colours[block], dtype=np.uint8, new_axis=array.ndim,
+                                 chunks=(*array.chunks, (3,)))
+        axes, rgb_pages = axes + "C", True
     if "C" not in axes:
         axes = axes.replace("S", "C")  # tifffile's S (samples per pixel) are channels
     try:
