@@ -197,6 +197,22 @@ def test_restore_a_folder_of_images(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before  # nothing written
 
 
+@pytest.mark.parametrize("compression", ["lzw", "zlib"])
+def test_a_tiff_with_a_corrupt_compressed_strip_gets_one_line_and_no_output(capsys, tmp_path, grey_checkpoint,
+                                                                           compression):
+    """It stopped the run with a traceback from imagecodecs."""
+    plane = np.random.default_rng(0).integers(0, 4000, (256, 256), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "plane.tif", plane, compression=compression)  # the middle of the file: pixels
+    damaged = bytearray((tmp_path / "plane.tif").read_bytes())
+    middle = len(damaged) // 2
+    damaged[middle:middle + 2000] = b"\xff" * 2000
+    (tmp_path / "plane.tif").write_bytes(bytes(damaged))
+    code, _, err = run_cli(capsys, "restore", tmp_path / "plane.tif", "-o", tmp_path / "out.zarr",
+                           "--model", grey_checkpoint, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"{tmp_path / 'plane.tif'}: its pixels cannot be read" in err and not (tmp_path / "out.zarr").exists()
+
+
 def test_an_image_restored_into_an_existing_folder_goes_there_under_its_name(capsys, tmp_path, grey_checkpoint):
     """As cp puts a file into a folder; it said "out: cannot write this format"."""
     import imageio.v3 as iio

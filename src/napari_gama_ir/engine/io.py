@@ -191,7 +191,11 @@ class _ReopenableFile:
             return self._pixels
 
     def __getitem__(self, key) -> np.ndarray:
-        return np.asarray(self._opened()[key])
+        try:
+            return np.asarray(self._opened()[key])
+        except (RuntimeError, ValueError, zlib.error) as error:
+            # A corrupt compressed strip stopped the run with a traceback (imagecodecs raises RuntimeErrors).
+            raise ImageIOError(f"{self.path}: its pixels cannot be read ({error})") from None
 
     def __reduce__(self):
         return _ReopenableFile, (self.path, self.kind)
