@@ -197,20 +197,25 @@ def test_restore_a_folder_of_images(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before  # nothing written
 
 
-@pytest.mark.parametrize("compression", ["lzw", "zlib"])
-def test_a_tiff_with_a_corrupt_compressed_strip_gets_one_line_and_no_output(capsys, tmp_path, grey_checkpoint,
-                                                                           compression):
-    """It stopped the run with a traceback from imagecodecs."""
+@pytest.mark.parametrize("kind", ["lzw", "zlib", "zarr"])
+def test_an_image_with_corrupt_compressed_pixels_gets_one_line_and_no_output(capsys, tmp_path, grey_checkpoint, kind):
+    """It stopped the run with a traceback from imagecodecs or numcodecs (a damaged copy, say)."""
     plane = np.random.default_rng(0).integers(0, 4000, (256, 256), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "plane.tif", plane, compression=compression)  # the middle of the file: pixels
-    damaged = bytearray((tmp_path / "plane.tif").read_bytes())
-    middle = len(damaged) // 2
-    damaged[middle:middle + 2000] = b"\xff" * 2000
-    (tmp_path / "plane.tif").write_bytes(bytes(damaged))
-    code, _, err = run_cli(capsys, "restore", tmp_path / "plane.tif", "-o", tmp_path / "out.zarr",
-                           "--model", grey_checkpoint, "-q")
+    if kind == "zarr":
+        image = tmp_path / "plane.zarr"
+        zarr.open_array(str(image), mode="w", shape=plane.shape, chunks=(128, 128), dtype=plane.dtype,
+                        zarr_format=2)[:] = plane
+        damaged, start = image / "1.1", 20  # in the compressed frame's header
+    else:
+        image = damaged = tmp_path / "plane.tif"
+        tifffile.imwrite(image, plane, compression=kind)
+        start = image.stat().st_size // 2  # the middle of the file: pixels
+    data = bytearray(damaged.read_bytes())
+    data[start:start + 100] = b"\xff" * 100
+    damaged.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "restore", image, "-o", tmp_path / "out.zarr", "--model", grey_checkpoint, "-q")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert f"{tmp_path / 'plane.tif'}: its pixels cannot be read" in err and not (tmp_path / "out.zarr").exists()
+    assert f"{image}: its pixels cannot be read" in err and not (tmp_path / "out.zarr").exists()
 
 
 def test_an_image_restored_into_an_existing_folder_goes_there_under_its_name(capsys, tmp_path, grey_checkpoint):

@@ -32,6 +32,7 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+from dask.base import tokenize
 from numcodecs import Blosc
 
 from .arrays import as_dask
@@ -144,7 +145,7 @@ def _open_zarr(path: Path) -> ImageSource:
         axes = node.attrs.get("axes")
         axes = axes if isinstance(axes, str) else None
         pixel_size = from_attribute(node.attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
-        return ImageSource(da.from_zarr(node), axes, path, dict(node.attrs), pixel_size=pixel_size)
+        return ImageSource(_zarr_pixels(node, path), axes, path, dict(node.attrs), pixel_size=pixel_size)
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if multiscales:  # OME-Zarr: the first (full-resolution) dataset of the first multiscale
@@ -154,11 +155,36 @@ def _open_zarr(path: Path) -> ImageSource:
         axes = _axes_from_names(names) if names else None
         pixel_size = from_ome_multiscale(first, axes if axes and len(axes) == array.ndim else None)
         colour = False if axes and "C" in axes else None  # OME-Zarr's channel axis: a microscope's channels
-        return ImageSource(da.from_zarr(array), axes, path, attrs, pixel_size=pixel_size, colour=colour)
+        return ImageSource(_zarr_pixels(array, path), axes, path, attrs, pixel_size=pixel_size, colour=colour)
     arrays = [name for name, item in node.members() if isinstance(item, zarr.Array)]
     if len(arrays) != 1:
         raise ImageIOError(f"{path}: zarr group with {len(arrays)} arrays and no OME-Zarr metadata; open one array")
     return _open_zarr(path / arrays[0])
+
+
+def _zarr_pixels(array: zarr.Array, path: Path) -> da.Array:
+    """``array`` as ``dask.array.from_zarr`` gives it, but with a corrupt chunk named in one line."""
+    return da.from_array(_NamedReadErrors(array, path), chunks=array.chunks, name=f"from-zarr-{tokenize(array)}")
+
+
+def _read(pixels: Any, key: Any, path: Path) -> np.ndarray:
+    """``pixels[key]``; a corrupt chunk or strip, which stopped the run with a traceback from its
+    decoder (numcodecs and imagecodecs raise RuntimeErrors), raises :class:`ImageIOError` instead."""
+    try:
+        return np.asarray(pixels[key])
+    except (RuntimeError, ValueError, zlib.error) as error:
+        raise ImageIOError(f"{path}: its pixels cannot be read ({error})") from None
+
+
+class _NamedReadErrors:
+    """A zarr array that dask reads through :func:`_read`."""
+
+    def __init__(self, array: zarr.Array, path: Path) -> None:
+        self.array, self.path = array, path
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return _read(self.array, key, self.path)
 
 
 class _ReopenableFile:
@@ -191,11 +217,7 @@ class _ReopenableFile:
             return self._pixels
 
     def __getitem__(self, key) -> np.ndarray:
-        try:
-            return np.asarray(self._opened()[key])
-        except (RuntimeError, ValueError, zlib.error) as error:
-            # A corrupt compressed strip stopped the run with a traceback (imagecodecs raises RuntimeErrors).
-            raise ImageIOError(f"{self.path}: its pixels cannot be read ({error})") from None
+        return _read(self._opened(), key, self.path)
 
     def __reduce__(self):
         return _ReopenableFile, (self.path, self.kind)
