@@ -136,12 +136,9 @@ def _restore_image(
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
     alpha = source.alpha and axes.endswith("C")  # opacity is passed through, not restored
     channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
-    # A microscope's channels are restored each on its own by the grey model: the colour one,
-    # trained on photos, would mix three of them as if they were red, green and blue.
-    default_channels = 1 if source.colour is False else channels
     model_name = args.model or (
-        UNTRAINED_ARCHITECTURE if args.untrained else default_model_name(default_channels,
-                                                                         resolve_device(args.device).type)
+        UNTRAINED_ARCHITECTURE if args.untrained
+        else default_model_name(channels, resolve_device(args.device).type, source.colour)
     )
     model = load(model_name, args.untrained, channels)
     provenance = {
@@ -524,7 +521,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise UsageError("evaluate needs --noisy and --clean")
     _check_reports(args.json, inputs=(args.noisy, args.clean))
     data = data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
-    args.model = args.model or default_model_name(data.default_channels, resolve_device(args.device).type)
+    args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type, data.colour)
     model = load_model(args.model)
     rows = []
     for pair in data.pairs:

@@ -201,12 +201,16 @@ DEFAULT_MODELS = {
 }
 
 
-def default_model_name(channels: int = 3, device_type: str = "cpu") -> str:
+def default_model_name(channels: int = 3, device_type: str = "cpu", colour: bool | None = None) -> str:
     """The shipped model that restores ``channels``-channel images by default on a device type.
 
     ``device_type`` is a torch device type (``"cpu"``, ``"cuda"``, ``"mps"``); every accelerator
-    counts as ``"gpu"``.
+    counts as ``"gpu"``. ``colour`` False says the channels are no picture's colours (a
+    microscope's): the grey model restores them each on its own, since the colour one, trained on
+    photos, would mix three of them as if they were red, green and blue.
     """
+    if colour is False:
+        channels = 1
     kind = "cpu" if device_type == "cpu" else "gpu"
     try:
         return DEFAULT_MODELS.get((kind, channels)) or DEFAULT_MODELS[(kind, 1)]

@@ -101,10 +101,9 @@ class TrainingData:
         return self.channels_of(self.pairs[0])
 
     @property
-    def default_channels(self) -> int:
-        """The channel count whose shipped model restores these images by default: 1 (the grey
-        model, channel by channel) for a microscope's channels, as ``restore`` chooses."""
-        return 1 if all(pair.colour is False for pair in self.pairs) else self.channels
+    def colour(self) -> bool | None:
+        """False where every image's channels are a microscope's, not colours (see :class:`ImagePair`)."""
+        return False if all(pair.colour is False for pair in self.pairs) else None
 
     @property
     def dtype(self) -> np.dtype:
