@@ -197,6 +197,31 @@ def test_restore_a_folder_of_images(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before  # nothing written
 
 
+def test_a_folder_names_the_photos_it_leaves_out_and_keeps_a_confocal_stack_a_tiff(capsys, tmp_path, grey_checkpoint):
+    """A folder of an iPhone's HEIC photos was "no images found", and HEIC photos beside JPEGs were
+    left out without a word; a .lsm stack (read as the TIFF it is) must not become a PNG."""
+    import imageio.v3 as iio
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("IMG_0001.HEIC", "IMG_0002.HEIC"):
+        (photos / name).write_bytes(b"\x00" * 16)
+    code, _, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "no images found" in err and "2 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG" in err
+    iio.imwrite(photos / "IMG_0003.JPG", np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8))
+    tifffile.imwrite(photos / "cells.lsm", np.zeros((2, 24, 32), np.uint16), photometric="minisblack",
+                     metadata={"axes": "ZYX"})
+    code, _, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "--model", grey_checkpoint, "-q")
+    assert code == 0, err
+    assert err.strip().splitlines() == [
+        "left out 2 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF, then restore that",
+        f"restored 2 images into {tmp_path / 'restored'}",
+    ]
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["IMG_0003.png", "cells.tif"]
+    assert open_image(tmp_path / "restored" / "cells.tif").axes == "ZYX"
+
+
 @pytest.mark.parametrize("kind", ["lzw", "zlib", "zarr"])
 def test_an_image_with_corrupt_compressed_pixels_gets_one_line_and_no_output(capsys, tmp_path, grey_checkpoint, kind):
     """It stopped the run with a traceback from imagecodecs or numcodecs (a damaged copy, say)."""

@@ -1,7 +1,9 @@
 import errno
 import os
+import re
 import shutil
 import threading
+import warnings
 
 import dask.array as da
 import numpy as np
@@ -197,6 +199,78 @@ def test_a_tiff_of_several_series_reads_the_first_and_says_so(tmp_path):
     with pytest.warns(UserWarning, match=r"two\.tif holds 2 image series; reading only the first \(3 x 4, axes YX\)"):
         source = open_image(tmp_path / "two.tif")
     assert source.axes == "YX" and np.array_equal(source.array.compute(), first)
+
+
+def test_a_thumbnail_is_not_another_image_series(tmp_path):
+    """Every Zeiss LSM holds its thumbnails as pages marked reduced: each file was said to hold two
+    image series, "reading only the first"."""
+    first = np.arange(2 * 30 * 40, dtype=np.uint16).reshape(2, 30, 40)
+    with tifffile.TiffWriter(tmp_path / "cells.tif") as tif:
+        tif.write(first, photometric="minisblack", metadata={"axes": "ZYX"})
+        tif.write(first[0, ::4, ::4], subfiletype=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        source = open_image(tmp_path / "cells.tif")
+    assert source.axes == "ZYX" and np.array_equal(source.array.compute(), first)
+
+
+@pytest.mark.parametrize("suffix", [".lsm", ".stk", ".btf"])
+def test_tiffs_under_their_makers_suffixes_open(tmp_path, suffix):
+    """A confocal's .lsm or a MetaMorph .stk was "an unknown image format"."""
+    stack = np.random.default_rng(0).integers(0, 4000, (3, 20, 30), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / f"cells{suffix}", stack, photometric="minisblack", metadata={"axes": "ZYX"},
+                     bigtiff=suffix == ".btf")
+    source = open_image(tmp_path / f"cells{suffix}")
+    assert source.axes == "ZYX" and np.array_equal(source.array.compute(), stack)
+
+
+def test_an_aperio_slide_opens_at_full_resolution_with_its_micrometres_per_pixel(tmp_path):
+    rng = np.random.default_rng(0)
+    baseline = rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)
+    scanner = "Aperio Image Library v12.0.15 \n"
+    with tifffile.TiffWriter(tmp_path / "slide.svs") as tif:  # as Aperio's scanners lay out a slide
+        pages = {"photometric": "rgb", "metadata": None}
+        tif.write(baseline, tile=(256, 256), description=scanner + "768x512 (256x256) JPEG/RGB|AppMag = 20|MPP = 0.4990",
+                  **pages)
+        tif.write(baseline[::8, ::8].copy(), description=scanner + "thumbnail", **pages)
+        tif.write(baseline[::2, ::2].copy(), tile=(256, 256), description=scanner + "level 1", **pages)
+        tif.write(baseline[::8, ::8].copy(), description=scanner + "label", subfiletype=1, **pages)
+        tif.write(baseline[::8, ::8].copy(), description=scanner + "macro", subfiletype=9, **pages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its thumbnail, label and macro are no other images
+        source = open_image(tmp_path / "slide.svs")
+    assert (source.axes, source.colour) == ("YXC", True)
+    assert np.array_equal(source.array.compute(), baseline)
+    assert source.pixel_size == {"X": (0.499, "micrometer"), "Y": (0.499, "micrometer")}
+
+
+def test_a_zeiss_lsm_gives_its_voxel_size_in_micrometres():
+    """tifffile cannot write an LSM: a stand-in for its TiffFile, with the metadata keys tifffile reads."""
+    from types import SimpleNamespace
+
+    from napari_gama_ir.engine.calibration import from_tiff
+
+    lsm = SimpleNamespace(
+        is_shaped=False, is_ome=False, is_imagej=False, is_lsm=True, is_svs=False,
+        lsm_metadata={"VoxelSizeX": 1.2e-7, "VoxelSizeY": 1.2e-7, "VoxelSizeZ": 5e-7, "TimeIntervall": 0.0},
+    )
+    assert from_tiff(lsm, "ZYX") == {
+        "X": (pytest.approx(0.12), "micrometer"), "Y": (pytest.approx(0.12), "micrometer"), "Z": (0.5, "micrometer"),
+    }  # a time interval of 0 says none was set
+
+
+@pytest.mark.parametrize(("name", "advice"), [
+    ("IMG_0001.HEIC", "a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF"),
+    ("DSC_0001.NEF", "a camera raw file is not read; develop it"),
+    ("cells.czi", "this microscope format is not read; convert it to OME-TIFF"),
+    ("cells.nd2", "this microscope format is not read"),
+    ("logo.gif", "a GIF (256 colours) is not read"),
+])
+def test_formats_not_read_say_what_to_do(tmp_path, name, advice):
+    """They were "an unknown image format", with a list of suffixes."""
+    (tmp_path / name).write_bytes(b"\x00" * 16)
+    with pytest.raises(ImageIOError, match=f"^{re.escape(str(tmp_path / name))}: {re.escape(advice)}"):
+        open_image(tmp_path / name)
 
 
 def test_tiff_and_png_writers_round_trip(tmp_path):

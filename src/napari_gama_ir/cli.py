@@ -26,13 +26,16 @@ from .engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from .engine.calibration import to_attribute
 from .engine.device import is_out_of_memory, resolve_device
 from .engine.io import (
-    READABLE,
+    NOT_READ,
+    TIFF_BASED_SUFFIXES,
     WRITABLE,
     check_output_format,
     check_output_path,
     folder_images,
+    folder_not_read,
     image_suffix,
     is_zarr_store,
+    no_images_message,
     open_image,
     write_image,
 )
@@ -201,7 +204,9 @@ def _restore_folder(args: argparse.Namespace) -> Path:
         raise UsageError("a folder is restored on this machine; --scheduler, --workers and --resume take one image")
     paths = folder_images(folder)
     if not paths:
-        raise UsageError(f"{folder}: no images found ({', '.join(READABLE)})")
+        raise UsageError(no_images_message(folder))
+    for suffix, count in folder_not_read(folder).items():
+        print(f"left out {count} {suffix} file(s): {NOT_READ[suffix]}", file=sys.stderr)
     if target.resolve() == folder.resolve():
         raise UsageError(f"{target}: the output folder must not be the input folder")
     if target.exists() and not target.is_dir():
@@ -230,9 +235,12 @@ def _restore_folder(args: argparse.Namespace) -> Path:
 
 
 def _output_name(path: Path) -> str:
-    """``path``'s name with a suffix that can be written: its own, else PNG (JPEG, BMP and WebP pictures)."""
+    """``path``'s name with a suffix that can be written: its own, else TIFF (LSM, SVS and other
+    TIFF-based formats) or PNG (JPEG, BMP and WebP pictures)."""
     suffix = image_suffix(path)
-    return path.name if suffix in WRITABLE else path.name[: len(path.name) - len(suffix)] + ".png"
+    if suffix in WRITABLE:
+        return path.name
+    return path.name[: len(path.name) - len(suffix)] + (".tif" if suffix in TIFF_BASED_SUFFIXES else ".png")
 
 
 @contextlib.contextmanager
@@ -709,7 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
-    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif, .png, .jpg, .bmp, .webp or .npy; or a "
+    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif (and .lsm, .stk, .svs, .ndpi), .png, .jpg, .bmp, "
+                             ".webp or .npy; or a "
                              "folder of them, restored into the --output folder")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, the grey one, channel by channel, for a microscope's)")

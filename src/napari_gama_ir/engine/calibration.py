@@ -1,7 +1,7 @@
 """Physical pixel sizes (calibration), carried from an input file to its restored output.
 
-Read from OME-Zarr scale transforms, OME-TIFF and ImageJ TIFF metadata, TIFF resolution tags and
-this package's own outputs; written into the output's attributes (zarr), OME metadata (OME-Zarr,
+Read from OME-Zarr scale transforms, OME-TIFF, ImageJ, Zeiss LSM and Aperio SVS metadata, TIFF
+resolution tags and this package's own outputs; written into the output's attributes (zarr), OME metadata (OME-Zarr,
 OME-TIFF), ImageJ metadata (a TIFF that ImageJ's format can hold) or description (other TIFFs), and
 into a TIFF's resolution tags, so that a restored stack keeps its input's voxel size in napari,
 Fiji and later runs of this package.
@@ -84,8 +84,8 @@ def from_ome_multiscale(multiscale: dict[str, Any], axes: str | None) -> PixelSi
 def from_tiff(tif: Any, axes: str | None) -> PixelSizes:
     """Pixel sizes of an open ``tifffile.TiffFile`` whose first series has ``axes``.
 
-    In order of trust: this package's own description, OME-XML, ImageJ metadata, then the X and Y
-    resolution tags (when they name a unit).
+    In order of trust: this package's own description, OME-XML, ImageJ, LSM or SVS metadata, then
+    the X and Y resolution tags (when they name a unit).
     """
     if not axes:
         return {}
@@ -96,6 +96,10 @@ def from_tiff(tif: Any, axes: str | None) -> PixelSizes:
         found = _from_ome_xml(tif.ome_metadata)
     elif tif.is_imagej:
         found = _from_imagej(tif.imagej_metadata or {}, tif.pages[0].resolution)
+    elif tif.is_lsm:
+        found = _from_lsm(tif.lsm_metadata or {})
+    elif tif.is_svs:
+        found = _from_svs(tif.pages[0].description)
     else:
         found = _from_resolution(tif.pages[0])
     return {axis: entry for axis, entry in found.items() if axis in axes}
@@ -130,6 +134,30 @@ def _from_imagej(metadata: dict[str, Any], resolution: tuple[float, float]) -> P
     if _usable(metadata.get("finterval")):
         sizes["T"] = (float(metadata["finterval"]), "second")
     return sizes
+
+
+def _from_lsm(metadata: dict[str, Any]) -> PixelSizes:
+    """A Zeiss LSM's voxel size, which it gives in metres (its resolution tags say nothing)."""
+    sizes = {
+        axis: (float(metadata[f"VoxelSize{axis}"]) * 1e6, "micrometer")
+        for axis in "XYZ" if _usable(metadata.get(f"VoxelSize{axis}"))
+    }
+    if _usable(metadata.get("TimeIntervall")):  # so spelt by Zeiss
+        sizes["T"] = (float(metadata["TimeIntervall"]), "second")
+    return sizes
+
+
+def _from_svs(description: str) -> PixelSizes:
+    """An Aperio slide's micrometres per pixel, from the ``|MPP = 0.4990|`` of its description."""
+    for entry in description.split("|"):
+        key, _, value = entry.partition("=")
+        if key.strip() == "MPP":
+            try:
+                mpp = float(value)
+            except ValueError:
+                return {}
+            return {axis: (mpp, "micrometer") for axis in "XY"} if _usable(mpp) else {}
+    return {}
 
 
 def _from_resolution(page: Any) -> PixelSizes:

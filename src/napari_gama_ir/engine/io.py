@@ -50,9 +50,32 @@ from .calibration import (
 
 ZARR_SUFFIXES = (".zarr", ".ome.zarr")
 TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+#: TIFFs under their makers' names, read as TIFFs (tifffile knows each layout): Zeiss LSM,
+#: MetaMorph STK, slide scanners' SVS (Aperio), NDPI (Hamamatsu), SCN (Leica) and QPTIFF (Akoya),
+#: and BigTIFF's own suffixes.
+TIFF_BASED_SUFFIXES = (".lsm", ".stk", ".svs", ".ndpi", ".scn", ".qptiff", ".btf", ".tf8", ".tf2")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NUMPY_SUFFIXES = (".npy",)
-READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
+READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + TIFF_BASED_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
+_CONVERT_TO_OME_TIFF = (
+    "convert it to OME-TIFF (Fiji's Bio-Formats or bfconvert), or open it in napari with its reader plugin "
+    "and restore the layer"
+)
+_EXPORT_PICTURE = "export it as PNG, JPEG or TIFF, then restore that"
+#: Formats that are not read, with what to do instead. Camera raw files hold the sensor's mosaic,
+#: not the developed colours the models were trained on.
+NOT_READ = {
+    **dict.fromkeys((".heic", ".heif", ".avif"), f"a HEIF/AVIF photo is not read; {_EXPORT_PICTURE}"),
+    ".gif": f"a GIF (256 colours) is not read; restore the original picture, or {_EXPORT_PICTURE}",
+    **dict.fromkeys(
+        (".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw"),
+        "a camera raw file is not read; develop it, and export a 16-bit TIFF from the raw converter",
+    ),
+    **dict.fromkeys(
+        (".czi", ".nd2", ".lif", ".lof", ".oib", ".oif", ".ims", ".vsi", ".sld", ".dv", ".ics", ".mrc"),
+        f"this microscope format is not read; {_CONVERT_TO_OME_TIFF}",
+    ),
+}
 WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
 #: The EXIF tag of a picture's orientation.
 ORIENTATION_TAG = 274
@@ -315,7 +338,7 @@ def _open_tiff(path: Path) -> ImageSource:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
-            others = len(tif.series) - 1
+            others = sum(not _is_companion(other) for other in tif.series[1:])
             # EXTRASAMPLE 1 and 2: associated and unassociated alpha, stored after the colours.
             alpha = axes.endswith("S") and series.keyframe.extrasamples[-1:] in ((1,), (2,))
             pixel_size = from_tiff(tif, axes)
@@ -358,6 +381,13 @@ def _open_tiff(path: Path) -> ImageSource:
     colour = True if rgb_pages else (False if axes and "C" in axes else None)
     return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile,
                        colour=colour)
+
+
+def _is_companion(series) -> bool:
+    """Whether a TIFF series only accompanies the image: a thumbnail or lower level (pages marked
+    reduced, as every Zeiss LSM's thumbnails), or a slide's label or macro picture. Each such file
+    was said to hold several image series, "reading only the first", which is all there is."""
+    return series.keyframe.is_reduced or series.name in ("Thumbnail", "Label", "Macro")
 
 
 def _tiff_cut_short(tif, series, size: int) -> str | None:
@@ -407,6 +437,22 @@ def folder_images(folder: Path) -> dict[str, Path]:
     }
 
 
+def folder_not_read(folder: Path) -> dict[str, int]:
+    """How many files of each format of :data:`NOT_READ` ``folder`` holds (``folder_images`` leaves
+    them out): a folder of an iPhone's HEIC photos was "no images found", and HEIC photos beside
+    JPEGs were left out without a word."""
+    suffixes = [image_suffix(p) for p in folder.iterdir() if not p.name.startswith(".")]
+    return {suffix: suffixes.count(suffix) for suffix in sorted(set(suffixes) & set(NOT_READ))}
+
+
+def no_images_message(folder: Path) -> str:
+    """Why ``folder`` gives no images: the formats read, and those of its files that are not."""
+    message = f"{folder}: no images found ({', '.join(READABLE)})"
+    for suffix, count in folder_not_read(folder).items():
+        message += f"; {count} {suffix} file(s): {NOT_READ[suffix]}"
+    return message
+
+
 def is_zarr_store(path: Path) -> bool:
     """Whether ``path`` names a zarr store (by suffix, or a folder with zarr metadata)."""
     return image_suffix(path) in ZARR_SUFFIXES or (
@@ -418,7 +464,9 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     """Open an image file or store lazily.
 
     Supports zarr arrays and groups (OME-Zarr 0.4 and 0.5 multiscales), TIFF (through tifffile's
-    zarr store), ``.npy`` (memory-mapped) and PNG/JPEG/BMP/WebP pictures (small, read whole).
+    zarr store; the TIFF-based LSM, STK, SVS, NDPI, SCN and QPTIFF too), ``.npy`` (memory-mapped)
+    and PNG/JPEG/BMP/WebP pictures (small, read whole). Formats of :data:`NOT_READ` are refused
+    with what to do instead.
 
     Raises
     ------
@@ -431,7 +479,7 @@ def open_image(path: str | os.PathLike) -> ImageSource:
     suffix = image_suffix(path)
     if is_zarr_store(path):
         return _open_zarr(path)
-    if suffix in TIFF_SUFFIXES:
+    if suffix in TIFF_SUFFIXES + TIFF_BASED_SUFFIXES:
         return _open_tiff(path)
     if suffix in NUMPY_SUFFIXES:
         try:
@@ -442,6 +490,8 @@ def open_image(path: str | os.PathLike) -> ImageSource:
         return ImageSource(da.from_array(pixels, chunks=chunks), None, path)
     if suffix in PICTURE_SUFFIXES:
         return _open_picture(path)
+    if suffix in NOT_READ:
+        raise ImageIOError(f"{path}: {NOT_READ[suffix]}")
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..engine.arrays import as_dask
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
-from ..engine.io import READABLE, ImageSource, folder_images, is_zarr_store, open_image
+from ..engine.io import ImageSource, folder_images, is_zarr_store, no_images_message, open_image
 from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from ..engine.restore import split_alpha
 
@@ -231,7 +231,7 @@ def _folder_pairs(folders: list[Path | None], axes: str | None) -> list[ImagePai
     names = sorted(next(entry for entry in listings if entry is not None))
     if not names:
         folder = next(p for p in folders if p is not None)
-        raise TrainingDataError(f"{folder}: no images found ({', '.join(READABLE)})")
+        raise TrainingDataError(no_images_message(folder))
     if all(entry is not None for entry in listings):
         unmatched = sorted(set(listings[0]) ^ set(listings[1]))
         if unmatched:
