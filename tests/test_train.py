@@ -174,6 +174,34 @@ def test_mismatched_pairs_are_refused_with_the_reason(tmp_path):
     assert [p.name for p in data.pairs] == ["a.png", "b.png"] and data.has_clean and data.has_noisy
 
 
+def test_folder_pairs_match_by_name_in_any_format(tmp_path):
+    """A camera's IMG_0001.JPG and the IMG_0001.png averaged from its burst had "no counterpart"."""
+    import imageio.v3 as iio
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    noisy, clean = tmp_path / "noisy", tmp_path / "clean"
+    noisy.mkdir()
+    clean.mkdir()
+    pictures = {name: rng.integers(0, 256, (32, 32), dtype=np.uint8) for name in ("IMG_0001", "IMG_0002", "b")}
+    iio.imwrite(noisy / "IMG_0001.JPG", pictures["IMG_0001"], extension=".jpg")
+    iio.imwrite(clean / "IMG_0001.png", pictures["IMG_0001"])
+    iio.imwrite(noisy / "IMG_0002.png", pictures["IMG_0002"])
+    tifffile.imwrite(clean / "IMG_0002.tif", pictures["IMG_0002"])
+    for folder in (noisy, clean):
+        iio.imwrite(folder / "b.png", pictures["b"])
+    data = data_from_paths(noisy, clean)
+    assert [p.name for p in data.pairs] == ["IMG_0001.JPG", "IMG_0002.png", "b.png"]
+    assert np.array_equal(data.pairs[1].clean.compute(), pictures["IMG_0002"])  # the TIFF, paired with the PNG
+    iio.imwrite(clean / "b.bmp", pictures["b"])  # b.png has its own counterpart: b.bmp has none
+    with pytest.raises(TrainingDataError, match=r"1 image\(s\) have no counterpart .*\(e\.g\. b\.bmp\)"):
+        data_from_paths(noisy, clean)
+    (clean / "b.bmp").unlink()
+    iio.imwrite(noisy / "IMG_0002.bmp", pictures["IMG_0002"])  # which of two noisy ones goes with the TIFF?
+    with pytest.raises(TrainingDataError, match=r"3 image\(s\) have no counterpart .*\(e\.g\. IMG_0002\.bmp\)"):
+        data_from_paths(noisy, clean)
+
+
 def test_grey_conversion_uses_luminance():
     rgb = np.zeros((8, 8, 3), np.uint8)
     rgb[..., 1] = 255

@@ -751,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Supervised with --noisy and --clean (or --clean and a synthetic --noise); "
         "self-supervised with --noisy and --self-supervised. Ctrl-C stops with a checkpoint; --resume continues.",
     )
-    train_cmd.add_argument("--noisy", help="noisy images: a folder (matched to --clean by file name), or a stack/image file")
+    train_cmd.add_argument("--noisy", help="noisy images: a folder (matched to --clean by file name, in any format: IMG_1.jpg to IMG_1.png), or a stack/image file")
     train_cmd.add_argument("--clean", help="clean images, same layout and shapes as --noisy")
     train_cmd.add_argument("-o", "--output", required=True, help="folder for model.json and the resumable checkpoint")
     train_cmd.add_argument("--axes", help="axes of the images, e.g. ZYX or YXC (default: from the files, else guessed)")

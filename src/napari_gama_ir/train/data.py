@@ -21,7 +21,7 @@ import numpy as np
 
 from ..engine.arrays import as_dask
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
-from ..engine.io import ImageSource, folder_images, is_zarr_store, no_images_message, open_image
+from ..engine.io import ImageSource, folder_images, image_suffix, is_zarr_store, no_images_message, open_image
 from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
 from ..engine.restore import split_alpha
 
@@ -226,23 +226,41 @@ def data_from_paths(
 
 
 def _folder_pairs(folders: list[Path | None], axes: str | None) -> list[ImagePair]:
-    """One pair per file name in the given folders (noisy, clean), which must hold the same names."""
+    """One pair per image of the given folders (noisy, clean), matched by :func:`_matched_names`."""
     listings = [None if p is None else folder_images(p) for p in folders]
-    names = sorted(next(entry for entry in listings if entry is not None))
-    if not names:
-        folder = next(p for p in folders if p is not None)
-        raise TrainingDataError(no_images_message(folder))
+    if not any(listings):
+        raise TrainingDataError(no_images_message(next(p for p in folders if p is not None)))
     if all(entry is not None for entry in listings):
-        unmatched = sorted(set(listings[0]) ^ set(listings[1]))
-        if unmatched:
-            raise TrainingDataError(
-                f"{len(unmatched)} image(s) have no counterpart of the same name in the other folder "
-                f"(e.g. {unmatched[0]})"
-            )
+        matched = _matched_names(*listings)
+    else:
+        matched = [(name, name) for name in sorted(next(entry for entry in listings if entry is not None))]
     return [
-        _file_pair(name, [None if entry is None else open_image(entry[name]) for entry in listings], axes)
-        for name in names
+        _file_pair(names[0], [None if entry is None else open_image(entry[name]) for entry, name in zip(listings, names)],
+                   axes)
+        for names in matched
     ]
+
+
+def _matched_names(noisy: dict[str, Path], clean: dict[str, Path]) -> list[tuple[str, str]]:
+    """The (noisy, clean) file names that go together: the same name, else the same name in another
+    format, as a camera's ``IMG_0001.JPG`` beside the ``IMG_0001.png`` averaged from a burst (such
+    pairs had "no counterpart"). Raises unless every image has one."""
+    pairs = [(name, name) for name in sorted(noisy.keys() & clean.keys())]
+    left = [_by_stem(noisy.keys() - clean.keys()), _by_stem(clean.keys() - noisy.keys())]
+    pairs += [(left[0][stem], left[1][stem]) for stem in sorted(left[0].keys() & left[1].keys())]
+    unmatched = sorted((noisy.keys() | clean.keys()) - {name for pair in pairs for name in pair})
+    if unmatched:
+        raise TrainingDataError(
+            f"{len(unmatched)} image(s) have no counterpart of the same name (in any format) in the other "
+            f"folder (e.g. {unmatched[0]})"
+        )
+    return sorted(pairs)
+
+
+def _by_stem(names: set[str]) -> dict[str, str]:
+    """``names`` by their name without its format's suffix, leaving out a name whose stem is not its own."""
+    stems = [name[: len(name) - len(image_suffix(Path(name)))] for name in names]
+    return {stem: name for stem, name in zip(stems, names) if stems.count(stem) == 1}
 
 
 def _file_pair(name: str, sources: list[ImageSource | None], axes: str | None) -> ImagePair:
