@@ -789,6 +789,21 @@ def test_a_cgroup_memory_limit_lowers_the_memory_available(tmp_path, version):
     assert cgroup_memory_room(tmp_path, tmp_path / "missing") is None
 
 
+def test_memory_is_known_while_another_thread_imports_distributed(monkeypatch):
+    """dask's first compute imports distributed, for seconds, in the thread that computes (a napari
+    preview's): "Restore all" clicked meanwhile found the module without its get_worker, and failed
+    with an AttributeError."""
+    import sys
+    import types
+
+    from napari_gama_ir.engine import device
+
+    monkeypatch.setitem(sys.modules, "distributed", types.ModuleType("distributed"))  # as partway imported
+    assert device.dask_worker_memory_room() is None
+    room = device.available_memory()  # raised AttributeError
+    assert room is None or room > 0
+
+
 def test_available_memory_is_the_smaller_of_the_machine_and_the_cgroup(monkeypatch):
     from napari_gama_ir.engine import device
 

@@ -70,6 +70,30 @@ def test_preview_equals_the_engine_and_keeps_scale(make_napari_viewer, qtbot, gr
     assert len(layer.metadata["gama_ir"]["checkpoint_sha256"]) == 64
 
 
+def test_results_are_placed_and_labelled_as_their_layer(make_napari_viewer, qtbot, grey_checkpoint):
+    """A layer turned, sheared or placed by an affine (a tilted light sheet, a registered tile)
+    had its results shown beside it, unturned; its axis labels were lost."""
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(0).random((2, 40, 48), dtype=np.float32)
+    placed = {
+        "scale": (3.0, 0.5, 0.5), "translate": (1, 2, 3), "rotate": 30, "shear": [0.2, 0.0, 0.1],
+        "affine": [[1, 0, 0, 5], [0, 1, 0, -4], [0, 0, 1, 0], [0, 0, 0, 1]], "axis_labels": ("z", "y", "x"),
+    }
+    layer = viewer.add_image(data, name="sheet", **placed)
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    preview = widget.preview()
+    worker = widget.restore_all()
+    with qtbot.waitSignal(worker.finished, timeout=20000):
+        pass
+    restored = viewer.layers["sheet restored"]
+    for result in (preview, restored):
+        for placement in ("scale", "translate", "rotate", "shear"):
+            assert np.allclose(getattr(result, placement), getattr(layer, placement)), placement
+        assert np.allclose(result.affine.affine_matrix, layer.affine.affine_matrix)
+        assert tuple(result.axis_labels) == ("z", "y", "x")
+
+
 def test_preview_computes_only_the_planes_displayed(make_napari_viewer, qtbot, grey_checkpoint):
     viewer = make_napari_viewer()
     computed = []

@@ -217,11 +217,13 @@ class RestoreWidget(QWidget):
         return layer, restored, axes, model, provenance, plan
 
     def _add_result(self, data, layer, provenance: dict, suffix: str):
+        """Show ``data`` where ``layer`` is, as it is shown: a layer placed by a reader's rotation,
+        shear or affine (a tilted light sheet, a registered tile) came out beside it, unturned."""
         return self.viewer.add_image(
             data, name=f"{layer.name} {suffix}", rgb=layer.rgb, contrast_limits=layer.contrast_limits,
             colormap=layer.colormap if not layer.rgb else None, scale=layer.scale, translate=layer.translate,
-            units=layer.units,
-            metadata={**layer.metadata, "gama_ir": provenance},
+            rotate=layer.rotate, shear=layer.shear, affine=layer.affine, units=layer.units,
+            axis_labels=layer.axis_labels, metadata={**layer.metadata, "gama_ir": provenance},
         )
 
     # -- preview -------------------------------------------------------------------------------

@@ -113,11 +113,14 @@ def dask_worker_memory_room() -> int | None:
     ``distributed.worker.memory.terminate`` (0.95 by default), which the machine's free memory does
     not show: two training replicas on one machine each found room for a step and one was lost.
     """
-    distributed = sys.modules.get("distributed")
-    if distributed is None:  # never imported, so this is no dask worker
+    # Never imported, so this is no dask worker; or imported now by another thread (dask's first
+    # compute imports it where installed, for several seconds): then its get_worker is missing, and
+    # napari's "Restore all" clicked during a preview's first plane failed with an AttributeError.
+    get_worker = getattr(sys.modules.get("distributed"), "get_worker", None)
+    if get_worker is None:
         return None
     try:
-        worker = distributed.get_worker()
+        worker = get_worker()
     except ValueError:
         return None
     limit = worker.memory_manager.memory_limit
