@@ -336,6 +336,7 @@ def test_a_restored_photo_keeps_its_colour_profile_and_exif(capsys, tmp_path):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
     exif = photo.getexif()
     exif.update({0x0110: "Phone 15", 0x0132: "2026:11:28 12:00:00", 0x0112: 6})  # model, date, orientation
+    exif.get_ifd(0x8769).update({0xA002: 32, 0xA003: 24})  # the stored pixels' width and height
     photo.save(tmp_path / "photo.jpg", icc_profile=profile, exif=exif.tobytes())
     rgb = save_checkpoint(make_tiny_model(3), tmp_path / "rgb")
     for name in ("out.png", "out.tif"):
@@ -346,6 +347,7 @@ def test_a_restored_photo_keeps_its_colour_profile_and_exif(capsys, tmp_path):
         kept = restored.getexif()
     # Upright as read, so the tag says so: a tag 6 kept would have the viewer turn it again.
     assert (kept[0x0110], kept[0x0132], kept[0x0112]) == ("Phone 15", "2026:11:28 12:00:00", 1)
+    assert (kept.get_ifd(0x8769)[0xA002], kept.get_ifd(0x8769)[0xA003]) == (24, 32)  # turned as its pixels
     with tifffile.TiffFile(tmp_path / "out.tif") as tif:
         assert tif.pages[0].iccprofile == profile
     Image.fromarray(np.zeros((24, 32, 3), np.uint8)).convert("CMYK").save(

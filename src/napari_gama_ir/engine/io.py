@@ -77,8 +77,10 @@ NOT_READ = {
     ),
 }
 WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".npy")
-#: The EXIF tag of a picture's orientation.
-ORIENTATION_TAG = 274
+#: The EXIF tag of a picture's orientation; its sub-IFD of photo tags, with the width and height of its pixels.
+ORIENTATION_TAG, EXIF_IFD_TAG, PIXEL_WIDTH_TAG, PIXEL_HEIGHT_TAG = 274, 0x8769, 0xA002, 0xA003
+#: The orientations whose pixels are turned a quarter (or transposed) to be upright.
+QUARTER_TURNS = (5, 6, 7, 8)
 # A picture's EXIF orientation -> its stored pixels turned as viewers show them. Done here:
 # imageio 2.31's own rotation turned them the wrong way.
 UPRIGHT = {
@@ -278,7 +280,7 @@ def _open_picture(path: Path) -> ImageSource:
     # A CMYK profile does not describe the RGB the pixels were converted to.
     icc_profile = None if mode else meta.get("icc_profile")
     return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
-                       exif=_upright_exif(meta.get("exif")), colour=axes == "YXC")
+                       exif=_upright_exif(meta.get("exif"), orientation), colour=axes == "YXC")
 
 
 @contextmanager
@@ -317,9 +319,10 @@ def _png_with_chunks(encoded: bytes, icc_profile: bytes | None, exif: bytes | No
     return encoded[:header_end] + extra + encoded[header_end:]
 
 
-def _upright_exif(exif: bytes | None) -> bytes | None:
+def _upright_exif(exif: bytes | None, orientation: int) -> bytes | None:
     """A picture's EXIF block (camera, date taken...) with its orientation 1, since the pixels are
-    turned upright when read (a restored photo kept its tag 6 and was shown turned twice)."""
+    turned upright when read (a restored photo kept its tag 6 and was shown turned twice), and,
+    where they were turned a quarter, its pixel width and height swapped as the pixels' are."""
     if not exif:
         return None
     from PIL import Image
@@ -328,6 +331,9 @@ def _upright_exif(exif: bytes | None) -> bytes | None:
     tags.load(exif)
     if ORIENTATION_TAG in tags:
         tags[ORIENTATION_TAG] = 1
+    photo = tags.get_ifd(EXIF_IFD_TAG)
+    if orientation in QUARTER_TURNS and PIXEL_WIDTH_TAG in photo and PIXEL_HEIGHT_TAG in photo:
+        photo[PIXEL_WIDTH_TAG], photo[PIXEL_HEIGHT_TAG] = photo[PIXEL_HEIGHT_TAG], photo[PIXEL_WIDTH_TAG]
     return tags.tobytes()
 
 
