@@ -10,7 +10,7 @@ import zarr
 from napari_gama_ir import restore, save_checkpoint
 from napari_gama_ir.cli import main
 from napari_gama_ir.engine.distributed import RunMismatchError, restore_distributed, start_local_cluster, worker_device
-from napari_gama_ir.engine.io import OUTPUT_COMPRESSOR, ImageIOError, open_image
+from napari_gama_ir.engine.io import OUTPUT_COMPRESSOR, ImageIOError, open_image, write_image
 
 from .conftest import assert_alike, make_tiny_model
 
@@ -108,15 +108,20 @@ def test_tiff_and_npy_inputs_travel_to_the_workers_as_their_paths(client, stack,
     assert_alike(zarr.open_array(str(output), mode="r")[:], restore(data, model, "ZYX", device="cpu", **SETTINGS))
 
 
-def test_ome_zarr_output_on_a_cluster(client, stack, tmp_path):
+def test_ome_zarr_output_on_a_cluster(client, stack, tmp_path, monkeypatch):
+    from napari_gama_ir.engine import io
+
     array, data = stack
     model = make_tiny_model(1)
     sizes = {"Z": [0.5, "micrometer"]}
+    monkeypatch.setattr(io, "PYRAMID_SIDE", max(data.shape[1:]) - 1)  # one lower level, as a local write
     output = restore_distributed(array, model, tmp_path / "out.ome.zarr", "ZYX", client=client, device="cpu",
                                  attrs={"pixel_size": sizes}, **SETTINGS)
     result = open_image(output)
     assert result.axes == "ZYX" and result.pixel_size == {"Z": (0.5, "micrometer")}
-    assert zarr.open_group(str(output), mode="r").attrs["multiscales"][0]["datasets"][0]["path"] == "0"
+    assert [d["path"] for d in zarr.open_group(str(output), mode="r").attrs["multiscales"][0]["datasets"]] == ["0", "1"]
+    local = write_image(result.array, tmp_path / "local.ome.zarr", "ZYX")
+    assert np.array_equal(result.levels[0].compute(), open_image(local).levels[0].compute())
     assert_alike(result.array.compute(), restore(data, model, "ZYX", device="cpu", **SETTINGS))
     # Written in OME-Zarr's order by the workers, a chunk at a time.
     output = restore_distributed(data.transpose(1, 2, 0), model, tmp_path / "yxz.ome.zarr", "YXZ", client=client,

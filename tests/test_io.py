@@ -126,6 +126,32 @@ def test_ome_zarr_output_says_its_axes_and_pixel_sizes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr", "yxtc.ome.zarr"]
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_an_ome_zarr_output_of_large_planes_has_lower_resolutions(tmp_path, monkeypatch, dtype):
+    """napari shows the level of an OME-Zarr that fits the screen: a restored slide scan, of one
+    level, was read whole to be shown. Levels halve Y and X until a side is at most PYRAMID_SIDE."""
+    from napari_gama_ir.engine import io
+
+    monkeypatch.setattr(io, "PYRAMID_SIDE", 16)
+    data = (np.random.default_rng(0).random((2, 71, 50)) * 4000).astype(dtype)
+    sizes = {"Z": [2.0, "micrometer"], "Y": [0.5, "micrometer"], "X": [0.5, "micrometer"]}
+    write_image(da.from_array(data, chunks=(1, 32, 32)), tmp_path / "slide.ome.zarr", "ZYX",
+                attrs={"pixel_size": sizes})
+    group = zarr.open_group(str(tmp_path / "slide.ome.zarr"), mode="r")
+    assert [group[str(n)].shape for n in range(4)] == [(2, 71, 50), (2, 35, 25), (2, 17, 12), (2, 8, 6)]
+    assert "4" not in group and all(group[str(n)].chunks == (1, 32, 32) for n in range(4))
+    mean = data[:, :70, :50].reshape(2, 35, 2, 25, 2).astype(np.float32).mean(axis=(2, 4))
+    expected = np.rint(mean).astype(dtype) if dtype == np.uint16 else mean  # the last, odd row left out
+    assert np.allclose(group["1"][:], expected, atol=1e-4)
+    datasets = group.attrs["multiscales"][0]["datasets"]
+    assert [d["path"] for d in datasets] == ["0", "1", "2", "3"]
+    assert datasets[2]["coordinateTransformations"] == [  # a pixel of 4 x 4, whose centre lies 1.5 pixels in
+        {"type": "scale", "scale": [2.0, 2.0, 2.0]}, {"type": "translation", "translation": [0.0, 0.75, 0.75]}]
+    source = open_image(tmp_path / "slide.ome.zarr")
+    assert np.array_equal(source.array.compute(), data) and len(source.levels) == 3
+    assert np.array_equal(source.levels[0].compute(), group["1"][:])
+
+
 def test_ome_tiff_output_holds_the_pixel_sizes_and_attributes_in_its_ome_xml(tmp_path):
     import json
 

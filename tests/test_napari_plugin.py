@@ -608,6 +608,27 @@ def test_a_photo_restored_into_an_ome_zarr_is_stored_as_cyx_and_shown_as_the_pho
     assert shown.rgb and np.array_equal(np.asarray(shown.data), expected)
 
 
+def test_a_large_plane_restored_into_an_ome_zarr_is_shown_at_every_resolution(make_napari_viewer, qtbot, tmp_path,
+                                                                              grey_checkpoint, monkeypatch):
+    """A restored slide scan was shown as one level: napari read the whole plane to show it."""
+    from napari_gama_ir.engine import io
+
+    monkeypatch.setattr(io, "PYRAMID_SIDE", 16)
+    plane = np.random.default_rng(0).random((40, 48), dtype=np.float32)
+    viewer = make_napari_viewer()
+    viewer.add_image(plane, name="slide", scale=(0.5, 0.5))
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.destination.value = "zarr store"
+    widget.output.value = tmp_path / "slide.ome.zarr"
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    shown = viewer.layers["slide restored"]
+    assert shown.multiscale and [level.shape for level in shown.data] == [(40, 48), (20, 24), (10, 12)]
+    assert np.allclose(np.asarray(shown.data[0]), restore(plane, make_tiny_model(1), "YX"), atol=1e-6)
+    assert tuple(shown.scale) == (0.5, 0.5)
+
+
 def test_a_renamed_layer_stays_chosen_under_its_new_name(make_napari_viewer, grey_checkpoint):
     """The widgets kept a renamed layer's old name: restoring said "choose an image layer"."""
     from napari_gama_ir._napari.finetune_widget import FineTuneWidget

@@ -220,7 +220,8 @@ class RestoreWidget(QWidget):
         """Show ``data`` where ``layer`` is, as it is shown: a layer placed by a reader's rotation,
         shear or affine (a tilted light sheet, a registered tile) came out beside it, unturned."""
         return self.viewer.add_image(
-            data, name=f"{layer.name} {suffix}", rgb=layer.rgb, contrast_limits=layer.contrast_limits,
+            data, name=f"{layer.name} {suffix}", multiscale=isinstance(data, list), rgb=layer.rgb,
+            contrast_limits=layer.contrast_limits,
             colormap=layer.colormap if not layer.rgb else None, scale=layer.scale, translate=layer.translate,
             rotate=layer.rotate, shear=layer.shear, affine=layer.affine, units=layer.units,
             axis_labels=layer.axis_labels, metadata={**layer.metadata, "gama_ir": provenance},
@@ -342,7 +343,9 @@ class RestoreWidget(QWidget):
         if target is None:
             return result
         written = open_image(target)  # an OME-Zarr's axes are in its own order: back to the layer's
-        return written.array.transpose([written.axes.index(a) for a in axes])
+        order = [written.axes.index(a) for a in axes]
+        levels = [level.transpose(order) for level in (written.array, *written.levels)]
+        return levels if written.levels else levels[0]  # a restored slide shown at the level that fits
 
     def _count_pixels(self, pixels: int) -> None:
         """The engine's ``on_plane``, on its threads: ``pixels`` more are restored."""

@@ -43,6 +43,7 @@ from .io import (
     is_ome_zarr_output,
     ome_order,
     set_output_attrs,
+    write_ome_levels,
 )
 from .normalize import Affine, percentile_affine
 from .restore import (
@@ -316,6 +317,8 @@ def restore_distributed(
         except BaseException:
             client.cancel(tasks)
             raise
+    if ome:  # its lower resolutions, read back from the full one here, as a local write does
+        write_ome_levels(store, written_axes)
     set_output_attrs(store, written_axes, attrs or {}, ome)
     if output.exists():  # check_output_path allowed it: overwrite
         shutil.rmtree(output)

@@ -134,6 +134,7 @@ class ImageSource:
     hold them keep them (:func:`write_image_steps`). ``colour`` says whether the ``C`` axis holds a
     picture's colours (True: a photo, an RGB TIFF) or channels the file names as such (False: a
     microscope's, in an ImageJ, OME-TIFF or OME-Zarr image), and is None where the file does not say.
+    ``levels`` are an OME-Zarr's lower resolutions, in ``array``'s axes, for a viewer to show.
     """
 
     array: da.Array
@@ -145,6 +146,7 @@ class ImageSource:
     icc_profile: bytes | None = None
     exif: bytes | None = None
     colour: bool | None = None
+    levels: list[da.Array] = field(default_factory=list)
 
 
 def image_suffix(path: Path) -> str:
@@ -176,11 +178,12 @@ def _open_zarr(path: Path) -> ImageSource:
     if multiscales:  # OME-Zarr: the first (full-resolution) dataset of the first multiscale
         first = multiscales[0]
         names = [a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])]
-        array = node[first["datasets"][0]["path"]]
+        array, *lower = (node[dataset["path"]] for dataset in first["datasets"])
         axes = _axes_from_names(names) if names else None
         pixel_size = from_ome_multiscale(first, axes if axes and len(axes) == array.ndim else None)
         colour = False if axes and "C" in axes else None  # OME-Zarr's channel axis: a microscope's channels
-        return ImageSource(_zarr_pixels(array, path), axes, path, attrs, pixel_size=pixel_size, colour=colour)
+        return ImageSource(_zarr_pixels(array, path), axes, path, attrs, pixel_size=pixel_size, colour=colour,
+                           levels=[_zarr_pixels(level, path) for level in lower])
     arrays = [name for name, item in node.members() if isinstance(item, zarr.Array)]
     if len(arrays) != 1:
         raise ImageIOError(f"{path}: zarr group with {len(arrays)} arrays and no OME-Zarr metadata; open one array")
@@ -733,9 +736,9 @@ def check_ome_axes(output: str | os.PathLike, axes: str) -> None:
 
 def create_ome_zarr_output(path: str | os.PathLike, shape: tuple[int, ...], chunks: tuple[int, ...],
                            dtype: np.dtype, axes: str) -> zarr.Array:
-    """A new OME-Zarr 0.4 image (a zarr v2 group) of one resolution level, the array ``"0"``, whose
-    metadata says its axes and the pixel sizes in :data:`PIXEL_SIZE_ATTRIBUTE` of its attributes
-    (set them with :func:`set_output_attrs`)."""
+    """A new OME-Zarr 0.4 image (a zarr v2 group) whose full resolution is the array ``"0"``;
+    :func:`write_ome_levels` adds the lower ones once it is written, then :func:`set_output_attrs`
+    the metadata of every level, with the axes and the pixel sizes in :data:`PIXEL_SIZE_ATTRIBUTE`."""
     check_ome_axes(path, axes)
     zarr.open_group(str(path), mode="w", zarr_format=2)
     return create_zarr_output(Path(path) / "0", shape, chunks, dtype)
@@ -754,11 +757,50 @@ def set_output_attrs(path: str | os.PathLike, axes: str, attrs: dict[str, Any], 
             entry["unit"] = sizes[axis][1]
         ome_axes.append(entry)
     scale = [sizes.get(axis, (1.0, None))[0] for axis in axes]
-    multiscale = {
-        "version": "0.4", "axes": ome_axes,
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-    }
-    zarr.open_group(str(path), mode="r+").attrs.update({"multiscales": [multiscale], **attrs})
+    group = zarr.open_group(str(path), mode="r+")
+    datasets = []
+    for level in range(len(list(group.array_keys()))):
+        # Level n's pixel is 2**n of level 0's along Y and X; its centre lies (2**n - 1) / 2 of them in.
+        factor = [2**level if axis in "YX" else 1 for axis in axes]
+        transforms = [{"type": "scale", "scale": [size * f for size, f in zip(scale, factor)]}]
+        if level:
+            transforms.append({"type": "translation",
+                               "translation": [size * (f - 1) / 2 for size, f in zip(scale, factor)]})
+        datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    multiscale = {"version": "0.4", "axes": ome_axes, "datasets": datasets}
+    group.attrs.update({"multiscales": [multiscale], **attrs})
+
+
+#: An OME-Zarr output gets lower-resolution levels until a plane's larger side is at most this.
+PYRAMID_SIDE = 2048
+
+
+def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
+                     cancel: threading.Event | None = None) -> int:
+    """Write the lower-resolution levels ``"1"``, ``"2"``... of the OME-Zarr image at ``path``,
+    whose level ``"0"`` is written, and return how many: each halves the Y and X of the one before
+    (the mean of 2 x 2 pixels, an odd last row or column left out), until a plane's larger side is
+    at most :data:`PYRAMID_SIDE`. napari shows the level that fits the screen; a restored slide
+    scan of one level was read whole to be shown. Chunks are those of level 0, read back from it."""
+    y, x = axes.index("Y"), axes.index("X")
+    level = zarr.open_array(str(Path(path) / "0"), mode="r")
+    chunks, count = level.chunks, 0
+    while max(level.shape[y], level.shape[x]) > PYRAMID_SIDE:
+        doubled = tuple(2 * c if i in (y, x) else c for i, c in enumerate(chunks))
+        halved = da.coarsen(_mean_as, da.from_array(level, chunks=doubled), {y: 2, x: 2}, trim_excess=True,
+                            dtype=level.dtype)
+        count += 1
+        target = create_zarr_output(Path(path) / str(count), halved.shape, chunks, level.dtype)
+        for _ in store_chunks(halved.rechunk(chunks), target, workers, cancel):
+            pass
+        level = target
+    return count
+
+
+def _mean_as(pixels: np.ndarray, axis: tuple[int, ...] | None = None, dtype: np.dtype = np.float32) -> np.ndarray:
+    """The mean of ``pixels`` along ``axis``, in ``dtype`` (integers rounded)."""
+    mean = pixels.mean(axis=axis, dtype=np.float32)
+    return (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
 
 
 def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
@@ -821,8 +863,10 @@ def write_image_steps(
                 target = create_ome_zarr_output(temporary, array.shape, chunks, array.dtype, axes)
             else:
                 target = create_zarr_output(temporary, array.shape, chunks, array.dtype)
-            set_output_attrs(temporary, axes, attrs or {}, ome=ome)
             yield from store_chunks(array, target, workers, cancel)
+            if ome:
+                write_ome_levels(temporary, axes, workers, cancel)
+            set_output_attrs(temporary, axes, attrs or {}, ome=ome)
         elif suffix in TIFF_SUFFIXES:
             yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers, cancel,
                                    icc_profile)
