@@ -218,7 +218,7 @@ def test_a_folder_names_the_photos_it_leaves_out_and_keeps_a_confocal_stack_a_ti
         "left out 2 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF, then restore that",
         f"restored 2 images into {tmp_path / 'restored'}",
     ]
-    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["IMG_0003.png", "cells.tif"]
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["IMG_0003.JPG", "cells.tif"]
     assert open_image(tmp_path / "restored" / "cells.tif").axes == "ZYX"
 
 
@@ -254,7 +254,7 @@ def test_an_image_restored_into_an_existing_folder_goes_there_under_its_name(cap
         code, _, err = run_cli(capsys, "restore", tmp_path / name, "-o", tmp_path / "out", "--model", grey_checkpoint,
                                "-q")
         assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells.tif", "scan.png"]  # JPEG as PNG
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells.tif", "scan.jpg"]
     code, _, err = run_cli(capsys, "restore", tmp_path / "cells.tif", "-o", tmp_path, "--model", grey_checkpoint)
     assert code == 2 and "cells.tif: the output must not be the input" in err
 
@@ -356,6 +356,50 @@ def test_a_restored_photo_keeps_its_colour_profile_and_exif(capsys, tmp_path):
     assert code == 0, err
     with Image.open(tmp_path / "print.png") as restored:  # converted to RGB: the profile no longer applies
         assert restored.mode == "RGB" and "icc_profile" not in restored.info
+
+
+def test_a_photo_restores_to_a_jpeg_and_keeps_its_bits_in_a_tiff(capsys, tmp_path):
+    """`-o out.jpg` was "cannot write this format"; a photo restored to .tif was float32, which
+    photo editors take for 0-1 and showed blown out to white."""
+    from PIL import Image, ImageCms, JpegImagePlugin
+
+    from napari_gama_ir import restore
+
+    rng = np.random.default_rng(0)
+    pixels = np.clip(rng.normal(128, 20, (48, 64, 3)), 0, 255).astype(np.uint8)
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo = Image.fromarray(pixels)
+    exif = photo.getexif()
+    exif[0x0110] = "Camera X"
+    photo.save(tmp_path / "photo.jpg", quality=98, icc_profile=profile, exif=exif.tobytes())
+    model = make_tiny_model(3)
+    rgb = save_checkpoint(model, tmp_path / "rgb")
+    for name in ("out.jpg", "out.tif"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / "photo.jpg", "-o", tmp_path / name, "--model", rgb, "-q")
+        assert code == 0, err
+    expected = restore(open_image(tmp_path / "photo.jpg").array.compute(), model, "YXC", output_dtype="input")
+    with Image.open(tmp_path / "out.jpg") as restored:
+        assert restored.format == "JPEG" and restored.mode == "RGB" and restored.info["icc_profile"] == profile
+        assert restored.getexif()[0x0110] == "Camera X"
+        assert JpegImagePlugin.get_sampling(restored) == 0  # colours at full resolution (4:4:4)
+        written = np.asarray(restored, np.float64)
+    assert 10 * np.log10(255**2 / np.mean((written - expected) ** 2)) > 30  # these pixels are near noise
+    assert np.array_equal(tifffile.imread(tmp_path / "out.tif"), expected)  # 8 bits, as the photo's
+    deep = rng.integers(0, 65536, (48, 64, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "deep.tif", deep, photometric="rgb")
+    code, _, err = run_cli(capsys, "restore", tmp_path / "deep.tif", "-o", tmp_path / "deep_out.tif", "--model", rgb,
+                           "-q")
+    assert code == 0, err
+    assert tifffile.imread(tmp_path / "deep_out.tif").dtype == np.uint16
+    Image.fromarray(np.dstack([pixels, np.full((48, 64), 200, np.uint8)])).save(tmp_path / "logo.png")
+    for image, message in [
+        ("deep.tif", "out.jpg: a JPEG holds 8-bit integers, not uint16; write .tif, .zarr or .npy"),
+        ("logo.png", "a JPEG holds one picture (axes YX, or YXC with 3 channels), not axes YXC of shape (48, 64, 4); "
+                     "write .png for opacity, or .tif, .zarr or .npy"),
+    ]:
+        code, _, err = run_cli(capsys, "restore", tmp_path / image, "-o", tmp_path / "out.jpg", "--model", rgb,
+                               "--overwrite", "-q")
+        assert code == 2 and message in err, err
 
 
 BAD_INPUTS = {

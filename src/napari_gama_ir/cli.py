@@ -27,6 +27,8 @@ from .engine.calibration import to_attribute
 from .engine.device import is_out_of_memory, resolve_device
 from .engine.io import (
     NOT_READ,
+    PICTURE_OUTPUTS,
+    PICTURE_SUFFIXES,
     TIFF_BASED_SUFFIXES,
     WRITABLE,
     check_output_format,
@@ -134,8 +136,11 @@ def _restore_image(
 ) -> Path:
     """Restore the opened image ``source`` into ``output`` (checked already), as ``args`` say;
     ``load`` gives the network (:func:`load_model`, or a cache of it for many images)."""
-    # A PNG holds integers only: keep the input's.
-    output_dtype = args.output_dtype or ("input" if output.suffix.lower() == ".png" else "float32")
+    # A photo's restored colours keep its 8 or 16 bits: as float32, a JPEG's 0-255 (or a 16-bit
+    # TIFF's 0-65535) opened blown out to white in photo editors, which take floats for 0-1. A PNG
+    # or JPEG holds integers only. Other images get float32, which neither rounds nor clips.
+    photo = source.colour or image_suffix(source.path) in PICTURE_SUFFIXES
+    output_dtype = args.output_dtype or ("input" if photo or image_suffix(output) in PICTURE_OUTPUTS else "float32")
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
     alpha = source.alpha and axes.endswith("C")  # opacity is passed through, not restored
     channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
@@ -195,7 +200,7 @@ def _restore_image(
 def _restore_folder(args: argparse.Namespace) -> Path:
     """Every image of the folder ``args.input`` into the folder ``args.output``, under its own name.
 
-    Outputs keep the input's format where it can be written; other pictures (JPEG, BMP, WebP) become
+    Outputs keep the input's format where it can be written; other pictures (BMP, WebP) become
     PNG. Every input is opened, and every output checked, before the first
     image is restored; an error stops the run there, with the images before it complete.
     """
@@ -236,7 +241,7 @@ def _restore_folder(args: argparse.Namespace) -> Path:
 
 def _output_name(path: Path) -> str:
     """``path``'s name with a suffix that can be written: its own, else TIFF (LSM, SVS and other
-    TIFF-based formats) or PNG (JPEG, BMP and WebP pictures)."""
+    TIFF-based formats) or PNG (BMP and WebP pictures)."""
     suffix = image_suffix(path)
     if suffix in WRITABLE:
         return path.name
@@ -720,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif (and .lsm, .stk, .svs, .ndpi), .png, .jpg, .bmp, "
                              ".webp or .npy; or a "
                              "folder of them, restored into the --output folder")
-    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png or .npy")
+    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png, .jpg or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, the grey one, channel by channel, for a microscope's)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")
@@ -732,7 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--block", type=int, help="restore each plane in square blocks of this side, so that memory "
                              "follows the block; 0 for whole planes (default: whole planes where one fits in memory, else the "
                              "largest blocks that do)")
-    restore_cmd.add_argument("--output-dtype", help="float32 (the default; for .png output, input), input, or a numpy dtype")
+    restore_cmd.add_argument("--output-dtype", help="float32 (the default; input for a photo, and for .png or .jpg output), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="restore on an existing cluster, e.g. tcp://host:8786")
