@@ -394,8 +394,8 @@ def test_a_photo_restores_to_a_jpeg_and_keeps_its_bits_in_a_tiff(capsys, tmp_pat
     Image.fromarray(np.dstack([pixels, np.full((48, 64), 200, np.uint8)])).save(tmp_path / "logo.png")
     for image, message in [
         ("deep.tif", "out.jpg: a JPEG holds 8-bit integers, not uint16; write .tif, .zarr or .npy"),
-        ("logo.png", "a JPEG holds one picture (axes YX, or YXC with 3 channels), not axes YXC of shape (48, 64, 4); "
-                     "write .png for opacity, or .tif, .zarr or .npy"),
+        ("logo.png", ("a JPEG holds one picture (axes YX, or YXC with 3 channels), not axes YXC of shape (48, 64, 4); "
+                      "write .png for opacity, or .tif, .zarr or .npy")),
     ]:
         code, _, err = run_cli(capsys, "restore", tmp_path / image, "-o", tmp_path / "out.jpg", "--model", rgb,
                                "--overwrite", "-q")
