@@ -222,6 +222,41 @@ def test_a_folder_names_the_photos_it_leaves_out_and_keeps_a_confocal_stack_a_ti
     assert open_image(tmp_path / "restored" / "cells.tif").axes == "ZYX"
 
 
+def test_several_images_are_restored_into_a_folder_as_cp_copies_files(capsys, tmp_path, grey_checkpoint):
+    """The shell's expansion of `restore *.png -o restored/` was "unrecognized arguments"."""
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "day2").mkdir()
+    pictures = {name: rng.integers(0, 256, (24, 32), dtype=np.uint8) for name in ("a.png", "b.png", "day2/a.png")}
+    for name, picture in pictures.items():
+        iio.imwrite(tmp_path / name, picture)
+    np.save(tmp_path / "cells.npy", rng.random((2, 24, 32), dtype=np.float32))
+    images = [tmp_path / name for name in ("a.png", "b.png", "cells.npy")]
+    code, _, err = run_cli(capsys, "restore", *images, "-o", tmp_path / "restored", "--model", grey_checkpoint, "-q")
+    assert code == 0 and err.strip() == f"restored 3 images into {tmp_path / 'restored'}", err
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["a.png", "b.png", "cells.npy"]
+    code, _, err = run_cli(capsys, "restore", tmp_path / "b.png", "-o", tmp_path / "b_alone.png", "--model",
+                           grey_checkpoint, "-q")
+    assert code == 0, err
+    assert np.array_equal(iio.imread(tmp_path / "restored" / "b.png"), iio.imread(tmp_path / "b_alone.png"))
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()}
+    for inputs, output, message in [
+        (["a.png", "day2/a.png"], "again",
+         f"{tmp_path / 'a.png'} and {tmp_path / 'day2' / 'a.png'} would both be restored into a.png"),
+        (["a.png", "b.png"], "one.png", "one.png: several images are restored into a folder, not into one image"),
+        (["a.png", "day2"], "again", "day2: a folder; give one folder, or images"),
+        (["a.png", "b.png"], ".", "a.png: the output must not be the input"),
+        (["a.png", "b.png"], "restored", "restored/a.png: already exists (pass --overwrite to replace it)"),
+    ]:
+        overwrite = ["--overwrite"] if output == "." else []  # else "already exists" would come first
+        code, _, err = run_cli(capsys, "restore", *[tmp_path / i for i in inputs], "-o", tmp_path / output,
+                               "--model", grey_checkpoint, *overwrite, "-q")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "again").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before
+
+
 @pytest.mark.parametrize("kind", ["lzw", "zlib", "zarr"])
 def test_an_image_with_corrupt_compressed_pixels_gets_one_line_and_no_output(capsys, tmp_path, grey_checkpoint, kind):
     """It stopped the run with a traceback from imagecodecs or numcodecs (a damaged copy, say)."""

@@ -115,19 +115,24 @@ def _untrained_banner() -> str:
 def run_restore(args: argparse.Namespace) -> Path:
     """Everything ``restore`` does, shared with ``demo``: open, check, restore lazily, write.
 
-    A folder of images (not a zarr store) is restored image by image into the ``--output`` folder;
-    an image into an existing folder goes there under its own name, as ``cp`` would put it.
+    A folder of images (not a zarr store), or several images, are restored image by image into
+    the ``--output`` folder; an image into an existing folder goes there under its own name, as
+    ``cp`` would put it.
     """
     _check_minimum(args, 1, "workers", "threads_per_worker")
     if args.untrained:
         print(_untrained_banner(), file=sys.stderr)
-    if Path(args.input).is_dir() and not is_zarr_store(Path(args.input)):
-        return _restore_folder(args)
-    source = open_image(args.input)
+    inputs = [Path(i) for i in args.input]
+    if len(inputs) > 1:  # as the shell expands `restore *.jpg -o restored/`
+        return _restore_files(args, inputs)
+    image = inputs[0]
+    if image.is_dir() and not is_zarr_store(image):
+        return _restore_folder(args, image)
+    source = open_image(image)
     output = Path(args.output)
     if output.is_dir() and not is_zarr_store(output):  # it said "outdir: cannot write this format"
         output = output / _output_name(source.path)
-    output = check_output_path(output, [args.input], args.overwrite)
+    output = check_output_path(output, [image], args.overwrite)
     return _restore_image(args, source, output)
 
 
@@ -197,14 +202,8 @@ def _restore_image(
     return output
 
 
-def _restore_folder(args: argparse.Namespace) -> Path:
-    """Every image of the folder ``args.input`` into the folder ``args.output``, under its own name.
-
-    Outputs keep the input's format where it can be written; other pictures (BMP, WebP) become
-    PNG. Every input is opened, and every output checked, before the first
-    image is restored; an error stops the run there, with the images before it complete.
-    """
-    folder, target = Path(args.input), Path(args.output)
+def _restore_folder(args: argparse.Namespace, folder: Path) -> Path:
+    """Every image of ``folder`` into the folder ``args.output`` (:func:`_restore_into_folder`)."""
     if args.scheduler or args.workers or args.resume:
         raise UsageError("a folder is restored on this machine; --scheduler, --workers and --resume take one image")
     paths = folder_images(folder)
@@ -212,19 +211,47 @@ def _restore_folder(args: argparse.Namespace) -> Path:
         raise UsageError(no_images_message(folder))
     for suffix, count in folder_not_read(folder).items():
         print(f"left out {count} {suffix} file(s): {NOT_READ[suffix]}", file=sys.stderr)
-    if target.resolve() == folder.resolve():
-        raise UsageError(f"{target}: the output folder must not be the input folder")
+    if Path(args.output).resolve() == folder.resolve():
+        raise UsageError(f"{args.output}: the output folder must not be the input folder")
+    return _restore_into_folder(args, list(paths.values()), "restoring a folder writes a folder")
+
+
+def _restore_files(args: argparse.Namespace, paths: list[Path]) -> Path:
+    """The images (or stores) ``paths`` into the folder ``args.output``, each under its own name,
+    as ``cp`` copies files into a folder: a shell's ``*.jpg`` was "unrecognized arguments"."""
+    if args.scheduler or args.workers or args.resume:
+        raise UsageError("several images are restored on this machine; --scheduler, --workers and --resume take one")
+    for path in paths:
+        if path.is_dir() and not is_zarr_store(path):
+            raise UsageError(f"{path}: a folder; give one folder, or images")
+    if image_suffix(Path(args.output)) in WRITABLE and not Path(args.output).is_dir():
+        raise UsageError(f"{args.output}: several images are restored into a folder, not into one image")
+    return _restore_into_folder(args, paths, "several images are restored into a folder")
+
+
+def _restore_into_folder(args: argparse.Namespace, paths: list[Path], why_a_folder: str) -> Path:
+    """``paths`` into the folder ``args.output`` (made if missing), each under its own name.
+
+    Outputs keep the input's format where it can be written; other pictures (BMP, WebP) become
+    PNG. Every input is opened, and every output checked, before the first image is restored; an
+    error stops the run there, with the images before it complete.
+    """
+    target = Path(args.output)
     if target.exists() and not target.is_dir():
-        raise UsageError(f"{target}: not a folder (restoring a folder writes a folder)")
+        raise UsageError(f"{target}: not a folder ({why_a_folder})")
     if not target.resolve().parent.is_dir():
         raise UsageError(f"{target}: folder {target.resolve().parent} does not exist")
-    sources = [open_image(path) for path in paths.values()]
-    outputs = [target / _output_name(path) for path in paths.values()]
-    first_with = {}
-    for output, name in zip(outputs, paths):
+    sources = [open_image(path) for path in paths]
+    outputs = [target / _output_name(path) for path in paths]
+    first_with: dict[Path, Path] = {}
+    for output, path in zip(outputs, paths):
         if output in first_with:
-            raise UsageError(f"{first_with[output]} and {name} would both be restored into {output.name}")
-        first_with[output] = name
+            first = first_with[output]
+            names = (first, path) if first.name == path.name else (first.name, path.name)
+            raise UsageError(f"{names[0]} and {names[1]} would both be restored into {output.name}")
+        first_with[output] = path
+        if output.resolve() == path.resolve():
+            raise UsageError(f"{output}: the output must not be the input")
         if output.exists() and not args.overwrite:
             raise UsageError(f"{output}: already exists (pass --overwrite to replace it)")
     target.mkdir(exist_ok=True)
@@ -630,7 +657,7 @@ def _demo_restore(args, noisy: np.ndarray, clean: np.ndarray, axes: str, noisy_p
     channels = noisy.shape[axes.index("C")] if "C" in axes else 1
     model = default_model_name(channels, resolve_device(args.device).type)
     restore_args = argparse.Namespace(
-        input=str(noisy_path), output=str(restored_path), overwrite=True, model=model,
+        input=[str(noisy_path)], output=str(restored_path), overwrite=True, model=model,
         untrained=False, axes=axes, tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
         output_dtype="input", quiet=args.quiet, compile=False, cuda_graphs=None, scheduler=None, workers=None,
@@ -722,9 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
-    restore_cmd.add_argument("input", help="input image: .zarr (OME-Zarr too), .tif (and .lsm, .stk, .svs, .ndpi), .png, .jpg, .bmp, "
-                             ".webp or .npy; or a "
-                             "folder of them, restored into the --output folder")
+    restore_cmd.add_argument("input", nargs="+",
+                             help="input image: .zarr (OME-Zarr too), .tif (and .lsm, .stk, .svs, .ndpi), .png, .jpg, "
+                                  ".bmp, .webp or .npy; or several, or a folder of them, restored into the --output "
+                                  "folder, each under its own name")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png, .jpg or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, the grey one, channel by channel, for a microscope's)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
