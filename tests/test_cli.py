@@ -152,6 +152,28 @@ def test_a_restored_imagej_hyperstack_is_written_as_one(capsys, tmp_path, grey_c
         assert tif.is_imagej and tif.series[0].axes == "YXS" and tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
 
 
+def test_a_restored_imagej_composite_keeps_its_channel_colours(capsys, tmp_path, grey_checkpoint):
+    """Fiji opened a restored two-colour stack grey, channel after channel: its LUTs, composite
+    mode and display ranges were left behind."""
+    ramp = np.arange(256, dtype=np.uint8)
+    red, green = np.zeros((3, 256), np.uint8), np.zeros((3, 256), np.uint8)
+    red[0], green[1] = ramp, ramp
+    stack = np.random.default_rng(0).integers(0, 4000, (3, 2, 24, 32), dtype=np.uint16)
+    display = {"LUTs": [red, green], "mode": "composite", "Ranges": (0.0, 1000.0, 100.0, 3000.0)}
+    tifffile.imwrite(tmp_path / "cells.tif", stack, imagej=True, metadata={"axes": "ZCYX", **display})
+    tifffile.imwrite(tmp_path / "one.tif", stack[:, 0], imagej=True, metadata={"axes": "ZYX", **display})
+    for name in ("cells.tif", "one.tif"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / name, "-o", tmp_path / f"out-{name}", "--model",
+                               grey_checkpoint, "-q")
+        assert code == 0, err
+    with tifffile.TiffFile(tmp_path / "out-cells.tif") as tif:
+        shown = tif.imagej_metadata
+    assert shown["mode"] == "composite" and shown["Ranges"] == display["Ranges"]
+    assert [lut.tolist() for lut in shown["LUTs"]] == [red.tolist(), green.tolist()]
+    with tifffile.TiffFile(tmp_path / "out-one.tif") as tif:  # one channel: two LUTs and ranges do not fit it
+        assert "LUTs" not in tif.imagej_metadata and "Ranges" not in tif.imagej_metadata
+
+
 @pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio, trying broken.png
 def test_restore_a_folder_of_images(capsys, tmp_path):
     import imageio.v3 as iio

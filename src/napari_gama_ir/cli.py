@@ -196,7 +196,7 @@ def _restore_image(
     progress.start()
     try:
         write_image(restored, output, axes, overwrite=args.overwrite, attrs=provenance, workers=workers, cancel=stop,
-                    icc_profile=source.icc_profile, exif=source.exif)
+                    icc_profile=source.icc_profile, exif=source.exif, imagej_display=source.imagej_display)
     finally:
         progress.close()
     return output

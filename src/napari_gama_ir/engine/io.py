@@ -113,6 +113,8 @@ OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: Outputs that hold the pixels as they are, so that their size is known before they are written.
 UNCOMPRESSED_SUFFIXES = TIFF_SUFFIXES + NUMPY_SUFFIXES
 IMAGEJ_ORDER = "TZCYXS"
+#: What ImageJ's metadata says of how an image is shown: kept from an ImageJ input in an ImageJ output.
+IMAGEJ_DISPLAY = ("LUTs", "mode", "Ranges")
 IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 CLASSIC_TIFF_BYTES = 2**32 - 2**26  # pixels that leave room for the page entries below 4 GiB
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
@@ -143,6 +145,8 @@ class ImageSource:
     picture's colours (True: a photo, an RGB TIFF) or channels the file names as such (False: a
     microscope's, in an ImageJ, OME-TIFF or OME-Zarr image), and is None where the file does not say.
     ``levels`` are an OME-Zarr's lower resolutions, in ``array``'s axes, for a viewer to show.
+    ``imagej_display`` is how an ImageJ image is shown: its channels' colours (``LUTs``), ``mode``
+    (composite) and display ``Ranges``, which an ImageJ output keeps (:func:`write_image_steps`).
     """
 
     array: da.Array
@@ -155,6 +159,7 @@ class ImageSource:
     exif: bytes | None = None
     colour: bool | None = None
     levels: list[da.Array] = field(default_factory=list)
+    imagej_display: dict[str, Any] = field(default_factory=dict)
 
 
 def image_suffix(path: Path) -> str:
@@ -365,6 +370,8 @@ def _open_tiff(path: Path) -> ImageSource:
             # became noise. ImageJ's palette is a display LUT over the intensities, so it stays.
             palette = series.keyframe.photometric == tifffile.PHOTOMETRIC.PALETTE and not tif.is_imagej
             colour_map = series.keyframe.colormap if palette else None
+            shown = (tif.imagej_metadata or {}) if tif.is_imagej else {}
+            imagej_display = {key: value for key, value in shown.items() if key in IMAGEJ_DISPLAY}
             try:
                 cut = _tiff_cut_short(tif, series, path.stat().st_size)
             except (AttributeError, TypeError, struct.error):  # a layout this check does not know
@@ -397,7 +404,7 @@ def _open_tiff(path: Path) -> ImageSource:
     # RGB pages hold colours; any other C axis, a microscope's channels.
     colour = True if rgb_pages else (False if axes and "C" in axes else None)
     return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile,
-                       colour=colour)
+                       colour=colour, imagej_display=imagej_display)
 
 
 def _is_companion(series) -> bool:
@@ -849,11 +856,13 @@ def write_image_steps(
     cancel: threading.Event | None = None,
     icc_profile: bytes | None = None,
     exif: bytes | None = None,
+    imagej_display: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Write ``array`` into ``output``, yielding ``(chunks written, total)`` as it goes.
 
     ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata, ``icc_profile`` (the
-    input's colours, :class:`ImageSource`) to a TIFF, PNG or JPEG, ``exif`` to a PNG or JPEG; an
+    input's colours, :class:`ImageSource`) to a TIFF, PNG or JPEG, ``exif`` to a PNG or JPEG,
+    ``imagej_display`` (:class:`ImageSource`) to an ImageJ TIFF of as many channels; an
     existing output is replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting ``cancel``
     raises :class:`Cancelled` at the next chunk, and stops the chunks being computed where they
     check it too (:func:`~.restore.restore` does, at each forward pass); an error, Ctrl-C or
@@ -882,7 +891,7 @@ def write_image_steps(
             set_output_attrs(temporary, axes, attrs or {}, ome=ome)
         elif suffix in TIFF_SUFFIXES:
             yield from _write_tiff(array, temporary, axes, attrs or {}, suffix in OME_TIFF_SUFFIXES, workers, cancel,
-                                   icc_profile)
+                                   icc_profile, imagej_display)
         elif suffix == ".npy":
             target = np.lib.format.open_memmap(temporary, mode="w+", dtype=array.dtype, shape=array.shape)
             try:
@@ -951,6 +960,7 @@ def store_chunks(
 def _write_tiff(
     array: da.Array, path: Path, axes: str, attrs: dict, ome: bool, workers: int, cancel: threading.Event | None,
     icc_profile: bytes | None = None,
+    imagej_display: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int, int]]:
     """Write a TIFF page by page, in order, while ``workers`` threads compute the chunks after
     the one being written (:func:`_computed_in_order`, which ``cancel`` stops as :func:`store_chunks`):
@@ -959,7 +969,7 @@ def _write_tiff(
     An array restored in blocks (square chunks of a multiple of 16 along Y and X, smaller than a
     page) is written as a tiled TIFF, a block a tile, so that no page is ever held whole.
     ``attrs`` go into the description as JSON (an ImageJ hyperstack's: into its Info, beside its
-    calibration); an OME-TIFF's description is its OME-XML, which then holds the pixel sizes, and
+    calibration and the ``imagej_display`` that fits it); an OME-TIFF's description is its OME-XML, which then holds the pixel sizes, and
     ``attrs`` as the image's description.
     """
     import tifffile
@@ -990,6 +1000,7 @@ def _write_tiff(
         # written as a plain BigTIFF for one long stack, and lost its Z spacing.
         calibration = imagej_calibration(sizes)
         metadata.update(calibration["metadata"], Info=json.dumps(attrs))
+        metadata.update(_display_for(imagej_display or {}, array.shape[axes.index("C")] if "C" in axes else 1))
         options = {"imagej": True, "resolution": calibration.get("resolution")}
     else:
         metadata.update(attrs)
@@ -1013,6 +1024,15 @@ def _write_tiff(
             raise
         raise ImageIOError(f"{path.parent}: its disk ran out of space while the TIFF was written ({error})") from None
     yield pages.shape[0], pages.shape[0]
+
+
+def _display_for(display: dict[str, Any], channels: int) -> dict[str, Any]:
+    """The entries of an ImageJ input's ``display`` that fit an output of ``channels`` channels: a
+    restored hyperstack opened in Fiji grey, channel after channel, where its input was a
+    composite of coloured channels."""
+    fits = {"LUTs": len(display.get("LUTs", ())) == channels, "Ranges": len(display.get("Ranges", ())) == 2 * channels,
+            "mode": True}
+    return {key: value for key, value in display.items() if fits[key]}
 
 
 def _imagej_holds(page_axes: str, dtype: np.dtype, size: int, rgb: bool, tile: tuple[int, int] | None) -> bool:
