@@ -174,6 +174,28 @@ def test_a_restored_imagej_composite_keeps_its_channel_colours(capsys, tmp_path,
         assert "LUTs" not in tif.imagej_metadata and "Ranges" not in tif.imagej_metadata
 
 
+def test_restored_channels_keep_their_names(capsys, tmp_path, grey_checkpoint):
+    """An OME-TIFF's channels named DAPI and GFP came out unnamed, in OME-TIFF and OME-Zarr alike."""
+    stack = np.random.default_rng(0).integers(0, 4000, (2, 3, 24, 32), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "cells.ome.tif", stack, ome=True,
+                     metadata={"axes": "CZYX", "Channel": {"Name": ["DAPI", "GFP"]}})
+    assert open_image(tmp_path / "cells.ome.tif").channel_names == ["DAPI", "GFP"]
+    for name in ("out.ome.tif", "out.ome.zarr", "out.zarr"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / "cells.ome.tif", "-o", tmp_path / name, "--model",
+                               grey_checkpoint, "-q")
+        assert code == 0, err
+        assert open_image(tmp_path / name).channel_names == ["DAPI", "GFP"], name
+    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tif:
+        channels = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]["Pixels"]["Channel"]
+    assert [channel["Name"] for channel in channels] == ["DAPI", "GFP"]
+    omero = zarr.open_group(str(tmp_path / "out.ome.zarr"), mode="r").attrs["omero"]
+    assert omero == {"channels": [{"label": "DAPI"}, {"label": "GFP"}]}  # what napari-ome-zarr names layers by
+    code, _, err = run_cli(capsys, "restore", tmp_path / "out.ome.zarr", "-o", tmp_path / "again.ome.tif", "--model",
+                           grey_checkpoint, "-q")
+    assert code == 0, err
+    assert open_image(tmp_path / "again.ome.tif").channel_names == ["DAPI", "GFP"]  # read from OME-Zarr's omero too
+
+
 @pytest.mark.filterwarnings("ignore:The legacy `DICOM` plugin:DeprecationWarning")  # imageio, trying broken.png
 def test_restore_a_folder_of_images(capsys, tmp_path):
     import imageio.v3 as iio

@@ -26,6 +26,7 @@ from .engine.calibration import ATTRIBUTE as PIXEL_SIZE_ATTRIBUTE
 from .engine.calibration import to_attribute
 from .engine.device import is_out_of_memory, resolve_device
 from .engine.io import (
+    CHANNELS_ATTRIBUTE,
     NOT_READ,
     PICTURE_OUTPUTS,
     PICTURE_SUFFIXES,
@@ -169,6 +170,8 @@ def _restore_image(
     pixel_size = {axis: entry for axis, entry in source.pixel_size.items() if axis in axes}
     if pixel_size:  # the output keeps the input's calibration
         provenance[PIXEL_SIZE_ATTRIBUTE] = to_attribute(pixel_size)
+    if source.channel_names:  # and its channels' names
+        provenance[CHANNELS_ATTRIBUTE] = source.channel_names
     if args.scheduler or args.workers or args.resume:
         if alpha:
             raise UsageError(f"{source.path} has an alpha channel, which restoring on a cluster does not handle")

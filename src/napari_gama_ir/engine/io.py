@@ -118,6 +118,8 @@ IMAGEJ_DISPLAY = ("LUTs", "mode", "Ranges")
 IMAGEJ_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 CLASSIC_TIFF_BYTES = 2**32 - 2**26  # pixels that leave room for the page entries below 4 GiB
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
+#: Key of the channels' names (DAPI, GFP...) in outputs' attributes; OME outputs also name them as OME does.
+CHANNELS_ATTRIBUTE = "channel_names"
 
 
 class ImageIOError(ValueError):
@@ -145,7 +147,9 @@ class ImageSource:
     picture's colours (True: a photo, an RGB TIFF) or channels the file names as such (False: a
     microscope's, in an ImageJ, OME-TIFF or OME-Zarr image), and is None where the file does not say.
     ``levels`` are an OME-Zarr's lower resolutions, in ``array``'s axes, for a viewer to show.
-    ``imagej_display`` is how an ImageJ image is shown: its channels' colours (``LUTs``), ``mode``
+    ``channel_names`` name the channels of the ``C`` axis (an OME image's, or this package's
+    outputs'), which outputs keep under :data:`CHANNELS_ATTRIBUTE`. ``imagej_display`` is how an
+    ImageJ image is shown: its channels' colours (``LUTs``), ``mode``
     (composite) and display ``Ranges``, which an ImageJ output keeps (:func:`write_image_steps`).
     """
 
@@ -160,6 +164,7 @@ class ImageSource:
     colour: bool | None = None
     levels: list[da.Array] = field(default_factory=list)
     imagej_display: dict[str, Any] = field(default_factory=dict)
+    channel_names: list[str] = field(default_factory=list)
 
 
 def image_suffix(path: Path) -> str:
@@ -185,7 +190,8 @@ def _open_zarr(path: Path) -> ImageSource:
         axes = node.attrs.get("axes")
         axes = axes if isinstance(axes, str) else None
         pixel_size = from_attribute(node.attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
-        return ImageSource(_zarr_pixels(node, path), axes, path, dict(node.attrs), pixel_size=pixel_size)
+        return ImageSource(_zarr_pixels(node, path), axes, path, dict(node.attrs), pixel_size=pixel_size,
+                           channel_names=_names(node.attrs.get(CHANNELS_ATTRIBUTE)))
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
     if multiscales:  # OME-Zarr: the first (full-resolution) dataset of the first multiscale
@@ -195,12 +201,39 @@ def _open_zarr(path: Path) -> ImageSource:
         axes = _axes_from_names(names) if names else None
         pixel_size = from_ome_multiscale(first, axes if axes and len(axes) == array.ndim else None)
         colour = False if axes and "C" in axes else None  # OME-Zarr's channel axis: a microscope's channels
+        omero = attrs.get("omero") or attrs.get("ome", {}).get("omero") or {}
+        labels = [channel.get("label") for channel in omero.get("channels", []) if isinstance(channel, dict)]
         return ImageSource(_zarr_pixels(array, path), axes, path, attrs, pixel_size=pixel_size, colour=colour,
-                           levels=[_zarr_pixels(level, path) for level in lower])
+                           levels=[_zarr_pixels(level, path) for level in lower], channel_names=_names(labels))
     arrays = [name for name, item in node.members() if isinstance(item, zarr.Array)]
     if len(arrays) != 1:
         raise ImageIOError(f"{path}: zarr group with {len(arrays)} arrays and no OME-Zarr metadata; open one array")
     return _open_zarr(path / arrays[0])
+
+
+def _names(names: Any) -> list[str]:
+    """``names`` if they are a list of strings, every channel named, else none."""
+    ok = isinstance(names, list) and names and all(isinstance(name, str) and name for name in names)
+    return list(names) if ok else []
+
+
+def _ome_channel_names(xml: str) -> list[str]:
+    """The channels' names of an OME-TIFF's first image, where every channel has one."""
+    import tifffile
+
+    try:
+        channels = tifffile.xml2dict(xml)["OME"]["Image"]
+        channels = (channels[0] if isinstance(channels, list) else channels)["Pixels"].get("Channel", [])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return []
+    channels = channels if isinstance(channels, list) else [channels]
+    return _names([channel.get("Name") for channel in channels if isinstance(channel, dict)])
+
+
+def _channels_of(attrs: dict[str, Any], axes: str, shape: tuple[int, ...]) -> list[str]:
+    """The channel names of ``attrs`` where they name every channel of an image of ``axes`` and ``shape``."""
+    names = _names(attrs.get(CHANNELS_ATTRIBUTE))
+    return names if "C" in axes and len(names) == shape[axes.index("C")] else []
 
 
 def _zarr_pixels(array: zarr.Array, path: Path) -> da.Array:
@@ -370,6 +403,7 @@ def _open_tiff(path: Path) -> ImageSource:
             # became noise. ImageJ's palette is a display LUT over the intensities, so it stays.
             palette = series.keyframe.photometric == tifffile.PHOTOMETRIC.PALETTE and not tif.is_imagej
             colour_map = series.keyframe.colormap if palette else None
+            channel_names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else []
             shown = (tif.imagej_metadata or {}) if tif.is_imagej else {}
             imagej_display = {key: value for key, value in shown.items() if key in IMAGEJ_DISPLAY}
             try:
@@ -404,7 +438,7 @@ def _open_tiff(path: Path) -> ImageSource:
     # RGB pages hold colours; any other C axis, a microscope's channels.
     colour = True if rgb_pages else (False if axes and "C" in axes else None)
     return ImageSource(array, axes, path, alpha=alpha, pixel_size=pixel_size if axes else {}, icc_profile=icc_profile,
-                       colour=colour, imagej_display=imagej_display)
+                       colour=colour, imagej_display=imagej_display, channel_names=channel_names)
 
 
 def _is_companion(series) -> bool:
@@ -788,7 +822,9 @@ def set_output_attrs(path: str | os.PathLike, axes: str, attrs: dict[str, Any], 
                                "translation": [size * (f - 1) / 2 for size, f in zip(scale, factor)]})
         datasets.append({"path": str(level), "coordinateTransformations": transforms})
     multiscale = {"version": "0.4", "axes": ome_axes, "datasets": datasets}
-    group.attrs.update({"multiscales": [multiscale], **attrs})
+    names = _channels_of(attrs, axes, group["0"].shape)
+    omero = {"omero": {"channels": [{"label": name} for name in names]}} if names else {}  # napari's layer names
+    group.attrs.update({"multiscales": [multiscale], **omero, **attrs})
 
 
 #: An OME-Zarr output gets lower-resolution levels until a plane's larger side is at most this.
@@ -995,6 +1031,9 @@ def _write_tiff(
     options = {"bigtiff": True, **tiff_resolution(sizes)}
     if ome:
         metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
+        names = _channels_of(attrs, axes, array.shape)
+        if names:
+            metadata["Channel"] = {"Name": names}
     elif _imagej_holds(page_axes, array.dtype, array.nbytes, rgb, tile):
         # Fiji opens an ImageJ hyperstack with its axes and calibration; it took a TZCYX stack
         # written as a plain BigTIFF for one long stack, and lost its Z spacing.
