@@ -1,10 +1,10 @@
 """Physical pixel sizes (calibration), carried from an input file to its restored output.
 
 Read from OME-Zarr scale transforms, OME-TIFF, ImageJ, Zeiss LSM and Aperio SVS metadata, TIFF
-resolution tags and this package's own outputs; written into the output's attributes (zarr), OME metadata (OME-Zarr,
-OME-TIFF), ImageJ metadata (a TIFF that ImageJ's format can hold) or description (other TIFFs), and
-into a TIFF's resolution tags, so that a restored stack keeps its input's voxel size in napari,
-Fiji and later runs of this package.
+resolution tags and this package's own outputs; written into the output's attributes (zarr), OME
+metadata (OME-Zarr, OME-TIFF), ImageJ metadata (a TIFF that ImageJ's format can hold) or
+description (other TIFFs), and into a TIFF's resolution tags, so that a restored stack keeps its
+input's voxel size in napari, Fiji and later runs of this package.
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ CLASSIC_TIFF_BYTES = 2**32 - 2**26  # pixels that leave room for the page entrie
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 #: Key of the channels' names (DAPI, GFP...) in outputs' attributes; OME outputs also name them as OME does.
 CHANNELS_ATTRIBUTE = "channel_names"
+#: An OME-Zarr output gets lower-resolution levels until a plane's larger side is at most this.
+PYRAMID_SIDE = 2048
 
 
 class ImageIOError(ValueError):
@@ -149,8 +151,8 @@ class ImageSource:
     ``levels`` are an OME-Zarr's lower resolutions, in ``array``'s axes, for a viewer to show.
     ``channel_names`` name the channels of the ``C`` axis (an OME image's, or this package's
     outputs'), which outputs keep under :data:`CHANNELS_ATTRIBUTE`. ``imagej_display`` is how an
-    ImageJ image is shown: its channels' colours (``LUTs``), ``mode``
-    (composite) and display ``Ranges``, which an ImageJ output keeps (:func:`write_image_steps`).
+    ImageJ image is shown: its channels' colours (``LUTs``), ``mode`` (composite) and display
+    ``Ranges``, which an ImageJ output keeps (:func:`write_image_steps`).
     """
 
     array: da.Array
@@ -222,8 +224,8 @@ def _ome_channel_names(xml: str) -> list[str]:
     import tifffile
 
     try:
-        channels = tifffile.xml2dict(xml)["OME"]["Image"]
-        channels = (channels[0] if isinstance(channels, list) else channels)["Pixels"].get("Channel", [])
+        images = tifffile.xml2dict(xml)["OME"]["Image"]
+        channels = (images[0] if isinstance(images, list) else images)["Pixels"].get("Channel", [])
     except (KeyError, IndexError, TypeError, ValueError):
         return []
     channels = channels if isinstance(channels, list) else [channels]
@@ -827,10 +829,6 @@ def set_output_attrs(path: str | os.PathLike, axes: str, attrs: dict[str, Any], 
     group.attrs.update({"multiscales": [multiscale], **omero, **attrs})
 
 
-#: An OME-Zarr output gets lower-resolution levels until a plane's larger side is at most this.
-PYRAMID_SIDE = 2048
-
-
 def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
                      cancel: threading.Event | None = None) -> int:
     """Write the lower-resolution levels ``"1"``, ``"2"``... of the OME-Zarr image at ``path``,
@@ -898,12 +896,13 @@ def write_image_steps(
 
     ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata, ``icc_profile`` (the
     input's colours, :class:`ImageSource`) to a TIFF, PNG or JPEG, ``exif`` to a PNG or JPEG,
-    ``imagej_display`` (:class:`ImageSource`) to an ImageJ TIFF of as many channels; an
-    existing output is replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting ``cancel``
-    raises :class:`Cancelled` at the next chunk, and stops the chunks being computed where they
-    check it too (:func:`~.restore.restore` does, at each forward pass); an error, Ctrl-C or
-    closing the generator early sets it. Any of these removes the partial output: the output
-    appears under its name only after the last step.
+    ``imagej_display`` (:class:`ImageSource`) to an ImageJ TIFF of as many channels; an existing
+    output is replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting
+    ``cancel`` raises :class:`Cancelled` at the next chunk, and stops the chunks being computed
+    where they check it too (:func:`~.restore.restore` does, at each forward pass); an error,
+    Ctrl-C or closing the generator early sets it. Any of these removes the partial output: the
+    output appears under its name only after the last step. An OME-Zarr gets its lower
+    resolutions (:func:`write_ome_levels`) after the last chunk of its full one.
     """
     output = Path(output)
     suffix = image_suffix(output)
@@ -1005,8 +1004,9 @@ def _write_tiff(
     An array restored in blocks (square chunks of a multiple of 16 along Y and X, smaller than a
     page) is written as a tiled TIFF, a block a tile, so that no page is ever held whole.
     ``attrs`` go into the description as JSON (an ImageJ hyperstack's: into its Info, beside its
-    calibration and the ``imagej_display`` that fits it); an OME-TIFF's description is its OME-XML, which then holds the pixel sizes, and
-    ``attrs`` as the image's description.
+    calibration and the ``imagej_display`` that fits it); an OME-TIFF's description is its
+    OME-XML, which then holds the pixel sizes and channel names, and ``attrs`` as the image's
+    description.
     """
     import tifffile
 
