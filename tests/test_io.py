@@ -150,6 +150,9 @@ def test_an_ome_zarr_output_of_large_planes_has_lower_resolutions(tmp_path, monk
     source = open_image(tmp_path / "slide.ome.zarr")
     assert np.array_equal(source.array.compute(), data) and len(source.levels) == 3
     assert np.array_equal(source.levels[0].compute(), group["1"][:])
+    # A line scan is halved until a single row is left (a level of none failed the whole write).
+    write_image(np.ones((5, 200), dtype), tmp_path / "line.ome.zarr", "YX")
+    assert [level.shape for level in open_image(tmp_path / "line.ome.zarr").levels] == [(2, 100), (1, 50)]
 
 
 def test_ome_tiff_output_holds_the_pixel_sizes_and_attributes_in_its_ome_xml(tmp_path):

@@ -834,12 +834,13 @@ def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
     """Write the lower-resolution levels ``"1"``, ``"2"``... of the OME-Zarr image at ``path``,
     whose level ``"0"`` is written, and return how many: each halves the Y and X of the one before
     (the mean of 2 x 2 pixels, an odd last row or column left out), until a plane's larger side is
-    at most :data:`PYRAMID_SIDE`. napari shows the level that fits the screen; a restored slide
-    scan of one level was read whole to be shown. Chunks are those of level 0, read back from it."""
+    at most :data:`PYRAMID_SIDE`, or its smaller side a single pixel (a line scan's). napari shows
+    the level that fits the screen; a restored slide scan of one level was read whole to be shown.
+    Chunks are those of level 0, read back from it."""
     y, x = axes.index("Y"), axes.index("X")
     level = zarr.open_array(str(Path(path) / "0"), mode="r")
     chunks, count = level.chunks, 0
-    while max(level.shape[y], level.shape[x]) > PYRAMID_SIDE:
+    while max(level.shape[y], level.shape[x]) > PYRAMID_SIDE and min(level.shape[y], level.shape[x]) > 1:
         doubled = tuple(2 * c if i in (y, x) else c for i, c in enumerate(chunks))
         halved = da.coarsen(_mean_as, da.from_array(level, chunks=doubled), {y: 2, x: 2}, trim_excess=True,
                             dtype=level.dtype)
