@@ -29,7 +29,6 @@ from .engine.io import (
     CHANNELS_ATTRIBUTE,
     NOT_READ,
     PICTURE_OUTPUTS,
-    PICTURE_SUFFIXES,
     TIFF_BASED_SUFFIXES,
     WRITABLE,
     check_output_format,
@@ -145,7 +144,7 @@ def _restore_image(
     # A photo's restored colours keep its 8 or 16 bits: as float32, a JPEG's 0-255 (or a 16-bit
     # TIFF's 0-65535) opened blown out to white in photo editors, which take floats for 0-1. A PNG
     # or JPEG holds integers only. Other images get float32, which neither rounds nor clips.
-    photo = source.colour or image_suffix(source.path) in PICTURE_SUFFIXES
+    photo = source.colour is True
     output_dtype = args.output_dtype or ("input" if photo or image_suffix(output) in PICTURE_OUTPUTS else "float32")
     axes = parse_axes(args.axes, source.array.ndim) if args.axes else source.axes or guess_axes(source.array.shape)
     alpha = source.alpha and axes.endswith("C")  # opacity is passed through, not restored
@@ -207,8 +206,6 @@ def _restore_image(
 
 def _restore_folder(args: argparse.Namespace, folder: Path) -> Path:
     """Every image of ``folder`` into the folder ``args.output`` (:func:`_restore_into_folder`)."""
-    if args.scheduler or args.workers or args.resume:
-        raise UsageError("a folder is restored on this machine; --scheduler, --workers and --resume take one image")
     paths = folder_images(folder)
     if not paths:
         raise UsageError(no_images_message(folder))
@@ -216,32 +213,33 @@ def _restore_folder(args: argparse.Namespace, folder: Path) -> Path:
         print(f"left out {count} {suffix} file(s): {NOT_READ[suffix]}", file=sys.stderr)
     if Path(args.output).resolve() == folder.resolve():
         raise UsageError(f"{args.output}: the output folder must not be the input folder")
-    return _restore_into_folder(args, list(paths.values()), "restoring a folder writes a folder")
+    return _restore_into_folder(args, list(paths.values()), "a folder is restored")
 
 
 def _restore_files(args: argparse.Namespace, paths: list[Path]) -> Path:
     """The images (or stores) ``paths`` into the folder ``args.output``, each under its own name,
     as ``cp`` copies files into a folder: a shell's ``*.jpg`` was "unrecognized arguments"."""
-    if args.scheduler or args.workers or args.resume:
-        raise UsageError("several images are restored on this machine; --scheduler, --workers and --resume take one")
     for path in paths:
         if path.is_dir() and not is_zarr_store(path):
             raise UsageError(f"{path}: a folder; give one folder, or images")
     if image_suffix(Path(args.output)) in WRITABLE and not Path(args.output).is_dir():
         raise UsageError(f"{args.output}: several images are restored into a folder, not into one image")
-    return _restore_into_folder(args, paths, "several images are restored into a folder")
+    return _restore_into_folder(args, paths, "several images are restored")
 
 
-def _restore_into_folder(args: argparse.Namespace, paths: list[Path], why_a_folder: str) -> Path:
-    """``paths`` into the folder ``args.output`` (made if missing), each under its own name.
+def _restore_into_folder(args: argparse.Namespace, paths: list[Path], what: str) -> Path:
+    """``paths`` into the folder ``args.output`` (made if missing), each under its own name;
+    ``what`` says in errors what is restored ("a folder is restored").
 
     Outputs keep the input's format where it can be written; other pictures (BMP, WebP) become
     PNG. Every input is opened, and every output checked, before the first image is restored; an
     error stops the run there, with the images before it complete.
     """
+    if args.scheduler or args.workers or args.resume:
+        raise UsageError(f"{what} on this machine; --scheduler, --workers and --resume take one image")
     target = Path(args.output)
     if target.exists() and not target.is_dir():
-        raise UsageError(f"{target}: not a folder ({why_a_folder})")
+        raise UsageError(f"{target}: not a folder ({what} into a folder)")
     if not target.resolve().parent.is_dir():
         raise UsageError(f"{target}: folder {target.resolve().parent} does not exist")
     sources = [open_image(path) for path in paths]

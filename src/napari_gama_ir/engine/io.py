@@ -145,9 +145,10 @@ class ImageSource:
     pixel along the axes the file calibrates (see :mod:`.calibration`). ``icc_profile`` is the
     colour profile of a picture or TIFF (a phone's photo is in Display P3, not sRGB), ``exif`` a
     picture's EXIF block with its orientation made upright, as the pixels are: outputs that can
-    hold them keep them (:func:`write_image_steps`). ``colour`` says whether the ``C`` axis holds a
-    picture's colours (True: a photo, an RGB TIFF) or channels the file names as such (False: a
-    microscope's, in an ImageJ, OME-TIFF or OME-Zarr image), and is None where the file does not say.
+    hold them keep them (:func:`write_image_steps`). ``colour`` says whether the image is a photo,
+    whose ``C`` axis (if any) holds colours (True: a picture, grey ones too, or an RGB TIFF), or one
+    whose channels the file names as such (False: a microscope's, in an ImageJ, OME-TIFF or
+    OME-Zarr image), and is None where the file does not say.
     ``levels`` are an OME-Zarr's lower resolutions, in ``array``'s axes, for a viewer to show.
     ``channel_names`` name the channels of the ``C`` axis (an OME image's, or this package's
     outputs'), which outputs keep under :data:`CHANNELS_ATTRIBUTE`. ``imagej_display`` is how an
@@ -331,7 +332,7 @@ def _open_picture(path: Path) -> ImageSource:
     # A CMYK profile does not describe the RGB the pixels were converted to.
     icc_profile = None if mode else meta.get("icc_profile")
     return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
-                       exif=_upright_exif(meta.get("exif"), orientation), colour=axes == "YXC")
+                       exif=_upright_exif(meta.get("exif"), orientation), colour=True)
 
 
 @contextmanager
@@ -830,9 +831,9 @@ def set_output_attrs(path: str | os.PathLike, axes: str, attrs: dict[str, Any], 
 
 
 def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
-                     cancel: threading.Event | None = None) -> int:
+                     cancel: threading.Event | None = None) -> None:
     """Write the lower-resolution levels ``"1"``, ``"2"``... of the OME-Zarr image at ``path``,
-    whose level ``"0"`` is written, and return how many: each halves the Y and X of the one before
+    whose level ``"0"`` is written: each halves the Y and X of the one before
     (the mean of 2 x 2 pixels, an odd last row or column left out), until a plane's larger side is
     at most :data:`PYRAMID_SIDE`, or its smaller side a single pixel (a line scan's). napari shows
     the level that fits the screen; a restored slide scan of one level was read whole to be shown.
@@ -849,11 +850,11 @@ def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
         for _ in store_chunks(halved.rechunk(chunks), target, workers, cancel):
             pass
         level = target
-    return count
 
 
-def _mean_as(pixels: np.ndarray, axis: tuple[int, ...] | None = None, dtype: np.dtype = np.float32) -> np.ndarray:
-    """The mean of ``pixels`` along ``axis``, in ``dtype`` (integers rounded)."""
+def _mean_as(pixels: np.ndarray, axis: tuple[int, ...] | None = None, *, dtype: np.dtype) -> np.ndarray:
+    """The mean of ``pixels`` along ``axis``, in ``dtype`` (integers rounded); dask first calls it
+    without ``axis``, on a one-pixel array, to learn what it returns."""
     mean = pixels.mean(axis=axis, dtype=np.float32)
     return (np.rint(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
 
