@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from napari_gama_ir import restore
-from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, NonFiniteInputError, TileTooLargeError
+from napari_gama_ir.engine import AxesError, ChannelMismatchError, ModelRunner, TileTooLargeError
 from napari_gama_ir.engine.io import Cancelled
 from napari_gama_ir.engine.restore import TilingPlan, restore_plane
 from napari_gama_ir.engine.runner import batch_size
@@ -280,14 +280,32 @@ def test_bf16_on_the_cpu_runs_the_network_in_bfloat16_and_returns_float32():
     assert 1e-4 < difference < 5e-2
 
 
-def test_nan_and_inf_are_reported_with_the_plane():
+def test_no_data_is_kept_as_it_is_and_the_rest_restored():
+    # Registered and stitched stacks pad with NaN, which was refused; fed to the network, one NaN
+    # would spread through GAMA's averages to its whole tile.
     model = make_tiny_model(1)
-    stack = np.zeros((3, 20, 20), np.float32)
-    stack[2, 5, 5] = np.nan
-    with pytest.raises(NonFiniteInputError, match="values in plane Z=2$"):
-        restore(stack, model, "ZYX", tile=None)
-    with pytest.raises(NonFiniteInputError, match="values in the image$"):
-        restore(stack[2], model, "YX", tile=None)
+    stack = np.random.default_rng(0).random((3, 40, 48), dtype=np.float32)
+    holed = stack.copy()
+    holed[2, :, :12] = np.nan
+    holed[2, 30, 40], holed[2, 31, 40] = np.inf, -np.inf
+    given = holed.copy()
+    no_data = ~np.isfinite(holed)
+    for scope in ("stack", "image"):
+        normalization = {"method": "percentile", "scope": scope}
+        restored = restore(holed, model, "ZYX", tile=32, overlap=8, normalization=normalization)
+        assert np.isnan(restored[2, :, :12]).all() and restored[2, 30, 40] == np.inf and restored[2, 31, 40] == -np.inf
+        assert np.isfinite(restored[~no_data]).all()
+    # Each plane on its own percentiles: the planes without no data are restored as they would be alone.
+    assert_alike(restored[:2], restore(stack[:2], model, "ZYX", tile=32, overlap=8, normalization=normalization), scale=1)
+    assert np.array_equal(holed, given, equal_nan=True)  # the input is untouched
+    # The network sees no data as the bottom of the range (0 here, with the dtype range).
+    filled = np.where(no_data, 0, holed)
+    in_range = restore(holed, model, "ZYX", tile=32, overlap=8, normalization={"method": "range"})
+    expected = restore(filled, model, "ZYX", tile=32, overlap=8, normalization={"method": "range"})
+    assert_alike(in_range[~no_data], expected[~no_data], scale=1)
+    # Integers hold no NaN: it is 0 there, and infinities are clipped as any value.
+    as_integers = restore(holed * 1000, model, "ZYX", tile=32, overlap=8, output_dtype="uint16")
+    assert (as_integers[2, :, :12] == 0).all() and as_integers[2, 30, 40] == 65535 and as_integers[2, 31, 40] == 0
 
 
 class _OutOfMemoryAboveBatch(ModelRunner):
@@ -537,14 +555,19 @@ def test_a_chunk_of_small_planes_takes_whole_axes_from_the_last_one_up():
     assert restore(da.zeros((3, 4, 100, 100), chunks=(1, 1, 100, 100)), model, "TZYX").chunks[:2] == ((3,), (4,))
 
 
-def test_a_bad_pixel_in_a_chunk_of_small_planes_names_its_plane():
+def test_no_data_in_a_chunk_of_small_planes_stays_in_its_plane():
+    # Small planes share forward passes: a NaN fed to one would be no concern of the others, but
+    # its own plane's other pixels would all be NaN.
     model = make_tiny_model(1)
-    image = np.zeros((2, 5, 32, 32), np.float32)
-    image[1, 3, 4, 4] = np.inf
-    with pytest.raises(NonFiniteInputError, match=r"in plane T=1, Z=3$"):
-        restore(image, model, "TZYX")
-    with pytest.raises(NonFiniteInputError, match=r"in plane T=1, C=3$"):
-        restore(image, model, "TCYX")  # a one-channel network restores each channel as a plane
+    image = np.random.default_rng(1).random((2, 5, 32, 32), dtype=np.float32)
+    holed = image.copy()
+    holed[1, 3, 4, 4] = np.nan
+    for axes in ("TZYX", "TCYX"):  # a one-channel network restores each channel as a plane
+        restored = restore(holed, model, axes)
+        assert np.isnan(restored[1, 3, 4, 4]) and np.isfinite(restored).sum() == restored.size - 1
+        others = np.ones((2, 5), bool)
+        others[1, 3] = False
+        assert_alike(restored[others], restore(image, model, axes)[others], scale=1)
 
 
 def test_runner_matches_the_plain_eager_network():
@@ -714,16 +737,18 @@ def test_planes_restored_in_blocks_equal_planes_restored_whole(normalization):
     assert np.array_equal(blocks, whole) and np.array_equal(blocks[..., 3], rgba[..., 3])
 
 
-def test_blocks_are_checked_and_report_bad_pixels_by_plane():
+def test_blocks_are_checked_and_keep_no_data():
     model = make_tiny_model(1)
-    image = np.zeros((2, 100, 100), np.float32)
+    image = np.random.default_rng(3).random((2, 100, 100), dtype=np.float32)
     with pytest.raises(ValueError, match="block must be at least the tile side"):
         restore(image, model, "ZYX", tile=64, overlap=16, block=32)
     with pytest.raises(ValueError, match="needs tiles"):
         restore(image, model, "ZYX", tile=None, block=64)
     image[1, 90, 5] = np.nan
-    with pytest.raises(NonFiniteInputError, match="in plane Z=1"):
-        restore(image, model, "ZYX", tile=32, overlap=8, block=48)
+    image[1, 10:20, 60:] = np.nan
+    blocks = restore(image, model, "ZYX", tile=32, overlap=8, block=48)
+    assert np.isnan(blocks).sum() == 1 + 10 * 40
+    assert_alike(blocks, restore(image, model, "ZYX", tile=32, overlap=8, block=0), scale=1)  # NaN where NaN
 
 
 def test_an_in_memory_result_is_filled_chunk_by_chunk_not_concatenated():

@@ -52,11 +52,9 @@ from .restore import (
     RestorePlan,
     StackAffine,
     Window,
-    chunk_plane_names,
     make_tiling,
     percentile_sample,
     plan_restore,
-    plane_name,
 )
 from .runner import ModelRunner
 
@@ -154,13 +152,7 @@ def _restore_chunk(block: np.ndarray, region: tuple[slice, ...], window: Window 
     restorer = worker_restorer(checkpoint, settings)
     canonical = to_canonical(block, layout)
     planes = canonical.reshape((-1,) + canonical.shape[-3:])
-    if window is None:
-        starts = [region[layout.axes.index(a)].start for a in layout.iterated]
-        names = chunk_plane_names(layout.iterated, starts, canonical.shape[: len(layout.iterated)])
-        restored = restorer.restore_planes(planes, names)
-    else:
-        where = plane_name(layout.iterated, tuple(region[layout.axes.index(a)].start for a in layout.iterated))
-        restored = restorer(planes[0], where, window, affine)
+    restored = restorer.restore_planes(planes) if window is None else restorer(planes[0], window, affine)
     restored = restored.reshape(canonical.shape[:-2] + restored.shape[-2:])
     target = tuple(region[i] for i in order)
     zarr.open_array(store, mode="r+")[target] = from_canonical(restored, layout).transpose(order)

@@ -53,7 +53,12 @@ def dtype_range_affine(dtype: np.dtype) -> Affine:
 
 
 def percentile_affine(values: np.ndarray, low: float, high: float) -> Affine:
-    """Map the ``low`` and ``high`` percentiles of ``values`` to 0 and 1 (CSBDeep's convention)."""
+    """Map the ``low`` and ``high`` percentiles of ``values`` to 0 and 1 (CSBDeep's convention),
+    of the finite ones: NaN and infinities are no data (the padding of a registered stack)."""
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        values = values[np.isfinite(values)]
+        if values.size == 0:  # a plane of no data: nothing to scale
+            return Affine(0.0, 1.0)
     lo, hi = np.percentile(values, [low, high])
     # A flat image has no spread to normalise; keep it as is rather than dividing by zero.
     return Affine(float(lo), float(hi - lo) if hi > lo else 1.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import threading
 import warnings
 from collections.abc import Callable
@@ -44,10 +43,6 @@ DEFAULT_MEAN_MODE = "global"
 BLOCK_SIDES = (16384, 8192, 4096, 2048, 1024)
 # Pixels (per channel) sampled for percentiles that a huge plane or a stack's planes give.
 SAMPLED_PIXELS = 2**22
-
-
-class NonFiniteInputError(ValueError):
-    """The input holds NaN or infinite values."""
 
 
 class PlaneTooLargeError(ValueError):
@@ -367,63 +362,78 @@ class PlaneRestorer:
         return percentile_affine(plane, self.normalization["low"], self.normalization["high"])
 
     def __call__(
-        self, plane: np.ndarray, where: str = "the image", window: Window | None = None, affine: Affine | None = None,
+        self, plane: np.ndarray, window: Window | None = None, affine: Affine | None = None,
         on_progress: Callable[[float], None] | None = None,
     ) -> np.ndarray:
         """Restore ``plane``, or with ``window`` a block of one (see :func:`restore_plane`, which
         also says what ``on_progress`` is given), whose normalisation ``affine`` then comes from the
         whole plane (:class:`PlaneAffines`)."""
-        _check_finite(plane, where)
         affine = affine or self.affine(plane)
-        restored = restore_plane(plane, self.runner, self.tiling, affine.forward, window, on_progress)
-        return self._to_output(restored, affine)
+        restored = restore_plane(plane, self.runner, self.tiling, self._network_input(affine), window, on_progress)
+        if window is not None:
+            rows, cols = window.core
+            plane = plane[..., rows.start - window.top:rows.stop - window.top, cols.start - window.left:cols.stop - window.left]
+        return self._to_output(restored, affine, plane)
 
-    def restore_planes(
-        self, planes: np.ndarray, names: list[str], on_progress: Callable[[float], None] | None = None,
-    ) -> np.ndarray:
-        """Restore ``planes`` (N, C, Y, X), named ``names`` in errors: a chunk of small planes
-        (:attr:`RestorePlan.plane_chunks`), each run whole, as one tile, in shared forward passes,
-        or a chunk of one plane, tiled where it is larger than a tile, which reports to
-        ``on_progress`` as :func:`restore_plane` says. Small planes that do not fit in device memory
-        one to a pass are restored a plane at a time, in smaller tiles."""
+    def restore_planes(self, planes: np.ndarray, on_progress: Callable[[float], None] | None = None) -> np.ndarray:
+        """Restore ``planes`` (N, C, Y, X): a chunk of small planes (:attr:`RestorePlan.plane_chunks`),
+        each run whole, as one tile, in shared forward passes, or a chunk of one plane, tiled where
+        it is larger than a tile, which reports to ``on_progress`` as :func:`restore_plane` says.
+        Small planes that do not fit in device memory one to a pass are restored a plane at a
+        time, in smaller tiles."""
         if self.planes_per_chunk > 1 and self.runner.fits_alone(planes.shape):
             try:
-                return self._restore_together(planes, names)
+                return self._restore_together(planes)
             except TileTooLargeError:  # the runner has kept the size: each plane is tiled below it
                 warnings.warn(f"out of device memory; restoring {planes.shape[-2]}x{planes.shape[-1]} planes one "
                               "at a time, in smaller tiles", RuntimeWarning, stacklevel=2)
         if len(planes) == 1:  # no stacked copy: a plane can be gigapixels
-            return self(planes[0], names[0], on_progress=on_progress)[None]
-        return np.stack([self(plane, name) for plane, name in zip(planes, names)])
+            return self(planes[0], on_progress=on_progress)[None]
+        return np.stack([self(plane) for plane in planes])
 
-    def _restore_together(self, planes: np.ndarray, names: list[str]) -> np.ndarray:
-        for plane, name in zip(planes, names):
-            _check_finite(plane, name)
+    def _restore_together(self, planes: np.ndarray) -> np.ndarray:
         affines = [self.affine(plane) for plane in planes]
-        normalised = np.stack([affine.forward(plane) for affine, plane in zip(affines, planes)])
+        normalised = np.stack([self._network_input(affine)(plane) for affine, plane in zip(affines, planes)])
         restored = self.runner.run(normalised, planned=self.planes_per_chunk)
-        return np.stack([self._to_output(values, affine) for values, affine in zip(restored, affines)])
+        return np.stack([self._to_output(*outcome) for outcome in zip(restored, affines, planes)])
 
-    def _to_output(self, restored: np.ndarray, affine: Affine) -> np.ndarray:
+    def _network_input(self, affine: Affine) -> Callable[[np.ndarray], np.ndarray]:
+        """What maps raw pixels to the network's range: ``affine``, and for floats, which can hold
+        no data, that data filled in (:func:`fill_no_data`)."""
+        if self.input_dtype.kind != "f":
+            return affine.forward
+        return lambda raw: fill_no_data(affine.forward(raw))
+
+    def _to_output(self, restored: np.ndarray, affine: Affine, raw: np.ndarray) -> np.ndarray:
+        """``restored`` in the input's units and the output dtype, with ``raw``'s no data kept."""
         # In place: a plane's every copy costs its size again, and planes can be gigapixels.
-        return _cast_output(affine.inverse(restored, out=restored), self.output_dtype, overwrite=True)
+        values = affine.inverse(restored, out=restored)
+        if self.input_dtype.kind == "f":
+            keep_no_data(values, raw, self.output_dtype)
+        return _cast_output(values, self.output_dtype, overwrite=True)
 
 
-def chunk_plane_names(iterated: str, starts: list[int], counts: tuple[int, ...]) -> list[str]:
-    """The names of the planes of a chunk that starts at ``starts`` along the iterated axes and
-    spans ``counts`` planes along each (:attr:`RestorePlan.plane_chunks`), in C order."""
-    spans = [range(start, start + count) for start, count in zip(starts, counts)]
-    return [plane_name(iterated, index) for index in itertools.product(*spans)]
+#: What no data (NaN or infinite input pixels) is restored as, in the network's range: the low
+#: percentile for percentile normalisation, the background that surrounds a registered or
+#: stitched volume's padding; 0 for the dtype range.
+NO_DATA_FILL = 0.0
 
 
-def _check_finite(plane: np.ndarray, where: str) -> None:
-    if not np.isfinite(plane).all():
-        raise NonFiniteInputError(f"input contains NaN or Inf values in {where}")
+def fill_no_data(values: np.ndarray) -> np.ndarray:
+    """``values`` (normalised, float32) with NaN and infinities set to :data:`NO_DATA_FILL`, in
+    place: a single NaN would spread through GAMA's averages to the whole tile."""
+    values[~np.isfinite(values)] = NO_DATA_FILL
+    return values
 
 
-def plane_name(iterated: str, index: tuple[int, ...]) -> str:
-    """``"plane Z=3, T=0"`` for the plane at ``index`` along the iterated axes, ``"the image"`` for none."""
-    return "plane " + ", ".join(f"{a}={i}" for a, i in zip(iterated, index)) if iterated else "the image"
+def keep_no_data(values: np.ndarray, raw: np.ndarray, output_dtype: np.dtype) -> None:
+    """Copy ``raw``'s NaN and infinite pixels (no data: the padding of a registered or stitched
+    stack) into ``values``, their restored counterparts, as they are. An integer output holds no
+    NaN: there they are 0 (infinities are clipped to its range by :func:`_cast_output`)."""
+    no_data = ~np.isfinite(raw)
+    if no_data.any():
+        kept = raw[no_data]
+        values[no_data] = np.where(np.isnan(kept), 0, kept) if np.issubdtype(output_dtype, np.integer) else kept
 
 
 @dataclass(frozen=True)
@@ -608,7 +618,9 @@ def restore(
     ----------
     image : array-like
         NumPy, dask or zarr array (any array with ``chunks``, ``shape`` and ``dtype`` is read
-        lazily). It is never modified.
+        lazily). It is never modified. NaN and infinite pixels are no data (the padding of a
+        registered or stitched stack): they are copied to the result as they are (NaN as 0 in an
+        integer result), and the network sees them as the bottom of the intensity range.
     model : GamaIR or str
         A network, a registry name (loaded with its shipped weights) or a checkpoint path.
     axes : str, optional
@@ -693,8 +705,6 @@ def restore(
     PlaneTooLargeError
         When not even one plane, or block of one, fits in the memory available, or, for an
         in-memory input, not one fits beside the result (a zarr or dask input gives a lazy result).
-    NonFiniteInputError
-        When a plane holds NaN or Inf (raised when that plane is computed).
     Cancelled
         When ``cancel`` is set (raised when computed).
     TileTooLargeError
@@ -706,7 +716,7 @@ def restore(
     plan = plan_restore(image, model, axes, tile, overlap, mean_mode, normalization, output_dtype, alpha, block)
     if cancel is None and not plan.lazy:
         cancel = threading.Event()  # set below if the caller is interrupted, so that dask's threads stop too
-    iterated, target_dtype = plan.layout.iterated, plan.output_dtype
+    target_dtype = plan.output_dtype
     # How many chunks are restored at once, whatever the threads that compute them (dask's default:
     # one per core, which for large planes would not fit in memory). An in-memory result (the
     # input's shape: channels in and out agree) fills beside them.
@@ -728,7 +738,7 @@ def restore(
     )
     progress = functools.partial(_ChunkProgress, on_plane=on_plane, cancel=cancel)
     if plan.block is None:
-        restored = _restore_planes(canonical, restorer, iterated, progress, at_once)
+        restored = _restore_planes(canonical, restorer, progress, at_once)
     else:
         restored = _restore_blocks(canonical, plan, restorer, progress, at_once)
     result = from_canonical(restored, plan.layout)
@@ -777,20 +787,18 @@ class _ChunkProgress:
 
 
 def _restore_planes(
-    canonical: da.Array, restorer: PlaneRestorer, iterated: str, progress: Callable[[int], _ChunkProgress],
+    canonical: da.Array, restorer: PlaneRestorer, progress: Callable[[int], _ChunkProgress],
     at_once: threading.Semaphore,
 ) -> da.Array:
     """``canonical`` (a chunk a plane, or a few small planes) restored lazily, chunk by chunk, as
     many at once as ``at_once`` lets in (the others wait, holding their input only)."""
 
-    def restore_block(block: np.ndarray, block_info=None) -> np.ndarray:
-        starts = [start for start, _ in block_info[0]["array-location"][: len(iterated)]]
+    def restore_block(block: np.ndarray) -> np.ndarray:
         planes = block.reshape((-1,) + block.shape[-3:])
         chunk = progress(planes.shape[0] * block.shape[-1] * block.shape[-2])
         with at_once:
             chunk.check()  # cancelled while this chunk waited for its turn
-            names = chunk_plane_names(iterated, starts, block.shape[: len(iterated)])
-            restored = restorer.restore_planes(planes, names, chunk.share_done)
+            restored = restorer.restore_planes(planes, chunk.share_done)
         chunk.finish()
         return restored.reshape(block.shape[:-3] + restored.shape[-3:])
 
@@ -824,7 +832,7 @@ def _restore_blocks(
             chunk.check()
             pixels = canonical[index + (slice(None), *reads)].compute(scheduler="synchronous")
             affine = plane_affines.get(index) if plane_affines else None
-            restored = restorer(pixels, plane_name(iterated, index), window, affine, chunk.share_done)
+            restored = restorer(pixels, window, affine, chunk.share_done)
         chunk.finish()
         return restored.reshape((1,) * len(iterated) + restored.shape)
 
