@@ -108,6 +108,26 @@ def test_evaluate_writes_strict_json_when_a_psnr_is_infinite(capsys, tmp_path, f
     assert scores["mean"]["ssim_noisy"] == 1.0 and isinstance(scores["mean"]["psnr"], float)
 
 
+def test_evaluate_scores_only_the_pixels_that_hold_data(capsys, tmp_path, fluorescence):
+    # NaN padding (a registered pair's) made every figure nan.
+    noisy, clean = (tifffile.imread(path).astype(np.float32) for path in fluorescence)
+    noisy[:, :, :16] = np.nan
+    tifffile.imwrite(tmp_path / "padded.tif", noisy, metadata={"axes": "ZYX"})
+    model = save_checkpoint(make_tiny_model(1), tmp_path / "tiny")
+    code, _, err = run_cli(capsys, "evaluate", "--model", model, "--noisy", tmp_path / "padded.tif",
+                             "--clean", fluorescence[1], "-q", "--json", tmp_path / "scores.json")
+    assert code == 0, err
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert len(scores["images"]) == 6 and all(np.isfinite(value) for value in scores["mean"].values())
+    # The same pixels cut out: the same PSNR (SSIM differs only by the windows at the cut).
+    tifffile.imwrite(tmp_path / "cut_noisy.tif", noisy[:, :, 16:], metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "cut_clean.tif", clean[:, :, 16:], metadata={"axes": "ZYX"})
+    run_cli(capsys, "evaluate", "--model", model, "--noisy", tmp_path / "cut_noisy.tif",
+            "--clean", tmp_path / "cut_clean.tif", "-q", "--json", tmp_path / "cut.json")
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert scores["mean"]["psnr_noisy"] == pytest.approx(cut["mean"]["psnr_noisy"], abs=1e-9)
+
+
 def test_self_supervised_stop_and_resume(capsys, tmp_path, fluorescence):
     noisy, _ = fluorescence
     run = tmp_path / "n2v"

@@ -26,6 +26,7 @@ from napari_gama_ir.train import (
     learning_rate_at,
     psnr,
     resume_trainer,
+    ssim,
     starting_model,
     train,
 )
@@ -576,14 +577,42 @@ def test_normalisation_of_a_new_network_follows_the_choice_or_the_dtype():
         default_normalization(np.uint8, "percentile")
 
 
-def test_nan_in_the_training_data_is_named_not_blamed_on_the_learning_rate(tmp_path):
-    # It surfaced as "the loss became nan at step 1; try a lower learning rate or fp32".
-    noisy, clean = smooth_stack()
-    noisy = noisy.astype(np.float32)
-    noisy[1, 10, 10] = np.nan
-    data = data_from_arrays(noisy, clean, axes="ZYX", name="scope")
-    with pytest.raises(TrainingDataError, match=r"scope \(noisy, plane 1\) contains NaN or Inf values"):
-        train(fresh_model(), data, TrainSettings(steps=3, patch=16, batch=2, validation_fraction=0), tmp_path)
+def test_training_leaves_out_no_data_and_scores_only_data(tmp_path):
+    # A registered pair's NaN padding was refused; one NaN in a patch makes the loss NaN.
+    noisy, clean = smooth_stack(planes=3, size=64)
+    noisy[:, :, :20] = np.nan  # a band of every plane, validation's among them
+    clean[:, 50:, :] = np.inf
+    data = data_from_arrays(noisy, clean, axes="ZYX", name="registered")
+    normalizer = Normalizer({"method": "percentile", "scope": "image"})
+    planes = make_planes(data, 1, normalizer)
+    sampler = PatchSampler(planes, split_validation(planes, 0, 16, seed=0)[0], 16, normalizer)
+    batch = sampler.batch(64, np.random.default_rng(0))
+    assert all(np.isfinite(patches).all() for patches in batch.values())
+    settings = TrainSettings(steps=4, patch=16, batch=2, validation_fraction=0.34, validate_every=2)
+    result = train(fresh_model(), data, settings, tmp_path)
+    assert [h["step"] for h in result.history] == [2, 4]
+    assert all(np.isfinite(h[key]) for h in result.history for key in ("train_loss", "psnr", "ssim", "psnr_input"))
+    trainer = Trainer(fresh_model(), data, settings, tmp_path / "again")
+    crop = trainer.validation[0]
+    assert crop["data"].sum() == 50 * 44 and np.isfinite(crop["noisy"]).all()
+    # Nothing but no data: refused in one line, not trained into a NaN loss.
+    data = data_from_arrays(np.full_like(noisy, np.nan), clean, axes="ZYX", name="empty")
+    with pytest.raises(TrainingDataError, match=r"100 training patches drawn in a row held NaN or Inf \(no data\), "
+                                                r"the last from empty plane \d; crop the images to their data"):
+        train(fresh_model(), data, TrainSettings(steps=3, patch=16, batch=2, validation_fraction=0), tmp_path / "x")
+
+
+def test_scores_limited_to_data_leave_out_every_window_that_meets_no_data():
+    rng = np.random.default_rng(0)
+    reference, image = rng.random((3, 40, 40)), rng.random((3, 40, 40))
+    everywhere = np.ones(reference.shape, bool)
+    assert psnr(reference, image, where=everywhere) == psnr(reference, image)
+    assert ssim(reference, image, where=everywhere) == pytest.approx(ssim(reference, image), abs=1e-12)
+    data = everywhere.copy()
+    data[:, :, :10] = False
+    spoiled = np.where(data, image, 5.0)  # filled, as no data is: NaN would spread through the filters
+    assert psnr(reference, spoiled, where=data) == psnr(reference[data], image[data])
+    assert ssim(reference, spoiled, where=data) == pytest.approx(ssim(reference[:, :, 10:], image[:, :, 10:]), abs=1e-9)
 
 
 def test_psnr_of_equal_images_is_infinite_without_a_warning():

@@ -553,10 +553,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
     """PSNR and SSIM of a model's restorations against clean images, per image plane and mean.
 
     The data range is 255 for uint8 images (the photo literature's convention) and each clean
-    plane's own max - min otherwise (microscopy counts rarely span their dtype).
+    plane's own max - min otherwise (microscopy counts rarely span their dtype). Pixels that hold
+    no data (NaN or Inf) in the noisy or the clean image are left out of the scores.
     """
     from .engine.axes import plane_layout, to_canonical
     from .train import TrainingData, data_from_paths, psnr, ssim
+    from .train.metrics import scored_pixels
 
     if args.noisy is None or args.clean is None:
         raise UsageError("evaluate needs --noisy and --clean")
@@ -575,13 +577,21 @@ def run_evaluate(args: argparse.Namespace) -> None:
         planes = [p.reshape((-1,) + p.shape[-3:]) for p in planes]
         for index in range(planes[0].shape[0]):
             noisy, clean, out = (np.asarray(p[index].compute(), np.float64) for p in planes)
-            data_range = 255.0 if pair.clean.dtype == np.uint8 else float(clean.max() - clean.min()) or 1.0
+            data = np.isfinite(noisy) & np.isfinite(clean)  # NaN and Inf are no data, scored nowhere
+            if not scored_pixels(data).any():
+                continue  # not one SSIM window of data: nothing to score
+            where = None if data.all() else data
+            if where is not None:
+                noisy, clean, out = (np.where(data, values, 0) for values in (noisy, clean, out))
+            data_range = 255.0 if pair.clean.dtype == np.uint8 else float(np.ptp(clean[data])) or 1.0
             name = pair.name if planes[0].shape[0] == 1 else f"{pair.name}[{index}]"
             rows.append({
                 "image": name,
-                "psnr_noisy": psnr(clean, noisy, data_range), "psnr": psnr(clean, out, data_range),
-                "ssim_noisy": ssim(clean, noisy, data_range), "ssim": ssim(clean, out, data_range),
+                "psnr_noisy": psnr(clean, noisy, data_range, where), "psnr": psnr(clean, out, data_range, where),
+                "ssim_noisy": ssim(clean, noisy, data_range, where), "ssim": ssim(clean, out, data_range, where),
             })
+    if not rows:
+        raise UsageError("no plane of the images holds data (pixels that are not NaN or Inf) to score")
     width = max(len("mean"), *(len(r["image"]) for r in rows))
     print(f"{'image':<{width}}  PSNR noisy  PSNR restored  SSIM noisy  SSIM restored")
     means = {key: float(np.mean([r[key] for r in rows])) for key in ("psnr_noisy", "psnr", "ssim_noisy", "ssim")}

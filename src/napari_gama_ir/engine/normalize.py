@@ -32,6 +32,19 @@ class Affine:
         return out
 
 
+#: What the network is given for no data (NaN or infinite pixels, such as a registered stack's
+#: padding), in its range: the low percentile, or the bottom of the dtype range. Of the fills tried
+#: (README, "No data"), it restored the pixels beside no data best.
+NO_DATA_FILL = 0.0
+
+
+def fill_no_data(values: np.ndarray) -> np.ndarray:
+    """``values`` (normalised, float32) with NaN and infinities set to :data:`NO_DATA_FILL`, in
+    place: a single NaN would spread through GAMA's averages to the whole tile, and into a loss."""
+    values[~np.isfinite(values)] = NO_DATA_FILL
+    return values
+
+
 def check_pixels(array: Any, what: str, error: type[ValueError] = ValueError) -> None:
     """Raise ``error`` unless ``array`` (anything with ``dtype`` and ``shape``) holds integer or
     real pixel values, and at least one of them: booleans, complex numbers, strings and empty

@@ -29,7 +29,7 @@ from .axes import (
 from .device import available_memory, host_threads, resolve_device
 from .io import cancelling_on_exit, check_cancel
 from .memory import USABLE_SHARE
-from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
+from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, fill_no_data, percentile_affine
 from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
 from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
 
@@ -411,19 +411,6 @@ class PlaneRestorer:
         if self.input_dtype.kind == "f":
             keep_no_data(values, raw, self.output_dtype)
         return _cast_output(values, self.output_dtype, overwrite=True)
-
-
-#: What no data (NaN or infinite input pixels) is restored as, in the network's range: the low
-#: percentile for percentile normalisation, the background that surrounds a registered or
-#: stitched volume's padding; 0 for the dtype range.
-NO_DATA_FILL = 0.0
-
-
-def fill_no_data(values: np.ndarray) -> np.ndarray:
-    """``values`` (normalised, float32) with NaN and infinities set to :data:`NO_DATA_FILL`, in
-    place: a single NaN would spread through GAMA's averages to the whole tile."""
-    values[~np.isfinite(values)] = NO_DATA_FILL
-    return values
 
 
 def keep_no_data(values: np.ndarray, raw: np.ndarray, output_dtype: np.dtype) -> None:

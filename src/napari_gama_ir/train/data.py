@@ -22,12 +22,23 @@ import numpy as np
 from ..engine.arrays import as_dask
 from ..engine.axes import guess_axes, parse_axes, plane_layout, to_canonical
 from ..engine.io import ImageSource, folder_images, image_suffix, is_zarr_store, no_images_message, open_image
-from ..engine.normalize import Affine, check_normalization, check_pixels, dtype_range_affine, percentile_affine
+from ..engine.normalize import (
+    Affine,
+    check_normalization,
+    check_pixels,
+    dtype_range_affine,
+    fill_no_data,
+    percentile_affine,
+)
 from ..engine.restore import split_alpha
+from .metrics import scored_pixels
 
 LUMINANCE = (0.2125, 0.7154, 0.0721)  # ITU-R BT.709, as scikit-image's rgb2gray
 # Planes the patch sampler keeps in memory once read (CBSD432 in RGB takes 0.2 GB).
 PLANE_CACHE_BYTES = 2 << 30
+# Training patches drawn in a row that may hold no data before the data are refused: a plane
+# padded on a quarter of its patch positions refuses with a chance of 0.25**100.
+NO_DATA_DRAWS = 100
 
 
 class TrainingDataError(ValueError):
@@ -450,35 +461,40 @@ class PatchSampler:
         window = (slice(None), slice(top, top + self.patch), slice(left, left + self.patch))
         whole = self._cache.get((plane_index, which))
         if whole is None and self._cached_bytes + array.nbytes <= self.cache_bytes:
-            whole = _finite(np.asarray(array.compute(scheduler="synchronous")), plane, which)  # read anyway
+            whole = np.asarray(array.compute(scheduler="synchronous"))  # read anyway
             with self._cache_lock:
                 if (plane_index, which) not in self._cache:
                     self._cache[(plane_index, which)] = whole
                     self._cached_bytes += whole.nbytes
         raw = whole[window] if whole is not None else np.asarray(array[window].compute(scheduler="synchronous"))
-        return _finite(self.normalizer.affine(plane).forward(raw), plane, which)
+        return self.normalizer.affine(plane).forward(raw)
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """``size`` patches as float32 (N, C, p, p): ``"noisy"`` and/or ``"clean"``, equally augmented."""
-        out: dict[str, list[np.ndarray]] = {}
-        for region_index in rng.choice(len(self.regions), size=size, p=self.weights):
+        drawn = [self._draw(int(region), rng) for region in rng.choice(len(self.regions), size=size, p=self.weights)]
+        return {which: np.ascontiguousarray(np.stack([patches[which] for patches in drawn])) for which in drawn[0]}
+
+    def _draw(self, region_index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A patch of the region's plane, noisy and/or clean, augmented alike. One that holds no
+        data (NaN or Inf, such as a registered pair's padding), which would make the loss NaN, is
+        drawn again, anywhere, up to :data:`NO_DATA_DRAWS` times in a row."""
+        for _ in range(NO_DATA_DRAWS):
             region = self.regions[region_index]
             plane = self.planes[region.plane]
             top = region.top + int(rng.integers(region.rows - self.patch + 1))
             left = int(rng.integers(plane.width - self.patch + 1))
             rotation, flip = int(rng.integers(4)), bool(rng.integers(2))
-            for which in ("noisy", "clean"):
-                if getattr(plane, which) is not None:
-                    patch = _augment(self._cut(region.plane, which, top, left), rotation, flip)
-                    out.setdefault(which, []).append(patch)
-        return {which: np.ascontiguousarray(np.stack(patches)) for which, patches in out.items()}
-
-
-def _finite(values: np.ndarray, plane: Plane, which: str) -> np.ndarray:
-    """``values``, unless they hold NaN or Inf: one would turn the loss into NaN at once."""
-    if not np.isfinite(values).all():
-        raise TrainingDataError(f"{plane.source} ({which}, plane {plane.index}) contains NaN or Inf values")
-    return values
+            patches = {
+                which: self._cut(region.plane, which, top, left)
+                for which in ("noisy", "clean") if getattr(plane, which) is not None
+            }
+            if all(np.isfinite(patch).all() for patch in patches.values()):
+                return {which: _augment(patch, rotation, flip) for which, patch in patches.items()}
+            region_index = int(rng.choice(len(self.regions), p=self.weights))
+        raise TrainingDataError(
+            f"{NO_DATA_DRAWS} training patches drawn in a row held NaN or Inf (no data), the last from "
+            f"{plane.source} plane {plane.index}; crop the images to their data, or use a smaller patch"
+        )
 
 
 def validation_crops(
@@ -487,7 +503,11 @@ def validation_crops(
     """Up to ``count`` fixed crops of at most ``size`` pixels a side from the validation regions.
 
     The crops tile each region from its top-left corner and are spread evenly over the regions;
-    they are read once and kept, so every validation sees the same pixels.
+    they are read once and kept, so every validation sees the same pixels. A crop that holds no
+    data (NaN or Inf, such as a registered pair's padding) has it filled as the engine fills it
+    (:func:`~..engine.normalize.fill_no_data`), and under ``"data"`` the mask of the pixels that
+    hold data in every image, which its scores are limited to; a crop without one SSIM window of
+    data is left out.
     """
     candidates = []
     for region in regions:
@@ -506,6 +526,12 @@ def validation_crops(
             array = getattr(plane, which)
             if array is not None:
                 raw = np.asarray(array[:, top:bottom, left:right].compute(scheduler="synchronous"))
-                crop[which] = _finite(normalizer.affine(plane).forward(raw), plane, which)
+                crop[which] = normalizer.affine(plane).forward(raw)
+        data = np.logical_and.reduce([np.isfinite(values) for values in crop.values()])
+        if not data.all():
+            if not scored_pixels(data).any():
+                continue
+            crop = {which: fill_no_data(values) for which, values in crop.items()}
+            crop["data"] = data
         crops.append(crop)
     return crops

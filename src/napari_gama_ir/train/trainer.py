@@ -494,21 +494,23 @@ class Trainer:
         """PSNR and SSIM (data range 1) of the network on the held-out crops, or the objective's loss.
 
         With clean images the network restores each noisy crop (synthetic noise drawn from a
-        generator fixed by the seed) and is scored against the clean crop; without them the
-        self-supervised loss on the crops, with fixed masks, is reported instead.
+        generator fixed by the seed) and is scored against the clean crop, where it holds data;
+        without them the self-supervised loss on the crops, with fixed masks, is reported instead
+        (with any no data as filled).
         """
         self.model.eval()
         scores: dict[str, list[float]] = {}
         with torch.inference_mode():
             for index, crop in enumerate(self.validation):
                 rng = np.random.default_rng([self.settings.seed, 1 << 40, index])
-                arrays = self.objective.inputs({k: v[None] for k, v in crop.items()}, rng)
+                data = crop.get("data")  # where the crop holds data; None: everywhere
+                arrays = self.objective.inputs({k: v[None] for k, v in crop.items() if k != "data"}, rng)
                 tensors = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
                 if "target" in arrays and self.objective.needs_clean:
                     restored = self.model(tensors["input"])[0].float().cpu().numpy()
-                    scores.setdefault("psnr", []).append(psnr(crop["clean"], restored))
-                    scores.setdefault("ssim", []).append(ssim(crop["clean"], restored))
-                    scores.setdefault("psnr_input", []).append(psnr(crop["clean"], arrays["input"][0]))
+                    scores.setdefault("psnr", []).append(psnr(crop["clean"], restored, where=data))
+                    scores.setdefault("ssim", []).append(ssim(crop["clean"], restored, where=data))
+                    scores.setdefault("psnr_input", []).append(psnr(crop["clean"], arrays["input"][0], where=data))
                 else:
                     scores.setdefault("loss", []).append(float(self.objective(self.model, tensors)))
         self.model.train()
