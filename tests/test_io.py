@@ -155,6 +155,53 @@ def test_an_ome_zarr_output_of_large_planes_has_lower_resolutions(tmp_path, monk
     assert [level.shape for level in open_image(tmp_path / "line.ome.zarr").levels] == [(2, 100), (1, 50)]
 
 
+def _halved_levels(data: np.ndarray, count: int, rgb: bool) -> list[np.ndarray]:
+    """``count`` levels below ``data``, each the rounded 2 x 2 means of the one before."""
+    levels = [data]
+    for _ in range(count):
+        last = levels[-1] if rgb else levels[-1][..., None]  # Y and X are the 3rd and 2nd last axes
+        rows, cols = last.shape[-3] // 2, last.shape[-2] // 2
+        blocks = last[..., : 2 * rows, : 2 * cols, :].reshape(*last.shape[:-3], rows, 2, cols, 2, last.shape[-1])
+        mean = np.rint(blocks.astype(np.float32).mean(axis=(-4, -2))).astype(data.dtype)
+        levels.append(mean if rgb else mean[..., 0])
+    return levels[1:]
+
+
+@pytest.mark.parametrize("rgb", [False, True])
+def test_an_ome_tiff_output_of_large_planes_has_lower_resolutions(tmp_path, monkeypatch, rgb):
+    """QuPath shows a slide from its lower resolutions, and read a restored slide of one level
+    whole: an OME-TIFF gets the levels an OME-Zarr gets, as tiled SubIFDs of each page."""
+    from napari_gama_ir.engine import io
+
+    monkeypatch.setattr(io, "PYRAMID_SIDE", 16)
+    monkeypatch.setattr(io, "PYRAMID_TILE", 16)
+    rng = np.random.default_rng(0)
+    if rgb:  # whole pages
+        data, axes = rng.integers(0, 256, (71, 50, 3), dtype=np.uint8), "YXC"
+        array = da.from_array(data, chunks=data.shape)
+    else:  # a stack restored in blocks, written a tile a block
+        data, axes = (rng.random((2, 71, 50)) * 4000).astype(np.uint16), "ZYX"
+        array = da.from_array(data, chunks=(1, 32, 32))
+    write_image(array, tmp_path / "slide.ome.tif", axes, attrs={"pixel_size": {"Y": [0.5, "micrometer"],
+                                                                             "X": [0.5, "micrometer"]}})
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.ome.tif"]  # no scratch levels left
+    with tifffile.TiffFile(tmp_path / "slide.ome.tif") as tif:
+        series = tif.series[0]
+        assert tif.is_ome and len(tif.series) == 1 and len(series.levels) == 4
+        assert [level.shape[-3 if rgb else -2:][:2] for level in series.levels] == [(71, 50), (35, 25), (17, 12), (8, 6)]
+        for level, expected in zip(series.levels[1:], _halved_levels(data, 3, rgb)):
+            assert level.keyframe.tilewidth == 16 and np.array_equal(level.asarray(), expected)
+        resolutions = [level.keyframe.get_resolution() for level in series.levels[:2]]
+        assert resolutions[1] == pytest.approx(tuple(r / 2 for r in resolutions[0]))
+    source = open_image(tmp_path / "slide.ome.tif")
+    assert np.array_equal(source.array.compute(), data) and source.pixel_size["X"] == (0.5, "micrometer")
+    # A failure while the levels are written leaves nothing behind, their scratch neither.
+    monkeypatch.setattr(io, "_halved", lambda part: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        write_image(array, tmp_path / "failed.ome.tif", axes)
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.ome.tif"]
+
+
 def test_ome_tiff_output_holds_the_pixel_sizes_and_attributes_in_its_ome_xml(tmp_path):
     import json
 
@@ -473,12 +520,12 @@ def test_an_uncompressed_output_its_disk_has_no_room_for_is_refused_before_compu
 
 @pytest.mark.parametrize("fills_the_disk", [True, False])
 def test_a_tiff_whose_disk_fills_while_it_is_written_says_so(tmp_path, monkeypatch, fills_the_disk):
-    def failing_write(path, **options):
+    def failing_write(writer, **options):
         if fills_the_disk:
             _disk_with_free_space(monkeypatch, 100)  # another writer took the rest after the check
         raise OSError("262144 requested and 261964 written")  # tifffile's words for it
 
-    monkeypatch.setattr(tifffile, "imwrite", failing_write)
+    monkeypatch.setattr(tifffile.TiffWriter, "write", failing_write)
     expected = (ImageIOError, "its disk ran out of space while the TIFF was written") if fills_the_disk else (
         OSError, "^262144 requested")  # any other failure as it came
     with pytest.raises(expected[0], match=expected[1]):

@@ -120,8 +120,10 @@ CLASSIC_TIFF_BYTES = 2**32 - 2**26  # pixels that leave room for the page entrie
 OME_AXIS_TYPES = {"T": "time", "C": "channel", "Z": "space", "Y": "space", "X": "space"}
 #: Key of the channels' names (DAPI, GFP...) in outputs' attributes; OME outputs also name them as OME does.
 CHANNELS_ATTRIBUTE = "channel_names"
-#: An OME-Zarr output gets lower-resolution levels until a plane's larger side is at most this.
+#: An OME-Zarr or OME-TIFF output gets lower-resolution levels until a plane's larger side is at most this.
 PYRAMID_SIDE = 2048
+#: The TIFF tile side of an OME-TIFF's lower resolutions (and of their scratch zarr's chunks).
+PYRAMID_TILE = 512
 
 
 class ImageIOError(ValueError):
@@ -832,16 +834,14 @@ def set_output_attrs(path: str | os.PathLike, axes: str, attrs: dict[str, Any], 
 
 def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
                      cancel: threading.Event | None = None) -> None:
-    """Write the lower-resolution levels ``"1"``, ``"2"``... of the OME-Zarr image at ``path``,
-    whose level ``"0"`` is written: each halves the Y and X of the one before
-    (the mean of 2 x 2 pixels, an odd last row or column left out), until a plane's larger side is
-    at most :data:`PYRAMID_SIDE`, or its smaller side a single pixel (a line scan's). napari shows
-    the level that fits the screen; a restored slide scan of one level was read whole to be shown.
-    Chunks are those of level 0, read back from it."""
+    """Write the lower-resolution levels ``"1"``, ``"2"``... (:func:`pyramid_levels`) of the
+    OME-Zarr image at ``path``, whose level ``"0"`` is written: each the mean of 2 x 2 pixels of
+    the one before. napari shows the level that fits the screen; a restored slide scan of one
+    level was read whole to be shown. Chunks are those of level 0, read back from it."""
     y, x = axes.index("Y"), axes.index("X")
     level = zarr.open_array(str(Path(path) / "0"), mode="r")
     chunks, count = level.chunks, 0
-    while max(level.shape[y], level.shape[x]) > PYRAMID_SIDE and min(level.shape[y], level.shape[x]) > 1:
+    for _ in pyramid_levels(level.shape[y], level.shape[x]):
         doubled = tuple(2 * c if i in (y, x) else c for i, c in enumerate(chunks))
         halved = da.coarsen(_mean_as, da.from_array(level, chunks=doubled), {y: 2, x: 2}, trim_excess=True,
                             dtype=level.dtype)
@@ -850,6 +850,25 @@ def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
         for _ in store_chunks(halved.rechunk(chunks), target, workers, cancel):
             pass
         level = target
+
+
+def pyramid_levels(height: int, width: int) -> list[tuple[int, int]]:
+    """The (Y, X) sizes of the lower resolutions that an OME output of ``height`` x ``width``
+    planes gets: each halves the one before (an odd last row or column left out), until the larger
+    side is at most :data:`PYRAMID_SIDE` or the smaller a single pixel (a line scan's)."""
+    levels = []
+    while max(height, width) > PYRAMID_SIDE and min(height, width) > 1:
+        height, width = height // 2, width // 2
+        levels.append((height, width))
+    return levels
+
+
+def _halved(pixels: np.ndarray) -> np.ndarray:
+    """The mean of each 2 x 2 pixels of a (Y, X[, S]) part, an odd last row or column left out,
+    in its dtype (as :func:`write_ome_levels`)."""
+    rows, cols = pixels.shape[0] // 2, pixels.shape[1] // 2
+    blocks = pixels[: 2 * rows, : 2 * cols].reshape(rows, 2, cols, 2, *pixels.shape[2:])
+    return _mean_as(blocks, axis=(1, 3), dtype=pixels.dtype)
 
 
 def _mean_as(pixels: np.ndarray, axis: tuple[int, ...] | None = None, *, dtype: np.dtype) -> np.ndarray:
@@ -1008,7 +1027,10 @@ def _write_tiff(
     ``attrs`` go into the description as JSON (an ImageJ hyperstack's: into its Info, beside its
     calibration and the ``imagej_display`` that fits it); an OME-TIFF's description is its
     OME-XML, which then holds the pixel sizes and channel names, and ``attrs`` as the image's
-    description.
+    description. An OME-TIFF of grey or RGB planes larger than :data:`PYRAMID_SIDE` gets the
+    lower resolutions an OME-Zarr gets (:func:`pyramid_levels`), as tiled SubIFDs of each page:
+    QuPath shows a slide from them, and read a restored slide of one level whole. Each level is
+    halved from the one before as that is written, through a scratch zarr beside the file.
     """
     import tifffile
 
@@ -1016,21 +1038,23 @@ def _write_tiff(
     pages = array.reshape((-1,) + array.shape[-page_ndim:])
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
     tile = _tiff_tile(pages, page_ndim == 2 or rgb)
+    count, height, width = pages.shape[:3]
     if tile is None:  # a chunk of several small planes is computed once, not once a page
         starts = np.cumsum((0,) + pages.chunks[0][:-1])
         chunks = (pages[start:start + size] for start, size in zip(starts, pages.chunks[0]))
-        data = (page for chunk in _computed_in_order(chunks, workers, cancel) for page in chunk)
+        parts = (page for chunk in _computed_in_order(chunks, workers, cancel) for page in chunk)
+        places = [(index, 0, 0) for index in range(count)]
     else:
-        data = _computed_in_order((
-            pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))]
-            for index in range(pages.shape[0])
-            for row in range(0, pages.shape[1], tile[0])
-            for col in range(0, pages.shape[2], tile[1])
+        places = _tile_places(count, height, width, tile)
+        parts = _computed_in_order((
+            pages[(index, slice(row, row + tile[0]), slice(col, col + tile[1]))] for index, row, col in places
         ), workers, cancel)
     sizes = from_attribute(attrs.get(PIXEL_SIZE_ATTRIBUTE), axes)
     page_axes = axes.replace("C", "S") if rgb else axes
     metadata = {"axes": page_axes}
-    options = {"bigtiff": True, **tiff_resolution(sizes)}
+    writer = {"bigtiff": True, "ome": ome}
+    resolution = tiff_resolution(sizes)
+    levels = pyramid_levels(height, width) if ome and (page_ndim == 2 or rgb) else []
     if ome:
         metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
         names = _channels_of(attrs, axes, array.shape)
@@ -1042,29 +1066,75 @@ def _write_tiff(
         calibration = imagej_calibration(sizes)
         metadata.update(calibration["metadata"], Info=json.dumps(attrs))
         metadata.update(_display_for(imagej_display or {}, array.shape[axes.index("C")] if "C" in axes else 1))
-        options = {"imagej": True, "resolution": calibration.get("resolution")}
+        writer, resolution = {"imagej": True, "ome": False}, {"resolution": calibration.get("resolution")}
     else:
         metadata.update(attrs)
+    photometric = "rgb" if rgb else "minisblack"
+    # Named as this process's partial output is, so that a killed run's goes with it (_remove_abandoned_partials).
+    head, _, pid = path.name.rpartition("-")
+    scratch = path.with_name(f"{head}-levels-{pid}")
     try:
-        tifffile.imwrite(
-            path,
-            data=data,
-            tile=tile,
-            shape=array.shape,
-            dtype=array.dtype,
-            photometric="rgb" if rgb else "minisblack",
-            metadata=metadata,
-            ome=ome,
-            iccprofile=icc_profile,
-            **options,
-        )
+        samples = pages.shape[3:]
+        stores = [
+            create_zarr_output(scratch / str(level), (count, *size, *samples), (1, PYRAMID_TILE, PYRAMID_TILE, *samples),
+                               array.dtype)
+            for level, size in enumerate(levels, 1)
+        ]
+        with tifffile.TiffWriter(path, **writer) as tif:
+            tif.write(
+                data=_halving_into(parts, places, stores[:1]), tile=tile, shape=array.shape, dtype=array.dtype,
+                photometric=photometric, metadata=metadata, iccprofile=icc_profile, subifds=len(levels) or None,
+                **resolution,
+            )
+            for level, (store, size) in enumerate(zip(stores, levels), 1):
+                level_places = _tile_places(count, *size, (PYRAMID_TILE, PYRAMID_TILE))
+                level_parts = (_read_checked(store, place, cancel) for place in level_places)
+                tif.write(
+                    data=_halving_into(level_parts, level_places, stores[level:level + 1]),
+                    tile=(PYRAMID_TILE, PYRAMID_TILE), shape=(count, *size, *samples), dtype=array.dtype,
+                    photometric=photometric, subfiletype=1, metadata=None, **_reduced(resolution, 2**level),
+                )
     except OSError as error:
         # A disk that others filled after the check of its free space: tifffile says only
         # "262144 requested and 261964 written".
         if shutil.disk_usage(path.parent).free >= pages[0].nbytes:
             raise
         raise ImageIOError(f"{path.parent}: its disk ran out of space while the TIFF was written ({error})") from None
-    yield pages.shape[0], pages.shape[0]
+    finally:
+        _remove(scratch)
+    yield count, count
+
+
+def _tile_places(count: int, height: int, width: int, tile: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(page, row, column) of each tile of ``count`` pages of ``height`` x ``width``, in TIFF order."""
+    return [(index, row, col) for index in range(count)
+            for row in range(0, height, tile[0]) for col in range(0, width, tile[1])]
+
+
+def _read_checked(store: zarr.Array, place: tuple[int, int, int], cancel: threading.Event | None) -> np.ndarray:
+    """The :data:`PYRAMID_TILE` tile of ``store`` at ``place``, unless ``cancel`` is set."""
+    check_cancel(cancel)
+    index, row, col = place
+    return store[index, row:row + PYRAMID_TILE, col:col + PYRAMID_TILE]
+
+
+def _halving_into(
+    parts: Iterator[np.ndarray], places: list[tuple[int, int, int]], lower: list[zarr.Array],
+) -> Iterator[np.ndarray]:
+    """``parts`` (pages or tiles, at ``places``: page, row, column) as they come, each also halved
+    (:func:`_halved`) into its place in the next lower resolution, where ``lower`` holds it."""
+    for part, (index, row, col) in zip(parts, places):
+        if lower:
+            half = _halved(part)
+            lower[0][index, row // 2:row // 2 + half.shape[0], col // 2:col // 2 + half.shape[1]] = half
+        yield part
+
+
+def _reduced(resolution: dict[str, Any], factor: int) -> dict[str, Any]:
+    """The TIFF resolution arguments of a level ``factor`` times coarser: as many fewer pixels a unit."""
+    if not resolution:
+        return {}
+    return {**resolution, "resolution": tuple(r / factor for r in resolution["resolution"])}
 
 
 def _display_for(display: dict[str, Any], channels: int) -> dict[str, Any]:
