@@ -840,13 +840,12 @@ def write_ome_levels(path: str | os.PathLike, axes: str, workers: int = 2,
     level was read whole to be shown. Chunks are those of level 0, read back from it."""
     y, x = axes.index("Y"), axes.index("X")
     level = zarr.open_array(str(Path(path) / "0"), mode="r")
-    chunks, count = level.chunks, 0
-    for _ in pyramid_levels(level.shape[y], level.shape[x]):
+    chunks = level.chunks
+    for number in range(1, len(pyramid_levels(level.shape[y], level.shape[x])) + 1):
         doubled = tuple(2 * c if i in (y, x) else c for i, c in enumerate(chunks))
         halved = da.coarsen(_mean_as, da.from_array(level, chunks=doubled), {y: 2, x: 2}, trim_excess=True,
                             dtype=level.dtype)
-        count += 1
-        target = create_zarr_output(Path(path) / str(count), halved.shape, chunks, level.dtype)
+        target = create_zarr_output(Path(path) / str(number), halved.shape, chunks, level.dtype)
         for _ in store_chunks(halved.rechunk(chunks), target, workers, cancel):
             pass
         level = target
