@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_gama_ir import create_model, save_checkpoint
+from napari_gama_ir import create_model, load_checkpoint, save_checkpoint
 from napari_gama_ir.samples import noisy_fluorescence_stack
 
 from .conftest import make_tiny_model
@@ -55,6 +55,17 @@ def test_train_register_and_evaluate(capsys, tmp_path, fluorescence):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert len(scores["images"]) == 6
     assert scores["mean"]["psnr"] == pytest.approx(float(lines[-1].split()[2]), abs=0.01)
+
+
+def test_a_network_trained_on_a_microscopes_three_channels_is_no_colour_network(capsys, tmp_path):
+    noisy, clean = noisy_fluorescence_stack(planes=6, size=48)
+    for name, stack in (("noisy", noisy), ("clean", clean.astype(np.float32))):
+        tifffile.imwrite(tmp_path / f"{name}.tif", stack.reshape(2, 3, 48, 48), imagej=True, metadata={"axes": "ZCYX"})
+    code, _, err = run_cli(capsys, "train", "--noisy", tmp_path / "noisy.tif", "--clean", tmp_path / "clean.tif",
+                           "-o", tmp_path / "run", *FAST)
+    assert code == 0, err
+    config = load_checkpoint(tmp_path / "run" / "model.json").config
+    assert (config.in_channels, config.channel_meaning) == (3, "3 channels")
 
 
 def test_evaluate_checks_the_report_folder_before_restoring(capsys, tmp_path, fluorescence):

@@ -190,3 +190,12 @@ def test_rgba_layers_train_on_their_colours(make_napari_viewer):
     data = widget._data()
     assert data.channels == 3 and data.pairs[0].axes == "YXC"  # the opacity channel is left out
     assert np.array_equal(data.pairs[0].noisy.compute(), rgba[..., :3])
+
+
+def test_a_layer_of_a_microscopes_channels_trains_no_colour_network(make_napari_viewer):
+    viewer = make_napari_viewer()
+    stains = np.random.default_rng(0).random((3, 48, 48), dtype=np.float32)  # DAPI, GFP, RFP
+    viewer.add_image(stains, name="noisy")
+    widget = open_widget(viewer, "Fine-tune")
+    widget.noisy.value, widget.clean.value, widget.axes.value = "noisy", SELF_SUPERVISED, "CYX"
+    assert widget._data().colour is False  # a new network of it is "3 channels", not "rgb" (test_train)

@@ -482,6 +482,12 @@ def test_fine_tuning_starts_from_a_checkpoint_with_matching_channels(tmp_path):
     assert weights_equal(new, again)
     with pytest.raises(ValueError, match="no pretrained weights"):
         starting_model(3, source="gama_ir_s")
+    # A microscope's three channels made an "rgb" network, which grey fine-tuning then averaged.
+    assert new.config.channel_meaning == "rgb"
+    stains, _ = starting_model(3, architecture="gama_ir_xs", colour=False)
+    assert stains.config.channel_meaning == "3 channels"
+    with pytest.raises(ValueError, match="takes 3 channel"):
+        starting_model(1, source=save_checkpoint(stains, tmp_path / "stains"))
 
 
 def test_a_colour_network_made_grey_gives_the_mean_of_its_colour_outputs(tmp_path):

@@ -439,6 +439,7 @@ def run_train(args: argparse.Namespace) -> None:
         model, start = starting_model(
             data.channels, source=args.from_, architecture=args.arch or "gama_ir_xs", patch=settings.patch,
             normalization=default_normalization(data.dtype, args.normalization), seed=settings.seed,
+            colour=data.colour,
         )
     if args.scheduler or args.workers:
         from .train.distributed import DistributedTrainer

@@ -223,7 +223,7 @@ class FineTuneWidget(QWidget):
         axes = parse_axes(self.axes.value, layer_data(noisy_layer).ndim)
         noisy = _colours(noisy_layer, axes)
         clean = None if clean_layer is None else _colours(clean_layer, axes)
-        return data_from_arrays(noisy, clean, axes=axes, name=noisy_layer.name)
+        return data_from_arrays(noisy, clean, axes=axes, name=noisy_layer.name, rgb=bool(noisy_layer.rgb))
 
     def _settings(self) -> TrainSettings:
         return TrainSettings(
@@ -245,7 +245,7 @@ class FineTuneWidget(QWidget):
             if choice.startswith(NEW):
                 model, start = starting_model(
                     data.channels, architecture=choice.removeprefix(NEW), patch=settings.patch,
-                    normalization=default_normalization(data.dtype), seed=settings.seed,
+                    normalization=default_normalization(data.dtype), seed=settings.seed, colour=data.colour,
                 )
             else:
                 # The normalisation counts only where a colour model is made grey for grey data.

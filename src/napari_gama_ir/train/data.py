@@ -190,7 +190,9 @@ def data_from_arrays(
     name : str
         Name used in messages and in the checkpoint's record.
     rgb : bool, optional
-        Whether a last axis of 3 or 4 holds colours, when guessing the axes.
+        Whether a last axis of 3 or 4 holds colours, when guessing the axes; False also says that
+        a ``C`` axis holds a microscope's channels (:attr:`ImagePair.colour`), as a napari layer
+        that is not RGB does.
     """
     arrays = [None if a is None else as_dask(a)[0] for a in (noisy, clean)]
     present = [a for a in arrays if a is not None]
@@ -199,7 +201,7 @@ def data_from_arrays(
     _check_same_shape(name, *arrays)
     shape = present[0].shape
     axes = parse_axes(axes, len(shape)) if axes else guess_axes(shape, rgb=rgb)
-    return TrainingData([ImagePair(name, axes, *arrays)], {"source": name})
+    return TrainingData([ImagePair(name, axes, *arrays, colour=False if rgb is False else None)], {"source": name})
 
 
 def data_from_paths(

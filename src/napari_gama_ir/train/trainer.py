@@ -780,6 +780,7 @@ def starting_model(
     patch: int = 64,
     normalization: dict[str, Any] | None = None,
     seed: int = 0,
+    colour: bool | None = None,
 ) -> tuple[GamaIR, dict[str, Any]]:
     """The network to train: fine-tuned from ``source`` or a new ``architecture``.
 
@@ -797,6 +798,11 @@ def starting_model(
         Recorded in the new network's config (training patch size, intensity normalisation) and
         used to seed its initial weights. A fine-tuned network keeps its own, except that a colour
         network made grey takes ``normalization`` (when given).
+    colour : bool or None
+        False where the channels are a microscope's, not a picture's colours
+        (:attr:`TrainingData.colour`): three of them then make a new network of "3 channels", not
+        an RGB one, which a later fine-tuning on grey images would make grey by averaging its
+        channels' outputs (DAPI's, GFP's and RFP's).
 
     Returns
     -------
@@ -817,7 +823,7 @@ def starting_model(
         return model, start
     config = get_spec(architecture).config.replace(
         in_channels=channels, out_channels=channels, train_patch_size=patch,
-        channel_meaning={1: "grey", 3: "rgb"}.get(channels, f"{channels} channels"),
+        channel_meaning={1: "grey", 3: "rgb" if colour is not False else None}.get(channels) or f"{channels} channels",
         normalization=normalization or {"method": "range"},
     )
     with torch.random.fork_rng():
