@@ -266,6 +266,66 @@ def test_a_folder_names_the_photos_it_leaves_out_and_keeps_a_confocal_stack_a_ti
     assert open_image(tmp_path / "restored" / "cells.tif").axes == "ZYX"
 
 
+def test_a_folder_of_folders_is_restored_with_recursive_and_resumed(capsys, tmp_path, grey_checkpoint):
+    """A plate's export (a folder a well) or a phone's (a folder a day) restored only the top
+    folder's images, without a word; a folder run stopped by a bad image had to start again from
+    the first image with --overwrite."""
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(0)
+    plate = tmp_path / "plate"
+    names = ["overview.png", "A01/a.png", "A02/site1/a.png", "A02/site1/b.png", ".thumbs/a.png"]
+    for name in names:
+        (plate / name).parent.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(plate / name, rng.integers(0, 256, (24, 32), dtype=np.uint8))
+    zarr.open_array(str(plate / "A01" / "cells.zarr"), mode="w", shape=(2, 24, 32), dtype=np.float32)[:] = 1
+    (plate / "A01" / "IMG_1.HEIC").write_bytes(b"\x00" * 16)
+    model = ["--model", grey_checkpoint, "-q"]
+    code, _, err = run_cli(capsys, "restore", plate / "A02", "-o", tmp_path / "top", *model)
+    assert code == 2 and err.strip().endswith(
+        "no images in it, but 1 folder(s) of images inside it (such as site1); add --recursive to restore them")
+    code, _, err = run_cli(capsys, "restore", plate, "-o", tmp_path / "top", *model)
+    assert code == 0 and err.strip().splitlines()[0] == (
+        f"left out 2 folder(s) of images inside {plate} (such as A01); add --recursive to restore them too")
+    assert [p.name for p in (tmp_path / "top").iterdir()] == ["overview.png"]
+
+    (plate / "A02" / "site1" / "b.png").write_bytes(b"broken")
+    code, _, err = run_cli(capsys, "restore", plate, "-o", tmp_path / "all", "-r", *model)
+    assert code == 2 and "b.png: not a readable picture" in err
+    assert not (tmp_path / "all").exists()  # every image is opened before the first is restored
+    iio.imwrite(plate / "A02" / "site1" / "b.png", rng.integers(0, 256, (24, 32), dtype=np.uint8))
+    code, _, err = run_cli(capsys, "restore", plate, "-o", tmp_path / "all", "-r", *model)
+    assert code == 0, err
+    restored = sorted(str(p.relative_to(tmp_path / "all")) for p in (tmp_path / "all").rglob("*.*") if p.is_file()
+                      and ".zarr" not in str(p))
+    assert restored == ["A01/a.png", "A02/site1/a.png", "A02/site1/b.png", "overview.png"]
+    assert open_image(tmp_path / "all" / "A01" / "cells.zarr").array.shape == (2, 24, 32)
+    assert err.strip().splitlines() == [
+        "left out 1 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF, then restore that",
+        f"restored 5 images into {tmp_path / 'all'}",
+    ]
+    alone = tmp_path / "alone.png"
+    run_cli(capsys, "restore", plate / "A02" / "site1" / "a.png", "-o", alone, *model)
+    assert np.array_equal(iio.imread(tmp_path / "all" / "A02" / "site1" / "a.png"), iio.imread(alone))
+
+    # Stopped by an image, then resumed: the images restored already are skipped, not redone.
+    (tmp_path / "all" / "A02" / "site1" / "b.png").unlink()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "all").rglob("*.png")}
+    code, _, err = run_cli(capsys, "restore", plate, "-o", tmp_path / "all", "-r", *model)
+    assert code == 2 and "overview.png: already exists (pass --overwrite to replace it, or --resume to skip it)" in err
+    code, _, err = run_cli(capsys, "restore", plate, "-o", tmp_path / "all", "-r", "--resume", *model)
+    assert code == 0, err
+    assert err.strip().splitlines()[1:] == ["resuming: 4 of 5 images restored already",
+                                            f"restored 1 images into {tmp_path / 'all'}"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before and (tmp_path / "all" / "A02" / "site1" / "b.png").is_file()
+    for argv, message in [
+        (["-o", tmp_path / "all", "--resume", "--overwrite"], "give --resume (skip the images restored already) or "),
+        (["-o", plate / "restored"], "with --recursive, the output folder must not lie inside the input folder"),
+    ]:
+        code, _, err = run_cli(capsys, "restore", plate, "-r", *argv, *model)
+        assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, err
+
+
 def test_several_images_are_restored_into_a_folder_as_cp_copies_files(capsys, tmp_path, grey_checkpoint):
     """The shell's expansion of `restore *.png -o restored/` was "unrecognized arguments"."""
     import imageio.v3 as iio
@@ -291,7 +351,7 @@ def test_several_images_are_restored_into_a_folder_as_cp_copies_files(capsys, tm
         (["a.png", "b.png"], "one.png", "one.png: several images are restored into a folder, not into one image"),
         (["a.png", "day2"], "again", "day2: a folder; give one folder, or images"),
         (["a.png", "b.png"], ".", "a.png: the output must not be the input"),
-        (["a.png", "b.png"], "restored", "restored/a.png: already exists (pass --overwrite to replace it)"),
+        (["a.png", "b.png"], "restored", "restored/a.png: already exists (pass --overwrite to replace it, or --resume"),
     ]:
         overwrite = ["--overwrite"] if output == "." else []  # else "already exists" would come first
         code, _, err = run_cli(capsys, "restore", *[tmp_path / i for i in inputs], "-o", tmp_path / output,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import functools
 import json
@@ -35,6 +36,7 @@ from .engine.io import (
     check_output_path,
     folder_images,
     folder_not_read,
+    image_folders,
     image_suffix,
     is_zarr_store,
     no_images_message,
@@ -205,15 +207,32 @@ def _restore_image(
 
 
 def _restore_folder(args: argparse.Namespace, folder: Path) -> Path:
-    """Every image of ``folder`` into the folder ``args.output`` (:func:`_restore_into_folder`)."""
-    paths = folder_images(folder)
+    """Every image of ``folder``, and with ``--recursive`` of the folders in it, at any depth, into
+    the folder ``args.output``, each image of a folder in it into its counterpart there
+    (:func:`_restore_into_folder`)."""
+    inner = image_folders(folder)[1:]
+    folders = [folder, *inner] if args.recursive else [folder]
+    paths = [path for each in folders for path in folder_images(each).values()]
+    with_images = [] if args.recursive else [each for each in inner if folder_images(each)]
     if not paths:
+        if with_images:  # a microscope's export of a folder a well, or a phone's of a folder a day
+            raise UsageError(f"{folder}: no images in it, but {len(with_images)} folder(s) of images inside it "
+                             f"(such as {with_images[0].relative_to(folder)}); add --recursive to restore them")
         raise UsageError(no_images_message(folder))
-    for suffix, count in folder_not_read(folder).items():
+    left_out = collections.Counter()
+    for each in folders:
+        left_out.update(folder_not_read(each))
+    for suffix, count in sorted(left_out.items()):
         print(f"left out {count} {suffix} file(s): {NOT_READ[suffix]}", file=sys.stderr)
-    if Path(args.output).resolve() == folder.resolve():
+    if with_images:
+        print(f"left out {len(with_images)} folder(s) of images inside {folder} (such as "
+              f"{with_images[0].relative_to(folder)}); add --recursive to restore them too", file=sys.stderr)
+    output = Path(args.output).resolve()
+    if output == folder.resolve():
         raise UsageError(f"{args.output}: the output folder must not be the input folder")
-    return _restore_into_folder(args, list(paths.values()), "a folder is restored")
+    if args.recursive and folder.resolve() in output.parents:  # its next run would restore the restored
+        raise UsageError(f"{args.output}: with --recursive, the output folder must not lie inside the input folder")
+    return _restore_into_folder(args, paths, "a folder is restored", base=folder)
 
 
 def _restore_files(args: argparse.Namespace, paths: list[Path]) -> Path:
@@ -227,23 +246,28 @@ def _restore_files(args: argparse.Namespace, paths: list[Path]) -> Path:
     return _restore_into_folder(args, paths, "several images are restored")
 
 
-def _restore_into_folder(args: argparse.Namespace, paths: list[Path], what: str) -> Path:
-    """``paths`` into the folder ``args.output`` (made if missing), each under its own name;
-    ``what`` says in errors what is restored ("a folder is restored").
+def _restore_into_folder(args: argparse.Namespace, paths: list[Path], what: str, base: Path | None = None) -> Path:
+    """``paths`` into the folder ``args.output`` (made if missing), each under its own name, in the
+    folder there that matches its own inside ``base`` if given; ``what`` says in errors what is
+    restored ("a folder is restored").
 
     Outputs keep the input's format where it can be written; other pictures (BMP, WebP) become
     PNG. Every input is opened, and every output checked, before the first image is restored; an
-    error stops the run there, with the images before it complete.
+    error stops the run there, with the images before it complete. ``--resume`` then skips those:
+    an output is written under a temporary name and renamed when complete, so one that exists is.
     """
-    if args.scheduler or args.workers or args.resume:
-        raise UsageError(f"{what} on this machine; --scheduler, --workers and --resume take one image")
+    if args.scheduler or args.workers:
+        raise UsageError(f"{what} on this machine; --scheduler and --workers take one image")
+    if args.resume and args.overwrite:
+        raise UsageError("give --resume (skip the images restored already) or --overwrite (restore them again), not both")
     target = Path(args.output)
     if target.exists() and not target.is_dir():
         raise UsageError(f"{target}: not a folder ({what} into a folder)")
     if not target.resolve().parent.is_dir():
         raise UsageError(f"{target}: folder {target.resolve().parent} does not exist")
     sources = [open_image(path) for path in paths]
-    outputs = [target / _output_name(path) for path in paths]
+    outputs = [target / path.parent.relative_to(base) / _output_name(path) if base else target / _output_name(path)
+               for path in paths]
     first_with: dict[Path, Path] = {}
     for output, path in zip(outputs, paths):
         if output in first_with:
@@ -253,17 +277,22 @@ def _restore_into_folder(args: argparse.Namespace, paths: list[Path], what: str)
         first_with[output] = path
         if output.resolve() == path.resolve():
             raise UsageError(f"{output}: the output must not be the input")
-        if output.exists() and not args.overwrite:
-            raise UsageError(f"{output}: already exists (pass --overwrite to replace it)")
+        if output.exists() and not (args.overwrite or args.resume):
+            raise UsageError(f"{output}: already exists (pass --overwrite to replace it, or --resume to skip it)")
+    pending = [(source, output) for source, output in zip(sources, outputs) if not (args.resume and output.exists())]
+    if len(pending) < len(sources):
+        print(f"resuming: {len(sources) - len(pending)} of {len(sources)} images restored already", file=sys.stderr)
     target.mkdir(exist_ok=True)
     load = functools.cache(load_model)  # read and checked (SHA-256) once per model, not once per image
-    for done, (source, output) in enumerate(zip(sources, outputs)):
+    each = argparse.Namespace(**{**vars(args), "resume": False})  # an image's --resume is a cluster run's
+    for done, (source, output) in enumerate(pending):
         try:
+            output.parent.mkdir(parents=True, exist_ok=True)
             check_output_path(output, [source.path], args.overwrite)
-            _restore_image(args, source, output, label=f"{done + 1}/{len(sources)} {source.path.name}", load=load)
+            _restore_image(each, source, output, label=f"{done + 1}/{len(pending)} {source.path.name}", load=load)
         except (ValueError, OSError) as error:
-            raise UsageError(f"{error} ({done} of {len(sources)} images restored before it)") from None
-    print(f"restored {len(sources)} images into {target}", file=sys.stderr)
+            raise UsageError(f"{error} ({done} of {len(pending)} images restored before it)") from None
+    print(f"restored {len(pending)} images into {target}", file=sys.stderr)
     return target
 
 
@@ -673,7 +702,7 @@ def _demo_restore(args, noisy: np.ndarray, clean: np.ndarray, axes: str, noisy_p
         untrained=False, axes=axes, tile=args.tile, overlap=args.overlap,
         mean_mode=DEFAULT_MEAN_MODE, device=args.device, precision="fp32", batch=None,
         output_dtype="input", quiet=args.quiet, compile=False, cuda_graphs=None, scheduler=None, workers=None,
-        resume=False, block=None,
+        resume=False, block=None, recursive=False,
     )
     run_restore(restore_args)
     restored = open_image(restored_path).array.compute()
@@ -779,11 +808,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "largest blocks that do)")
     restore_cmd.add_argument("--output-dtype", help="float32 (the default; input for a photo, and for .png or .jpg output), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    restore_cmd.add_argument("-r", "--recursive", action="store_true",
+                             help="restore the images of the input folder's folders too, at any depth, each into the "
+                                  "same folder inside --output")
     cluster = restore_cmd.add_argument_group("cluster (dask.distributed; zarr output, written by the workers)")
     cluster.add_argument("--scheduler", metavar="ADDRESS", help="restore on an existing cluster, e.g. tcp://host:8786")
     cluster.add_argument("--workers", type=int, help="start a local cluster of this many worker processes")
     cluster.add_argument("--threads-per-worker", type=int, default=1, help="threads (and torch threads) per local worker (default 1)")
-    cluster.add_argument("--resume", action="store_true", help="continue an interrupted run into the same output, skipping finished chunks")
+    cluster.add_argument("--resume", action="store_true", help="continue an interrupted run into the same output, skipping finished chunks (of a folder or several images: skipping the images restored already)")
     restore_cmd.add_argument("--compile", action="store_true",
                              help="run the network through torch.compile (faster once compiled; checked against eager, falls back on failure)")
     restore_cmd.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,

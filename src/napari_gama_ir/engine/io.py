@@ -500,6 +500,16 @@ def folder_images(folder: Path) -> dict[str, Path]:
     }
 
 
+def image_folders(folder: Path) -> list[Path]:
+    """``folder`` and every folder in it, at any depth, in name order: those its images may lie in.
+    Hidden folders, zarr stores (images themselves) and links (which may lead back up) are left out."""
+    found = [folder]
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and not path.is_symlink() and not path.name.startswith(".") and not is_zarr_store(path):
+            found += image_folders(path)
+    return found
+
+
 def folder_not_read(folder: Path) -> dict[str, int]:
     """How many files of each format of :data:`NOT_READ` ``folder`` holds (``folder_images`` leaves
     them out): a folder of an iPhone's HEIC photos was "no images found", and HEIC photos beside
