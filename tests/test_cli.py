@@ -241,25 +241,31 @@ def test_restore_a_folder_of_images(capsys, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "restored").iterdir()} == before  # nothing written
 
 
-def test_a_folder_names_the_photos_it_leaves_out_and_keeps_a_confocal_stack_a_tiff(capsys, tmp_path, grey_checkpoint):
+def test_a_folder_names_the_photos_it_leaves_out_and_keeps_a_confocal_stack_a_tiff(
+    capsys, tmp_path, grey_checkpoint, monkeypatch,
+):
     """A folder of an iPhone's HEIC photos was "no images found", and HEIC photos beside JPEGs were
-    left out without a word; a .lsm stack (read as the TIFF it is) must not become a PNG."""
+    left out without a word (here, where pillow-heif is not installed); a .lsm stack (read as the
+    TIFF it is) must not become a PNG."""
     import imageio.v3 as iio
 
+    from napari_gama_ir.engine import io
+
+    monkeypatch.setattr(io, "missing_decoders", lambda: {".heic": "a HEIF photo needs pillow-heif: pip install"})
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("IMG_0001.HEIC", "IMG_0002.HEIC"):
         (photos / name).write_bytes(b"\x00" * 16)
     code, _, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "-q")
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert "no images found" in err and "2 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG" in err
+    assert "no images found" in err and "2 .heic file(s): a HEIF photo needs pillow-heif: pip install" in err
     iio.imwrite(photos / "IMG_0003.JPG", np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8))
     tifffile.imwrite(photos / "cells.lsm", np.zeros((2, 24, 32), np.uint16), photometric="minisblack",
                      metadata={"axes": "ZYX"})
     code, _, err = run_cli(capsys, "restore", photos, "-o", tmp_path / "restored", "--model", grey_checkpoint, "-q")
     assert code == 0, err
     assert err.strip().splitlines() == [
-        "left out 2 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF, then restore that",
+        "left out 2 .heic file(s): a HEIF photo needs pillow-heif: pip install",
         f"restored 2 images into {tmp_path / 'restored'}",
     ]
     assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["IMG_0003.JPG", "cells.tif"]
@@ -279,7 +285,7 @@ def test_a_folder_of_folders_is_restored_with_recursive_and_resumed(capsys, tmp_
         (plate / name).parent.mkdir(parents=True, exist_ok=True)
         iio.imwrite(plate / name, rng.integers(0, 256, (24, 32), dtype=np.uint8))
     zarr.open_array(str(plate / "A01" / "cells.zarr"), mode="w", shape=(2, 24, 32), dtype=np.float32)[:] = 1
-    (plate / "A01" / "IMG_1.HEIC").write_bytes(b"\x00" * 16)
+    (plate / "A01" / "IMG_1.CR2").write_bytes(b"\x00" * 16)
     model = ["--model", grey_checkpoint, "-q"]
     code, _, err = run_cli(capsys, "restore", plate / "A02", "-o", tmp_path / "top", *model)
     assert code == 2 and err.strip().endswith(
@@ -301,7 +307,8 @@ def test_a_folder_of_folders_is_restored_with_recursive_and_resumed(capsys, tmp_
     assert restored == ["A01/a.png", "A02/site1/a.png", "A02/site1/b.png", "overview.png"]
     assert open_image(tmp_path / "all" / "A01" / "cells.zarr").array.shape == (2, 24, 32)
     assert err.strip().splitlines() == [
-        "left out 1 .heic file(s): a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF, then restore that",
+        "left out 1 .cr2 file(s): a camera raw file is not read; develop it, and export a 16-bit TIFF from the raw "
+        "converter",
         f"restored 5 images into {tmp_path / 'all'}",
     ]
     alone = tmp_path / "alone.png"
@@ -324,6 +331,22 @@ def test_a_folder_of_folders_is_restored_with_recursive_and_resumed(capsys, tmp_
     ]:
         code, _, err = run_cli(capsys, "restore", plate, "-r", *argv, *model)
         assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, err
+
+
+def test_a_folder_of_heic_photos_is_restored_into_jpegs_with_their_exif(capsys, tmp_path):
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()
+    (tmp_path / "iphone").mkdir()
+    exif = Image.Exif()
+    exif[0x0110] = "iPhone 15"
+    photo = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "iphone" / "IMG_0001.HEIC", exif=exif.tobytes())
+    code, _, err = run_cli(capsys, "restore", tmp_path / "iphone", "-o", tmp_path / "restored", "-q")
+    assert code == 0, err
+    with Image.open(tmp_path / "restored" / "IMG_0001.jpg") as restored:  # lossy as its input, not a PNG 4x its size
+        assert restored.format == "JPEG" and restored.size == (64, 48) and restored.getexif()[0x0110] == "iPhone 15"
 
 
 def test_several_images_are_restored_into_a_folder_as_cp_copies_files(capsys, tmp_path, grey_checkpoint):

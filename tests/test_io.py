@@ -336,7 +336,6 @@ def test_a_zeiss_lsm_gives_its_voxel_size_in_micrometres():
 
 
 @pytest.mark.parametrize(("name", "advice"), [
-    ("IMG_0001.HEIC", "a HEIF/AVIF photo is not read; export it as PNG, JPEG or TIFF"),
     ("DSC_0001.NEF", "a camera raw file is not read; develop it"),
     ("cells.czi", "this microscope format is not read; convert it to OME-TIFF"),
     ("cells.nd2", "this microscope format is not read"),
@@ -347,6 +346,55 @@ def test_formats_not_read_say_what_to_do(tmp_path, name, advice):
     (tmp_path / name).write_bytes(b"\x00" * 16)
     with pytest.raises(ImageIOError, match=f"^{re.escape(str(tmp_path / name))}: {re.escape(advice)}"):
         open_image(tmp_path / name)
+
+
+def test_heif_and_avif_photos_open_upright_with_their_exif(tmp_path, monkeypatch):
+    """An iPhone's HEIC photos, and AVIF ones, were refused: "export it as PNG, JPEG or TIFF"."""
+    import pillow_heif
+    from PIL import Image
+
+    from napari_gama_ir.engine import io
+
+    pillow_heif.register_heif_opener()  # to write one here
+    y, x = np.mgrid[:40, :60]
+    stored = np.stack([4 * x, 6 * y, 2 * (x + y)], axis=-1).astype(np.uint8)  # smooth: little lost to compression
+    exif = Image.Exif()
+    exif[0x0112], exif[0x0110] = 6, "iPhone 15"  # stored sideways, as a portrait photo
+    exif.get_ifd(0x8769).update({0xA002: 60, 0xA003: 40})  # its pixel width and height as stored
+    Image.fromarray(stored).save(tmp_path / "IMG_0001.HEIC", exif=exif.tobytes(), quality=95)
+    source = open_image(tmp_path / "IMG_0001.HEIC")
+    upright = np.rot90(stored, -1)  # orientation 6: a quarter turn clockwise
+    assert source.axes == "YXC" and source.colour and source.array.shape == (60, 40, 3)
+    assert np.abs(source.array.compute().astype(int) - upright).mean() < 3
+    tags = Image.Exif()
+    tags.load(source.exif)
+    assert tags[0x0112] == 1 and tags[0x0110] == "iPhone 15"
+    assert (tags.get_ifd(0x8769)[0xA002], tags.get_ifd(0x8769)[0xA003]) == (40, 60)
+    Image.fromarray(stored).save(tmp_path / "photo.avif", quality=95)
+    assert np.abs(open_image(tmp_path / "photo.avif").array.compute().astype(int) - stored).mean() < 3
+    # Without pillow-heif (an extra: its wheels hold the GPL's x265), one line says what to do.
+    monkeypatch.setattr(io, "missing_decoders", lambda: {".heic": "a HEIF photo needs pillow-heif"})
+    with pytest.raises(ImageIOError, match="IMG_0001.HEIC: a HEIF photo needs pillow-heif$"):
+        open_image(tmp_path / "IMG_0001.HEIC")
+    assert io.folder_images(tmp_path) == {"photo.avif": tmp_path / "photo.avif"}
+
+
+def test_the_missing_decoders_say_how_to_install_them(monkeypatch):
+    import importlib.util
+
+    from napari_gama_ir.engine import io
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "pillow_heif" else real(name))
+    io.missing_decoders.cache_clear()
+    try:
+        missing = io.missing_decoders()
+    finally:
+        io.missing_decoders.cache_clear()
+    assert missing[".heic"] == missing[".heif"] == (
+        "a HEIF photo needs pillow-heif: pip install 'napari-gama-ir[heic]', or export it as PNG, JPEG or TIFF, "
+        "then restore that")
+    assert ".avif" not in missing  # Pillow 11.3 and later read AVIF
 
 
 def test_tiff_and_png_writers_round_trip(tmp_path):

@@ -28,7 +28,7 @@ from .engine.calibration import to_attribute
 from .engine.device import is_out_of_memory, resolve_device
 from .engine.io import (
     CHANNELS_ATTRIBUTE,
-    NOT_READ,
+    DECODED_PHOTO_SUFFIXES,
     PICTURE_OUTPUTS,
     TIFF_BASED_SUFFIXES,
     WRITABLE,
@@ -40,6 +40,7 @@ from .engine.io import (
     image_suffix,
     is_zarr_store,
     no_images_message,
+    not_read_advice,
     open_image,
     write_image,
 )
@@ -223,7 +224,7 @@ def _restore_folder(args: argparse.Namespace, folder: Path) -> Path:
     for each in folders:
         left_out.update(folder_not_read(each))
     for suffix, count in sorted(left_out.items()):
-        print(f"left out {count} {suffix} file(s): {NOT_READ[suffix]}", file=sys.stderr)
+        print(f"left out {count} {suffix} file(s): {not_read_advice(suffix)}", file=sys.stderr)
     if with_images:
         print(f"left out {len(with_images)} folder(s) of images inside {folder} (such as "
               f"{with_images[0].relative_to(folder)}); add --recursive to restore them too", file=sys.stderr)
@@ -298,11 +299,12 @@ def _restore_into_folder(args: argparse.Namespace, paths: list[Path], what: str,
 
 def _output_name(path: Path) -> str:
     """``path``'s name with a suffix that can be written: its own, else TIFF (LSM, SVS and other
-    TIFF-based formats) or PNG (BMP and WebP pictures)."""
+    TIFF-based formats), JPEG (HEIF and AVIF photos, lossy as it is) or PNG (BMP and WebP pictures)."""
     suffix = image_suffix(path)
     if suffix in WRITABLE:
         return path.name
-    return path.name[: len(path.name) - len(suffix)] + (".tif" if suffix in TIFF_BASED_SUFFIXES else ".png")
+    kept = ".tif" if suffix in TIFF_BASED_SUFFIXES else ".jpg" if suffix in DECODED_PHOTO_SUFFIXES else ".png"
+    return path.name[: len(path.name) - len(suffix)] + kept
 
 
 @contextlib.contextmanager
@@ -792,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd = commands.add_parser("restore", help="restore an image or stack into a new file")
     restore_cmd.add_argument("input", nargs="+",
                              help="input image: .zarr (OME-Zarr too), .tif (and .lsm, .stk, .svs, .ndpi), .png, .jpg, "
-                                  ".bmp, .webp or .npy; or several, or a folder of them, restored into the --output "
+                                  ".bmp, .webp, .heic, .avif or .npy; or several, or a folder of them, restored into the --output "
                                   "folder, each under its own name")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png, .jpg or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, the grey one, channel by channel, for a microscope's)")

@@ -9,7 +9,9 @@ cancelled run never leaves an output that looks complete.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -54,7 +56,10 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
 #: MetaMorph STK, slide scanners' SVS (Aperio), NDPI (Hamamatsu), SCN (Leica) and QPTIFF (Akoya),
 #: and BigTIFF's own suffixes.
 TIFF_BASED_SUFFIXES = (".lsm", ".stk", ".svs", ".ndpi", ".scn", ".qptiff", ".btf", ".tf8", ".tf2")
-PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: Photos read where their decoder is installed (:func:`missing_decoders`): HEIF, an iPhone's
+#: HEIC photos, and AVIF. A folder restore writes them as JPEG.
+DECODED_PHOTO_SUFFIXES = (".heic", ".heif", ".avif")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp") + DECODED_PHOTO_SUFFIXES
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + TIFF_BASED_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
 _CONVERT_TO_OME_TIFF = (
@@ -65,7 +70,6 @@ _EXPORT_PICTURE = "export it as PNG, JPEG or TIFF, then restore that"
 #: Formats that are not read, with what to do instead. Camera raw files hold the sensor's mosaic,
 #: not the developed colours the models were trained on.
 NOT_READ = {
-    **dict.fromkeys((".heic", ".heif", ".avif"), f"a HEIF/AVIF photo is not read; {_EXPORT_PICTURE}"),
     ".gif": f"a GIF (256 colours) is not read; restore the original picture, or {_EXPORT_PICTURE}",
     **dict.fromkeys(
         (".dng", ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".raf", ".orf", ".rw2", ".pef", ".srw"),
@@ -76,6 +80,29 @@ NOT_READ = {
         f"this microscope format is not read; {_CONVERT_TO_OME_TIFF}",
     ),
 }
+
+
+@functools.cache
+def missing_decoders() -> dict[str, str]:
+    """The formats of :data:`DECODED_PHOTO_SUFFIXES` whose decoder is not installed, with what to
+    do: HEIF needs pillow-heif (the ``heic`` extra: its wheels hold the GPL's x265, so it is not a
+    dependency), AVIF a Pillow of 11.3 or later."""
+    from PIL import features
+
+    missing = {}
+    if importlib.util.find_spec("pillow_heif") is None:
+        advice = f"a HEIF photo needs pillow-heif: pip install 'napari-gama-ir[heic]', or {_EXPORT_PICTURE}"
+        missing.update(dict.fromkeys((".heic", ".heif"), advice))
+    if "avif" not in features.modules or not features.check_module("avif"):
+        missing[".avif"] = f"an AVIF photo needs Pillow 11.3 or later: pip install -U pillow, or {_EXPORT_PICTURE}"
+    return missing
+
+
+def not_read_advice(suffix: str) -> str | None:
+    """Why images of ``suffix`` are not read, and what to do instead; None where they are."""
+    return NOT_READ.get(suffix) or missing_decoders().get(suffix)
+
+
 WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg", ".npy")
 #: Picture outputs -> (their name, the channel counts and the dtypes they hold).
 PICTURE_OUTPUTS = {
@@ -307,9 +334,13 @@ class _ReopenableFile:
 
 
 def _open_picture(path: Path) -> ImageSource:
-    """A PNG, JPEG, BMP or WebP picture, read whole, upright, in the colours it shows."""
+    """A PNG, JPEG, BMP, WebP, HEIF or AVIF picture, read whole, upright, in the colours it shows."""
     import imageio.v3 as iio
 
+    if image_suffix(path) in (".heic", ".heif"):
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()  # Pillow then opens HEIF as its own formats
     try:
         with _pictures_of_any_size():
             meta = iio.immeta(path, plugin="pillow", exclude_applied=False)
@@ -333,8 +364,10 @@ def _open_picture(path: Path) -> ImageSource:
     alpha = axes == "YXC" and array.shape[-1] in (2, 4)
     # A CMYK profile does not describe the RGB the pixels were converted to.
     icc_profile = None if mode else meta.get("icc_profile")
+    # pillow-heif turns a HEIF photo upright itself, and keeps how it was turned apart.
+    turned = meta.get("original_orientation", orientation)
     return ImageSource(as_dask(array)[0], axes, path, alpha=alpha, icc_profile=icc_profile,
-                       exif=_upright_exif(meta.get("exif"), orientation), colour=True)
+                       exif=_upright_exif(meta.get("exif"), turned), colour=True)
 
 
 @contextmanager
@@ -496,7 +529,8 @@ def folder_images(folder: Path) -> dict[str, Path]:
     a FAT or exFAT drive (a camera's card), and ``._IMG_0001.JPG``, no picture, failed the folder.
     """
     return {
-        p.name: p for p in sorted(folder.iterdir()) if p.name.lower().endswith(READABLE) and not p.name.startswith(".")
+        p.name: p for p in sorted(folder.iterdir())
+        if p.name.lower().endswith(READABLE) and not p.name.startswith(".") and not not_read_advice(image_suffix(p))
     }
 
 
@@ -515,14 +549,14 @@ def folder_not_read(folder: Path) -> dict[str, int]:
     them out): a folder of an iPhone's HEIC photos was "no images found", and HEIC photos beside
     JPEGs were left out without a word."""
     suffixes = [image_suffix(p) for p in folder.iterdir() if not p.name.startswith(".")]
-    return {suffix: suffixes.count(suffix) for suffix in sorted(set(suffixes) & set(NOT_READ))}
+    return {suffix: suffixes.count(suffix) for suffix in sorted(set(suffixes)) if not_read_advice(suffix)}
 
 
 def no_images_message(folder: Path) -> str:
     """Why ``folder`` gives no images: the formats read, and those of its files that are not."""
     message = f"{folder}: no images found ({', '.join(READABLE)})"
     for suffix, count in folder_not_read(folder).items():
-        message += f"; {count} {suffix} file(s): {NOT_READ[suffix]}"
+        message += f"; {count} {suffix} file(s): {not_read_advice(suffix)}"
     return message
 
 
@@ -538,8 +572,9 @@ def open_image(path: str | os.PathLike) -> ImageSource:
 
     Supports zarr arrays and groups (OME-Zarr 0.4 and 0.5 multiscales), TIFF (through tifffile's
     zarr store; the TIFF-based LSM, STK, SVS, NDPI, SCN and QPTIFF too), ``.npy`` (memory-mapped)
-    and PNG/JPEG/BMP/WebP pictures (small, read whole). Formats of :data:`NOT_READ` are refused
-    with what to do instead.
+    and PNG/JPEG/BMP/WebP pictures (small, read whole), HEIF and AVIF photos too where their
+    decoder is installed. Formats of :data:`NOT_READ`, and those photos where it is not, are
+    refused with what to do instead.
 
     Raises
     ------
@@ -561,10 +596,10 @@ def open_image(path: str | os.PathLike) -> ImageSource:
             raise ImageIOError(f"{path}: not a readable .npy file ({error})") from None
         chunks = (1,) * (pixels.ndim - 2) + pixels.shape[-2:] if pixels.ndim > 2 else pixels.shape
         return ImageSource(da.from_array(pixels, chunks=chunks), None, path)
+    if not_read_advice(suffix):
+        raise ImageIOError(f"{path}: {not_read_advice(suffix)}")
     if suffix in PICTURE_SUFFIXES:
         return _open_picture(path)
-    if suffix in NOT_READ:
-        raise ImageIOError(f"{path}: {NOT_READ[suffix]}")
     supported = ", ".join(READABLE)
     raise ImageIOError(f"{path}: unknown image format (supported: {supported})")
 
