@@ -307,8 +307,8 @@ def test_a_folder_of_folders_is_restored_with_recursive_and_resumed(capsys, tmp_
     assert restored == ["A01/a.png", "A02/site1/a.png", "A02/site1/b.png", "overview.png"]
     assert open_image(tmp_path / "all" / "A01" / "cells.zarr").array.shape == (2, 24, 32)
     assert err.strip().splitlines() == [
-        "left out 1 .cr2 file(s): a camera raw file is not read; develop it, and export a 16-bit TIFF from the raw "
-        "converter",
+        ("left out 1 .cr2 file(s): a camera raw file is not read; develop it, and export a 16-bit TIFF from the "
+         "raw converter"),
         f"restored 5 images into {tmp_path / 'all'}",
     ]
     alone = tmp_path / "alone.png"
