@@ -370,9 +370,9 @@ class PlaneRestorer:
         whole plane (:class:`PlaneAffines`)."""
         affine = affine or self.affine(plane)
         restored = restore_plane(plane, self.runner, self.tiling, self._network_input(affine), window, on_progress)
-        if window is not None:
+        if window is not None:  # the result is the core: so is what it keeps of the plane
             rows, cols = window.core
-            plane = plane[..., rows.start - window.top:rows.stop - window.top, cols.start - window.left:cols.stop - window.left]
+            plane = plane[..., _shifted(rows, window.top), _shifted(cols, window.left)]
         return self._to_output(restored, affine, plane)
 
     def restore_planes(self, planes: np.ndarray, on_progress: Callable[[float], None] | None = None) -> np.ndarray:
