@@ -1124,9 +1124,10 @@ def _write_tiff(
                                array.dtype)
             for level, size in enumerate(levels, 1)
         ]
+        lower = [*stores, None]  # the level below each: level 0's is lower[0]
         with tifffile.TiffWriter(path, **writer) as tif:
             tif.write(
-                data=_halving_into(parts, places, stores[:1]), tile=tile, shape=array.shape, dtype=array.dtype,
+                data=_halving_into(parts, places, lower[0]), tile=tile, shape=array.shape, dtype=array.dtype,
                 photometric=photometric, metadata=metadata, iccprofile=icc_profile, subifds=len(levels) or None,
                 **resolution,
             )
@@ -1134,7 +1135,7 @@ def _write_tiff(
                 level_places = _tile_places(count, *size, (PYRAMID_TILE, PYRAMID_TILE))
                 level_parts = (_read_checked(store, place, cancel) for place in level_places)
                 tif.write(
-                    data=_halving_into(level_parts, level_places, stores[level:level + 1]),
+                    data=_halving_into(level_parts, level_places, lower[level]),
                     tile=(PYRAMID_TILE, PYRAMID_TILE), shape=(count, *size, *samples), dtype=array.dtype,
                     photometric=photometric, subfiletype=1, metadata=None, **_reduced(resolution, 2**level),
                 )
@@ -1163,14 +1164,14 @@ def _read_checked(store: zarr.Array, place: tuple[int, int, int], cancel: thread
 
 
 def _halving_into(
-    parts: Iterator[np.ndarray], places: list[tuple[int, int, int]], lower: list[zarr.Array],
+    parts: Iterator[np.ndarray], places: list[tuple[int, int, int]], lower: zarr.Array | None,
 ) -> Iterator[np.ndarray]:
     """``parts`` (pages or tiles, at ``places``: page, row, column) as they come, each also halved
-    (:func:`_halved`) into its place in the next lower resolution, where ``lower`` holds it."""
+    (:func:`_halved`) into its place in ``lower``, the next lower resolution, if there is one."""
     for part, (index, row, col) in zip(parts, places):
-        if lower:
+        if lower is not None:
             half = _halved(part)
-            lower[0][index, row // 2:row // 2 + half.shape[0], col // 2:col // 2 + half.shape[1]] = half
+            lower[index, row // 2:row // 2 + half.shape[0], col // 2:col // 2 + half.shape[1]] = half
         yield part
 
 
