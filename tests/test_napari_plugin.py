@@ -468,13 +468,21 @@ def test_napari_builtins_open_our_outputs(make_napari_viewer, tmp_path):
         assert np.allclose(np.asarray(layer.data[0] if layer.multiscale else layer.data), data)
 
 
-def test_choosing_a_layer_picks_the_shipped_model_for_its_channels(make_napari_viewer):
+def test_choosing_a_layer_picks_the_shipped_model_for_its_channels(make_napari_viewer, tmp_path):
+    import imageio.v3 as iio
+
     viewer = make_napari_viewer()
     viewer.add_image(np.zeros((2, 32, 32), np.uint16), name="fluorescence")
     viewer.add_image(np.zeros((32, 32, 3), np.uint8), name="photo", rgb=True)
+    iio.imwrite(tmp_path / "phone.jpg", np.zeros((32, 32, 3), np.uint8))
+    viewer.open(tmp_path / "phone.jpg", plugin="napari")
     widget = open_widget(viewer)
     widget.image.value = "fluorescence"
     assert widget.model.value == "gama_ir_xs-denoise-grey"
+    widget.image.value = "photo"
+    assert widget.model.value == "gama_ir_xs-denoise-rgb"
+    widget.image.value = "phone"  # opened from a JPEG: the model for JPEGs' noise
+    assert widget.model.value == "gama_ir_xs-denoise-rgb-jpeg"
     widget.image.value = "photo"
     assert widget.model.value == "gama_ir_xs-denoise-rgb"
     widget.model.value = CHECKPOINT_FILE  # the user's own choice is kept

@@ -38,6 +38,7 @@ from .engine.io import (
     folder_not_read,
     image_folders,
     image_suffix,
+    is_jpeg,
     is_zarr_store,
     no_images_message,
     not_read_advice,
@@ -154,7 +155,7 @@ def _restore_image(
     channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
     model_name = args.model or (
         UNTRAINED_ARCHITECTURE if args.untrained
-        else default_model_name(channels, resolve_device(args.device).type, source.colour)
+        else default_model_name(channels, resolve_device(args.device).type, source.colour, is_jpeg(source.path))
     )
     model = load(model_name, args.untrained, channels)
     provenance = {
@@ -596,7 +597,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise UsageError("evaluate needs --noisy and --clean")
     _check_reports(args.json, inputs=(args.noisy, args.clean))
     data = data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
-    args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type, data.colour)
+    jpeg = all(is_jpeg(pair.name) for pair in data.pairs)  # named by the noisy image: as restore would choose
+    args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type, data.colour, jpeg)
     model = load_model(args.model)
     rows = []
     for pair in data.pairs:

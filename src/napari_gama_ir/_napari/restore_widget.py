@@ -28,6 +28,7 @@ from ..engine.io import (
     OutputExistsError,
     check_output_format,
     check_output_path,
+    is_jpeg,
     open_image,
     store_chunks,
     write_image_steps,
@@ -172,8 +173,9 @@ class RestoreWidget(QWidget):
             axes, shape = self.axes.value, layer_data(layer).shape
             fits = "C" in axes and len(axes) == len(shape)
             channels = shape[axes.index("C")] - has_alpha(layer, axes) if fits else 1
+            jpeg = is_jpeg(layer.source.path)  # a layer opened from a JPEG file
             with contextlib.suppress(ValueError):
-                self.model.value = default_model_name(channels, resolve_device(self.device.value).type)
+                self.model.value = default_model_name(channels, resolve_device(self.device.value).type, jpeg=jpeg)
 
     def _layer(self):
         return find_layer(self.viewer, self.image.value)

@@ -534,6 +534,11 @@ def folder_images(folder: Path) -> dict[str, Path]:
     }
 
 
+def is_jpeg(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` names a JPEG picture, whose noise its compression has smeared into blocks."""
+    return path is not None and image_suffix(Path(path)) in (".jpg", ".jpeg")
+
+
 def image_folders(folder: Path) -> list[Path]:
     """``folder`` and every folder in it, at any depth, in name order: those its images may lie in.
     Hidden folders, zarr stores (images themselves) and links (which may lead back up) are left out."""

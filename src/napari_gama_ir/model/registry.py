@@ -176,6 +176,11 @@ _register_shipped(
     "gama_ir_xs-denoise-rgb", _XS.replace(train_patch_size=96, channel_meaning="rgb"),
     f"GAMA-IR-XS {_COLOUR_TASK}, trained on CBSD432 on a CPU",
 )
+_register_shipped(
+    "gama_ir_xs-denoise-rgb-jpeg", _XS.replace(train_patch_size=96, channel_meaning="rgb"),
+    "GAMA-IR-XS colour denoiser for JPEG photos (Gaussian noise, sigma 0-55, then JPEG quality 70-95 "
+    "at 4:2:0, as cameras save them), fine-tuned from gama_ir_xs-denoise-rgb on CBSD432 on a CPU",
+)
 # The grey denoisers also serve fluorescence counts, so they see each plane through its own
 # percentiles (CSBDeep's 1 and 99.8) rather than the dtype's range.
 _GREY = {"in_channels": 1, "out_channels": 1, "channel_meaning": "grey",
@@ -201,16 +206,26 @@ DEFAULT_MODELS = {
 }
 
 
-def default_model_name(channels: int = 3, device_type: str = "cpu", colour: bool | None = None) -> str:
+#: The default for colour JPEGs on any device: the models trained on white noise left most of the
+#: noise that JPEG compression has smeared into blocks (docs/models/gama_ir_xs-denoise-rgb-jpeg.md).
+JPEG_DEFAULT_MODEL = "gama_ir_xs-denoise-rgb-jpeg"
+
+
+def default_model_name(
+    channels: int = 3, device_type: str = "cpu", colour: bool | None = None, jpeg: bool = False,
+) -> str:
     """The shipped model that restores ``channels``-channel images by default on a device type.
 
     ``device_type`` is a torch device type (``"cpu"``, ``"cuda"``, ``"mps"``); every accelerator
     counts as ``"gpu"``. ``colour`` False says the channels are no picture's colours (a
     microscope's): the grey model restores them each on its own, since the colour one, trained on
-    photos, would mix three of them as if they were red, green and blue.
+    photos, would mix three of them as if they were red, green and blue. ``jpeg`` says the image
+    is a JPEG: a colour one gets :data:`JPEG_DEFAULT_MODEL`.
     """
     if colour is False:
         channels = 1
+    if jpeg and channels == 3:
+        return JPEG_DEFAULT_MODEL
     kind = "cpu" if device_type == "cpu" else "gpu"
     try:
         return DEFAULT_MODELS.get((kind, channels)) or DEFAULT_MODELS[(kind, 1)]

@@ -46,7 +46,7 @@ class NoiseModel:
     photos: clipped to 8 bits (the [0, 1] range as 0-255) and JPEG-compressed at a quality drawn
     uniformly in the range, its colours at half resolution (4:2:0), and decoded. The compression
     smears the noise into blocks and colour blotches, which a network trained on white noise
-    leaves: the shipped colour model gained 1.5 dB on such photos (docs/training.md).
+    leaves (docs/models/gama_ir_xs-denoise-rgb-jpeg.md).
     """
 
     kind: str = "gaussian"
