@@ -612,10 +612,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
         for index in range(planes[0].shape[0]):
             noisy, clean, out = (np.asarray(p[index].compute(), np.float64) for p in planes)
             data = np.isfinite(noisy) & np.isfinite(clean)  # NaN and Inf are no data, scored nowhere
-            if not scored_pixels(data).any():
-                continue  # not one SSIM window of data: nothing to score
             where = None if data.all() else data
             if where is not None:
+                if not scored_pixels(data).any():
+                    continue  # not one SSIM window of data: nothing to score
                 noisy, clean, out = (np.where(data, values, 0) for values in (noisy, clean, out))
             data_range = 255.0 if pair.clean.dtype == np.uint8 else float(np.ptp(clean[data])) or 1.0
             name = pair.name if planes[0].shape[0] == 1 else f"{pair.name}[{index}]"
