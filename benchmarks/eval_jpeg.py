@@ -15,25 +15,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 from eval_denoise import load_set, noisy_version, scores
-from PIL import Image
 
 from napari_gama_ir import create_model, restore
-
-
-def as_jpeg(noisy: np.ndarray, quality: int) -> np.ndarray:
-    """``noisy`` (H, W, 3 on [0, 255]) as an 8-bit JPEG of ``quality`` at 4:2:0 decodes it."""
-    encoded = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8)).save(
-        encoded, "JPEG", quality=quality, subsampling="4:2:0")
-    with Image.open(encoded) as decoded:
-        return np.asarray(decoded, np.float64)
+from napari_gama_ir.train.objectives import as_camera_jpeg
 
 
 def main() -> None:
@@ -60,7 +50,7 @@ def main() -> None:
             for index, clean in enumerate(clean_images):
                 noisy = noisy_version(clean, sigma, index)
                 if quality:
-                    noisy = as_jpeg(noisy, quality)
+                    noisy = as_camera_jpeg(noisy, quality).astype(np.float64)
                 figures["noisy"].append(scores(clean, noisy))
                 for name, model in models.items():
                     restored = restore((noisy / 255).astype(np.float32), model, "YXC", tile=None) * 255

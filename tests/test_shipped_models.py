@@ -11,6 +11,7 @@ from napari_gama_ir.cli import main
 from napari_gama_ir.model import default_model_name, list_models
 from napari_gama_ir.model.registry import JPEG_DEFAULT_MODEL
 from napari_gama_ir.train import psnr
+from napari_gama_ir.train.objectives import as_camera_jpeg
 
 SHIPPED = [spec for spec in list_models() if spec.weights]
 WEIGHTS = resources.files("napari_gama_ir") / "weights"
@@ -57,22 +58,10 @@ def test_shipped_model_denoises(spec):
         clean = clean @ np.array([0.2125, 0.7154, 0.0721])
     noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
     if spec.name.endswith("-jpeg"):  # as a camera saves it
-        noisy = as_jpeg(noisy, quality=90)
+        noisy = as_camera_jpeg(noisy, quality=90).astype(np.float64)
     restored = restore((noisy / 255).astype(np.float32), create_model(spec.name, pretrained=True), tile=None) * 255
     gain = psnr(clean, np.clip(restored, 0, 255), 255) - psnr(clean, noisy, 255)
     assert gain > MIN_GAIN_DB[spec.name]
-
-
-def as_jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """``pixels`` (0-255) as an 8-bit JPEG of ``quality``, colours at half resolution (4:2:0), decodes them."""
-    import io
-
-    from PIL import Image
-
-    encoded = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(
-        encoded, "JPEG", quality=quality, subsampling="4:2:0")
-    return np.asarray(Image.open(encoded), np.float64)
 
 
 def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path):
@@ -81,7 +70,7 @@ def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path):
     from skimage import data
 
     clean = data.astronaut()[96:224, 160:288].astype(np.float64)
-    noisy = as_jpeg(clean + np.random.default_rng(0).normal(0, 25, clean.shape), quality=90)
+    noisy = as_camera_jpeg(clean + np.random.default_rng(0).normal(0, 25, clean.shape), 90).astype(np.float64)
     models = {name: create_model(name, pretrained=True) for name in ("gama_ir_xs-denoise-rgb", JPEG_DEFAULT_MODEL)}
     gains = {name: psnr(clean, np.clip(restore(noisy.astype(np.uint8), model, "YXC"), 0, 255), 255)
              - psnr(clean, noisy, 255) for name, model in models.items()}

@@ -105,18 +105,12 @@ class NoiseModel:
 
     def _compressed(self, noisy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``noisy`` (C, H, W: grey or RGB) as a JPEG of a quality drawn in :attr:`jpeg` decodes it."""
-        from PIL import Image
-
         if noisy.shape[0] not in (1, 3):
             raise ValueError(f"JPEG compression takes grey or RGB images, not {noisy.shape[0]} channels")
         quality = int(rng.integers(self.jpeg[0], self.jpeg[1] + 1))
-        pixels = np.clip(np.rint(noisy * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-        encoded = io.BytesIO()
-        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-            encoded, "JPEG", quality=quality, subsampling="4:2:0")
-        with Image.open(encoded) as decoded:
-            values = np.asarray(decoded, np.float32) / np.float32(255)
-        return values.reshape(pixels.shape).transpose(2, 0, 1)
+        pixels = noisy.transpose(1, 2, 0) * 255
+        decoded = as_camera_jpeg(pixels[..., 0] if len(noisy) == 1 else pixels, quality)
+        return (decoded.astype(np.float32) / np.float32(255)).reshape(pixels.shape).transpose(2, 0, 1)
 
     def __call__(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noisy versions of a (N, C, H, W) batch, each patch with its own noise level (and JPEG quality)."""
@@ -127,6 +121,18 @@ class NoiseModel:
             if self.jpeg is not None:
                 out[i] = self._compressed(out[i], rng)
         return out
+
+
+def as_camera_jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """``pixels`` ((H, W) or (H, W, 3) on [0, 255]) as cameras save a photo: rounded and clipped to
+    8 bits, a JPEG of ``quality`` with its colours at half resolution (4:2:0), decoded (uint8)."""
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(
+        encoded, "JPEG", quality=quality, subsampling="4:2:0")
+    with Image.open(encoded) as decoded:
+        return np.asarray(decoded)
 
 
 def _levels(text: str, what: str, example: str, whole: str) -> tuple[float, float]:
