@@ -617,7 +617,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
                 if not scored_pixels(data).any():
                     continue  # not one SSIM window of data: nothing to score
                 noisy, clean, out = (np.where(data, values, 0) for values in (noisy, clean, out))
-            data_range = 255.0 if pair.clean.dtype == np.uint8 else float(np.ptp(clean[data])) or 1.0
+            data_range = 255.0 if pair.clean.dtype == np.uint8 else float(np.ptp(clean if where is None else clean[data])) or 1.0
             name = pair.name if planes[0].shape[0] == 1 else f"{pair.name}[{index}]"
             rows.append({
                 "image": name,
