@@ -189,6 +189,8 @@ def test_an_ome_tiff_output_of_large_planes_has_lower_resolutions(tmp_path, monk
         series = tif.series[0]
         assert tif.is_ome and len(tif.series) == 1 and len(series.levels) == 4
         assert [level.shape[-3 if rgb else -2:][:2] for level in series.levels] == [(71, 50), (35, 25), (17, 12), (8, 6)]
+        # Tiled as its blocks, or whole pages as the levels: a viewer reads regions of each level.
+        assert series.levels[0].keyframe.tilewidth == (16 if rgb else 32)
         for level, expected in zip(series.levels[1:], _halved_levels(data, 3, rgb)):
             assert level.keyframe.tilewidth == 16 and np.array_equal(level.asarray(), expected)
         resolutions = [level.keyframe.get_resolution() for level in series.levels[:2]]

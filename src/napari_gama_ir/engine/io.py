@@ -1079,7 +1079,8 @@ def _write_tiff(
     description. An OME-TIFF of grey or RGB planes larger than :data:`PYRAMID_SIDE` gets the
     lower resolutions an OME-Zarr gets (:func:`pyramid_levels`), as tiled SubIFDs of each page:
     QuPath shows a slide from them, and read a restored slide of one level whole. Each level is
-    halved from the one before as that is written, through a scratch zarr beside the file.
+    halved from the one before as that is written, through a scratch zarr beside the file; whole
+    pages are then written in :data:`PYRAMID_TILE` tiles too.
     """
     import tifffile
 
@@ -1088,6 +1089,7 @@ def _write_tiff(
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
     tile = _tiff_tile(pages, page_ndim == 2 or rgb)
     count, height, width = pages.shape[:3]
+    levels = pyramid_levels(height, width) if ome and (page_ndim == 2 or rgb) else []
     if tile is None:  # a chunk of several small planes is computed once, not once a page
         starts = np.cumsum((0,) + pages.chunks[0][:-1])
         chunks = (pages[start:start + size] for start, size in zip(starts, pages.chunks[0]))
@@ -1103,7 +1105,6 @@ def _write_tiff(
     metadata = {"axes": page_axes}
     writer = {"bigtiff": True, "ome": ome}
     resolution = tiff_resolution(sizes)
-    levels = pyramid_levels(height, width) if ome and (page_ndim == 2 or rgb) else []
     if ome:
         metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
         names = _channels_of(attrs, axes, array.shape)
@@ -1130,9 +1131,17 @@ def _write_tiff(
             for level, size in enumerate(levels, 1)
         ]
         lower = [*stores, None]  # the level below each: level 0's is lower[0]
+        written = _halving_into(parts, places, lower[0])
+        if levels and tile is None:
+            # A viewer reads a pyramid's full resolution a region at a time too: in strips, a
+            # 512-pixel view of a slide 8192 pixels wide read 16 times its pixels. Pages are still
+            # halved whole: a tile's half filled a quarter of a level's zarr chunk, read back thrice.
+            tile = (PYRAMID_TILE, PYRAMID_TILE)
+            written = (page[row:row + PYRAMID_TILE, col:col + PYRAMID_TILE] for page in written
+                       for _, row, col in _tile_places(1, height, width, tile))
         with tifffile.TiffWriter(path, **writer) as tif:
             tif.write(
-                data=_halving_into(parts, places, lower[0]), tile=tile, shape=array.shape, dtype=array.dtype,
+                data=written, tile=tile, shape=array.shape, dtype=array.dtype,
                 photometric=photometric, metadata=metadata, iccprofile=icc_profile, subifds=len(levels) or None,
                 **resolution,
             )
