@@ -343,6 +343,31 @@ def test_restore_all_in_memory_and_to_zarr(make_napari_viewer, qtbot, grey_check
     assert widget.status.value == f"error: {tmp_path / 'out.zarr'}: already exists; choose another zarr path"
 
 
+def test_a_stack_padded_with_nan_is_previewed_and_restored_with_its_padding_kept(make_napari_viewer, qtbot,
+                                                                                grey_checkpoint):
+    """Registered and stitched stacks pad with NaN, which napari shows as they are: the widget gives
+    the engine's result, the padding NaN where it was, and the result layer a contrast it can show."""
+    viewer = make_napari_viewer()
+    data = np.random.default_rng(0).random((3, 40, 40), dtype=np.float32)
+    data[:, :, :10] = np.nan  # shifted by registration
+    data[1, 30:] = np.nan
+    viewer.add_image(data, name="registered")
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value = 0
+    expected = restore(data, make_tiny_model(1), "ZYX", tile=None)
+    assert np.array_equal(np.isnan(expected), np.isnan(data))
+    planes = widget.preview().data
+    shown = viewer.dims.current_step[0]
+    qtbot.waitUntil(lambda: planes.is_ready((shown,)), timeout=10000)
+    np.testing.assert_allclose(planes[shown], expected[shown], atol=1e-6)  # NaN where expected holds NaN
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=20000):
+        pass
+    result = viewer.layers["registered restored"]
+    np.testing.assert_allclose(result.data, expected, atol=1e-6)
+    assert np.isfinite(result.contrast_limits).all() and result.contrast_limits[0] < result.contrast_limits[1]
+
+
 def test_restore_all_of_a_plane_too_large_for_memory_goes_block_by_block(
     make_napari_viewer, qtbot, grey_checkpoint, tmp_path, monkeypatch
 ):
