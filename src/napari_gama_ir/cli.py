@@ -34,11 +34,11 @@ from .engine.io import (
     WRITABLE,
     check_output_format,
     check_output_path,
+    colours_subsampled,
     folder_images,
     folder_not_read,
     image_folders,
     image_suffix,
-    is_jpeg,
     is_zarr_store,
     no_images_message,
     not_read_advice,
@@ -155,7 +155,8 @@ def _restore_image(
     channels = source.array.shape[axes.index("C")] - alpha if "C" in axes else 1
     model_name = args.model or (
         UNTRAINED_ARCHITECTURE if args.untrained
-        else default_model_name(channels, resolve_device(args.device).type, source.colour, is_jpeg(source.path))
+        else default_model_name(
+            channels, resolve_device(args.device).type, source.colour, colours_subsampled(source.path))
     )
     model = load(model_name, args.untrained, channels)
     provenance = {
@@ -597,8 +598,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise UsageError("evaluate needs --noisy and --clean")
     _check_reports(args.json, inputs=(args.noisy, args.clean))
     data = data_from_paths(args.noisy, args.clean, axes=args.axes, grey=args.grey)
-    jpeg = all(is_jpeg(pair.name) for pair in data.pairs)  # named by the noisy image: as restore would choose
-    args.model = args.model or default_model_name(data.channels, resolve_device(args.device).type, data.colour, jpeg)
+    noisy = Path(args.noisy)
+    noisy_files = [noisy / pair.name for pair in data.pairs] if noisy.is_dir() and not is_zarr_store(noisy) else [noisy]
+    subsampled = all(map(colours_subsampled, noisy_files))  # as restore would choose for the noisy images
+    device_type = resolve_device(args.device).type
+    args.model = args.model or default_model_name(data.channels, device_type, data.colour, subsampled)
     model = load_model(args.model)
     rows = []
     for pair in data.pairs:

@@ -28,7 +28,7 @@ from ..engine.io import (
     OutputExistsError,
     check_output_format,
     check_output_path,
-    is_jpeg,
+    colours_subsampled,
     open_image,
     store_chunks,
     write_image_steps,
@@ -173,9 +173,10 @@ class RestoreWidget(QWidget):
             axes, shape = self.axes.value, layer_data(layer).shape
             fits = "C" in axes and len(axes) == len(shape)
             channels = shape[axes.index("C")] - has_alpha(layer, axes) if fits else 1
-            jpeg = is_jpeg(layer.source.path)  # a layer opened from a JPEG file
+            subsampled = colours_subsampled(layer.source.path)  # a layer opened from a camera's JPEG, say
             with contextlib.suppress(ValueError):
-                self.model.value = default_model_name(channels, resolve_device(self.device.value).type, jpeg=jpeg)
+                self.model.value = default_model_name(
+                    channels, resolve_device(self.device.value).type, colours_subsampled=subsampled)
 
     def _layer(self):
         return find_layer(self.viewer, self.image.value)
@@ -410,6 +411,6 @@ class RestoreWidget(QWidget):
             self._cancel.set()
             self._close_bar()
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+    def closeEvent(self, event) -> None:
         self._release()
         super().closeEvent(event)

@@ -60,6 +60,8 @@ TIFF_BASED_SUFFIXES = (".lsm", ".stk", ".svs", ".ndpi", ".scn", ".qptiff", ".btf
 #: HEIC photos, and AVIF. A folder restore writes them as JPEG.
 DECODED_PHOTO_SUFFIXES = (".heic", ".heif", ".avif")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp") + DECODED_PHOTO_SUFFIXES
+#: How much of a HEIF or AVIF file to search for its decoder's settings, which come before the pixels.
+CODED_HEADER_BYTES = 1 << 20
 NUMPY_SUFFIXES = (".npy",)
 READABLE = ZARR_SUFFIXES + TIFF_SUFFIXES + TIFF_BASED_SUFFIXES + PICTURE_SUFFIXES + NUMPY_SUFFIXES
 _CONVERT_TO_OME_TIFF = (
@@ -534,9 +536,67 @@ def folder_images(folder: Path) -> dict[str, Path]:
     }
 
 
-def is_jpeg(path: str | os.PathLike | None) -> bool:
-    """Whether ``path`` names a JPEG picture, whose noise its compression has smeared into blocks."""
-    return path is not None and image_suffix(Path(path)) in (".jpg", ".jpeg")
+def colours_subsampled(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a photo that a lossy codec saved with its colours at a lower resolution
+    than its brightness: a JPEG at 4:2:0 or 4:2:2 (a camera's), a lossy WebP (always 4:2:0), or a
+    HEIF (an iPhone's HEIC) or AVIF at 4:2:0 or 4:2:2. Its noise is then smeared into colour
+    blotches, which the models trained on white noise leave; at 4:4:4 they do better than the model
+    for such photos (docs/models/gama_ir_xs-denoise-rgb-jpeg.md). Only the file's header is read;
+    any other file, or one that cannot be read, gives False."""
+    if path is None:
+        return False
+    path = Path(path)
+    suffix = image_suffix(path)
+    try:
+        if suffix in (".jpg", ".jpeg"):
+            return _jpeg_colours_subsampled(path)
+        if suffix == ".webp":
+            return _webp_is_lossy(path)
+        if suffix in DECODED_PHOTO_SUFFIXES:
+            return _coded_colours_subsampled(path)
+    except OSError:
+        return False
+    return False
+
+
+def _jpeg_colours_subsampled(path: Path) -> bool:
+    from PIL import Image, JpegImagePlugin
+
+    with _pictures_of_any_size(), Image.open(path) as image:
+        # 1 is 4:2:2, 2 is 4:2:0; grey and CMYK JPEGs, which have no colours apart, are -1.
+        return JpegImagePlugin.get_sampling(image) in (1, 2)
+
+
+def _webp_is_lossy(path: Path) -> bool:
+    """Whether the WebP ``path`` holds lossy (VP8, always 4:2:0) rather than lossless (VP8L) pixels:
+    the first such chunk, after an extended file's header and metadata, or in an animation's first frame."""
+    with open(path, "rb") as file:
+        head = file.read(12)
+        if head[:4] != b"RIFF" or head[8:] != b"WEBP":
+            return False
+        while len(chunk := file.read(8)) == 8:
+            kind, size = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+            if kind in (b"VP8 ", b"VP8L"):
+                return kind == b"VP8 "
+            # A frame's own chunks follow its 16-byte header; other chunks are skipped, padded to even.
+            file.seek(16 if kind == b"ANMF" else size + size % 2, os.SEEK_CUR)
+    return False
+
+
+def _coded_colours_subsampled(path: Path) -> bool:
+    """Whether a HEIF (HEVC-coded) or AVIF (AV1-coded) photo's colours are subsampled, as the
+    decoder's settings in its header say: hvcC's chroma format (1 is 4:2:0, 2 is 4:2:2) or av1C's
+    horizontal subsampling flag. Where neither is found, True: phones and cameras write 4:2:0."""
+    with open(path, "rb") as file:
+        head = file.read(CODED_HEADER_BYTES)
+    at = head.find(b"hvcC")
+    if at >= 4 and len(head) > at + 20:
+        return head[at + 20] & 3 in (1, 2)  # the record's 17th byte, after the box type
+    at = head.find(b"av1C")
+    if at >= 4 and len(head) > at + 6:
+        flags = head[at + 6]  # the record's 3rd byte: ..., monochrome, subsampling x, y, position
+        return not flags & 0x10 and bool(flags & 0x08)
+    return True
 
 
 def image_folders(folder: Path) -> list[Path]:

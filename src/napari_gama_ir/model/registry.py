@@ -206,26 +206,29 @@ DEFAULT_MODELS = {
 }
 
 
-#: The default for colour JPEGs on any device: the models trained on white noise left most of the
-#: noise that JPEG compression has smeared into blocks (docs/models/gama_ir_xs-denoise-rgb-jpeg.md).
-JPEG_DEFAULT_MODEL = "gama_ir_xs-denoise-rgb-jpeg"
+#: The default on any device for colour photos whose codec kept their colours at half resolution
+#: (a camera's JPEG, a phone's HEIC, a lossy WebP or AVIF): the models trained on white noise left
+#: most of the noise that it smeared into colour blotches (docs/models/gama_ir_xs-denoise-rgb-jpeg.md).
+SUBSAMPLED_COLOURS_MODEL = "gama_ir_xs-denoise-rgb-jpeg"
 
 
 def default_model_name(
-    channels: int = 3, device_type: str = "cpu", colour: bool | None = None, jpeg: bool = False,
+    channels: int = 3, device_type: str = "cpu", colour: bool | None = None, colours_subsampled: bool = False,
 ) -> str:
     """The shipped model that restores ``channels``-channel images by default on a device type.
 
     ``device_type`` is a torch device type (``"cpu"``, ``"cuda"``, ``"mps"``); every accelerator
     counts as ``"gpu"``. ``colour`` False says the channels are no picture's colours (a
     microscope's): the grey model restores them each on its own, since the colour one, trained on
-    photos, would mix three of them as if they were red, green and blue. ``jpeg`` says the image
-    is a JPEG: a colour one gets :data:`JPEG_DEFAULT_MODEL`.
+    photos, would mix three of them as if they were red, green and blue. ``colours_subsampled`` says
+    a lossy codec kept the image's colours at a lower resolution
+    (:func:`napari_gama_ir.engine.io.colours_subsampled`): a colour one gets
+    :data:`SUBSAMPLED_COLOURS_MODEL`.
     """
     if colour is False:
         channels = 1
-    if jpeg and channels == 3:
-        return JPEG_DEFAULT_MODEL
+    if colours_subsampled and channels == 3:
+        return SUBSAMPLED_COLOURS_MODEL
     kind = "cpu" if device_type == "cpu" else "gpu"
     try:
         return DEFAULT_MODELS.get((kind, channels)) or DEFAULT_MODELS[(kind, 1)]
