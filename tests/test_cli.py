@@ -666,6 +666,12 @@ def test_models_lists_registry_and_local_checkpoints(capsys, tmp_path, monkeypat
     assert code == 0 and "gama_ir_s" in out and "gama_ir_l" in out
     assert "Defaults when no --model is named" in out and "3-channel images on CPU" in out
     assert "my_scope" in out and "3 channel(s), width 8" in out
+    # The model for photos with colours at half resolution is named as a default too (it was not),
+    # and every name fits its column (the longest ran into its description).
+    defaults = out.split("Defaults when no --model is named:\n")[1].split("Local checkpoints")[0].splitlines()
+    assert any(line.split()[0] == "gama_ir_xs-denoise-rgb-jpeg" and "JPEG" in line for line in defaults)
+    listed = [line for line in out.splitlines() if line.startswith("  ")]
+    assert len({line.index(line.split()[1], len(line.split()[0]) + 2) for line in listed}) == 1
 
 
 def test_user_model_is_found_by_name(capsys, tmp_path, monkeypatch, stack_zarr):

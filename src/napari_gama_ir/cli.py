@@ -60,7 +60,7 @@ from .model import (
 )
 from .model.checkpoint import read_checkpoint_record
 from .model.global_blocks import GLOBAL_BLOCKS
-from .model.registry import DEFAULT_MODELS
+from .model.registry import DEFAULT_MODELS, SUBSAMPLED_COLOURS_MODEL
 
 UNTRAINED_ARCHITECTURE = "gama_ir_s"  # what --untrained builds when no --model is named
 PROG = "napari-gama-ir"
@@ -648,23 +648,28 @@ def run_evaluate(args: argparse.Namespace) -> None:
 
 
 def run_models(args: argparse.Namespace) -> None:
-    print("Registered architectures (name, shipped weights, description):")
-    for spec in list_models():
-        weights = "yes" if spec.weights else "no"
-        print(f"  {spec.name:<24} {weights:<4} {spec.description}")
-    print("Defaults when no --model is named:")
-    for (kind, channels), name in DEFAULT_MODELS.items():
-        print(f"  {channels}-channel images on {kind.upper():<4} {name}")
+    specs = list_models()
     folder = user_models_dir()
     checkpoints = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    width = max(len(name) for name in [*(spec.name for spec in specs), *(path.stem for path in checkpoints)])
+    print("Registered architectures (name, shipped weights, description):")
+    for spec in specs:
+        weights = "yes" if spec.weights else "no"
+        print(f"  {spec.name:<{width}} {weights:<4} {spec.description}")
+    print("Defaults when no --model is named:")
+    defaults = {f"{channels}-channel images on {kind.upper()}": name for (kind, channels), name in DEFAULT_MODELS.items()}
+    defaults["colour photos saved with colours at half resolution (camera JPEGs, HEIC, lossy WebP and AVIF)"] = (
+        SUBSAMPLED_COLOURS_MODEL)
+    for images, name in defaults.items():
+        print(f"  {name:<{width}} {images}")
     print(f"Local checkpoints in {folder}:" + ("" if checkpoints else " none"))
     for path in checkpoints:
         try:
             record, _ = read_checkpoint_record(path)
             config = record["config"]
-            print(f"  {path.stem:<24} {config['in_channels']} channel(s), width {config['width']}")
+            print(f"  {path.stem:<{width}} {config['in_channels']} channel(s), width {config['width']}")
         except CheckpointError as error:
-            print(f"  {path.stem:<24} unreadable: {error}")
+            print(f"  {path.stem:<{width}} unreadable: {error}")
 
 
 DEMO_FILES = ("noisy.tif", "restored.tif", "fluorescence_noisy.tif", "fluorescence_restored.tif")
