@@ -515,6 +515,36 @@ def test_choosing_a_layer_picks_the_shipped_model_for_its_channels(make_napari_v
     assert widget.model.value == CHECKPOINT_FILE
 
 
+def test_an_iphone_photo_opens_upright_and_gets_the_model_for_its_colours(make_napari_viewer, tmp_path, monkeypatch):
+    """napari's own readers take no HEIC, HEIF or AVIF: an iPhone's photo did not open at all."""
+    import pillow_heif
+    from PIL import Image
+
+    from napari_gama_ir.engine import io
+
+    pillow_heif.register_heif_opener()  # to write one here
+    y, x = np.mgrid[:40, :60]
+    stored = np.stack([4 * x, 6 * y, 2 * (x + y)], axis=-1).astype(np.uint8)  # smooth: little lost to compression
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, as a portrait photo
+    Image.fromarray(stored).save(tmp_path / "IMG_0001.HEIC", exif=exif.tobytes(), quality=95)
+    Image.fromarray(stored).save(tmp_path / "finest.avif", subsampling="4:4:4", quality=95)
+    viewer = make_napari_viewer()
+    [photo] = viewer.open(tmp_path / "IMG_0001.HEIC", plugin=None)  # none named, as File > Open: this one reads it
+    assert photo.name == "IMG_0001" and photo.rgb and photo.data.shape == (60, 40, 3)
+    assert np.abs(photo.data.astype(int) - np.rot90(stored, -1)).mean() < 3  # upright
+    viewer.open(tmp_path / "finest.avif", plugin=None)
+    widget = open_widget(viewer)
+    widget.image.value = "IMG_0001"
+    assert widget.model.value == "gama_ir_xs-denoise-rgb-jpeg"  # its colours at half resolution
+    widget.image.value = "finest"
+    assert widget.model.value == "gama_ir_xs-denoise-rgb"
+    # Without pillow-heif, napari shows what to install.
+    monkeypatch.setattr(io, "missing_decoders", lambda: {".heic": "a HEIF photo needs pillow-heif"})
+    with pytest.raises(Exception, match="a HEIF photo needs pillow-heif"):
+        viewer.open(tmp_path / "IMG_0001.HEIC", plugin=None)
+
+
 def test_rgba_layers_restore_their_colours_and_keep_their_opacity(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     rgba = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 4), dtype=np.uint8)
