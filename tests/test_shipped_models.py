@@ -65,7 +65,7 @@ def test_shipped_model_denoises(spec):
     assert gain > MIN_GAIN_DB[spec.name]
 
 
-def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path):
+def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path, capsys):
     """And so are other photos whose colours were kept at half resolution, as a lossy WebP's,
     which had the white-noise model; a JPEG at 4:4:4, which it restores better, keeps it."""
     import imageio.v3 as iio
@@ -86,7 +86,8 @@ def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path):
              ("photo.png", {}, "gama_ir_xs-denoise-rgb"))
     for name, options, expected in saved:
         Image.fromarray(noisy.astype(np.uint8)).save(tmp_path / name, **options)
-        assert main(["restore", str(tmp_path / name), "-o", str(tmp_path / f"{name}.tif"), "-q"]) == 0
+        assert main(["restore", str(tmp_path / name), "-o", str(tmp_path / f"{name}.tif")]) == 0
+        assert f"restoring with {expected}: 100%" in capsys.readouterr().err  # the bar names it
         with tifffile.TiffFile(tmp_path / f"{name}.tif") as tif:
             assert json.loads(tif.imagej_metadata["Info"])["model"] == expected, name
     # evaluate chooses as restore does, by the noisy images, one or a folder of them.

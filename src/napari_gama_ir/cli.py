@@ -186,7 +186,9 @@ def _restore_image(
     shape = dict(zip(axes, source.array.shape))
     # Compiling holds the bar at 0% for tens of seconds: say why until the first plane is done.
     first_note = "compiling the network first (tens of seconds)" if args.compile else ""
-    progress = _Progress(plan.planes, shape["Y"] * shape["X"], args.quiet, label, first_note)
+    # The bar names the network, which the image itself chose where no --model was given.
+    shown_label = f"{label} with {Path(str(model_name)).name}"
+    progress = _Progress(plan.planes, shape["Y"] * shape["X"], args.quiet, shown_label, first_note)
     # Set by the writer on Ctrl-C or an error, so that the chunks in flight stop at their next
     # forward pass rather than run to their end before the process can exit.
     stop = threading.Event()
