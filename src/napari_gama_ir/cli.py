@@ -810,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   ".bmp, .webp, .heic, .avif or .npy; or several, or a folder of them, restored into the --output "
                                   "folder, each under its own name")
     restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png, .jpg or .npy")
-    restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, the grey one, channel by channel, for a microscope's)")
+    restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, or the one for colours saved at half resolution (camera JPEGs, HEIC, lossy WebP and AVIF), the grey one, channel by channel, for a microscope's; 'napari-gama-ir models' lists them)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")
     restore_cmd.add_argument("--mean-mode", choices=MEAN_MODES, default=DEFAULT_MEAN_MODE, help=f"GAMA averaging (default {DEFAULT_MEAN_MODE})")
