@@ -99,6 +99,7 @@ def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path, capsys):
         assert main(["evaluate", "--noisy", str(tmp_path / "noisy" / noisy_name),
                      "--clean", str(tmp_path / "clean" / clean_name), "--json", str(tmp_path / "scores.json")]) == 0
         assert json.loads((tmp_path / "scores.json").read_text())["model"] == SUBSAMPLED_COLOURS_MODEL
+        assert f"evaluating {SUBSAMPLED_COLOURS_MODEL} on 1 image(s)" in capsys.readouterr().err
 
 
 def test_restore_without_a_model_uses_the_default_or_says_why(tmp_path, capsys):

@@ -606,6 +606,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     device_type = resolve_device(args.device).type
     args.model = args.model or default_model_name(data.channels, device_type, data.colour, subsampled)
     model = load_model(args.model)
+    print(f"evaluating {Path(str(args.model)).name} on {len(data.pairs)} image(s)", file=sys.stderr)
     rows = []
     for pair in data.pairs:
         restored = restore(
