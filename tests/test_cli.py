@@ -419,6 +419,16 @@ def test_an_image_restored_into_an_existing_folder_goes_there_under_its_name(cap
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cells.tif", "scan.jpg"]
     code, _, err = run_cli(capsys, "restore", tmp_path / "cells.tif", "-o", tmp_path, "--model", grey_checkpoint)
     assert code == 2 and "cells.tif: the output must not be the input" in err
+    # A new folder, named so with its slash, as several images are restored into one.
+    code, _, err = run_cli(capsys, "restore", tmp_path / "scan.jpg", "-o", f"{tmp_path / 'new'}/", "--model",
+                           grey_checkpoint, "-q")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["scan.jpg"]
+    # Without the slash, a name with no format was "cannot write this format".
+    code, _, err = run_cli(capsys, "restore", tmp_path / "scan.jpg", "-o", tmp_path / "other", "--model",
+                           grey_checkpoint)
+    assert code == 2 and err.strip().endswith("or end the name with / to restore into a new folder")
+    assert not (tmp_path / "other").exists()
 
 
 def test_restore_png_to_png_keeps_8_bits(capsys, tmp_path, grey_checkpoint):

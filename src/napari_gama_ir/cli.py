@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shlex
 import signal
 import sys
@@ -120,8 +121,8 @@ def run_restore(args: argparse.Namespace) -> Path:
     """Everything ``restore`` does, shared with ``demo``: open, check, restore lazily, write.
 
     A folder of images (not a zarr store), or several images, are restored image by image into
-    the ``--output`` folder; an image into an existing folder goes there under its own name, as
-    ``cp`` would put it.
+    the ``--output`` folder; an image into an existing folder, or a new one named with a final
+    slash, goes there under its own name, as ``cp`` would put it.
     """
     _check_minimum(args, 1, "workers", "threads_per_worker")
     if args.untrained:
@@ -134,8 +135,16 @@ def run_restore(args: argparse.Namespace) -> Path:
         return _restore_folder(args, image)
     source = open_image(image)
     output = Path(args.output)
+    named_folder = args.output.endswith(("/", os.sep))  # `-o restored/`, as for several images
+    if named_folder and not output.exists():
+        if not output.resolve().parent.is_dir():
+            raise UsageError(f"{output}: folder {output.resolve().parent} does not exist")
+        output.mkdir()
     if output.is_dir() and not is_zarr_store(output):  # it said "outdir: cannot write this format"
         output = output / _output_name(source.path)
+    elif not output.suffix and not output.exists():
+        raise UsageError(f"{output}: no such folder, and no image format in the name; name a file ending in one of "
+                         f"{', '.join(WRITABLE)}, or end the name with / to restore into a new folder")
     output = check_output_path(output, [image], args.overwrite)
     return _restore_image(args, source, output)
 
