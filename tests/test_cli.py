@@ -424,6 +424,9 @@ def test_an_image_restored_into_an_existing_folder_goes_there_under_its_name(cap
                            grey_checkpoint, "-q")
     assert code == 0, err
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["scan.jpg"]
+    code, _, err = run_cli(capsys, "restore", tmp_path / "scan.jpg", "-o", f"{tmp_path / 'scan.zarr'}/", "--model",
+                           grey_checkpoint, "-q")
+    assert code == 0 and open_image(tmp_path / "scan.zarr").array.shape == (24, 32)  # a store, not a folder
     # Without the slash, a name with no format was "cannot write this format".
     code, _, err = run_cli(capsys, "restore", tmp_path / "scan.jpg", "-o", tmp_path / "other", "--model",
                            grey_checkpoint)

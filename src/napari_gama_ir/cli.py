@@ -135,7 +135,8 @@ def run_restore(args: argparse.Namespace) -> Path:
         return _restore_folder(args, image)
     source = open_image(image)
     output = Path(args.output)
-    named_folder = args.output.endswith(("/", os.sep))  # `-o restored/`, as for several images
+    # `-o restored/`, as for several images; `-o out.zarr/` (a store is a folder) names a store.
+    named_folder = args.output.endswith(("/", os.sep)) and image_suffix(output) not in WRITABLE
     if named_folder and not output.exists():
         if not output.resolve().parent.is_dir():
             raise UsageError(f"{output}: folder {output.resolve().parent} does not exist")
