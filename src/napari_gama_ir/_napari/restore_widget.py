@@ -411,6 +411,6 @@ class RestoreWidget(QWidget):
             self._cancel.set()
             self._close_bar()
 
-    def closeEvent(self, event) -> None:
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         self._release()
         super().closeEvent(event)
