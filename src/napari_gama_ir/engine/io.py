@@ -1149,7 +1149,6 @@ def _write_tiff(
     rgb = page_ndim == 3 and array.shape[-1] in (3, 4)
     tile = _tiff_tile(pages, page_ndim == 2 or rgb)
     count, height, width = pages.shape[:3]
-    levels = pyramid_levels(height, width) if ome and (page_ndim == 2 or rgb) else []
     if tile is None:  # a chunk of several small planes is computed once, not once a page
         starts = np.cumsum((0,) + pages.chunks[0][:-1])
         chunks = (pages[start:start + size] for start, size in zip(starts, pages.chunks[0]))
@@ -1165,6 +1164,7 @@ def _write_tiff(
     metadata = {"axes": page_axes}
     writer = {"bigtiff": True, "ome": ome}
     resolution = tiff_resolution(sizes)
+    levels = pyramid_levels(height, width) if ome and (page_ndim == 2 or rgb) else []
     if ome:
         metadata.update({"Description": json.dumps(attrs), **ome_tiff_metadata(sizes)})
         names = _channels_of(attrs, axes, array.shape)
@@ -1197,8 +1197,9 @@ def _write_tiff(
             # 512-pixel view of a slide 8192 pixels wide read 16 times its pixels. Pages are still
             # halved whole: a tile's half filled a quarter of a level's zarr chunk, read back thrice.
             tile = (PYRAMID_TILE, PYRAMID_TILE)
+            page_tiles = _tile_places(1, height, width, tile)
             written = (page[row:row + PYRAMID_TILE, col:col + PYRAMID_TILE] for page in written
-                       for _, row, col in _tile_places(1, height, width, tile))
+                       for _, row, col in page_tiles)
         with tifffile.TiffWriter(path, **writer) as tif:
             tif.write(
                 data=written, tile=tile, shape=array.shape, dtype=array.dtype,
