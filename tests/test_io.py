@@ -416,6 +416,15 @@ def test_colours_kept_at_half_resolution_are_told_from_the_header(tmp_path):
         rgb.save(tmp_path / "animation.webp", save_all=True, append_images=[rgb.rotate(180)], lossless=lossless)
         assert colours_subsampled(tmp_path / "animation.webp") is not lossless
     assert colours_subsampled(tmp_path / "alpha.webp")
+    # 4:1:1 and 4:4:0, which Pillow does not write (nor name): the frame header of a 4:4:4 JPEG
+    # given their brightness factors (columns x rows), all this check reads.
+    for name, luma_factors in (("4-1-1.jpg", 0x41), ("4-4-0.jpg", 0x12)):
+        header = bytearray((tmp_path / "finest.jpg").read_bytes())
+        frame = header.index(b"\xff\xc0")
+        assert header[frame + 10 : frame + 12] == b"\x01\x11"  # the brightness component, 1 x 1
+        header[frame + 11] = luma_factors
+        (tmp_path / name).write_bytes(header)
+        assert colours_subsampled(tmp_path / name), name
     rgb.convert("L").save(tmp_path / "grey.jpg")  # no colours apart
     (tmp_path / "broken.jpg").write_bytes(b"not a JPEG")
     for path in (tmp_path / "grey.jpg", tmp_path / "broken.jpg", tmp_path / "missing.heic", None):

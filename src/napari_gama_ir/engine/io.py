@@ -538,7 +538,7 @@ def folder_images(folder: Path) -> dict[str, Path]:
 
 def colours_subsampled(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` is a photo that a lossy codec saved with its colours at a lower resolution
-    than its brightness: a JPEG at 4:2:0 or 4:2:2 (a camera's), a lossy WebP (always 4:2:0), or a
+    than its brightness: a JPEG at 4:2:0, 4:2:2, 4:1:1 or 4:4:0 (a camera's), a lossy WebP (always 4:2:0), or a
     HEIF (an iPhone's HEIC) or AVIF at 4:2:0 or 4:2:2. Its noise is then smeared into colour
     blotches, which the models trained on white noise leave; at 4:4:4 they do better than the model
     for such photos (docs/models/gama_ir_xs-denoise-rgb-jpeg.md). Only the file's header is read;
@@ -563,8 +563,13 @@ def _jpeg_colours_subsampled(path: Path) -> bool:
     from PIL import Image, JpegImagePlugin
 
     with _pictures_of_any_size(), Image.open(path) as image:
-        # 1 is 4:2:2, 2 is 4:2:0; grey and CMYK JPEGs, which have no colours apart, are -1.
-        return JpegImagePlugin.get_sampling(image) in (1, 2)
+        # Grey and CMYK JPEGs have no colours apart. Pillow's get_sampling names 4:2:2 and 4:2:0
+        # only; the frame header's factors also tell 4:1:1 and 4:4:0 (colours at a quarter of the
+        # columns, or half the rows), which some cameras write.
+        if not isinstance(image, JpegImagePlugin.JpegImageFile) or image.layers != 3:
+            return False
+        (_, luma_across, luma_down, _), *colours = image.layer
+        return any(across < luma_across or down < luma_down for _, across, down, _ in colours)
 
 
 def _webp_is_lossy(path: Path) -> bool:
