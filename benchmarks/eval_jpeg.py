@@ -18,7 +18,6 @@ pictures, which have no colours to subsample. Example:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 from pathlib import Path
@@ -27,35 +26,12 @@ import numpy as np
 from eval_denoise import load_set, noisy_version, scores
 
 from napari_gama_ir import create_model, restore
-from napari_gama_ir.train.objectives import as_camera_jpeg
-
-#: Pillow's format and options for each codec; "jpeg" is ``as_camera_jpeg``, as training makes it.
-CODECS = {
-    "jpeg-4:2:2": ("JPEG", {"subsampling": "4:2:2"}),
-    "jpeg-4:4:4": ("JPEG", {"subsampling": "4:4:4"}),
-    "webp": ("WEBP", {}),
-    "heif": ("HEIF", {}),
-    "heif-4:4:4": ("HEIF", {"chroma": 444}),
-    "avif": ("AVIF", {}),
-    "avif-4:4:4": ("AVIF", {"subsampling": "4:4:4"}),
-}
+from napari_gama_ir.train.objectives import PHOTO_CODECS, saved_photo
 
 
 def compressed(pixels: np.ndarray, codec: str, quality: int) -> np.ndarray:
     """``pixels`` (on [0, 255]) rounded to 8 bits, saved with ``codec`` at ``quality``, decoded."""
-    if codec == "jpeg":
-        return as_camera_jpeg(pixels, quality).astype(np.float64)
-    from PIL import Image
-
-    if codec.startswith("heif"):
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
-    form, options = CODECS[codec]
-    encoded = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(encoded, form, quality=quality, **options)
-    with Image.open(encoded) as decoded:
-        return np.asarray(decoded, np.float64)
+    return saved_photo(pixels, codec, quality).astype(np.float64)
 
 
 def main() -> None:
@@ -66,7 +42,7 @@ def main() -> None:
                         help="SIGMA:QUALITY pairs (default 15:90 25:90 50:90 25:75 0:90)")
     parser.add_argument("--plain", nargs="*", type=float, default=[25.0],
                         help="sigmas of the plain Gaussian protocol, no JPEG (default 25; none: leave it out)")
-    parser.add_argument("--codecs", nargs="+", default=["jpeg"], choices=["jpeg", *CODECS],
+    parser.add_argument("--codecs", nargs="+", default=["jpeg"], choices=list(PHOTO_CODECS),
                         help="lossy codecs to save the noisy images with (default jpeg, at 4:2:0)")
     parser.add_argument("--grey", action="store_true", help="grey images and grey pictures (colour sets made grey)")
     parser.add_argument("--json", help="write every figure here")

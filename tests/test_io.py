@@ -438,11 +438,11 @@ def test_the_missing_decoders_say_how_to_install_them(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "pillow_heif" else real(name))
-    io.missing_decoders.cache_clear()
+    io.missing_codecs.cache_clear()
     try:
         missing = io.missing_decoders()
     finally:
-        io.missing_decoders.cache_clear()
+        io.missing_codecs.cache_clear()
     assert missing[".heic"] == missing[".heif"] == (
         "a HEIF photo needs pillow-heif: pip install 'napari-gama-ir[heic]', or export it as PNG, JPEG or TIFF, "
         "then restore that")

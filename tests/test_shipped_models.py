@@ -11,7 +11,7 @@ from napari_gama_ir.cli import main
 from napari_gama_ir.model import default_model_name, list_models
 from napari_gama_ir.model.registry import SUBSAMPLED_COLOURS_MODEL
 from napari_gama_ir.train import psnr
-from napari_gama_ir.train.objectives import as_camera_jpeg
+from napari_gama_ir.train.objectives import saved_photo
 
 SHIPPED = [spec for spec in list_models() if spec.weights]
 WEIGHTS = resources.files("napari_gama_ir") / "weights"
@@ -59,7 +59,7 @@ def test_shipped_model_denoises(spec):
         clean = clean @ np.array([0.2125, 0.7154, 0.0721])
     noisy = clean + np.random.default_rng(0).normal(0, 25, clean.shape)
     if spec.name.endswith("-jpeg"):  # as a camera saves it
-        noisy = as_camera_jpeg(noisy, quality=90).astype(np.float64)
+        noisy = saved_photo(noisy, "jpeg", 90).astype(np.float64)
     restored = restore((noisy / 255).astype(np.float32), create_model(spec.name, pretrained=True), tile=None) * 255
     gain = psnr(clean, np.clip(restored, 0, 255), 255) - psnr(clean, noisy, 255)
     assert gain > MIN_GAIN_DB[spec.name]
@@ -74,7 +74,7 @@ def test_a_colour_jpeg_is_restored_by_the_model_for_jpegs(tmp_path, capsys):
     from skimage import data
 
     clean = data.astronaut()[96:224, 160:288].astype(np.float64)
-    noisy = as_camera_jpeg(clean + np.random.default_rng(0).normal(0, 25, clean.shape), 90).astype(np.float64)
+    noisy = saved_photo(clean + np.random.default_rng(0).normal(0, 25, clean.shape), "jpeg", 90).astype(np.float64)
     names = ("gama_ir_xs-denoise-rgb", SUBSAMPLED_COLOURS_MODEL)
     models = {name: create_model(name, pretrained=True) for name in names}
     gains = {name: psnr(clean, np.clip(restore(noisy.astype(np.uint8), model, "YXC"), 0, 255), 255)

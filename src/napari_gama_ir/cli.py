@@ -863,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--arch", help="train a new network of this architecture (default gama_ir_xs; see 'models')")
     train_cmd.add_argument("--self-supervised", nargs="?", const="noise2void", choices=("noise2void", "neighbor2neighbor"),
                            help="train on noisy images alone (default method noise2void)")
-    train_cmd.add_argument("--noise", help="synthetic noise on clean images: gaussian[:LOW-HIGH or :LEVEL sigma], poisson-gaussian[:LOW-HIGH or :LEVEL photons] or mixed, then optionally +jpeg:LOW-HIGH (JPEG qualities, as a camera saves its photos), e.g. gaussian:0-55+jpeg:60-95")
+    train_cmd.add_argument("--noise", help="synthetic noise on clean images: gaussian[:LOW-HIGH or :LEVEL sigma], poisson-gaussian[:LOW-HIGH or :LEVEL photons] or mixed, then optionally +CODEC:LOW-HIGH (qualities, as a camera or phone saves its photos; CODEC jpeg, webp, heif, avif or several, comma-separated, one drawn per patch), e.g. gaussian:0-55+jpeg:60-95")
     train_cmd.add_argument("--grey", action="store_true", help="convert RGB images to grey first")
     train_cmd.add_argument("--normalization", choices=NORMALIZATION_CHOICES, default="auto",
                            help="intensity normalisation of a new network or of a colour network made grey (default auto: range for uint8 and float, percentiles otherwise)")

@@ -85,18 +85,26 @@ NOT_READ = {
 
 
 @functools.cache
-def missing_decoders() -> dict[str, str]:
-    """The formats of :data:`DECODED_PHOTO_SUFFIXES` whose decoder is not installed, with what to
-    do: HEIF needs pillow-heif (the ``heic`` extra: its wheels hold the GPL's x265, so it is not a
+def missing_codecs() -> dict[str, str]:
+    """The photo codecs ("heif", "avif") that Pillow cannot decode or save here, with what installs
+    them: HEIF needs pillow-heif (the ``heic`` extra: its wheels hold the GPL's x265, so it is not a
     dependency), AVIF a Pillow of 11.3 or later."""
     from PIL import features
 
     missing = {}
     if importlib.util.find_spec("pillow_heif") is None:
-        advice = f"a HEIF photo needs pillow-heif: pip install 'napari-gama-ir[heic]', or {_EXPORT_PICTURE}"
-        missing.update(dict.fromkeys((".heic", ".heif"), advice))
+        missing["heif"] = "pillow-heif: pip install 'napari-gama-ir[heic]'"
     if "avif" not in features.modules or not features.check_module("avif"):
-        missing[".avif"] = f"an AVIF photo needs Pillow 11.3 or later: pip install -U pillow, or {_EXPORT_PICTURE}"
+        missing["avif"] = "Pillow 11.3 or later: pip install -U pillow"
+    return missing
+
+
+def missing_decoders() -> dict[str, str]:
+    """The formats of :data:`DECODED_PHOTO_SUFFIXES` whose decoder is not installed, with what to do."""
+    missing = {}
+    for suffixes, codec, photo in (((".heic", ".heif"), "heif", "a HEIF photo"), ((".avif",), "avif", "an AVIF photo")):
+        if codec in missing_codecs():
+            missing.update(dict.fromkeys(suffixes, f"{photo} needs {missing_codecs()[codec]}, or {_EXPORT_PICTURE}"))
     return missing
 
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.io import missing_codecs
+
 OBJECTIVES = ("supervised", "noise2void", "neighbor2neighbor")
 LOSSES = ("l1", "psnr")
 
@@ -42,27 +44,33 @@ class NoiseModel:
     patch, plus Gaussian read noise with ``sigma``), or ``"mixed"`` (each patch takes one of the two
     at random).
 
-    With ``jpeg`` (a quality range), each noisy patch is then saved as a camera or phone saves its
-    photos: clipped to 8 bits (the [0, 1] range as 0-255) and JPEG-compressed at a quality drawn
-    uniformly in the range, its colours at half resolution (4:2:0), and decoded. The compression
-    smears the noise into blocks and colour blotches, which a network trained on white noise
-    leaves (docs/models/gama_ir_xs-denoise-rgb-jpeg.md).
+    With ``quality`` (a range), each noisy patch is then saved as a camera or phone saves its
+    photos: clipped to 8 bits (the [0, 1] range as 0-255), compressed with one of ``codecs`` (drawn
+    per patch; keys of :data:`PHOTO_CODECS`, a JPEG at 4:2:0 by default) at a quality drawn
+    uniformly in the range, and decoded. The compression smears the noise into blocks and colour
+    blotches, which a network trained on white noise leaves
+    (docs/models/gama_ir_xs-denoise-rgb-jpeg.md).
     """
 
     kind: str = "gaussian"
     sigma: tuple[float, float] = (0.0, 55.0)
     photons: tuple[float, float] = (5.0, 200.0)
-    jpeg: tuple[int, int] | None = None
+    quality: tuple[int, int] | None = None
+    codecs: tuple[str, ...] = ("jpeg",)
 
     KINDS = ("gaussian", "poisson-gaussian", "mixed")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sigma", tuple(float(s) for s in self.sigma))
         object.__setattr__(self, "photons", tuple(float(p) for p in self.photons))
-        if self.jpeg is not None:
-            object.__setattr__(self, "jpeg", tuple(int(q) for q in self.jpeg))
-            if not 1 <= self.jpeg[0] <= self.jpeg[1] <= 100:
-                raise ValueError(f"JPEG qualities must satisfy 1 <= low <= high <= 100, got {self.jpeg}")
+        object.__setattr__(self, "codecs", tuple(self.codecs))
+        if self.quality is not None:
+            object.__setattr__(self, "quality", tuple(int(q) for q in self.quality))
+            if not 1 <= self.quality[0] <= self.quality[1] <= 100:
+                raise ValueError(f"qualities must satisfy 1 <= low <= high <= 100, got {self.quality}")
+        unknown = [codec for codec in self.codecs if codec not in PHOTO_CODECS]
+        if unknown or not self.codecs:
+            raise ValueError(f"codecs must be some of {', '.join(PHOTO_CODECS)}, got {', '.join(unknown) or 'none'}")
         if self.kind not in self.KINDS:
             raise ValueError(f"noise must be one of {', '.join(self.KINDS)}, got {self.kind!r}")
         if not 0 <= self.sigma[0] <= self.sigma[1]:
@@ -73,26 +81,29 @@ class NoiseModel:
     @classmethod
     def parse(cls, text: str) -> NoiseModel:
         """``"gaussian"``, ``"gaussian:0-55"``, ``"gaussian:25"`` (one level), ``"poisson-gaussian:5-200"``
-        or ``"mixed"``, each optionally followed by ``"+jpeg:LOW-HIGH"`` (or one quality),
-        e.g. ``"gaussian:0-55+jpeg:60-95"``."""
+        or ``"mixed"``, each optionally followed by ``"+CODEC:LOW-HIGH"`` (or one quality), where
+        CODEC is one of :data:`PHOTO_CODECS` or several separated by commas, e.g.
+        ``"gaussian:0-55+jpeg:60-95"`` or ``"gaussian:0-55+jpeg,webp,heif,avif:70-100"``."""
         noise, _, compression = text.partition("+")
         kind, _, levels = noise.partition(":")
-        jpeg = None
+        compressed = {}
         if compression:
-            stage, _, qualities = compression.partition(":")
-            if stage != "jpeg" or not qualities:
-                raise ValueError(f"after the noise comes +jpeg:LOW-HIGH (JPEG qualities), e.g. +jpeg:60-95, got {text!r}")
-            jpeg = _levels(qualities, "JPEG qualities", "+jpeg:60-95 or +jpeg:90", text)
+            stage, _, qualities = compression.rpartition(":")  # codec names hold colons: jpeg-4:2:2
+            codecs = tuple(stage.split(","))
+            if not set(codecs) <= set(PHOTO_CODECS) or not qualities:
+                raise ValueError(f"after the noise comes +CODEC:LOW-HIGH (qualities), e.g. +jpeg:60-95 or "
+                                 f"+jpeg,webp:70-100, with codecs among {', '.join(PHOTO_CODECS)}; got {text!r}")
+            compressed = {"codecs": codecs, "quality": _levels(qualities, "qualities", "+jpeg:60-95 or +jpeg:90", text)}
         if not levels:
-            return cls(kind, jpeg=jpeg)
+            return cls(kind, **compressed)
         low, high = _levels(levels, "noise levels", "gaussian:0-55 or gaussian:25", text)
         if kind == "gaussian":
-            return cls(kind, sigma=(low, high), jpeg=jpeg)
-        return cls(kind, photons=(low, high), jpeg=jpeg)
+            return cls(kind, sigma=(low, high), **compressed)
+        return cls(kind, photons=(low, high), **compressed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "sigma": list(self.sigma), "photons": list(self.photons),
-                "jpeg": None if self.jpeg is None else list(self.jpeg)}
+                "quality": None if self.quality is None else list(self.quality), "codecs": list(self.codecs)}
 
     def _gaussian(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         sigma = rng.uniform(*self.sigma) / 255.0
@@ -104,33 +115,66 @@ class NoiseModel:
         return self._gaussian(counts, rng)
 
     def _compressed(self, noisy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """``noisy`` (C, H, W: grey or RGB) as a JPEG of a quality drawn in :attr:`jpeg` decodes it."""
-        if noisy.shape[0] not in (1, 3):
-            raise ValueError(f"JPEG compression takes grey or RGB images, not {noisy.shape[0]} channels")
-        quality = int(rng.integers(self.jpeg[0], self.jpeg[1] + 1))
+        """``noisy`` (C, H, W) saved with a codec drawn in :attr:`codecs` at a quality drawn in
+        :attr:`quality`, decoded."""
+        check_codecs(self.codecs, noisy.shape[0])
+        codec = self.codecs[rng.integers(len(self.codecs))]
+        quality = int(rng.integers(self.quality[0], self.quality[1] + 1))
         pixels = noisy.transpose(1, 2, 0) * 255
-        decoded = as_camera_jpeg(pixels[..., 0] if len(noisy) == 1 else pixels, quality)
+        decoded = saved_photo(pixels[..., 0] if len(noisy) == 1 else pixels, codec, quality)
         return (decoded.astype(np.float32) / np.float32(255)).reshape(pixels.shape).transpose(2, 0, 1)
 
     def __call__(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Noisy versions of a (N, C, H, W) batch, each patch with its own noise level (and JPEG quality)."""
+        """Noisy versions of a (N, C, H, W) batch, each patch with its own noise level (and codec and quality)."""
         out = np.empty_like(clean)
         for i, patch in enumerate(clean):
             kind = self.kind if self.kind != "mixed" else ("gaussian", "poisson-gaussian")[rng.integers(2)]
             out[i] = self._gaussian(patch, rng) if kind == "gaussian" else self._poisson_gaussian(patch, rng)
-            if self.jpeg is not None:
+            if self.quality is not None:
                 out[i] = self._compressed(out[i], rng)
         return out
 
 
-def as_camera_jpeg(pixels: np.ndarray, quality: int) -> np.ndarray:
-    """``pixels`` ((H, W) or (H, W, 3) on [0, 255]) as cameras save a photo: rounded and clipped to
-    8 bits, a JPEG of ``quality`` with its colours at half resolution (4:2:0), decoded (uint8)."""
+#: Pillow's format and options for each codec a photo can be saved with: a JPEG at 4:2:0 (a
+#: camera's), at 4:2:2 and at 4:4:4, a lossy WebP (always 4:2:0), and HEIF (an iPhone's HEIC,
+#: through pillow-heif) and AVIF at 4:2:0 and at 4:4:4. Only the JPEGs take grey pictures.
+PHOTO_CODECS = {
+    "jpeg": ("JPEG", {"subsampling": "4:2:0"}),
+    "jpeg-4:2:2": ("JPEG", {"subsampling": "4:2:2"}),
+    "jpeg-4:4:4": ("JPEG", {"subsampling": "4:4:4"}),
+    "webp": ("WEBP", {}),
+    "heif": ("HEIF", {}),
+    "heif-4:4:4": ("HEIF", {"chroma": 444}),
+    "avif": ("AVIF", {}),
+    "avif-4:4:4": ("AVIF", {"subsampling": "4:4:4"}),
+}
+
+
+def check_codecs(codecs: tuple[str, ...], channels: int) -> None:
+    """Raise ValueError unless pictures of ``channels`` channels can be saved with every one of
+    ``codecs`` here."""
+    for codec in codecs:
+        if (needs := missing_codecs().get(codec.split("-")[0])) is not None:
+            raise ValueError(f"{codec} compression needs {needs}")
+    takes_grey = all(codec.startswith("jpeg") for codec in codecs)
+    if channels != 3 and not (channels == 1 and takes_grey):
+        raise ValueError(f"{', '.join(codecs)} compression takes {'grey or RGB' if takes_grey else 'RGB'} "
+                         f"images, not {channels} channels")
+
+
+def saved_photo(pixels: np.ndarray, codec: str = "jpeg", quality: int = 90) -> np.ndarray:
+    """``pixels`` ((H, W) or (H, W, 3) on [0, 255]) as a camera or phone saves a photo: rounded and
+    clipped to 8 bits, saved with ``codec`` (a key of :data:`PHOTO_CODECS`) at ``quality``, and
+    decoded (uint8)."""
     from PIL import Image
 
+    if codec.startswith("heif"):
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()  # Pillow then saves and opens HEIF as its own format
+    form, options = PHOTO_CODECS[codec]
     encoded = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(
-        encoded, "JPEG", quality=quality, subsampling="4:2:0")
+    Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(encoded, form, quality=quality, **options)
     with Image.open(encoded) as decoded:
         return np.asarray(decoded)
 

@@ -38,7 +38,7 @@ from ..engine.normalize import NORMALIZATION_CHOICES
 from ..model import GamaIR, load_checkpoint, save_checkpoint
 from .data import Normalizer, PatchSampler, TrainingData, make_planes, split_validation, validation_crops
 from .metrics import psnr, ssim
-from .objectives import OBJECTIVES, NoiseModel, Objective
+from .objectives import OBJECTIVES, NoiseModel, Objective, check_codecs
 
 MODEL_STEM = "model"
 CHECKPOINT_DIR = "checkpoint"
@@ -106,7 +106,7 @@ class TrainSettings:
         Pixel loss of supervised training.
     noise : str, optional
         Synthetic noise for supervised training on clean images only, e.g. ``"gaussian:0-55"``,
-        then JPEG compression as a camera's, e.g. ``"gaussian:0-55+jpeg:60-95"`` (:class:`NoiseModel`).
+        then compression as a camera's or a phone's, e.g. ``"gaussian:0-55+jpeg:60-95"`` (:class:`NoiseModel`).
     validation_fraction : float
         Share of planes (or of one plane's rows) held out; 0 for none.
     validate_every : int, optional
@@ -377,9 +377,8 @@ class Trainer:
                 raise ValueError("clean images alone need a synthetic noise model (e.g. gaussian:0-55) or noisy images")
             if data.has_noisy and noise is not None:
                 raise ValueError("a synthetic noise model is for clean images alone; the noisy images are given")
-            if noise is not None and noise.jpeg and model.config.in_channels not in (1, 3):
-                raise ValueError(f"JPEG compression takes grey or RGB images; the network takes "
-                                 f"{model.config.in_channels} channels")
+            if noise is not None and noise.quality:
+                check_codecs(noise.codecs, model.config.in_channels)
             if not self.objective.needs_clean and not data.has_noisy:
                 raise ValueError(f"{settings.objective} trains on noisy images; none were given")
             self.device = resolve_device(settings.device)
