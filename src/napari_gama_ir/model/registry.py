@@ -179,7 +179,7 @@ _register_shipped(
 _register_shipped(
     "gama_ir_xs-denoise-rgb-jpeg", _XS.replace(train_patch_size=96, channel_meaning="rgb"),
     "GAMA-IR-XS colour denoiser for photos saved with colours at half resolution: camera JPEGs, HEIC, "
-    "lossy WebP and AVIF (trained on Gaussian noise, sigma 0-55, then JPEG quality 70-95 at 4:2:0), "
+    "lossy WebP and AVIF (trained on Gaussian noise, sigma 0-55, then those codecs at quality 70-100), "
     "fine-tuned from gama_ir_xs-denoise-rgb on CBSD432 on a CPU",
 )
 # The grey denoisers also serve fluorescence counts, so they see each plane through its own
