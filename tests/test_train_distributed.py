@@ -191,6 +191,37 @@ def test_a_checkpoint_replica_zero_cannot_write_stops_every_replica_at_once(clie
         assert client.submit(os.getpid, workers=[address], pure=False).result(timeout=60) > 0
 
 
+def _fail_forward_passes(fail: bool) -> None:
+    """In a worker process: make (or stop making) every training forward pass there raise, as a GPU
+    out of memory on that worker alone would."""
+    from napari_gama_ir.train.trainer import Trainer
+
+    if fail:
+        Trainer._real_loss = Trainer._loss
+
+        def out_of_memory(self, tensors):
+            raise RuntimeError("forward pass failed on this worker")
+
+        Trainer._loss = out_of_memory
+    elif hasattr(Trainer, "_real_loss"):
+        Trainer._loss = Trainer._real_loss
+        del Trainer._real_loss
+
+
+def test_a_forward_pass_failing_on_one_replica_stops_every_replica_at_once(client, data, tmp_path):
+    """Before, the others waited for it in the backward pass's gradient all-reduce until the
+    timeout, their workers busy."""
+    second = sorted(client.nthreads())[1]  # replica 1: replicas take the workers in address order
+    client.run(_fail_forward_passes, True, workers=[second])
+    try:
+        with pytest.raises(RuntimeError, match="forward pass failed on this worker"):
+            train_distributed(make_tiny_model(1), data, _settings(), tmp_path / "run", client=client, timeout=300)
+        for address in client.nthreads():  # replica 0 did not stay in the step's collective
+            assert client.submit(os.getpid, workers=[address], pure=False).result(timeout=60) > 0
+    finally:
+        client.run(_fail_forward_passes, False, workers=[second])
+
+
 def test_batch_must_split_equally_over_the_replicas(client, data, tmp_path):
     with pytest.raises(ValueError, match="a batch of 3 cannot be shared equally by 2 replicas"):
         DistributedTrainer(make_tiny_model(1), data, _settings(batch=3), tmp_path / "run", client=client)

@@ -542,14 +542,18 @@ class Trainer:
         """This step's tensors (patches, and noise, masks or cells), on the device."""
         return {k: t.to(self.device, non_blocking=True) for k, t in prefetcher.take(self.step).items()}
 
-    def _step(self, tensors: dict[str, torch.Tensor]) -> float:
-        for group in self.optimiser.param_groups:
-            group["lr"] = learning_rate_at(self.step, self.settings)
+    def _loss(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The step's forward pass: the objective's loss on this replica's share of the batch."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
         )
         with autocast:
-            loss = self.objective(self.network, tensors)
+            return self.objective(self.network, tensors)
+
+    def _update(self, loss: torch.Tensor) -> float:
+        """The step's backward pass and optimiser update; the whole batch's loss."""
+        for group in self.optimiser.param_groups:
+            group["lr"] = learning_rate_at(self.step, self.settings)
         self.optimiser.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -570,9 +574,11 @@ class Trainer:
         GAMA-IR-S 1.15x for the heap, and 1.2x more for a worker thread's step
         (:func:`~napari_gama_ir.engine.heap.on_the_network_thread`)."""
         if self.device.type != "cpu":
-            with self.replica.together():  # reading the batch can fail on one worker alone
-                tensors = self._take(prefetcher)
-            return self._step(tensors)
+            # Reading the batch, and the forward pass (a GPU out of memory), can fail on one replica
+            # alone; the others would then wait in the backward pass's gradient all-reduce.
+            with self.replica.together():
+                loss = self._loss(self._take(prefetcher))
+            return self._update(loss)
         return on_the_network_thread(self._memory_checked_step, prefetcher)
 
     def _memory_checked_step(self, prefetcher: BatchPrefetcher) -> float:
@@ -582,7 +588,8 @@ class Trainer:
         command killed after 65 s on a 24 GB machine)."""
         share, patch = self.settings.batch // self.replica.world, self.settings.patch
         with ExitStack() as room:
-            # Workers with less memory than others refuse a step the others take.
+            # Workers with less memory than others refuse a step the others take; the forward pass
+            # can fail on one replica alone too (see _run_step).
             with self.replica.together():
                 tensors = self._take(prefetcher)
                 if self.step_peak_bytes is None:  # the same shapes every step: worked out once
@@ -590,7 +597,8 @@ class Trainer:
                 room.enter_context(memory_for_pass(
                     self.step_peak_bytes, f"a training step on {share} patches of {patch}x{patch} pixels"
                 ))
-            return self._step(tensors)
+                loss = self._loss(tensors)
+            return self._update(loss)
 
     def _step_peak_bytes(self, tensors: dict[str, torch.Tensor]) -> int:
         """The most bytes a step on ``tensors`` holds at once, with the objective's own loss:
