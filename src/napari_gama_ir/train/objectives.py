@@ -159,7 +159,7 @@ def check_codecs(codecs: tuple[str, ...], channels: int) -> None:
     takes_grey = all(codec.startswith("jpeg") for codec in codecs)
     if channels != 3 and not (channels == 1 and takes_grey):
         raise ValueError(f"{', '.join(codecs)} compression takes {'grey or RGB' if takes_grey else 'RGB'} "
-                         f"images, not {channels} channels")
+                         f"images, not {channels} channel{'s' * (channels != 1)}")
 
 
 def saved_photo(pixels: np.ndarray, codec: str = "jpeg", quality: int = 90) -> np.ndarray:
