@@ -333,20 +333,56 @@ def test_a_folder_of_folders_is_restored_with_recursive_and_resumed(capsys, tmp_
         assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, err
 
 
-def test_a_folder_of_heic_photos_is_restored_into_jpegs_with_their_exif(capsys, tmp_path):
+def test_a_folder_of_heic_and_avif_photos_is_restored_into_their_own_formats_with_their_exif(capsys, tmp_path):
+    """They were restored into JPEGs: neither format could be written."""
     import pillow_heif
-    from PIL import Image
+    from PIL import Image, ImageCms
 
     pillow_heif.register_heif_opener()
     (tmp_path / "iphone").mkdir()
     exif = Image.Exif()
     exif[0x0110] = "iPhone 15"
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     photo = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    Image.fromarray(photo).save(tmp_path / "iphone" / "IMG_0001.HEIC", exif=exif.tobytes())
+    for name in ("IMG_0001.HEIC", "IMG_0002.avif"):
+        Image.fromarray(photo).save(tmp_path / "iphone" / name, exif=exif.tobytes(), icc_profile=profile)
     code, _, err = run_cli(capsys, "restore", tmp_path / "iphone", "-o", tmp_path / "restored", "-q")
     assert code == 0, err
-    with Image.open(tmp_path / "restored" / "IMG_0001.jpg") as restored:  # lossy as its input, not a PNG 4x its size
-        assert restored.format == "JPEG" and restored.size == (64, 48) and restored.getexif()[0x0110] == "iPhone 15"
+    for name, form in (("IMG_0001.HEIC", "HEIF"), ("IMG_0002.avif", "AVIF")):
+        with Image.open(tmp_path / "restored" / name) as restored:
+            assert restored.format == form and restored.size == (64, 48) and restored.mode == "RGB"
+            assert restored.getexif()[0x0110] == "iPhone 15" and restored.info["icc_profile"] == profile
+
+
+def test_a_picture_is_restored_into_heic_and_avif_alpha_included(capsys, tmp_path, grey_checkpoint, monkeypatch):
+    import imageio.v3 as iio
+    import pillow_heif
+    from PIL import Image
+
+    from napari_gama_ir.engine import io
+
+    pillow_heif.register_heif_opener()
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    iio.imwrite(tmp_path / "logo.png", rgba)
+    iio.imwrite(tmp_path / "grey.png", rgba[..., 0])
+    for output in ("logo.heic", "logo.avif"):
+        code, _, err = run_cli(capsys, "restore", tmp_path / "logo.png", "-o", tmp_path / output, "-q")
+        assert code == 0, err
+        with Image.open(tmp_path / output) as restored:  # the opacity passed through, all but lossless
+            assert restored.mode == "RGBA" and np.abs(np.asarray(restored)[..., 3].astype(int) - rgba[..., 3]).mean() < 8
+    code, _, err = run_cli(capsys, "restore", tmp_path / "grey.png", "-o", tmp_path / "grey.heic", "--model",
+                           grey_checkpoint, "-q")
+    assert code == 0 and Image.open(tmp_path / "grey.heic").size == (56, 40), err
+    np.save(tmp_path / "stack.npy", rng.random((2, 24, 32), dtype=np.float32))
+    code, _, err = run_cli(capsys, "restore", tmp_path / "stack.npy", "-o", tmp_path / "stack.avif", "--model",
+                           grey_checkpoint, "-q")
+    assert code == 2 and "stack.avif: an AVIF holds one picture (axes YX, or YXC with 3-4 channels)" in err, err
+    assert not (tmp_path / "stack.avif").exists()
+    monkeypatch.setattr(io, "missing_codecs", lambda: {"heif": "pillow-heif: pip install 'napari-gama-ir[heic]'"})
+    code, _, err = run_cli(capsys, "restore", tmp_path / "logo.png", "-o", tmp_path / "again.heic", "-q")
+    assert code == 2 and err.strip().endswith("again.heic: writing HEIF needs pillow-heif: pip install "
+                                              "'napari-gama-ir[heic]'"), err
 
 
 def test_several_images_are_restored_into_a_folder_as_cp_copies_files(capsys, tmp_path, grey_checkpoint):

@@ -29,7 +29,6 @@ from .engine.calibration import to_attribute
 from .engine.device import is_out_of_memory, resolve_device
 from .engine.io import (
     CHANNELS_ATTRIBUTE,
-    DECODED_PHOTO_SUFFIXES,
     PICTURE_OUTPUTS,
     TIFF_BASED_SUFFIXES,
     WRITABLE,
@@ -312,12 +311,12 @@ def _restore_into_folder(args: argparse.Namespace, paths: list[Path], what: str,
 
 
 def _output_name(path: Path) -> str:
-    """``path``'s name with a suffix that can be written: its own, else TIFF (LSM, SVS and other
-    TIFF-based formats), JPEG (HEIF and AVIF photos, lossy as it is) or PNG (BMP and WebP pictures)."""
+    """``path``'s name with a suffix that can be written: its own (an iPhone's HEIC stays a HEIC),
+    else TIFF (LSM, SVS and other TIFF-based formats) or PNG (BMP and WebP pictures)."""
     suffix = image_suffix(path)
     if suffix in WRITABLE:
         return path.name
-    kept = ".tif" if suffix in TIFF_BASED_SUFFIXES else ".jpg" if suffix in DECODED_PHOTO_SUFFIXES else ".png"
+    kept = ".tif" if suffix in TIFF_BASED_SUFFIXES else ".png"
     return path.name[: len(path.name) - len(suffix)] + kept
 
 
@@ -820,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="input image: .zarr (OME-Zarr too), .tif (and .lsm, .stk, .svs, .ndpi), .png, .jpg, "
                                   ".bmp, .webp, .heic, .avif or .npy; or several, or a folder of them, restored into the --output "
                                   "folder, each under its own name")
-    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png, .jpg or .npy")
+    restore_cmd.add_argument("-o", "--output", required=True, help="output: .zarr, .ome.zarr, .tif, .ome.tif, .png, .jpg, .heic, .avif or .npy")
     restore_cmd.add_argument("--model", help="shipped or local model name, or checkpoint path (default: the shipped model for the image's channels: the colour one for a photo's RGB, or the one for colours saved at half resolution (camera JPEGs, HEIC, lossy WebP and AVIF), the grey one, channel by channel, for a microscope's; 'napari-gama-ir models' lists them)")
     restore_cmd.add_argument("--untrained", action="store_true", help="use the architecture with random weights (pipeline tests only)")
     restore_cmd.add_argument("--axes", help="axes of the input, e.g. YX, YXC, ZYX, TCZYX (default: from the file, else guessed)")
@@ -832,7 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore_cmd.add_argument("--block", type=int, help="restore each plane in square blocks of this side, so that memory "
                              "follows the block; 0 for whole planes (default: whole planes where one fits in memory, else the "
                              "largest blocks that do)")
-    restore_cmd.add_argument("--output-dtype", help="float32 (the default; input for a photo, and for .png or .jpg output), input, or a numpy dtype")
+    restore_cmd.add_argument("--output-dtype", help="float32 (the default; input for a photo, and for .png, .jpg, .heic or .avif output), input, or a numpy dtype")
     restore_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output")
     restore_cmd.add_argument("-r", "--recursive", action="store_true",
                              help="restore the images of the input folder's folders too, at any depth, each into the "

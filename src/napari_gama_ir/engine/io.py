@@ -113,11 +113,14 @@ def not_read_advice(suffix: str) -> str | None:
     return NOT_READ.get(suffix) or missing_decoders().get(suffix)
 
 
-WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg", ".npy")
+WRITABLE = (".zarr", ".ome.zarr", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".png", ".jpg", ".jpeg", ".heic", ".heif",
+            ".avif", ".npy")
 #: Picture outputs -> (their name, the channel counts and the dtypes they hold).
 PICTURE_OUTPUTS = {
     ".png": ("PNG", (2, 3, 4), (np.dtype(np.uint8), np.dtype(np.uint16))),
     **dict.fromkeys((".jpg", ".jpeg"), ("JPEG", (3,), (np.dtype(np.uint8),))),
+    **dict.fromkeys((".heic", ".heif"), ("HEIF", (3, 4), (np.dtype(np.uint8),))),
+    ".avif": ("AVIF", (3, 4), (np.dtype(np.uint8),)),
 }
 #: The EXIF tag of a picture's orientation; its sub-IFD of photo tags, with the width and height of its pixels.
 ORIENTATION_TAG, EXIF_IFD_TAG, PIXEL_WIDTH_TAG, PIXEL_HEIGHT_TAG = 274, 0x8769, 0xA002, 0xA003
@@ -142,9 +145,16 @@ PICTURE_MODES = {"CMYK": "RGB", "1": "L"}
 #: photo (346 kB), half the shipped CPU model's time to restore it; level 3 took 26 ms (394 kB), and
 #: a folder of 20 such photos took 6.7-7.5 s to restore instead of 8.3-8.7 s (docs/engine.md).
 PNG_COMPRESS_LEVEL = 3
-#: JPEG outputs: quality 95 with full-resolution colours (4:4:4). Re-encoded so, the Kodak24 photos
-#: kept 42.1 dB PSNR (40.4 dB with Pillow's default 4:2:0) at 133 kB each, against 434 kB as PNGs.
-JPEG_OPTIONS = {"quality": 95, "subsampling": 0}
+#: Encoder options of the lossy picture outputs. Re-encoded so, the Kodak24 photos kept (PSNR, mean
+#: size; PNG: 434 kB): as JPEGs of quality 95 with full-resolution colours (4:4:4), 42.1 dB at 133 kB
+#: (40.4 dB with Pillow's default 4:2:0); as HEIFs of quality 90, 43.5 dB at 181 kB, at 4:2:0 as
+#: phones write them (4:4:4 took 48.7 dB at 195 kB, but needs a decoder of HEVC's range extensions);
+#: as AVIFs of quality 95 at 4:4:4, 44.6 dB at 122 kB (quality 90 at 4:2:0, 41.2 dB at 80 kB).
+LOSSY_OPTIONS = {
+    "JPEG": {"quality": 95, "subsampling": 0},
+    "HEIF": {"quality": 90},
+    "AVIF": {"quality": 95, "subsampling": "4:4:4"},
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
 #: Outputs that hold the pixels as they are, so that their size is known before they are written.
@@ -707,27 +717,30 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
 
 
 def picture_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dtype) -> tuple[int, ...]:
-    """The shape in which an image of ``shape``, ``axes`` and ``dtype`` goes into a PNG or JPEG.
+    """The shape in which an image of ``shape``, ``axes`` and ``dtype`` goes into a picture
+    (:data:`PICTURE_OUTPUTS`).
 
-    Either holds one picture, grey (``YX``) or with channels last (``YXC``): a PNG 2-4 channels of
-    8- or 16-bit integers, a JPEG 3 of 8-bit integers (no opacity). Other axes of length 1, a single
+    Each holds one picture, grey (``YX``) or with channels last (``YXC``): a PNG 2-4 channels of
+    8- or 16-bit integers, a JPEG 3 of 8-bit integers (no opacity), a HEIF or AVIF 3-4 of 8-bit
+    integers. Other axes of length 1, a single
     channel included, are dropped. Anything else raises :class:`ImageIOError`, before any pixel is
     computed.
     """
     name, channels, dtypes = PICTURE_OUTPUTS[image_suffix(output)]
+    a_name = f"{'an' if name == 'AVIF' else 'a'} {name}"
     kept = [(a, n) for a, n in zip(axes, shape) if a in "YX" or n != 1]
     picture_axes = "".join(a for a, _ in kept)
     if picture_axes != "YX" and not (picture_axes == "YXC" and kept[-1][1] in channels):
         counts = "-".join(map(str, (channels[0], channels[-1]) if len(channels) > 1 else channels))
         other = "write .png for opacity, or " if name == "JPEG" and picture_axes == "YXC" else "write "
         raise ImageIOError(
-            f"{output}: a {name} holds one picture (axes YX, or YXC with {counts} channels), not axes {axes} of "
+            f"{output}: {a_name} holds one picture (axes YX, or YXC with {counts} channels), not axes {axes} of "
             f"shape {tuple(shape)}; {other}.tif, .zarr or .npy"
         )
     dtype = np.dtype(dtype)
     if dtype not in dtypes:
         bits = "- or ".join(str(d.itemsize * 8) for d in dtypes)
-        raise ImageIOError(f"{output}: a {name} holds {bits}-bit integers, not {dtype}; write .tif, .zarr or .npy")
+        raise ImageIOError(f"{output}: {a_name} holds {bits}-bit integers, not {dtype}; write .tif, .zarr or .npy")
     return tuple(n for _, n in kept)
 
 
@@ -742,6 +755,9 @@ def check_output_format(output: str | os.PathLike, shape: tuple[int, ...], axes:
         raise ImageIOError(f"{output}: OME-TIFF axes are T, C, Z, Y and X, not {axes!r}; write .tif, .zarr or .npy")
     if suffix in PICTURE_OUTPUTS:
         picture_shape(Path(output), shape, axes, dtype)
+        codec = PICTURE_OUTPUTS[suffix][0].lower()
+        if codec in missing_codecs():
+            raise ImageIOError(f"{output}: writing {codec.upper()} needs {missing_codecs()[codec]}")
     if suffix in UNCOMPRESSED_SUFFIXES:
         _check_free_space(Path(output), math.prod(shape) * np.dtype(dtype).itemsize)
 
@@ -1038,7 +1054,7 @@ def write_image_steps(
     """Write ``array`` into ``output``, yielding ``(chunks written, total)`` as it goes.
 
     ``attrs`` (provenance) go to the zarr attributes or the TIFF metadata, ``icc_profile`` (the
-    input's colours, :class:`ImageSource`) to a TIFF, PNG or JPEG, ``exif`` to a PNG or JPEG,
+    input's colours, :class:`ImageSource`) to a TIFF or picture, ``exif`` to a picture,
     ``imagej_display`` (:class:`ImageSource`) to an ImageJ TIFF of as many channels; an existing
     output is replaced only with ``overwrite``; ``workers`` threads compute chunks. Setting
     ``cancel`` raises :class:`Cancelled` at the next chunk, and stops the chunks being computed
@@ -1083,8 +1099,17 @@ def write_image_steps(
 
             picture = np.asarray(array.compute()).reshape(picture_shape(output, array.shape, axes, array.dtype))
             kept = {name: value for name, value in (("icc_profile", icc_profile), ("exif", exif)) if value}
-            if suffix != ".png":
-                iio.imwrite(temporary, picture, extension=suffix, **JPEG_OPTIONS, **kept)
+            form = PICTURE_OUTPUTS[suffix][0]
+            if form in ("HEIF", "AVIF"):  # through Pillow itself: imageio knows neither suffix
+                from PIL import Image
+
+                if form == "HEIF":
+                    import pillow_heif
+
+                    pillow_heif.register_heif_opener()  # and its writer
+                Image.fromarray(picture).save(temporary, format=form, **LOSSY_OPTIONS[form], **kept)
+            elif suffix != ".png":
+                iio.imwrite(temporary, picture, extension=suffix, **LOSSY_OPTIONS[form], **kept)
             elif picture.dtype == np.uint16 and picture.ndim == 3:  # Pillow writes 16-bit colours as 8-bit ones
                 import imagecodecs
 
