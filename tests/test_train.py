@@ -505,13 +505,13 @@ def test_cpu_steps_run_on_the_network_thread_and_give_the_same_weights_from_any_
     data = data_from_arrays(noisy, clean, axes="ZYX")
     settings = TrainSettings(steps=3, batch=2, patch=16, validation_fraction=0)
     step_threads = []
-    original_step = Trainer._step
+    original_forward = Trainer._loss
 
-    def noting_step(self, prefetcher):
+    def noting_forward(self, tensors):
         step_threads.append(threading.current_thread().name)
-        return original_step(self, prefetcher)
+        return original_forward(self, tensors)
 
-    monkeypatch.setattr(Trainer, "_step", noting_step)
+    monkeypatch.setattr(Trainer, "_loss", noting_forward)
     here = train(fresh_model(), data, settings, tmp_path / "here")
     with ThreadPoolExecutor(1, thread_name_prefix="caller") as elsewhere:
         there = elsewhere.submit(train, fresh_model(), data, settings, tmp_path / "there").result()
@@ -585,10 +585,10 @@ def test_out_of_memory_names_what_to_change(tmp_path, monkeypatch):
     noisy, clean = smooth_stack()
     trainer = Trainer(fresh_model(), data_from_arrays(noisy, clean, axes="ZYX"), TrainSettings(steps=3, patch=16), tmp_path)
 
-    def out_of_memory(prefetcher):
+    def out_of_memory(tensors):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer, "_step", out_of_memory)
+    monkeypatch.setattr(trainer, "_loss", out_of_memory)
     with pytest.raises(TrainingMemoryError, match="a batch of 8 patches of 16 pixels does not fit in cpu memory"):
         list(trainer.run())
 
