@@ -545,6 +545,54 @@ def test_an_iphone_photo_opens_upright_and_gets_the_model_for_its_colours(make_n
         viewer.open(tmp_path / "IMG_0001.HEIC", plugin=None)
 
 
+def test_a_restored_iphone_photo_is_saved_as_heic_or_avif_with_its_profile_and_exif(make_napari_viewer, qtbot,
+                                                                                     tmp_path):
+    """napari's own writers take neither format: a restored HEIC could not be saved as one."""
+    import pillow_heif
+    from PIL import Image, ImageCms
+
+    pillow_heif.register_heif_opener()
+    exif = Image.Exif()
+    exif[0x0110] = "iPhone 15"
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    stored = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(stored).save(tmp_path / "IMG_0001.HEIC", exif=exif.tobytes(), icc_profile=profile)
+    viewer = make_napari_viewer()
+    viewer.open(tmp_path / "IMG_0001.HEIC", plugin=None)
+    widget = open_widget(viewer)
+    with qtbot.waitSignal(widget.restore_all().finished, timeout=60000):
+        pass
+    restored = viewer.layers["IMG_0001 restored"]
+    assert restored.data.dtype == np.uint8
+    for name, form in (("restored.heic", "HEIF"), ("restored.avif", "AVIF")):
+        viewer.layers.selection = {restored}
+        viewer.layers.save(str(tmp_path / name), selected=True, plugin="napari-gama-ir")
+        with Image.open(tmp_path / name) as saved:
+            assert saved.format == form and saved.size == (56, 40) and saved.getexif()[0x0110] == "iPhone 15"
+            assert saved.info["icc_profile"] == profile
+            assert np.abs(np.asarray(saved).astype(int) - restored.data).mean() < 3  # lossy, but these pixels
+    for name, data, message in [
+        ("stack", np.zeros((2, 8, 8), np.uint8), "stack.heic: a photo holds one picture, not a stack of shape"),
+        ("floats", np.zeros((8, 8), np.float32), "floats.heic: a HEIF holds 8-bit integers, not float32"),
+    ]:
+        viewer.layers.selection = {viewer.add_image(data, name=name)}
+        with pytest.raises(OSError, match=message):  # said, not "not a valid writer"
+            viewer.layers.save(str(tmp_path / f"{name}.heic"), selected=True, plugin="napari-gama-ir")
+        assert not (tmp_path / f"{name}.heic").exists()
+    # A preview shows zeros where a plane is not restored yet: those are not saved as the photo.
+    import dask.array as da
+
+    from napari_gama_ir._napari.photo_files import write_photo
+    from napari_gama_ir._napari.preview import BackgroundPlanes
+
+    planes = BackgroundPlanes(da.zeros((1, 8, 8, 3), np.uint8, chunks=(1, 8, 8, 3)), plane_axes=(1, 2, 3))
+    try:
+        with pytest.raises(OSError, match="preview.avif: this preview has planes not restored yet"):
+            write_photo(str(tmp_path / "preview.avif"), planes, {"rgb": True})
+    finally:
+        planes.close()
+
+
 def test_rgba_layers_restore_their_colours_and_keep_their_opacity(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     rgba = np.random.default_rng(0).integers(0, 256, (2, 40, 48, 4), dtype=np.uint8)

@@ -1026,7 +1026,7 @@ def block_regions(array: da.Array) -> list[tuple[tuple[int, ...], tuple[slice, .
 
 
 def write_image(array: da.Array | np.ndarray, output: str | os.PathLike, axes: str, **options: Any) -> Path:
-    """Compute ``array`` chunk by chunk into ``output`` (.zarr, .tif, .png, .jpg or .npy), atomically.
+    """Compute ``array`` chunk by chunk into ``output`` (:data:`WRITABLE`), atomically.
 
     Zarr output keeps the array's chunks (from :func:`restore`: a plane, a few small planes, or a
     block of a huge plane), so only a few chunks are in memory at a time. ``options`` are those of
