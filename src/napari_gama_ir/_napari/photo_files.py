@@ -50,12 +50,12 @@ def write_photo(path: str, data: Any, meta: dict) -> list[str]:
         data = data[0]
     if isinstance(data, BackgroundPlanes) and len(data.computed) < np.prod([data.shape[d] for d in data.iterated]):
         raise OSError(f"{path}: this preview has planes not restored yet; save the layer that Restore all makes")
-    pixels, axes = np.asarray(data), "YXC" if meta.get("rgb") else "YX"
-    if pixels.ndim != len(axes):
-        raise OSError(f"{path}: a photo holds one picture, not a stack of shape {pixels.shape}; save it as .tif or .zarr")
+    axes = "YXC" if meta.get("rgb") else "YX"
+    if np.ndim(data) != len(axes):  # before any plane of a lazy stack is read
+        raise OSError(f"{path}: a photo holds one picture, not a stack of shape {np.shape(data)}; save it as .tif or .zarr")
     photo = meta.get("metadata") or {}
     try:
-        write_image(pixels, path, axes, overwrite=True, **{key: photo.get(key) for key in KEPT_FROM_PHOTO})
+        write_image(np.asarray(data), path, axes, overwrite=True, **{key: photo.get(key) for key in KEPT_FROM_PHOTO})
     except ValueError as error:
         raise OSError(str(error)) from None
     return [path]
