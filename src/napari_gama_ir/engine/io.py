@@ -556,8 +556,8 @@ def folder_images(folder: Path) -> dict[str, Path]:
 
 def colours_subsampled(path: str | os.PathLike | None) -> bool:
     """Whether ``path`` is a photo that a lossy codec saved with its colours at a lower resolution
-    than its brightness: a JPEG at 4:2:0, 4:2:2, 4:1:1 or 4:4:0 (a camera's), a lossy WebP (always 4:2:0), or a
-    HEIF (an iPhone's HEIC) or AVIF at 4:2:0 or 4:2:2. Its noise is then smeared into colour
+    than its brightness: a JPEG at 4:2:0, 4:2:2, 4:1:1 or 4:4:0 (a camera's), a lossy WebP (always
+    4:2:0), or a HEIF (an iPhone's HEIC) or AVIF at 4:2:0 or 4:2:2. Its noise is then smeared into colour
     blotches, which the models trained on white noise leave; at 4:4:4 they do better than the model
     for such photos (docs/models/gama_ir_xs-denoise-rgb-jpeg.md). Only the file's header is read;
     any other file, or one that cannot be read, gives False."""
@@ -722,9 +722,8 @@ def picture_shape(output: Path, shape: tuple[int, ...], axes: str, dtype: np.dty
 
     Each holds one picture, grey (``YX``) or with channels last (``YXC``): a PNG 2-4 channels of
     8- or 16-bit integers, a JPEG 3 of 8-bit integers (no opacity), a HEIF or AVIF 3-4 of 8-bit
-    integers. Other axes of length 1, a single
-    channel included, are dropped. Anything else raises :class:`ImageIOError`, before any pixel is
-    computed.
+    integers. Other axes of length 1, a single channel included, are dropped. Anything else raises
+    :class:`ImageIOError`, before any pixel is computed.
     """
     name, channels, dtypes = PICTURE_OUTPUTS[image_suffix(output)]
     a_name = f"{'an' if name == 'AVIF' else 'a'} {name}"
