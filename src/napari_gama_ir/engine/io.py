@@ -108,6 +108,15 @@ def missing_decoders() -> dict[str, str]:
     return missing
 
 
+@functools.cache
+def register_heif() -> None:
+    """Have Pillow open and save HEIF (an iPhone's HEIC) as its own formats, through pillow-heif
+    (once a process)."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+
+
 def not_read_advice(suffix: str) -> str | None:
     """Why images of ``suffix`` are not read, and what to do instead; None where they are."""
     return NOT_READ.get(suffix) or missing_decoders().get(suffix)
@@ -358,9 +367,7 @@ def _open_picture(path: Path) -> ImageSource:
     import imageio.v3 as iio
 
     if image_suffix(path) in (".heic", ".heif"):
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()  # Pillow then opens HEIF as its own formats
+        register_heif()
     try:
         with _pictures_of_any_size():
             meta = iio.immeta(path, plugin="pillow", exclude_applied=False)
@@ -1099,16 +1106,12 @@ def write_image_steps(
             picture = np.asarray(array.compute()).reshape(picture_shape(output, array.shape, axes, array.dtype))
             kept = {name: value for name, value in (("icc_profile", icc_profile), ("exif", exif)) if value}
             form = PICTURE_OUTPUTS[suffix][0]
-            if form in ("HEIF", "AVIF"):  # through Pillow itself: imageio knows neither suffix
+            if form != "PNG":  # through Pillow itself: imageio knows neither HEIF's suffixes nor AVIF's
                 from PIL import Image
 
                 if form == "HEIF":
-                    import pillow_heif
-
-                    pillow_heif.register_heif_opener()  # and its writer
+                    register_heif()
                 Image.fromarray(picture).save(temporary, format=form, **LOSSY_OPTIONS[form], **kept)
-            elif suffix != ".png":
-                iio.imwrite(temporary, picture, extension=suffix, **LOSSY_OPTIONS[form], **kept)
             elif picture.dtype == np.uint16 and picture.ndim == 3:  # Pillow writes 16-bit colours as 8-bit ones
                 import imagecodecs
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.io import missing_codecs
+from ..engine.io import missing_codecs, register_heif
 
 OBJECTIVES = ("supervised", "noise2void", "neighbor2neighbor")
 LOSSES = ("l1", "psnr")
@@ -117,7 +117,6 @@ class NoiseModel:
     def _compressed(self, noisy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``noisy`` (C, H, W) saved with a codec drawn in :attr:`codecs` at a quality drawn in
         :attr:`quality`, decoded."""
-        check_codecs(self.codecs, noisy.shape[0])
         codec = self.codecs[rng.integers(len(self.codecs))]
         quality = int(rng.integers(self.quality[0], self.quality[1] + 1))
         pixels = noisy.transpose(1, 2, 0) * 255
@@ -126,6 +125,8 @@ class NoiseModel:
 
     def __call__(self, clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Noisy versions of a (N, C, H, W) batch, each patch with its own noise level (and codec and quality)."""
+        if self.quality is not None:
+            check_codecs(self.codecs, clean.shape[1])
         out = np.empty_like(clean)
         for i, patch in enumerate(clean):
             kind = self.kind if self.kind != "mixed" else ("gaussian", "poisson-gaussian")[rng.integers(2)]
@@ -169,9 +170,7 @@ def saved_photo(pixels: np.ndarray, codec: str = "jpeg", quality: int = 90) -> n
     from PIL import Image
 
     if codec.startswith("heif"):
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()  # Pillow then saves and opens HEIF as its own format
+        register_heif()
     form, options = PHOTO_CODECS[codec]
     encoded = io.BytesIO()
     Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).save(encoded, form, quality=quality, **options)
