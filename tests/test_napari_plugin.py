@@ -174,7 +174,7 @@ def test_deleting_a_preview_layer_stops_it_and_lets_go_of_its_planes(make_napari
     for layer in (first, second):
         viewer.layers.remove(layer)
         assert layer.data.join(timeout=5) and layer.data.computed == []
-    assert widget.previews == [] and len(passes) < 3  # the second stopped within its first pass of 3
+    assert widget.previews == {} and len(passes) < 3  # the second stopped within its first pass of 3
     assert widget.status.value == f"preview closed: {second.name}"
 
 
@@ -286,6 +286,70 @@ def test_a_view_whose_planes_do_not_fit_in_memory_is_refused_once_and_restores_n
     qtbot.waitUntil(lambda: reported == [(0,)], timeout=5000)
     assert len(planes.errors) == 2 and planes.computed == [(3,)]
     planes.close()
+
+
+def test_a_preview_in_blocks_restores_only_the_blocks_a_view_meets_nearest_its_centre_first():
+    from napari_gama_ir._napari.preview import BackgroundPlanes, preview_levels
+
+    stack = np.random.default_rng(5).random((3, 300, 280), dtype=np.float32)
+    settings = {"tile": 32, "overlap": 8}
+    expected = restore(stack, make_tiny_model(1), "ZYX", **settings)
+    lazy = restore(da.from_array(stack), make_tiny_model(1), "ZYX", block=64, **settings)
+    planes = BackgroundPlanes(lazy, (1, 2))
+    assert planes.blocked == (1, 2)
+    levels = preview_levels(planes, [stack], (1, 2))
+    assert [level.shape for level in levels] == [(3, 300, 280), (3, 150, 140)]  # down to 256 pixels
+    # napari cuts the region in view with every plane, then picks one: only that plane's blocks restore.
+    in_view = levels[0][:, 60:200, 60:200]
+    assert in_view.shape == (3, 140, 140) and planes.computed == []
+    assert not np.asarray(in_view[1]).any()  # black until restored
+    assert planes.wait(timeout=20)
+    assert planes.computed[0] == (1, 2, 2)  # the block at the centre of the view first
+    # All 16 blocks of one view are queued at once, not the 4 most recent requests only.
+    assert sorted(planes.computed) == [(1, row, col) for row in range(4) for col in range(4)]
+    assert planes.block_region((1, 2, 2)) == {1: range(128, 192), 2: range(128, 192)}
+    assert_alike(np.asarray(in_view[1]), expected[1, 60:200, 60:200], scale=1)
+    assert_alike(planes[1, 100:150, 70:190:3], expected[1, 100:150, 70:190:3], scale=1)  # any slice, from the cache
+    # The coarse level is the input at half scale, with the blocks restored so far laid over it.
+    coarse = stack[:, ::2, ::2].copy()
+    coarse[1, :128, :128] = expected[1, :256:2, :256:2]
+    np.testing.assert_array_equal(np.asarray(levels[1]), coarse)
+    np.testing.assert_array_equal(np.asarray(levels[1][1, 40:90, 7]), coarse[1, 40:90, 7])
+    assert len(planes.computed) == 16  # an overview restores nothing
+    planes.close()
+
+
+@pytest.mark.parametrize("pyramid", [False, True], ids=["one large plane", "a multiscale layer"])
+def test_a_large_plane_is_previewed_where_it_is_viewed(make_napari_viewer, qtbot, grey_checkpoint, monkeypatch,
+                                                       pyramid):
+    """A plane of a slide scan took hours to restore whole on a CPU before the preview showed any
+    of it, and a plane above half the memory was refused: now the blocks in view are restored."""
+    monkeypatch.setattr("napari_gama_ir._napari.restore_widget.REGION_PREVIEW_PIXELS", 1024 * 1024)
+    viewer = make_napari_viewer(show=True)  # napari works out the region in view from the canvas shown
+    data = np.random.default_rng(6).random((2048, 1920), dtype=np.float32)
+    viewer.add_image([data, data[::2, ::2]] if pyramid else data, name="slide", multiscale=pyramid)
+    widget = open_widget(viewer)
+    use_checkpoint(widget, grey_checkpoint)
+    widget.tile.value, widget.overlap.value = 64, 16  # blocks of 128
+    layer = widget.preview()
+    planes = widget.previews[layer]
+    assert layer.multiscale and list(layer.data.shapes) == [(2048, 1920), (1024, 960), (512, 480), (256, 240)]
+    assert widget.status.value == "preview: blocks are restored as you view them at full resolution"
+    viewer.scene.camera.zoom, viewer.scene.camera.center = 8, (700, 900)
+    qtbot.waitUntil(lambda: layer.data_level == 0, timeout=5000)
+    (top, left), (bottom, right) = layer.corner_pixels
+    in_view = {(row, col) for row in range(top // 128, bottom // 128 + 1) for col in range(left // 128, right // 128 + 1)}
+    qtbot.waitUntil(lambda: all(planes.is_ready(block) for block in in_view), timeout=20000)
+    assert set(planes.computed) == in_view  # a few of the 240 blocks
+    assert re.fullmatch(r"preview: y \d+-\d+, x \d+-\d+ restored", widget.status.value)
+    expected = restore(data, make_tiny_model(1), "YX", tile=64, overlap=16)
+    assert_alike(np.asarray(layer.data[0][top:bottom, left:right]), expected[top:bottom, left:right], scale=1)
+    viewer.reset_view()  # the whole slide: shown from a coarse level, with nothing more restored
+    qtbot.waitUntil(lambda: layer.data_level > 0, timeout=5000)
+    qtbot.wait(500)
+    assert set(planes.computed) == in_view
+    viewer.layers.remove(layer)
+    assert planes.join(timeout=5)
 
 
 def test_restore_all_counts_what_a_chunk_holds():
@@ -651,11 +715,18 @@ def test_restore_all_refuses_a_layer_too_large_for_memory(make_napari_viewer, gr
     monkeypatch.setattr("napari_gama_ir._napari.restore_widget.available_memory", lambda: 16 * 10**9)
     assert widget.restore_all() is None and widget.worker is None  # nothing started
     assert "would take 419.4 GB of memory, and 16.0 GB is free; restore it to a zarr store" in shown[-1]
-    # Preview holds the plane shown: a slide scan's plane larger than that refuses too.
+    # A slide scan's plane is previewed a block at a time, as it is viewed, and never held whole...
     viewer.add_image(da.zeros((60_000, 60_000), chunks=(4096, 4096), dtype=np.uint16), name="scan")
     widget.image.value = "scan"
-    assert widget.preview() is None and "scan restored (preview)" not in viewer.layers
-    assert "a restored plane and its placeholder would take 28.8 GB of memory, and 16.0 GB is free" in shown[-1]
+    preview = widget.preview()
+    assert preview.multiscale and preview.data.shapes[0] == (60_000, 60_000) and preview.data.shapes[-1] == (235, 235)
+    assert widget.previews[preview].computed == []  # shown whole, at the level that fits the canvas
+    # A plane previewed whole (up to 4096 x 4096) is held whole, and napari's copy of it beside.
+    viewer.add_image(da.zeros((4096, 4096), chunks=(1024, 1024), dtype=np.uint16), name="plate")
+    widget.image.value = "plate"
+    monkeypatch.setattr("napari_gama_ir._napari.restore_widget.available_memory", lambda: 2 * 10**8)
+    assert widget.preview() is None
+    assert "a restored plane and napari's copy of it would take 0.1 GB of memory, and 0.2 GB is free" in shown[-1]
 
 
 def test_restore_all_in_memory_runs_fewer_planes_at_once_beside_its_result(

@@ -48,13 +48,16 @@ from .layers import (
     watch_layer_names,
 )
 from .model_events import model_events
-from .preview import BackgroundPlanes
+from .preview import BackgroundPlanes, preview_levels
 
 if TYPE_CHECKING:
     import napari
 
 CHECKPOINT_FILE = "checkpoint file..."
 IN_MEMORY, TO_ZARR = "new layer (in memory)", "zarr store"
+# Planes above this, or of a multiscale layer (a slide scan), are previewed a region at a time: on a
+# 2-core CPU, GAMA-IR-XS showed a full-HD view of an 8192 x 8192 plane in 15 s, the plane whole in 103 s.
+REGION_PREVIEW_PIXELS = 4096 * 4096
 
 
 def model_choices() -> list[str]:
@@ -73,8 +76,11 @@ def chunk_unit(restored: da.Array, axes: str) -> str:
 
 
 def plane_label(axes: str, planes: BackgroundPlanes, index: tuple[int, ...]) -> str:
-    """The plane at ``index`` of a preview, as the user knows it: "T=2, Z=5", or "the image"."""
-    return ", ".join(f"{axes[d]}={i}" for d, i in zip(planes.iterated, index)) or "the image"
+    """The plane (or block) at ``index`` of a preview, as the user knows it: "T=2, Z=5", "the
+    image", or "Z=5, y 1024-2047, x 0-1023"."""
+    plane = [f"{axes[d]}={i}" for d, i in zip(planes.iterated, index)]
+    block = [f"{axes[d].lower()} {span.start}-{span.stop - 1}" for d, span in planes.block_region(index).items()]
+    return ", ".join(plane + block) or "the image"
 
 
 def _check_fits_in_memory(nbytes: int, what: str = "the restored image") -> None:
@@ -117,7 +123,7 @@ class RestoreWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(self.form.native)
         layout.addStretch()
-        self.previews: list[BackgroundPlanes] = []
+        self.previews: dict[Any, BackgroundPlanes] = {}  # by the layer that shows them
         self._released = False  # the viewer closed: a preview's reports still queued find no widgets
         self.worker = None
         self._worker_handlers: dict[str, Any] = {}  # what the worker reports to, while it runs
@@ -182,10 +188,13 @@ class RestoreWidget(QWidget):
         return find_layer(self.viewer, self.image.value)
 
     # -- the shared part of preview and restore-all --------------------------------------------
-    def _prepare(self, on_plane=None, cancel: threading.Event | None = None) -> tuple[Any, da.Array, str, Any, dict, Any]:
+    def _prepare(
+        self, on_plane=None, cancel: threading.Event | None = None, block: int | None = None,
+    ) -> tuple[Any, da.Array, str, Any, dict, Any]:
         """Check the settings and build the lazy restored stack; raises ValueError with a sentence.
         Also returns the engine's plan, which says how many chunks may be restored at once.
-        ``on_plane`` and ``cancel`` go to :func:`~napari_gama_ir.engine.restore`."""
+        ``on_plane``, ``cancel`` and ``block`` go to :func:`~napari_gama_ir.engine.restore`
+        (``block`` by default: whole planes where they fit in memory)."""
         layer = self._layer()
         if layer is None:
             raise ValueError("choose an image layer to restore")
@@ -203,7 +212,7 @@ class RestoreWidget(QWidget):
         output_dtype = "input" if layer.rgb else "float32"
         # Blocks, where planes are too large for memory, are chosen once, for the restore and its readers.
         plan = plan_restore(source, model, axes, self.tile.value or None, self.overlap.value, self.mean_mode.value,
-                            None, output_dtype, alpha)
+                            None, output_dtype, alpha, block)
         restored = restore(
             source, model, axes, tile=self.tile.value or None, overlap=self.overlap.value,
             mean_mode=self.mean_mode.value, device=self.device.value, precision=self.precision.value,
@@ -232,7 +241,9 @@ class RestoreWidget(QWidget):
 
     # -- preview -------------------------------------------------------------------------------
     def preview(self, _=None):
-        """Add a layer that restores each plane the first time it is shown, off the UI thread."""
+        """Add a layer that restores each plane the first time it is shown, off the UI thread; for
+        planes too large to restore whole for a look, a multiscale layer that restores the blocks
+        in view at full resolution (:func:`~.preview.preview_levels`)."""
         given_up = threading.Event()  # set by the preview to give up a plane no longer on screen
         planes = None  # made below, before the engine restores (and counts) anything
 
@@ -240,35 +251,55 @@ class RestoreWidget(QWidget):
             planes.count_pixels(pixels)
 
         try:
-            layer, restored, axes, model, provenance, _ = self._prepare(count_pixels, given_up)
+            block = self._preview_block(self._layer())
+            layer, restored, axes, model, provenance, _ = self._prepare(count_pixels, given_up, block)
             shape = list(restored.shape)  # as the network sees it: without a passed-through alpha channel
             if provenance["alpha_passed_through"]:
                 shape[axes.index("C")] -= 1
             iterated = plane_layout(axes, tuple(shape), model.config.in_channels).iterated
             plane_axes = tuple(i for i, a in enumerate(axes) if a not in iterated)
-            # The plane shown is held whole (a slide scan's can be tens of GB), with a placeholder as large.
-            plane_bytes = int(np.prod([restored.shape[i] for i in plane_axes])) * restored.dtype.itemsize
-            _check_fits_in_memory(2 * plane_bytes, "a restored plane and its placeholder")
+            if block is None:
+                # The plane shown is held whole (a slide scan's can be tens of GB), and napari's copy of it.
+                plane_bytes = int(np.prod([restored.shape[i] for i in plane_axes])) * restored.dtype.itemsize
+                _check_fits_in_memory(2 * plane_bytes, "a restored plane and napari's copy of it")
         except (ValueError, KeyError, OSError) as error:
             return self._fail(error)
         planes = BackgroundPlanes(
             restored, plane_axes, cancel=given_up, pixels_per_plane=shape[axes.index("Y")] * shape[axes.index("X")],
             on_progress=lambda index, share: self._show_preview_progress(plane_label(axes, planes, index), share),
         )
-        result = self._add_result(planes, layer, {**provenance, "mode": "preview"}, "restored (preview)")
+        data = planes
+        if block is not None:
+            inputs = list(layer.data) if layer.multiscale else [layer.data]
+            data = preview_levels(planes, inputs, (axes.index("Y"), axes.index("X")))
+        result = self._add_result(data, layer, {**provenance, "mode": "preview"}, "restored (preview)")
         planes.on_ready = lambda index: self._plane_ready(result, planes, plane_label(axes, planes, index))
-        self.previews.append(planes)
-        self.status.value = "preview: planes are restored as you view them"
+        self.previews[result] = planes
+        self.status.value = ("preview: blocks are restored as you view them at full resolution" if block is not None
+                             else "preview: planes are restored as you view them")
         return result
+
+    def _preview_block(self, layer) -> int | None:
+        """The side of the blocks a preview of ``layer`` restores, two tiles, where its planes are
+        above :data:`REGION_PREVIEW_PIXELS` or it is multiscale; None (whole planes) otherwise, or
+        where the settings do not allow blocks (no tiles), or are wrong (:meth:`_prepare` says so)."""
+        if layer is None or not self.tile.value:
+            return None
+        shape = layer_data(layer).shape
+        try:
+            axes = parse_axes(self.axes.value, len(shape))
+        except ValueError:
+            return None
+        if not layer.multiscale and shape[axes.index("Y")] * shape[axes.index("X")] <= REGION_PREVIEW_PIXELS:
+            return None
+        return -(-2 * self.tile.value // 16) * 16  # blocks are multiples of 16
 
     def _close_removed_preview(self, event) -> None:
         """A preview layer deleted stops restoring and lets go of its cached planes (up to 1 GB
         each, which previews tried one after another with other settings would otherwise pile up)."""
-        planes = event.value.data
-        # By identity: `in` would compare a numpy layer's data with each preview element-wise.
-        if any(planes is preview for preview in self.previews):
+        planes = self.previews.pop(event.value, None)
+        if planes is not None:
             planes.close()
-            self.previews = [preview for preview in self.previews if preview is not planes]
             self.status.value = f"preview closed: {event.value.name}"
 
     @ensure_main_thread
@@ -402,7 +433,7 @@ class RestoreWidget(QWidget):
         (a deleted model list made the Fine-tune widget's registration fail)."""
         self._released = True
         model_events.registered.disconnect(self._refresh_models)
-        for planes in self.previews:
+        for planes in self.previews.values():
             planes.close()
         if self.worker is not None:
             for signal, handler in self._worker_handlers.items():
