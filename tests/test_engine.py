@@ -737,6 +737,44 @@ def test_planes_restored_in_blocks_equal_planes_restored_whole(normalization):
     assert np.array_equal(blocks, whole) and np.array_equal(blocks[..., 3], rgba[..., 3])
 
 
+def test_blocks_run_the_tiles_they_share_once(monkeypatch):
+    # A tile meeting two blocks ran once for each: 1.3x the tiles of a whole 8192 x 8192 plane in
+    # blocks of 2048, up to 3x in the 1024-pixel blocks of napari's preview of a large plane.
+    engine = importlib.import_module("napari_gama_ir.engine.restore")
+    stack = (np.random.default_rng(4).random((2, 203, 250)) * 4000).astype(np.uint16)
+    model = make_tiny_model(1)
+    settings = {"tile": 48, "overlap": 16, "batch": 1, "output_dtype": "input"}
+    passes = recorded_passes(monkeypatch)
+    whole = restore(stack, model, "ZYX", **settings)
+    grid = len(passes)
+    assert grid == 2 * len(plan_tiles(203, 250, 48, 16, 4))
+    lazy = restore(da.from_array(stack), model, "ZYX", block=64, **settings)
+    passes.clear()
+    assert np.array_equal(lazy.compute(scheduler="synchronous"), whole)  # blended alike
+    assert len(passes) == grid  # each tile once
+    passes.clear()
+    assert np.array_equal(lazy.compute(scheduler="threads"), whole)
+    shared_at_once = len(passes)  # neighbours restored at once may both run a tile they share
+    # With no memory to spare beyond the blocks, the shared tiles run again for each block.
+    monkeypatch.setattr(engine, "SHARED_TILE_BYTES", 0)
+    passes.clear()
+    assert np.array_equal(restore(da.from_array(stack), model, "ZYX", block=64, **settings).compute(), whole)
+    assert len(passes) > 2 * grid > shared_at_once
+    # With room for 3 tiles, tiles planned as kept by a neighbour are dropped before their turn: run then.
+    monkeypatch.setattr(engine, "SHARED_TILE_BYTES", 3 * 48 * 48 * 4)
+    misses = []
+    take = engine.SharedTiles.take
+
+    def counted(*args):
+        output = take(*args)
+        misses.append(output is None)
+        return output
+
+    monkeypatch.setattr(engine.SharedTiles, "take", counted)
+    assert np.array_equal(restore(da.from_array(stack), model, "ZYX", block=64, **settings).compute(), whole)
+    assert any(misses)
+
+
 def test_blocks_are_checked_and_keep_no_data():
     model = make_tiny_model(1)
     image = np.random.default_rng(3).random((2, 100, 100), dtype=np.float32)

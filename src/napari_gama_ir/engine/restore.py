@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,7 +31,7 @@ from .io import cancelling_on_exit, check_cancel
 from .memory import USABLE_SHARE
 from .normalize import Affine, check_normalization, check_pixels, dtype_range_affine, fill_no_data, percentile_affine
 from .runner import CPU_PASS_PIXELS, ModelRunner, TileTooLargeError, batch_size, runner_for
-from .tiling import Tile, group_by_run_shape, plan_tiles, tile_weights
+from .tiling import SharedTiles, Tile, group_by_run_shape, plan_tiles, tile_weights
 
 MEAN_MODES = ("global", "local")
 # Tile pixels queued in one call of a GPU's runner (2**25: 128 tiles of 512 x 512 on a plane of up
@@ -51,6 +51,10 @@ class PlaneTooLargeError(ValueError):
 
 # Memory beside the planes: torch, and the network's activations on a tile.
 RESERVED_BYTES = 2**30
+# At most this much of the memory left beside blocks keeps the tiles they share (SharedTiles): a
+# plane 20,000 pixels wide has 45 tiles of 512 across, one or two rows of which (45-90 MB in grey)
+# wait for the next row of blocks.
+SHARED_TILE_BYTES = 2**28
 
 
 def chunks_that_fit(chunk_bytes: int, most: int, result_bytes: int = 0) -> int:
@@ -76,6 +80,13 @@ def chunks_that_fit(chunk_bytes: int, most: int, result_bytes: int = 0) -> int:
         raise PlaneTooLargeError(f"{needs} beside the {result_bytes / 1e9:.1f} GB result, and {available / 1e9:.1f} GB "
                                  "is available; restore it to a zarr store")
     return int(min(most, fitting))
+
+
+def _spare_bytes(planned: int) -> int:
+    """The memory available beyond ``planned`` bytes (and :func:`chunks_that_fit`'s reserve), up
+    to :data:`SHARED_TILE_BYTES`."""
+    available = available_memory()
+    return SHARED_TILE_BYTES if available is None else max(0, min(SHARED_TILE_BYTES, _room(available) - planned))
 
 
 def _fits(chunk_bytes: int) -> bool:
@@ -141,6 +152,8 @@ def restore_plane(
     normalize: Callable[[np.ndarray], np.ndarray] | None = None,
     window: Window | None = None,
     on_progress: Callable[[float], None] | None = None,
+    shared: SharedTiles | None = None,
+    plane_index: Hashable = None,
 ) -> np.ndarray:
     """Restore one plane of shape (C, H, W) with tiling and blending, or a block of one.
 
@@ -158,7 +171,9 @@ def restore_plane(
 
     With a ``window``, ``plane`` is the part of a larger plane that it says, holding every tile of
     the plane's grid that meets the window's core, and the result is the core alone, equal to that
-    part of the whole plane's result.
+    part of the whole plane's result. With ``shared`` too, the tiles that the plane's other blocks
+    have run are taken from it instead of run again, and those run here that meet other blocks are
+    kept in it for them; ``plane_index`` names the plane there.
 
     ``on_progress`` is called after each call of the runner on tiles (a forward pass on the CPU,
     a queued run of them on a GPU) with the share of the plane's tiles restored so far; what it
@@ -177,7 +192,7 @@ def restore_plane(
         try:
             if tiling.tile is None or (window.height <= tiling.tile and window.width <= tiling.tile):
                 return runner.run(normalize(plane)[None])[0]
-            return _restore_tiled(plane, runner, tiling, normalize, window, on_progress)
+            return _restore_tiled(plane, runner, tiling, normalize, window, on_progress, shared, plane_index)
         except TileTooLargeError:
             pass  # the runner has kept the size that failed
         tiling = _tiling_that_fits(tiling, runner, window)
@@ -219,7 +234,8 @@ def _as_given(values: np.ndarray) -> np.ndarray:
 
 def _restore_tiled(
     plane: np.ndarray, runner: ModelRunner, tiling: TilingPlan, normalize: Callable[[np.ndarray], np.ndarray],
-    window: Window, on_progress: Callable[[float], None] | None,
+    window: Window, on_progress: Callable[[float], None] | None, shared: SharedTiles | None = None,
+    plane_index: Hashable = None,
 ) -> np.ndarray:
     out_channels = runner.config.out_channels
     multiple = runner.config.size_multiple
@@ -233,26 +249,51 @@ def _restore_tiled(
     ]
     result = np.zeros((out_channels, core_rows.stop - core_rows.start, core_cols.stop - core_cols.start), np.float32)
     weight_sum = np.zeros(result.shape[1:], np.float32)
-    done = 0
-    for run_shape, group in group_by_run_shape(tiles, multiple).items():
+    # Tiles that a neighbouring block has run already: taken from ``shared`` as they are blended.
+    kept = {i for i, t in enumerate(tiles) if shared is not None and shared.has(plane_index, t)}
+    position = {id(t): i for i, t in enumerate(tiles)}
+    outputs: dict[int, np.ndarray] = {}  # run and not blended yet, by position in ``tiles``
+    blended = 0
+
+    def run(part: list[Tile]) -> np.ndarray:
+        return runner.run(np.stack([
+            _pad_as_the_network(normalize(plane[:, _shifted(t.rows, window.top), _shifted(t.cols, window.left)]), multiple)
+            for t in part
+        ]))
+
+    def blend_in_order() -> None:
+        """Blend the tiles whose outputs are at hand, in the grid's order, up to the first that is not."""
+        nonlocal blended
+        while blended < len(tiles):
+            tile = tiles[blended]
+            if blended in outputs:
+                out = outputs.pop(blended)
+            elif blended in kept:
+                out = shared.take(plane_index, tile)
+                if out is None:  # dropped since, for the budget: run it after all
+                    out = run([tile])[0]
+            else:
+                return
+            weights = tile_weights(tile, window.height, window.width, tiling.overlap, tiling.margin)
+            rows = slice(max(tile.rows.start, core_rows.start), min(tile.rows.stop, core_rows.stop))
+            cols = slice(max(tile.cols.start, core_cols.start), min(tile.cols.stop, core_cols.stop))
+            in_tile = (_shifted(rows, tile.rows.start), _shifted(cols, tile.cols.start))
+            in_core = (_shifted(rows, core_rows.start), _shifted(cols, core_cols.start))
+            result[(slice(None),) + in_core] += out[(slice(None),) + in_tile] * weights[in_tile]
+            weight_sum[in_core] += weights[in_tile]
+            blended += 1
+
+    to_run = [t for i, t in enumerate(tiles) if i not in kept]
+    for run_shape, group in group_by_run_shape(to_run, multiple).items():
         for part in _runs_of_bounded_size(group, run_shape, runner):
-            batch = np.stack([
-                _pad_as_the_network(normalize(plane[:, _shifted(t.rows, window.top), _shifted(t.cols, window.left)]),
-                                    multiple)
-                for t in part
-            ])
-            restored = runner.run(batch)
-            for tile, out in zip(part, restored):
-                weights = tile_weights(tile, window.height, window.width, tiling.overlap, tiling.margin)
-                rows = slice(max(tile.rows.start, core_rows.start), min(tile.rows.stop, core_rows.stop))
-                cols = slice(max(tile.cols.start, core_cols.start), min(tile.cols.stop, core_cols.stop))
-                in_tile = (_shifted(rows, tile.rows.start), _shifted(cols, tile.cols.start))
-                in_core = (_shifted(rows, core_rows.start), _shifted(cols, core_cols.start))
-                result[(slice(None),) + in_core] += out[(slice(None),) + in_tile] * weights[in_tile]
-                weight_sum[in_core] += weights[in_tile]
-            done += len(part)
+            for tile, out in zip(part, run(part)):
+                outputs[position[id(tile)]] = out
+                if shared is not None:
+                    shared.keep(plane_index, tile, out)
+            blend_in_order()
             if on_progress is not None:
-                on_progress(done / len(tiles))
+                on_progress(blended / len(tiles))
+    blend_in_order()
     result /= weight_sum
     return result
 
@@ -363,13 +404,15 @@ class PlaneRestorer:
 
     def __call__(
         self, plane: np.ndarray, window: Window | None = None, affine: Affine | None = None,
-        on_progress: Callable[[float], None] | None = None,
+        on_progress: Callable[[float], None] | None = None, shared: SharedTiles | None = None,
+        plane_index: Hashable = None,
     ) -> np.ndarray:
         """Restore ``plane``, or with ``window`` a block of one (see :func:`restore_plane`, which
-        also says what ``on_progress`` is given), whose normalisation ``affine`` then comes from the
-        whole plane (:class:`PlaneAffines`)."""
+        also says what ``on_progress``, ``shared`` and ``plane_index`` are), whose normalisation
+        ``affine`` then comes from the whole plane (:class:`PlaneAffines`)."""
         affine = affine or self.affine(plane)
-        restored = restore_plane(plane, self.runner, self.tiling, self._network_input(affine), window, on_progress)
+        restored = restore_plane(plane, self.runner, self.tiling, self._network_input(affine), window, on_progress,
+                                 shared, plane_index)
         if window is not None:  # the result is the core: so is what it keeps of the plane
             rows, cols = window.core
             plane = plane[..., _shifted(rows, window.top), _shifted(cols, window.left)]
@@ -727,7 +770,9 @@ def restore(
     if plan.block is None:
         restored = _restore_planes(canonical, restorer, progress, at_once)
     else:
-        restored = _restore_blocks(canonical, plan, restorer, progress, at_once)
+        # The memory left beside the blocks restored at once keeps the tiles they share.
+        shared = SharedTiles(plan.block, _spare_bytes(workers * plan.chunk_bytes(out_channels) + result_bytes))
+        restored = _restore_blocks(canonical, plan, restorer, progress, at_once, shared)
     result = from_canonical(restored, plan.layout)
     if plan.alpha is not None:
         channel = plan.axes.index("C")
@@ -796,11 +841,12 @@ def _restore_planes(
 
 def _restore_blocks(
     canonical: da.Array, plan: RestorePlan, restorer: PlaneRestorer, progress: Callable[[int], _ChunkProgress],
-    at_once: threading.Semaphore,
+    at_once: threading.Semaphore, shared: SharedTiles,
 ) -> da.Array:
     """``canonical`` restored lazily in square blocks of ``plan.block``: each reads its core and the
     tiles that meet it (``plan.tiling.tile`` pixels around it) and restores its core, as many at
-    once as ``at_once`` lets in (the others wait before reading)."""
+    once as ``at_once`` lets in (the others wait before reading), running only the tiles that
+    ``shared`` does not hold from its neighbours."""
     iterated, side = plan.layout.iterated, plan.block
     height, width = canonical.shape[-2:]
     chunks = tuple((1,) * n for n in canonical.shape[:-3]) + (
@@ -819,7 +865,7 @@ def _restore_blocks(
             chunk.check()
             pixels = canonical[index + (slice(None), *reads)].compute(scheduler="synchronous")
             affine = plane_affines.get(index) if plane_affines else None
-            restored = restorer(pixels, window, affine, chunk.share_done)
+            restored = restorer(pixels, window, affine, chunk.share_done, shared, index)
         chunk.finish()
         return restored.reshape((1,) * len(iterated) + restored.shape)
 

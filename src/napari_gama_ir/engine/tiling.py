@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +60,63 @@ def group_by_run_shape(tiles: list[Tile], multiple: int) -> dict[tuple[int, int]
         rows, cols = tile.shape
         groups.setdefault((-(-rows // multiple) * multiple, -(-cols // multiple) * multiple), []).append(tile)
     return groups
+
+
+class SharedTiles:
+    """The network's outputs on the tiles that meet more than one block of a plane restored in
+    square blocks of ``side`` (:func:`~.restore.restore`'s ``block``), kept until each other block
+    they meet has taken them, so that such a tile runs once instead of once per block: with
+    1024-pixel blocks and 512-pixel tiles, a 2 x 2 view ran 48 tiles for 33. At most ``budget``
+    bytes are kept, the least recently kept leaving first (a block that then finds its tile gone
+    runs it again). Keys are a plane's index and the tile; safe to share between threads."""
+
+    def __init__(self, side: int, budget: int) -> None:
+        self.side, self.budget = side, budget
+        self._kept: OrderedDict[tuple, tuple[np.ndarray, int]] = OrderedDict()  # output, blocks still to take it
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def blocks_meeting(self, tile: Tile) -> int:
+        rows = (tile.rows.stop - 1) // self.side - tile.rows.start // self.side + 1
+        cols = (tile.cols.stop - 1) // self.side - tile.cols.start // self.side + 1
+        return rows * cols
+
+    def has(self, plane: Hashable, tile: Tile) -> bool:
+        with self._lock:
+            return _key(plane, tile) in self._kept
+
+    def take(self, plane: Hashable, tile: Tile) -> np.ndarray | None:
+        """The output kept for ``tile`` of ``plane``, or None; let go of once the last block takes it."""
+        key = _key(plane, tile)
+        with self._lock:
+            output, takers = self._kept.get(key, (None, 0))
+            if output is None:
+                return None
+            if takers > 1:
+                self._kept[key] = (output, takers - 1)
+            else:
+                del self._kept[key]
+                self._bytes -= output.nbytes
+            return output
+
+    def keep(self, plane: Hashable, tile: Tile, output: np.ndarray) -> None:
+        """Keep ``output`` (a copy) for the other blocks ``tile`` meets, if any, within the budget."""
+        takers = self.blocks_meeting(tile) - 1
+        if takers < 1 or output.nbytes > self.budget:
+            return
+        key = _key(plane, tile)
+        with self._lock:
+            if key in self._kept:  # run by two blocks at once: the first copy serves
+                return
+            self._kept[key] = (output.copy(), takers)  # a copy: not the whole run's outputs
+            self._bytes += output.nbytes
+            while self._bytes > self.budget:
+                _, (dropped, _) = self._kept.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+
+def _key(plane: Hashable, tile: Tile) -> tuple:
+    return plane, tile.rows.start, tile.rows.stop, tile.cols.start, tile.cols.stop  # slices hash from 3.12 only
 
 
 def edge_ramp(length: int, overlap: int, margin: int, taper_start: bool, taper_end: bool) -> np.ndarray:
