@@ -6,11 +6,14 @@ engine runs a pass too large for that (``engine.heap.heap_returned_while_kept``)
 it prints how far the process's high-water resident set has risen above the resident set before the
 first pass, beside ``engine.memory.forward_peak_bytes``. With ``--train`` each pass is a training
 step instead (L1 loss, backward, AdamW, as the trainer makes them, on ``--batch`` inputs), beside
-``engine.memory.training_step_peak_bytes``. Linux only (``/proc/self``).
+``engine.memory.training_step_peak_bytes``. With ``--precision bf16`` the passes run under bfloat16
+autocast, as ``restore(..., precision="bf16")`` runs them, beside the same float32 estimate, which
+the engine judges them by. Linux only (``/proc/self``).
 
     python benchmarks/pass_memory.py --model gama_ir_s --channels 3 --size 2048 --passes 4
     python benchmarks/pass_memory.py --model gama_ir_s --channels 3 --size 2048 --passes 2 --handed-back
     python benchmarks/pass_memory.py --model gama_ir_s --size 256 --batch 8 --passes 6 --train
+    python benchmarks/pass_memory.py --model gama_ir_xs --size 2048 --passes 3 --precision bf16
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=4)
     parser.add_argument("--train", action="store_true", help="training steps instead of forward passes")
     parser.add_argument("--handed-back", action="store_true", help="run the passes with the heap handed back")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="of forward passes")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -65,7 +69,7 @@ def main() -> None:
                 torch.nn.functional.l1_loss(model(inputs), target).backward()
                 optimiser.step()
             else:
-                with torch.inference_mode():
+                with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=args.precision == "bf16"):
                     model(inputs)
 
     with open("/proc/self/clear_refs", "w") as clear:
@@ -77,7 +81,8 @@ def main() -> None:
         on_the_network_thread(one_pass)
         seconds.append(time.perf_counter() - started)
         rises.append(_status("VmHWM") - start)
-    mode = ("training steps" if args.train else "passes") + (", heap handed back" if args.handed_back else ", heap kept")
+    mode = ("training steps" if args.train else f"{args.precision} passes") + (
+        ", heap handed back" if args.handed_back else ", heap kept")
     print(f"{args.model}, {' x '.join(map(str, shape))}, {mode}: estimate {estimate / 1e9:.2f} GB; "
           f"high-water rise after each pass (GB): {', '.join(f'{rise / 1e9:.2f}' for rise in rises)}; "
           f"passes (s): {', '.join(f'{s:.1f}' for s in seconds)}")
