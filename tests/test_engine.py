@@ -630,7 +630,8 @@ def test_alpha_is_passed_through_and_the_colours_restored():
     assert np.array_equal(restored[..., :3], restore(rgba[..., :3], model, "ZYXC", tile=None))
     assert np.array_equal(restored[..., 3], rgba[..., 3].astype(np.float32))
     lazy = restore(da.from_array(rgba, chunks=(1, 40, 48, 4)), model, "ZYXC", tile=None, alpha=True, output_dtype="input")
-    assert lazy.chunks == ((1, 1), (40,), (48,), (4,))  # a plane's colours and opacity in one chunk
+    # A plane's colours and opacity in one chunk; the two small planes share one, as the engine restores them.
+    assert lazy.chunks == ((2,), (40,), (48,), (4,))
     assert np.array_equal(lazy[..., 3].compute(), rgba[..., 3])
     with pytest.raises(ChannelMismatchError, match="the model expects 3 channels but the image's C axis has 4"):
         restore(rgba, model, "ZYXC")  # without alpha, four channels do not fit an RGB network
@@ -773,6 +774,17 @@ def test_blocks_run_the_tiles_they_share_once(monkeypatch):
     monkeypatch.setattr(engine.SharedTiles, "take", counted)
     assert np.array_equal(restore(da.from_array(stack), model, "ZYX", block=64, **settings).compute(), whole)
     assert any(misses)
+
+
+def test_an_opacity_channel_keeps_the_chunks_of_the_colour():
+    # Concatenated in the input's chunks, the opacity cut each restored plane (or block) at the
+    # input's chunk edges too: each piece, read alone (napari's preview), restored the plane again.
+    rgba = da.from_array(np.random.default_rng(0).random((300, 280, 4)).astype(np.float32), chunks=(100, 100, 4))
+    model = make_tiny_model(3)
+    assert restore(rgba, model, "YXC", tile=32, overlap=8, alpha=True).chunks == ((300,), (280,), (4,))
+    blocks = restore(rgba, model, "YXC", tile=32, overlap=8, alpha=True, block=128)
+    assert blocks.chunks == ((128, 128, 44), (128, 128, 24), (4,))
+    np.testing.assert_array_equal(blocks[..., 3].compute(), rgba[..., 3].compute())
 
 
 def test_blocks_are_checked_and_keep_no_data():

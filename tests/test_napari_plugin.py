@@ -319,6 +319,25 @@ def test_a_preview_in_blocks_restores_only_the_blocks_a_view_meets_nearest_its_c
     planes.close()
 
 
+def test_a_colour_preview_in_blocks_keeps_the_opacity_at_every_level():
+    from napari_gama_ir._napari.preview import BackgroundPlanes, preview_levels
+
+    rgba = np.random.default_rng(7).integers(0, 256, (300, 280, 4), dtype=np.uint8)
+    settings = {"tile": 32, "overlap": 8, "alpha": True, "output_dtype": "input", "batch": 1}  # bit for bit
+    expected = restore(rgba, make_tiny_model(3), "YXC", **settings)
+    lazy = restore(da.from_array(rgba, chunks=(100, 100, 4)), make_tiny_model(3), "YXC", block=64, **settings)
+    planes = BackgroundPlanes(lazy, (0, 1, 2))
+    levels = preview_levels(planes, [rgba], (0, 1))
+    assert planes.blocked == (0, 1) and [level.shape for level in levels] == [(300, 280, 4), (150, 140, 4)]
+    np.asarray(levels[0][60:130, 60:130])
+    assert planes.wait(timeout=20) and sorted(planes.computed) == [(row, col) for row in (0, 1, 2) for col in (0, 1, 2)]
+    np.testing.assert_array_equal(np.asarray(levels[0][60:130, 60:130]), expected[60:130, 60:130])
+    coarse = rgba[::2, ::2].copy()
+    coarse[:96, :96] = expected[:192:2, :192:2]
+    np.testing.assert_array_equal(np.asarray(levels[1]), coarse)
+    planes.close()
+
+
 @pytest.mark.parametrize("pyramid", [False, True], ids=["one large plane", "a multiscale layer"])
 def test_a_large_plane_is_previewed_where_it_is_viewed(make_napari_viewer, qtbot, grey_checkpoint, monkeypatch,
                                                        pyramid):

@@ -777,6 +777,9 @@ def restore(
     if plan.alpha is not None:
         channel = plan.axes.index("C")
         opacity = plan.alpha.map_blocks(_cast_output, target_dtype, dtype=target_dtype)
+        # In the colour's chunks: in the input's, concatenating cut the colour's planes and blocks
+        # at the input's chunk edges too, and each piece read alone restored its plane again.
+        opacity = opacity.rechunk({d: chunks for d, chunks in enumerate(result.chunks) if d != channel})
         # One chunk along C, as without alpha: a plane's colour and opacity are read together.
         result = da.concatenate([result, opacity], axis=channel).rechunk({channel: -1})
     if plan.lazy:
