@@ -2,10 +2,12 @@
 
     python docs/make_screenshot.py restore --model path/to/rgb_checkpoint.json
     python docs/make_screenshot.py finetune
+    python docs/make_screenshot.py region
 
 ``restore``: the Restore widget and a restored sample photo (restore_widget.png). ``finetune``: the
 Fine-tune widget training a new network on the fluorescence sample, with its live plot
-(finetune_widget.png). Needs a display (or Xvfb: ``xvfb-run -a python docs/make_screenshot.py ...``).
+(finetune_widget.png). ``region``: the preview of an 8192 x 8192 fluorescence-like plane, restored
+where it was viewed at full resolution, then seen zoomed out (region_preview.png). Needs a display (or Xvfb: ``xvfb-run -a python docs/make_screenshot.py ...``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,29 @@ def finetune_screenshot(viewer: napari.Viewer, args: argparse.Namespace) -> None
         time.sleep(0.05)
 
 
+def region_screenshot(viewer: napari.Viewer, args: argparse.Namespace) -> None:
+    from scipy.ndimage import gaussian_filter, zoom
+    from skimage.data import binary_blobs
+
+    blobs = binary_blobs(length=2048, n_dim=2, volume_fraction=0.2, blob_size_fraction=0.01, rng=0)
+    structure = gaussian_filter(zoom(blobs.astype(np.float32), 4, order=1), 3.0)
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(30 * structure + 2) + rng.normal(0, 3, structure.shape) + 100
+    viewer.add_image(np.clip(np.rint(counts), 0, 65535).astype(np.uint16), name="slide scan", contrast_limits=(95, 140))
+    _, widget = viewer.window.add_plugin_dock_widget("napari-gama-ir", "Restore")
+    widget.image.value = "slide scan"  # the shipped grey model for the CPU is chosen
+    layer = widget.preview()
+    planes = widget.previews[layer]
+    viewer.layers["slide scan"].visible = False
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari 0.9 moved it
+    camera.center, camera.zoom = (4096, 4096), 1.0  # full resolution: the blocks in view are restored
+    deadline = time.monotonic() + 600
+    while not (planes.computed and planes.wait(timeout=0.1)) and time.monotonic() < deadline:
+        QApplication.processEvents()
+    camera.zoom = 0.15  # zoomed out: the input around the restored view
+    save_screenshot(viewer, Path(args.output or IMAGES / "region_preview.png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     which = parser.add_subparsers(dest="widget", required=True)
@@ -91,13 +116,15 @@ def main() -> None:
     restore.add_argument("--model", required=True, help="RGB checkpoint (.json)")
     finetune = which.add_parser("finetune")
     finetune.add_argument("--steps", type=int, default=300)
-    for sub in (restore, finetune):
+    region = which.add_parser("region")
+    for sub in (restore, finetune, region):
         sub.add_argument("-o", "--output", help="PNG to write (default: docs/images/<widget>_widget.png)")
     args = parser.parse_args()
 
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1400, 860)
-    {"restore": restore_screenshot, "finetune": finetune_screenshot}[args.widget](viewer, args)
+    {"restore": restore_screenshot, "finetune": finetune_screenshot, "region": region_screenshot}[args.widget](
+        viewer, args)
     viewer.close()
 
 
