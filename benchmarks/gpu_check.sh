@@ -32,6 +32,9 @@
 #   compiled-shapes  compiled restores whose last pass is shorter (small planes in uneven chunks, tile
 #            counts the batch does not divide), each in a fresh process with an empty inductor cache
 #            (benchmarks/compiled_shapes.py; several compilations: minutes; not in the default list);
+#   blocks   an 8192 x 8192 plane restored whole, in blocks of 2048 sharing their edge tiles, and in
+#            blocks not sharing them (GAMA-IR-S grey, CUDA graphs), then napari's preview of a full-HD
+#            view of it (benchmarks/preview_region.py; not in the default list);
 #   distributed  restore and training throughput on a one-GPU dask cluster (not in the default list);
 #   train    GAMA-IR-S colour denoiser for issue 5 until the deadline (benchmarks/train_for.py),
 #            with the grey one (fine-tuned from the shipped colour one) beside it when GPU_TRAIN_GREY=1,
@@ -179,6 +182,35 @@ for kept in (True, False, True, False):
     print(f"photos: runner kept {kept}: median {np.median(seconds) * 1e3:.1f} ms a photo, "
           f"{sum(seconds):.2f} s for {len(photos)}")
 EOF
+fi
+
+if wanted blocks; then
+    log "blocks"
+    timeout 150 python3 - <<'EOF' 2>&1 | tee -a "$R/log.txt"
+import importlib, time
+import numpy as np, torch
+from napari_gama_ir import create_model, restore
+engine = importlib.import_module("napari_gama_ir.engine.restore")  # the module, not the function
+torch.backends.cudnn.allow_tf32 = False
+model = create_model("gama_ir_s-denoise-grey", pretrained=True)
+plane = np.random.default_rng(0).integers(0, 4000, (8192, 8192), dtype=np.uint16)
+restore(plane[:2048, :2048], model, "YX", device="cuda")  # warm-up: the graphs are captured
+
+def timed(block):
+    start = time.perf_counter()
+    result = restore(plane, model, "YX", device="cuda", block=block)
+    return result, time.perf_counter() - start
+
+whole, whole_seconds = timed(0)
+shared, shared_seconds = timed(2048)
+engine.SHARED_TILE_BYTES = 0
+apart, apart_seconds = timed(2048)
+print(f"blocks: 8192 x 8192, GAMA-IR-S grey, CUDA graphs: whole {whole_seconds:.2f} s; blocks of 2048 sharing "
+      f"tiles {shared_seconds:.2f} s, not sharing {apart_seconds:.2f} s; largest difference from whole "
+      f"{np.abs(shared - whole).max():.2e}, {np.abs(apart - whole).max():.2e}")
+EOF
+    timeout 120 python3 benchmarks/preview_region.py --model gama_ir_s-denoise-grey --size 8192 --device cuda \
+        --skip-whole --out "$R/preview_region.json" 2>&1 | tail -8 | tee -a "$R/log.txt"
 fi
 
 if wanted layout; then
