@@ -755,7 +755,10 @@ def test_blocks_run_the_tiles_they_share_once(monkeypatch):
     assert len(passes) == grid  # each tile once
     passes.clear()
     assert np.array_equal(lazy.compute(scheduler="threads"), whole)
-    shared_at_once = len(passes)  # neighbours restored at once may both run a tile they share
+    # Neighbours restored at once check before each pass: a tile shared runs twice only if both run it
+    # at the same moment (120 passes before they checked, 96-97 in five runs after).
+    shared_at_once = len(passes)
+    assert shared_at_once < 1.1 * grid
     # With no memory to spare beyond the blocks, the shared tiles run again for each block.
     monkeypatch.setattr(engine, "SHARED_TILE_BYTES", 0)
     passes.clear()

@@ -286,7 +286,10 @@ def _restore_tiled(
     to_run = [t for i, t in enumerate(tiles) if i not in kept]
     for run_shape, group in group_by_run_shape(to_run, multiple).items():
         for part in _runs_of_bounded_size(group, run_shape, runner):
-            for tile, out in zip(part, run(part)):
+            if shared is not None:  # kept meanwhile by a block restored at the same time: not run again
+                kept.update(position[id(t)] for t in part if shared.has(plane_index, t))
+                part = [t for t in part if position[id(t)] not in kept]
+            for tile, out in zip(part, run(part) if part else []):
                 outputs[position[id(tile)]] = out
                 if shared is not None:
                     shared.keep(plane_index, tile, out)
